@@ -1,0 +1,151 @@
+"""Shared router contract: `RouterOutput`, the base config, and the name → router registry.
+
+Every router module under `moejax.routers` exposes:
+
+  Config                       frozen dataclass subclassing `RouterConfig`
+  init(key, cfg) -> (params, state)
+  route(params, state, x, *, cfg, train, rng=None) -> (RouterOutput, new_state)
+  max_assignments(cfg) -> int  static upper bound on experts per token (dropless buffers)
+
+`x` is `[N, d]`. Routing math runs in float32 whatever the input dtype. `state` is always a dict
+(possibly empty); if it holds `"active"` (`[E]` bool, MASS expansion slots) inactive experts get
+`-inf` logits via `mask_inactive`, so they are never selected and shapes never change.
+Modules are imported lazily by name, so `get_router("star")` loads only `moejax.routers.star`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RouterOutput:
+    """What every router returns.
+
+    Attributes:
+      weights: `<float32>[N, E]` combine weights, 0 where not selected.
+      mask: `<bool>[N, E]` selected experts (a variable count per token is allowed).
+      probs: `<float32>[N, E]` full routing distribution, for losses and metrics.
+      aux_loss: `<float32>[]` sum of this router's auxiliary losses (0 if none).
+      metrics: dict of `<float32>[]` scalars (the individual loss terms and router diagnostics).
+    """
+
+    weights: Array
+    mask: Array
+    probs: Array
+    aux_loss: Array
+    metrics: dict
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterConfig:
+    """Fields every router shares.
+
+    Attributes:
+      d_model: input width d (> 0).
+      num_experts: number of expert slots E (> 0), including inactive MASS slots.
+      top_k: experts per token for top-k style routers, 1 ≤ top_k ≤ num_experts.
+    """
+
+    d_model: int
+    num_experts: int
+    top_k: int = 2
+
+    def __post_init__(self):
+        _check_int("d_model", self.d_model, lo=1)
+        _check_int("num_experts", self.num_experts, lo=1)
+        _check_int("top_k", self.top_k, lo=1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"top_k={self.top_k} must be <= num_experts={self.num_experts}"
+            )
+
+
+def _check_int(name: str, value: Any, *, lo: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if lo is not None and value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+
+
+def check_range(name: str, value: float, lo: float, hi: float, *, lo_open=True, hi_open=False):
+    """Raises ValueError unless `value` lies in the interval (lo, hi] (bounds configurable)."""
+    ok_lo = value > lo if lo_open else value >= lo
+    ok_hi = value < hi if hi_open else value <= hi
+    if not (ok_lo and ok_hi):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")
+
+
+check_int = _check_int
+
+
+# name -> module path. Adding a router = adding a file and a line here.
+_ROUTER_MODULES: dict[str, str] = {
+    "topk": "moejax.routers.topk",
+    "noisy_topk": "moejax.routers.noisy_topk",
+    "expert_choice": "moejax.routers.expert_choice",
+    "sinkhorn": "moejax.routers.sinkhorn",
+    "aux_free": "moejax.routers.aux_free",
+    "top_p": "moejax.routers.top_p",
+    "top_any": "moejax.routers.top_any",
+    "null_experts": "moejax.routers.null_experts",
+    "dense_to_sparse": "moejax.routers.dense_to_sparse",
+    "star": "moejax.routers.star",
+}
+
+ROUTER_NAMES: tuple[str, ...] = tuple(_ROUTER_MODULES)
+
+
+def get_router(name: str) -> ModuleType:
+    """Returns the router module registered under `name` (see the module docstring)."""
+    if name not in _ROUTER_MODULES:
+        raise ValueError(f"Unknown router {name!r}; known routers: {', '.join(ROUTER_NAMES)}")
+    return importlib.import_module(_ROUTER_MODULES[name])
+
+
+def make_config(name: str, **kwargs) -> RouterConfig:
+    """Builds the frozen `Config` of router `name` from keyword arguments."""
+    return get_router(name).Config(**kwargs)
+
+
+def router_name(cfg: RouterConfig) -> str:
+    """The registry name of a router config (the module its `Config` class lives in)."""
+    module = type(cfg).__module__
+    for name, path in _ROUTER_MODULES.items():
+        if path == module:
+            return name
+    raise ValueError(f"{type(cfg).__name__} from {module} is not a registered router config")
+
+
+def mask_inactive(logits: Array, state: dict) -> Array:
+    """Sets logits of inactive expert slots (`state["active"]` False) to -inf."""
+    active = state.get("active") if isinstance(state, dict) else None
+    if active is None:
+        return logits
+    return jnp.where(active[None, :], logits, -jnp.inf)
+
+
+def topk_mask(scores: Array, k: int) -> Array:
+    """`<bool>[N, E]`, True at the k largest entries of each row of `scores` (ties: lowest index)."""
+    _, idx = jax.lax.top_k(scores, k)
+    return jnp.any(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.bool_), axis=-2)
+
+
+def check_input(x: Array, cfg: RouterConfig) -> None:
+    """Validates router input `x: [N, d]` against the config (static shapes only)."""
+    if x.ndim != 2:
+        raise ValueError(f"router input x must be [N, d_model], got shape {x.shape}")
+    if x.shape[-1] != cfg.d_model:
+        raise ValueError(
+            f"router input x has d_model={x.shape[-1]}, config d_model={cfg.d_model}"
+        )
