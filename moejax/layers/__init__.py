@@ -1,1 +1,1 @@
-"""moejax.layers."""
+"""Layers as pure functions over parameter pytrees: delta mixers, norms, short conv."""

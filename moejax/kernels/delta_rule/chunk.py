@@ -1,0 +1,114 @@
+"""Chunkwise-parallel delta rule in plain jnp (DESIGN §3 "Chunkwise form").
+
+Within a chunk of C steps with start state `S0`, `G_t = Σ_{s≤t} g_s`, `γ_t = exp(G_t)` and
+`Γ_tj = exp(G_t − G_j)` for j ≤ t (computed in log space, masked before the exp):
+
+    A  = strict_tril( diag(β) (X Kᵀ ⊙ Γ) )        A_tj = β_t (x_t·k_j) Γ_tj, j < t
+    W  = (I + A)⁻¹ diag(βγ) X,   Ũ = (I + A)⁻¹ diag(β) V,   U = Ũ − W S0
+    O  = scale · ( diag(γ) Q S0 + (Q Kᵀ ⊙ Γ ⊙ tril_incl) U )
+    S_C = γ_C S0 + (K ⊙ (γ_C/γ))ᵀ U
+
+`(I + A)⁻¹` is applied by forward substitution (a unit lower-triangular solve). Everything that
+does not depend on the state is computed for all chunks at once; only the three state products
+run in a `lax.scan` over chunks, so autodiff keeps one `[Dk, Dv]` state per *chunk*, never one
+per time step. T is zero-padded to a multiple of C with β = 0 and g = 0 on the padding: those
+steps leave the state untouched, so results do not depend on the chunk size.
+
+Axis letters: B batch, T time, H heads, Dk/Dv head dims, N number of chunks, C chunk length.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.delta_rule.reference import compute_dtype
+
+Array = jax.Array
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(spec, a, b):
+    return jnp.einsum(spec, a, b, precision=_HIGHEST)
+
+
+def _to_chunks(a, C):
+    """`[B, T, H, ...]` (T a multiple of C) → `[N, B, H, C, ...]`."""
+    B, T, H = a.shape[:3]
+    a = a.reshape(B, T // C, C, H, *a.shape[3:])
+    return jnp.moveaxis(jnp.moveaxis(a, 1, 0), 2, 3)
+
+
+def _from_chunks(a):
+    """`[N, B, H, C, D]` → `[B, N·C, H, D]`."""
+    N, B, H, C, D = a.shape
+    return jnp.moveaxis(a, 0, 1).transpose(0, 1, 3, 2, 4).reshape(B, N * C, H, D)
+
+
+def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size):
+    """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
+
+    Args:
+      q, k: `[B, T, H, Dk]`.
+      v: `[B, T, H, Dv]`.
+      beta: `[B, T, H]`.
+      g: `[B, T, H]` log decays or None.
+      lam: `[B, T, H]` Q-Delta query mixing or None.
+      initial_state: `[B, H, Dk, Dv]` or None (zeros).
+      scale: readout scale.
+      chunk_size: C, any positive int.
+
+    Returns:
+      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+    """
+    f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
+    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    C = chunk_size
+    pad = -T % C
+    if pad:
+        pad_t = lambda a: None if a is None else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        q, k, v, beta, g, lam = map(pad_t, (q, k, v, beta, g, lam))
+
+    x = k if lam is None else k + lam[..., None] * q
+    Q, K, X, V = (_to_chunks(a, C) for a in (q, k, x, v))  # [N, B, H, C, D]
+    b = _to_chunks(beta, C)  # [N, B, H, C]
+
+    incl = jnp.tril(jnp.ones((C, C), jnp.bool_))
+    strict = jnp.tril(jnp.ones((C, C), jnp.bool_), -1)
+    if g is None:
+        gamma = gamma_C = decay_out = None
+        Gam = incl.astype(jnp.float32)
+    else:
+        G = jnp.cumsum(_to_chunks(g, C), axis=-1)  # [N, B, H, C]
+        diff = G[..., :, None] - G[..., None, :]
+        Gam = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
+        gamma = jnp.exp(G)
+        gamma_C = gamma[..., -1]
+        decay_out = jnp.exp(G[..., -1:] - G)
+
+    A = jnp.where(strict, b[..., :, None] * _mm("...tk,...jk->...tj", X, K) * Gam, 0.0)
+    wb = b if gamma is None else b * gamma
+    rhs = jnp.concatenate([wb[..., None] * X, b[..., None] * V], axis=-1)
+    sol = jax.lax.linalg.triangular_solve(
+        A, rhs, left_side=True, lower=True, unit_diagonal=True
+    )
+    W, Ut = sol[..., :Dk], sol[..., Dk:]
+    P = _mm("...tk,...jk->...tj", Q, K) * Gam  # Gam is already 0 above the diagonal
+    Qd = Q if gamma is None else gamma[..., None] * Q
+    Kd = K if decay_out is None else decay_out[..., None] * K
+
+    S0 = jnp.zeros((B, H, Dk, Dv), q.dtype) if initial_state is None else f32(initial_state)
+
+    def body(S, xs):
+        W_c, Ut_c, P_c, Qd_c, Kd_c, gC = xs
+        U = Ut_c - _mm("bhck,bhkv->bhcv", W_c, S)
+        O = scale * (_mm("bhck,bhkv->bhcv", Qd_c, S) + _mm("bhct,bhtv->bhcv", P_c, U))
+        S = S if gC is None else gC[..., None, None] * S
+        S = S + _mm("bhck,bhcv->bhkv", Kd_c, U)
+        return S, O
+
+    S, O = jax.lax.scan(body, S0, (W, Ut, P, Qd, Kd, gamma_C))
+    return _from_chunks(O)[:, :T], S

@@ -1,0 +1,194 @@
+"""Public delta-rule ops: argument validation and `impl` dispatch (DESIGN §2, §3).
+
+Axis letters: B batch, T time, H heads, Dk key/query head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.delta_rule.chunk import delta_rule_chunk
+from moejax.kernels.delta_rule.reference import (
+    compute_dtype,
+    delta_rule_reference,
+    recurrent_step,
+)
+
+Array = jax.Array
+
+# name -> implementation with the signature of `delta_rule_reference` plus `chunk_size`.
+_IMPLS: dict[str, Callable] = {
+    "reference": lambda *a, scale, chunk_size: delta_rule_reference(*a, scale=scale),
+    "chunk": delta_rule_chunk,
+}
+IMPL_NAMES = ("auto", *_IMPLS)
+
+
+def _shape(a):
+    return tuple(a.shape)
+
+
+def _check_float(name: str, a) -> None:
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
+
+
+def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl) -> None:
+    """Checks ranks, shapes, dtypes and static options; raises ValueError naming the argument."""
+    for name, a in (("q", q), ("k", k), ("v", v)):
+        if a.ndim != 4:
+            raise ValueError(f"{name} must be [B, T, H, D] (4-D), got shape {_shape(a)}")
+    if _shape(k) != _shape(q):
+        raise ValueError(f"k must have the shape of q {_shape(q)} = [B, T, H, Dk], got {_shape(k)}")
+    B, T, H, Dk = q.shape
+    if _shape(v)[:3] != (B, T, H):
+        raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], got {_shape(v)}")
+    if T == 0:
+        raise ValueError("q, k, v must have T >= 1 time steps, got T=0")
+    Dv = v.shape[-1]
+    for name, a in (("beta", beta), ("g", g), ("lam", lam)):
+        if a is None:
+            continue
+        if _shape(a) != (B, T, H):
+            raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got shape {_shape(a)}")
+    if initial_state is not None and _shape(initial_state) != (B, H, Dk, Dv):
+        raise ValueError(
+            f"initial_state must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}], "
+            f"got shape {_shape(initial_state)}"
+        )
+    for name, a in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("lam", lam),
+                    ("initial_state", initial_state)):
+        if a is not None:
+            _check_float(name, a)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a Python float or None, got {type(scale).__name__}")
+    if impl == "pallas":
+        raise ValueError(
+            "impl='pallas' is not available yet (the Pallas delta-rule kernels are a separate "
+            "issue); use impl='chunk', 'reference' or 'auto'"
+        )
+    if impl not in IMPL_NAMES:
+        raise ValueError(f"Unknown impl {impl!r}; expected one of {IMPL_NAMES}")
+
+
+@functools.partial(
+    jax.jit, static_argnames=("scale", "chunk_size", "impl", "return_final_state")
+)
+def _delta_rule(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, impl,
+                return_final_state):
+    fn = _IMPLS["chunk" if impl == "auto" else impl]
+    o, S = fn(q, k, v, beta, g, lam, initial_state, scale=scale, chunk_size=chunk_size)
+    return o.astype(q.dtype), (S if return_final_state else None)
+
+
+def delta_rule(
+    q: Array,
+    k: Array,
+    v: Array,
+    beta: Array,
+    *,
+    g: Array | None = None,
+    lam: Array | None = None,
+    initial_state: Array | None = None,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    impl: str = "auto",
+    return_final_state: bool = True,
+) -> tuple[Array, Array | None]:
+    r"""Delta-rule linear attention: DeltaNet, Gated DeltaNet, Q-Delta and gated Q-Delta.
+
+    Per batch and head, with state `S` `[Dk, Dv]` (DESIGN §3):
+    `x_t = k_t + lam_t q_t`, `S_t = exp(g_t)(I − beta_t k_t x_tᵀ) S_{t−1} + beta_t k_t v_tᵀ`,
+    `o_t = scale · S_tᵀ q_t`. `g=None` is DeltaNet, `g` alone Gated DeltaNet, `lam` alone Q-Delta,
+    both gated Q-Delta.
+
+    Args:
+      q: queries `[B, T, H, Dk]` (float; typically L2-normalised per head).
+      k: keys `[B, T, H, Dk]`.
+      v: values `[B, T, H, Dv]`.
+      beta: write strengths `[B, T, H]`, usually in (0, 1) (or (0, 2) with negative eigenvalues).
+      g: log decays `[B, T, H]` (≤ 0 for a decay), or None.
+      lam: Q-Delta query mixing `[B, T, H]`, or None.
+      initial_state: `[B, H, Dk, Dv]`, or None for zeros.
+      scale: readout scale; default `Dk ** -0.5`. `x_t` always uses the unscaled q.
+      chunk_size: chunk length C of the chunkwise path (any positive int; T need not be a
+        multiple of it). Results do not depend on it.
+      impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle) or "auto"
+        (chunk). The Pallas kernels arrive with their own issue.
+      return_final_state: return the final state (else None).
+
+    Returns:
+      `(o, S)`: `o` `[B, T, H, Dv]` in q's dtype; `S` `[B, H, Dk, Dv]` float32 or None.
+      Computation is float32 whatever the input dtype.
+
+    Example:
+      >>> B, T, H, Dk, Dv = 1, 100, 2, 16, 32
+      >>> ks = jax.random.split(jax.random.key(0), 4)
+      >>> q = jax.random.normal(ks[0], (B, T, H, Dk)); q /= jnp.linalg.norm(q, axis=-1, keepdims=True)
+      >>> k = jax.random.normal(ks[1], (B, T, H, Dk)); k /= jnp.linalg.norm(k, axis=-1, keepdims=True)
+      >>> v = jax.random.normal(ks[2], (B, T, H, Dv))
+      >>> beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
+      >>> o, S = delta_rule(q, k, v, beta, lam=0.5 * jnp.ones((B, T, H)))
+      >>> o.shape, S.shape
+      ((1, 100, 2, 32), (1, 2, 16, 32))
+    """
+    _validate_args(q=q, k=k, v=v, beta=beta, g=g, lam=lam, initial_state=initial_state,
+                   scale=scale, chunk_size=chunk_size, impl=impl)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return _delta_rule(q, k, v, beta, g, lam, initial_state, scale=scale, chunk_size=chunk_size,
+                       impl=impl, return_final_state=return_final_state)
+
+
+def delta_rule_step(
+    S: Array,
+    q_t: Array,
+    k_t: Array,
+    v_t: Array,
+    beta_t: Array,
+    *,
+    g_t: Array | None = None,
+    lam_t: Array | None = None,
+    scale: float | None = None,
+) -> tuple[Array, Array]:
+    """One decoding step of `delta_rule` (Q-Delta's `lam_t` included).
+
+    Args:
+      S: state `[B, H, Dk, Dv]`.
+      q_t, k_t: `[B, H, Dk]`.
+      v_t: `[B, H, Dv]`.
+      beta_t: `[B, H]`.
+      g_t: `[B, H]` log decay, or None.
+      lam_t: `[B, H]` Q-Delta mixing, or None.
+      scale: default `Dk ** -0.5`.
+
+    Returns:
+      `(o_t [B, H, Dv] in q_t's dtype, S_t [B, H, Dk, Dv] float32)`.
+    """
+    for name, a in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
+        if a.ndim != 3:
+            raise ValueError(f"{name} must be [B, H, D] (3-D), got shape {_shape(a)}")
+    if _shape(k_t) != _shape(q_t):
+        raise ValueError(f"k_t must have the shape of q_t {_shape(q_t)}, got {_shape(k_t)}")
+    B, H, Dk = q_t.shape
+    if _shape(v_t)[:2] != (B, H):
+        raise ValueError(f"v_t must be [B, H, Dv] = [{B}, {H}, Dv], got {_shape(v_t)}")
+    Dv = v_t.shape[-1]
+    if _shape(S) != (B, H, Dk, Dv):
+        raise ValueError(f"S must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}], got {_shape(S)}")
+    for name, a in (("beta_t", beta_t), ("g_t", g_t), ("lam_t", lam_t)):
+        if a is not None and _shape(a) != (B, H):
+            raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got shape {_shape(a)}")
+    for name, a in (("S", S), ("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("beta_t", beta_t),
+                    ("g_t", g_t), ("lam_t", lam_t)):
+        if a is not None:
+            _check_float(name, a)
+    scale = float(Dk**-0.5 if scale is None else scale)
+    up = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
+    o_t, S = recurrent_step(*map(up, (S, q_t, k_t, v_t, beta_t, g_t, lam_t)), scale=scale)
+    return o_t.astype(q_t.dtype), S

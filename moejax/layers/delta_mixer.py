@@ -1,0 +1,207 @@
+"""Delta-rule token mixer: Q-Delta, gated Q-Delta, DeltaNet and Gated DeltaNet (DESIGN §3 "Layer").
+
+Per head h, from the input `h_t` `[d]` (fla / Gated DeltaNet conventions):
+
+    q, k, v  = SiLU(ShortConv(W_q h)), SiLU(ShortConv(W_k h)), SiLU(ShortConv(W_v h))
+    q, k     = L2Norm(q), L2Norm(k)                         per head
+    beta     = σ(W_β h)                 (2σ(·) with allow_neg_eigval)
+    lam      = σ(W_λ h − 0.9)           (2σ(· − 0.9) with allow_neg_eigval; Q-Delta modes only)
+    g        = −exp(A_log) · softplus(W_a h + dt_bias)      (gated modes only)
+    o        = delta_rule(q, k, v, beta, g=g, lam=lam)
+    y        = W_out · [RMSNorm(o_h) ⊙ SiLU(W_o' h)]_h
+
+Pure `init` / `apply`, plus `init_cache` / `step` for token-by-token decoding: `apply` with a
+cache continues a sequence (prefill), `step` advances it one token with `delta_rule_step`; the
+two agree with one full-sequence `apply`. Axis letters: B batch, T time, d model width, H heads,
+Dk key head dim, Dv value head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.delta_rule import delta_rule, delta_rule_step
+from moejax.layers.norms import gated_rms_norm, l2_normalize, rms_norm_init
+from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
+
+Array = jax.Array
+
+MODES = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeltaMixerConfig:
+    """Configuration of a delta-rule mixer layer.
+
+    Attributes:
+      d_model: model width d.
+      num_heads: H.
+      head_dim: key/query head dim Dk.
+      expand_v: value head dim Dv = expand_v · Dk (must give an integer).
+      mode: one of "qdelta", "gated_qdelta", "deltanet", "gated_deltanet".
+      conv_size: short-conv kernel size (≥ 1; 1 disables the temporal mixing of the conv).
+      allow_neg_eigval: beta = 2σ(·), lam = 2σ(· − 0.9), so transitions may have negative
+        eigenvalues.
+      chunk_size: chunk length of the chunkwise path.
+      impl: `delta_rule` implementation ("auto", "chunk", "reference").
+      norm_eps: epsilon of the output RMSNorm.
+    """
+
+    d_model: int
+    num_heads: int
+    head_dim: int
+    expand_v: float = 2.0
+    mode: str = "qdelta"
+    conv_size: int = 4
+    allow_neg_eigval: bool = False
+    chunk_size: int = 64
+    impl: str = "auto"
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("d_model", "num_heads", "head_dim", "conv_size", "chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        dv = self.expand_v * self.head_dim
+        if self.expand_v <= 0 or dv != int(dv):
+            raise ValueError(
+                f"expand_v must be > 0 with expand_v * head_dim an integer, got "
+                f"expand_v={self.expand_v}, head_dim={self.head_dim}"
+            )
+
+    @property
+    def value_dim(self) -> int:
+        return int(self.expand_v * self.head_dim)
+
+    @property
+    def gated(self) -> bool:
+        return self.mode in ("gated_qdelta", "gated_deltanet")
+
+    @property
+    def query_mixing(self) -> bool:
+        return self.mode in ("qdelta", "gated_qdelta")
+
+
+def _dense_init(key, fan_in, fan_out):
+    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * fan_in**-0.5
+
+
+def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
+    """Parameters of one mixer layer (float32)."""
+    d, H, Dk, Dv = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.value_dim
+    ks = iter(jax.random.split(key, 12))
+    p = {
+        "w_q": _dense_init(next(ks), d, H * Dk),
+        "w_k": _dense_init(next(ks), d, H * Dk),
+        "w_v": _dense_init(next(ks), d, H * Dv),
+        "conv_q": short_conv_init(next(ks), H * Dk, cfg.conv_size),
+        "conv_k": short_conv_init(next(ks), H * Dk, cfg.conv_size),
+        "conv_v": short_conv_init(next(ks), H * Dv, cfg.conv_size),
+        "w_beta": _dense_init(next(ks), d, H),
+        "w_og": _dense_init(next(ks), d, H * Dv),
+        "o_norm": rms_norm_init(Dv),
+        "w_out": _dense_init(next(ks), H * Dv, d),
+    }
+    if cfg.query_mixing:
+        p["w_lam"] = _dense_init(next(ks), d, H)
+    if cfg.gated:
+        k_a, k_dt = jax.random.split(next(ks))
+        p["w_a"] = _dense_init(k_a, d, H)
+        # Mamba-2 / GDN init: A ~ U(1, 16), dt log-uniform in [1e-3, 1e-1], dt_bias = softplus⁻¹(dt).
+        p["A_log"] = jnp.log(jax.random.uniform(next(ks), (H,), jnp.float32, 1.0, 16.0))
+        dt = jnp.exp(
+            jax.random.uniform(k_dt, (H,), jnp.float32, math.log(1e-3), math.log(1e-1))
+        )
+        p["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))
+    return p
+
+
+def init_cache(cfg: DeltaMixerConfig, batch: int, dtype=jnp.float32) -> dict:
+    """Decode cache of a fresh sequence: conv histories and a zero delta-rule state."""
+    H, Dk, Dv, K = cfg.num_heads, cfg.head_dim, cfg.value_dim, cfg.conv_size
+    return {
+        "conv_q": short_conv_cache(batch, H * Dk, K, dtype),
+        "conv_k": short_conv_cache(batch, H * Dk, K, dtype),
+        "conv_v": short_conv_cache(batch, H * Dv, K, dtype),
+        "state": jnp.zeros((batch, H, Dk, Dv), jnp.float32),
+    }
+
+
+def _features(params, x, cache, cfg):
+    """Projections, convs and gates for `x` `[B, T, d]`; returns (feats dict, new conv caches)."""
+    B, T, _ = x.shape
+    H, Dk, Dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
+    mm = lambda w: x @ w.astype(x.dtype)
+    cache = cache or {}
+    q, cq = short_conv(params["conv_q"], mm(params["w_q"]), cache.get("conv_q"))
+    k, ck = short_conv(params["conv_k"], mm(params["w_k"]), cache.get("conv_k"))
+    v, cv = short_conv(params["conv_v"], mm(params["w_v"]), cache.get("conv_v"))
+    q = l2_normalize(jax.nn.silu(q).reshape(B, T, H, Dk))
+    k = l2_normalize(jax.nn.silu(k).reshape(B, T, H, Dk))
+    v = jax.nn.silu(v).reshape(B, T, H, Dv)
+    mult = 2.0 if cfg.allow_neg_eigval else 1.0
+    f32 = lambda w: mm(w).astype(jnp.float32)
+    feats = {"q": q, "k": k, "v": v, "beta": mult * jax.nn.sigmoid(f32(params["w_beta"])),
+             "g": None, "lam": None}
+    if cfg.query_mixing:
+        feats["lam"] = mult * jax.nn.sigmoid(f32(params["w_lam"]) - 0.9)
+    if cfg.gated:
+        a = jax.nn.softplus(f32(params["w_a"]) + params["dt_bias"])
+        feats["g"] = -jnp.exp(params["A_log"]) * a
+    return feats, {"conv_q": cq, "conv_k": ck, "conv_v": cv}
+
+
+def _output(params, x, o, cfg):
+    """Gated RMSNorm per head and out-projection: `o` `[B, T, H, Dv]` → `[B, T, d]`."""
+    B, T, _ = x.shape
+    gate = (x @ params["w_og"].astype(x.dtype)).reshape(B, T, cfg.num_heads, cfg.value_dim)
+    y = gated_rms_norm(params["o_norm"], o, gate, eps=cfg.norm_eps).astype(x.dtype)
+    return y.reshape(B, T, -1) @ params["w_out"].astype(x.dtype)
+
+
+def _check_x(x, cfg, *, ndim):
+    shape = "[B, T, d_model]" if ndim == 3 else "[B, d_model]"
+    if x.ndim != ndim or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"x must be {shape} with d_model={cfg.d_model}, got shape {x.shape}")
+
+
+def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None = None
+          ) -> tuple[Array, dict]:
+    """Mixes a sequence; with `cache`, continues the sequence the cache came from.
+
+    Args:
+      params: from `init`.
+      x: `[B, T, d]`.
+      cfg: layer config.
+      cache: from `init_cache`, a previous `apply` or `step`; None starts a fresh sequence.
+
+    Returns:
+      `(y [B, T, d] in x's dtype, new_cache)`.
+    """
+    _check_x(x, cfg, ndim=3)
+    f, conv = _features(params, x, cache, cfg)
+    o, S = delta_rule(
+        f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"],
+        initial_state=None if cache is None else cache["state"],
+        chunk_size=cfg.chunk_size, impl=cfg.impl,
+    )
+    return _output(params, x, o, cfg), {**conv, "state": S}
+
+
+def step(params: dict, x_t: Array, cache: dict, *, cfg: DeltaMixerConfig) -> tuple[Array, dict]:
+    """Decodes one token: `x_t` `[B, d]` → `(y_t [B, d], new_cache)` via `delta_rule_step`."""
+    _check_x(x_t, cfg, ndim=2)
+    x = x_t[:, None]
+    f, conv = _features(params, x, cache, cfg)
+    first = lambda a: None if a is None else a[:, 0]
+    o_t, S = delta_rule_step(cache["state"], first(f["q"]), first(f["k"]), first(f["v"]),
+                             first(f["beta"]), g_t=first(f["g"]), lam_t=first(f["lam"]))
+    y = _output(params, x, o_t[:, None], cfg)
+    return y[:, 0], {**conv, "state": S}

@@ -1,0 +1,46 @@
+"""Depthwise causal short convolution with a decode cache (the q/k/v conv of DeltaNet layers).
+
+`y_t = Σ_{i<K} w_i · x_{t−K+1+i}` per channel, where inputs before the sequence start come from
+`cache` (the last K−1 inputs seen, zeros for a fresh sequence). Axis letters: B batch, T time,
+D channels, K kernel size.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def short_conv_init(key: jax.Array, channels: int, kernel_size: int = 4) -> dict:
+    """Params `{"w": [K, D]}`, uniform in ±1/√K (PyTorch Conv1d's default for depthwise)."""
+    bound = kernel_size**-0.5
+    w = jax.random.uniform(key, (kernel_size, channels), jnp.float32, -bound, bound)
+    return {"w": w}
+
+
+def short_conv_cache(batch: int, channels: int, kernel_size: int = 4, dtype=jnp.float32):
+    """An empty cache `[B, K−1, D]` for a fresh sequence."""
+    return jnp.zeros((batch, kernel_size - 1, channels), dtype)
+
+
+def short_conv(params: dict, x: Array, cache: Array | None = None) -> tuple[Array, Array]:
+    """Causal depthwise conv over time.
+
+    Args:
+      params: `{"w": [K, D]}`.
+      x: `[B, T, D]`.
+      cache: `[B, K−1, D]` previous inputs, or None for zeros.
+
+    Returns:
+      `(y [B, T, D], new_cache [B, K−1, D])` — the cache holds the last K−1 inputs.
+    """
+    w = params["w"]
+    K = w.shape[0]
+    B, T, D = x.shape
+    if cache is None:
+        cache = jnp.zeros((B, K - 1, D), x.dtype)
+    xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, K-1+T, D]
+    y = sum(w[i].astype(jnp.float32) * xp[:, i : i + T].astype(jnp.float32) for i in range(K))
+    return y.astype(x.dtype), xp[:, T:]
