@@ -42,4 +42,6 @@ def assert_close(name: str, ref, got, *, ratio: float, atol: float = 1e-6) -> No
         return
     r = rel_rmse(ref_np, got_np)
     if not r <= ratio:
-        raise AssertionError(f"{name}: relative RMSE {r:.3e} > {ratio:.1e} (max abs diff {max_abs:.3e})")
+        raise AssertionError(
+            f"{name}: relative RMSE {r:.3e} > {ratio:.1e} (max abs diff {max_abs:.3e})"
+        )

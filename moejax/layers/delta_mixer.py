@@ -114,7 +114,7 @@ def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
     if cfg.gated:
         k_a, k_dt = jax.random.split(next(ks))
         p["w_a"] = _dense_init(k_a, d, H)
-        # Mamba-2 / GDN init: A ~ U(1, 16), dt log-uniform in [1e-3, 1e-1], dt_bias = softplus⁻¹(dt).
+        # Mamba-2 / GDN init: A ~ U(1, 16), dt log-uniform [1e-3, 1e-1], dt_bias = softplus⁻¹(dt).
         p["A_log"] = jnp.log(jax.random.uniform(next(ks), (H,), jnp.float32, 1.0, 16.0))
         dt = jnp.exp(
             jax.random.uniform(k_dt, (H,), jnp.float32, math.log(1e-3), math.log(1e-1))

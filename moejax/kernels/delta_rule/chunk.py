@@ -8,7 +8,7 @@ Within a chunk of C steps with start state `S0`, `G_t = Σ_{s≤t} g_s`, `γ_t =
     O  = scale · ( diag(γ) Q S0 + (Q Kᵀ ⊙ Γ ⊙ tril_incl) U )
     S_C = γ_C S0 + (K ⊙ (γ_C/γ))ᵀ U
 
-`(I + A)⁻¹` is applied by forward substitution (a unit lower-triangular solve). Everything that
+`(I + A)⁻¹` is formed by forward substitution (`unit_lower_inverse`). Everything that
 does not depend on the state is computed for all chunks at once; only the three state products
 run in a `lax.scan` over chunks, so autodiff keeps one `[Dk, Dv]` state per *chunk*, never one
 per time step. T is zero-padded to a multiple of C with β = 0 and g = 0 on the padding: those
@@ -46,6 +46,40 @@ def _from_chunks(a):
     return jnp.moveaxis(a, 0, 1).transpose(0, 1, 3, 2, 4).reshape(B, N * C, H, D)
 
 
+@jax.custom_vjp
+def unit_lower_inverse(A):
+    """`(I + A)⁻¹` for strictly lower-triangular `A` `[..., C, C]`, by forward substitution.
+
+    Row by row, `T_i = e_i − Σ_{j<i} A_ij T_j`: C sequential steps, each a batched vector-matrix
+    product (XLA:CPU's batched triangular solve is far slower at these sizes). The VJP is written
+    out — `dA = −strict_tril(Tᵀ dT Tᵀ)` — so autodiff does not store the C intermediate matrices.
+    """
+    C = A.shape[-1]
+    eye = jnp.broadcast_to(jnp.eye(C, dtype=A.dtype), A.shape)
+
+    def row(i, T):
+        a_i = jax.lax.dynamic_index_in_dim(A, i, axis=-2, keepdims=False)  # [..., C]
+        e_i = jax.lax.dynamic_index_in_dim(eye, i, axis=-2, keepdims=False)
+        t_i = e_i - _mm("...j,...jc->...c", a_i, T)  # rows j >= i of T are still zero
+        return jax.lax.dynamic_update_index_in_dim(T, t_i, i, axis=-2)
+
+    return jax.lax.fori_loop(0, C, row, jnp.zeros_like(A))
+
+
+def _unit_lower_inverse_fwd(A):
+    T = unit_lower_inverse(A)
+    return T, T
+
+
+def _unit_lower_inverse_bwd(T, dT):
+    C = T.shape[-1]
+    dA = -_mm("...ji,...jk->...ik", T, _mm("...jk,...lk->...jl", dT, T))
+    return (jnp.where(jnp.tril(jnp.ones((C, C), jnp.bool_), -1), dA, 0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+
+
 def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size):
     """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
 
@@ -66,10 +100,11 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
     q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    C = chunk_size
+    C = min(chunk_size, T)  # results do not depend on C, so never pad past T
     pad = -T % C
     if pad:
-        pad_t = lambda a: None if a is None else jnp.pad(a, [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2))
+        widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+        pad_t = lambda a: None if a is None else jnp.pad(a, widths(a))
         q, k, v, beta, g, lam = map(pad_t, (q, k, v, beta, g, lam))
 
     x = k if lam is None else k + lam[..., None] * q
@@ -91,11 +126,9 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
 
     A = jnp.where(strict, b[..., :, None] * _mm("...tk,...jk->...tj", X, K) * Gam, 0.0)
     wb = b if gamma is None else b * gamma
-    rhs = jnp.concatenate([wb[..., None] * X, b[..., None] * V], axis=-1)
-    sol = jax.lax.linalg.triangular_solve(
-        A, rhs, left_side=True, lower=True, unit_diagonal=True
-    )
-    W, Ut = sol[..., :Dk], sol[..., Dk:]
+    Tm = unit_lower_inverse(A)
+    W = _mm("...tj,...jk->...tk", Tm, wb[..., None] * X)
+    Ut = _mm("...tj,...jv->...tv", Tm, b[..., None] * V)
     P = _mm("...tk,...jk->...tj", Q, K) * Gam  # Gam is already 0 above the diagonal
     Qd = Q if gamma is None else gamma[..., None] * Q
     Kd = K if decay_out is None else decay_out[..., None] * K

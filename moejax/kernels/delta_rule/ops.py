@@ -130,8 +130,9 @@ def delta_rule(
     Example:
       >>> B, T, H, Dk, Dv = 1, 100, 2, 16, 32
       >>> ks = jax.random.split(jax.random.key(0), 4)
-      >>> q = jax.random.normal(ks[0], (B, T, H, Dk)); q /= jnp.linalg.norm(q, axis=-1, keepdims=True)
-      >>> k = jax.random.normal(ks[1], (B, T, H, Dk)); k /= jnp.linalg.norm(k, axis=-1, keepdims=True)
+      >>> unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
+      >>> q = unit(jax.random.normal(ks[0], (B, T, H, Dk)))
+      >>> k = unit(jax.random.normal(ks[1], (B, T, H, Dk)))
       >>> v = jax.random.normal(ks[2], (B, T, H, Dv))
       >>> beta = jax.nn.sigmoid(jax.random.normal(ks[3], (B, T, H)))
       >>> o, S = delta_rule(q, k, v, beta, lam=0.5 * jnp.ones((B, T, H)))
