@@ -136,7 +136,7 @@ def mask_inactive(logits: Array, state: dict) -> Array:
 
 
 def topk_mask(scores: Array, k: int) -> Array:
-    """`<bool>[N, E]`, True at the k largest entries of each row of `scores` (ties: lowest index)."""
+    """`<bool>[N, E]`, True at the k largest entries of each row (ties: lowest index)."""
     _, idx = jax.lax.top_k(scores, k)
     return jnp.any(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.bool_), axis=-2)
 
@@ -149,3 +149,17 @@ def check_input(x: Array, cfg: RouterConfig) -> None:
         raise ValueError(
             f"router input x has d_model={x.shape[-1]}, config d_model={cfg.d_model}"
         )
+
+
+def init_gate(key: Array, cfg: RouterConfig) -> Array:
+    """`<float32>[E, d]` gate matrix, normal with std `d**-0.5` (logits start at O(1) scale)."""
+    shape = (cfg.num_experts, cfg.d_model)
+    return jax.random.normal(key, shape, jnp.float32) * cfg.d_model**-0.5
+
+
+def gate_logits(params: dict, x: Array, *, name: str = "w_g") -> Array:
+    """`<float32>[N, E]` logits `x W^T` for `W = params[name]` (`[E, d]`), at full f32 precision."""
+    w = params[name].astype(jnp.float32)
+    return jnp.einsum(
+        "nd,ed->ne", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST
+    )

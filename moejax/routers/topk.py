@@ -1,0 +1,100 @@
+"""Top-k token-choice router with the Switch load-balance loss and the router z-loss.
+
+Each token picks the `k` experts of largest `probs = softmax(x W_g^T)` (Shazeer et al. 2017,
+"Outrageously Large Neural Networks"; k=1 is Switch, Fedus et al. 2021). Axis letters: N tokens,
+d model width, E experts.
+
+Example:
+  >>> cfg = Config(d_model=16, num_experts=4, top_k=2)
+  >>> params, state = init(jax.random.key(0), cfg)
+  >>> out, state = route(params, state, jnp.ones((8, 16)), cfg=cfg, train=True)
+  >>> out.weights.shape
+  (8, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from moejax.moe import losses
+from moejax.routers import base
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config(base.RouterConfig):
+    """Top-k router options (plus `d_model`, `num_experts`, `top_k` of `RouterConfig`).
+
+    Attributes:
+      renormalize: rescale the k selected probabilities to sum to 1 per token.
+      load_balance_weight: α of the Switch loss `α·E·Σ_e f_e P_e` (≥ 0; 0 disables).
+      z_loss_weight: β of the z-loss `β·mean(logsumexp(logits)²)` (≥ 0; 0 disables).
+    """
+
+    renormalize: bool = False
+    load_balance_weight: float = 1e-2
+    z_loss_weight: float = 1e-3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.renormalize, bool):
+            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
+        for name in ("load_balance_weight", "z_loss_weight"):
+            base.check_range(name, getattr(self, name), 0.0, float("inf"), lo_open=False,
+                             hi_open=True)
+
+
+def init(key: Array, cfg: Config) -> tuple[dict, dict]:
+    """Returns `({"w_g": <float32>[E, d]}, {})`."""
+    return {"w_g": base.init_gate(key, cfg)}, {}
+
+
+def route_from_logits(logits: Array, *, cfg: Config) -> base.RouterOutput:
+    """Top-k selection, weights and losses from `<float32>[N, E]` logits (inactive slots -inf).
+
+    Shared with `noisy_topk`, which routes on perturbed logits. If fewer than `top_k` slots are
+    active, only the active ones are selected.
+    """
+    probs = jax.nn.softmax(logits, axis=-1)
+    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
+    weights = jnp.where(mask, probs, 0.0)
+    if cfg.renormalize:
+        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    zero = jnp.zeros((), jnp.float32)
+    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
+              if cfg.load_balance_weight else zero)
+    z = losses.router_z_loss(logits, weight=cfg.z_loss_weight) if cfg.z_loss_weight else zero
+    return base.RouterOutput(
+        weights=weights, mask=mask, probs=probs, aux_loss=switch + z,
+        metrics={"switch_loss": switch, "z_loss": z},
+    )
+
+
+def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
+          rng: Array | None = None) -> tuple[base.RouterOutput, dict]:
+    """Routes `x: [N, d]` to the top-k experts; deterministic, stateless.
+
+    Args:
+      params: `{"w_g": [E, d]}`.
+      state: dict, returned unchanged (may hold `"active": <bool>[E]`).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      cfg: `Config`.
+      train: unused (top-k behaves the same at train and eval).
+      rng: unused.
+
+    Returns:
+      `(RouterOutput, state)`; `aux_loss = switch_loss + z_loss`.
+    """
+    del train, rng
+    base.check_input(x, cfg)
+    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    return route_from_logits(logits, cfg=cfg), state
+
+
+def max_assignments(cfg: Config) -> int:
+    """Each token selects at most `top_k` experts."""
+    return cfg.top_k

@@ -1,0 +1,116 @@
+"""Tests for moejax.routers.aux_free."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+
+from moejax.routers import aux_free
+from tests.routers import helpers
+
+
+@given(case=helpers.router_cases())
+@helpers.FAST
+def test_properties(case):
+    cfg = aux_free.Config(d_model=case.d, num_experts=case.e, top_k=case.k)
+    params, state = helpers.setup(aux_free, cfg, case.seed, case.active)
+    rng = np.random.default_rng(case.seed)
+    state = {**state, "bias": jnp.asarray(rng.normal(size=case.e) * 0.1, jnp.float32)}
+    x = helpers.make_x(case.seed, case.n, case.d, scale=case.scale)
+    out, new_state = helpers.jitted(aux_free)(params, state, x, cfg=cfg, train=True)
+    helpers.check_output(out, n=case.n, e=case.e, active=case.active)
+    w, m = np.asarray(out.weights), np.asarray(out.mask)
+    np.testing.assert_array_equal(m.sum(-1), case.k)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    # Weights are the sigmoid affinities of the selected experts, normalised.
+    aff = 1 / (1 + np.exp(-np.asarray(x, np.float64) @ np.asarray(params["w_g"], np.float64).T))
+    s = np.where(m, aff, 0.0)
+    np.testing.assert_allclose(w, s / s.sum(-1, keepdims=True), rtol=1e-4, atol=1e-6)
+    # Selection follows s + b: every selected score beats every unselected active one.
+    score = aff + np.asarray(state["bias"])
+    unselected = np.where(~m & case.active, score, -np.inf).max(-1)
+    assert np.all(np.where(m, score, np.inf).min(-1) >= unselected - 1e-6)
+    # The update moves every active bias by exactly γ or 0; inactive slots keep theirs.
+    step = np.asarray(new_state["bias"] - state["bias"])
+    assert np.all(np.isclose(np.abs(step[case.active]), 1e-3) | (step[case.active] == 0))
+    assert np.all(step[~case.active] == 0)
+    assert aux_free.max_assignments(cfg) == case.k
+
+
+def test_bias_update_by_hand():
+    # Top-1 choices of 4 tokens: experts 0, 0, 1, 2 -> load (2, 1, 1, 0), mean 1.
+    # b += γ·sign(1 − load) = γ·(−1, 0, 0, +1).
+    mask = np.eye(4, dtype=bool)[[0, 0, 1, 2]]
+    got = aux_free.update_bias(jnp.zeros(4), mask, jnp.ones(4, bool), 0.5)
+    np.testing.assert_array_equal(got, [-0.5, 0.0, 0.0, 0.5])
+    # Slot 3 inactive: the mean is over the 3 active slots, 4/3; load (2, 1, 1) gives signs
+    # (−1, +1, +1), and slot 3 keeps its bias.
+    got = aux_free.update_bias(jnp.zeros(4), mask, jnp.array([True, True, True, False]), 0.5)
+    np.testing.assert_array_equal(got, [-0.5, 0.5, 0.5, 0.0])
+
+
+def test_bias_moves_load_towards_uniform():
+    # Expert logits offset from +2 to -2: top-2 load starts at MaxVio ≈ 2.5. With γ = 0.01,
+    # 40 training forwards bring it below 0.5; weights never see the bias.
+    n, d, e = 256, 8, 8
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    x[:, 0] = 1.0
+    w = (rng.normal(size=(e, d)) * d**-0.5).astype(np.float32)
+    w[:, 0] = np.linspace(2.0, -2.0, e)
+    params, x = {"w_g": jnp.asarray(w)}, jnp.asarray(x)
+    cfg = aux_free.Config(d_model=d, num_experts=e, top_k=2, bias_update_rate=1e-2)
+    route = helpers.jitted(aux_free)
+
+    def max_violation(state):
+        out, _ = route(params, state, x, cfg=cfg, train=False)
+        load = np.asarray(out.mask).sum(0)
+        return load.max() / load.mean() - 1
+
+    state = {"bias": jnp.zeros(e)}
+    before = max_violation(state)
+    for _ in range(40):
+        _, state = route(params, state, x, cfg=cfg, train=True)
+    after = max_violation(state)
+    assert before > 2.0 and after < 0.5, (before, after)
+    assert np.all(np.diff(np.asarray(state["bias"])) >= -1e-6)  # favoured experts pushed down
+
+
+def test_eval_keeps_state_and_no_grad_into_bias():
+    cfg = aux_free.Config(d_model=6, num_experts=4, top_k=2)
+    helpers.check_init(aux_free, cfg, state_names=("bias",))
+    params, state = helpers.setup(aux_free, cfg, 0, active=[True, True, False, True])
+    x = helpers.make_x(0, 16, 6)
+    _, same = helpers.jitted(aux_free)(params, state, x, cfg=cfg, train=False)
+    np.testing.assert_array_equal(same["bias"], state["bias"])
+    np.testing.assert_array_equal(same["active"], state["active"])
+    helpers.check_grad(aux_free, cfg, params, state, x, train=True)
+
+    def loss(bias):
+        out, _ = aux_free.route(params, {**state, "bias": bias}, x, cfg=cfg, train=True)
+        return jnp.sum(out.weights**2)
+
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss))(state["bias"]), 0.0)
+
+
+def test_missing_bias_raises():
+    cfg = aux_free.Config(d_model=3, num_experts=3, top_k=1)
+    with pytest.raises(ValueError, match="bias"):
+        aux_free.route({"w_g": jnp.eye(3)}, {}, jnp.ones((2, 3)), cfg=cfg, train=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [(dict(bias_update_rate=-1e-3), "bias_update_rate"), (dict(top_k=5), "top_k")],
+)
+def test_bad_config(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        aux_free.Config(d_model=4, num_experts=4, **kwargs)
+
+
+def test_bad_input_width():
+    cfg = aux_free.Config(d_model=4, num_experts=3)
+    params, state = helpers.setup(aux_free, cfg, 0)
+    with pytest.raises(ValueError, match="d_model"):
+        aux_free.route(params, state, jnp.ones((2, 5)), cfg=cfg, train=True)
