@@ -1,0 +1,226 @@
+"""The sparse MoE layer: router → dispatcher → expert bank → combine (+ shared experts).
+
+Axis letters: N tokens (all leading axes of `x` flattened), d model width, E experts, f expert
+hidden width, C capacity slots, K experts per token kept by the dropless dispatcher.
+
+  y_n = Σ_{e in mask_n} weights[n, e] · expert_e(x_n)  +  shared(x_n)
+
+The router (chosen by name from `moejax.routers`) decides `weights`/`mask`; the dispatcher
+(`moejax.moe.dispatch`: "capacity" or "dropless") moves tokens; the bank
+(`moejax.moe.experts`) computes. Assignments dropped by the capacity dispatcher contribute
+nothing (the model's residual carries the token); the share dropped is reported.
+
+Params: `{"router": router params (top-k style: {"w_g": [E, d]}), "experts": bank,
+"shared": {"bank": ..., "gate": [d]?}}` ("shared" only if `num_shared > 0`).
+State: `{"router": router state}`; MASS expansion may set `state["router"]["active"]` (`<bool>[E]`)
+to switch expert slots off without changing shapes.
+
+Example:
+  >>> cfg = MoEConfig(d_model=16, d_ff=32, num_experts=4, top_k=2)
+  >>> params, state = init(jax.random.key(0), cfg)
+  >>> y, state, aux = moe_apply(params, state, jnp.ones((2, 3, 16)), cfg=cfg, train=True)
+  >>> y.shape, aux["top1"].shape
+  ((2, 3, 16), (6,))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from moejax.kernels.gmm import IMPL_NAMES as GMM_IMPL_NAMES
+from moejax.moe import dispatch, experts, metrics
+from moejax.routers import base as router_base
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MoEConfig:
+    """MoE layer options (hashable: pass it as a static argument of `jit`).
+
+    Attributes:
+      d_model: d, token width.
+      d_ff: f, hidden width of each routed expert (fine-grained experts: more, narrower ones).
+      num_experts: E, routed expert slots (including inactive MASS slots).
+      router: registry name (`moejax.routers.ROUTER_NAMES`).
+      top_k: experts per token for top-k style routers (passed to the router config).
+      router_kwargs: extra router config fields, as `(key, value)` pairs or a mapping; stored
+        as a sorted tuple of pairs so the config stays hashable.
+      dispatcher: "dropless" (sort + grouped matmul, never drops) or "capacity".
+      capacity_factor: cf > 0; capacity dispatcher slots `C = ⌈cf·N·k/E⌉` with
+        k = the router's `max_assignments` (its static bound on experts per token).
+      num_shared: always-on shared experts (0 = none).
+      d_ff_shared: hidden width of each shared expert; default `d_ff`.
+      shared_gate: scale the shared output by a per-token sigmoid gate (Qwen1.5-MoE).
+      activation: "swiglu" or "gelu" (all experts).
+      gmm_impl: grouped-matmul backend of the dropless dispatcher (`moejax.kernels.gmm`).
+      dtype: expert parameter (and expert matmul) dtype; routing is always float32.
+    """
+
+    d_model: int
+    d_ff: int
+    num_experts: int
+    router: str = "topk"
+    top_k: int = 2
+    router_kwargs: tuple[tuple[str, Any], ...] | Mapping[str, Any] = ()
+    dispatcher: str = "dropless"
+    capacity_factor: float = 1.25
+    num_shared: int = 0
+    d_ff_shared: int | None = None
+    shared_gate: bool = False
+    activation: str = "swiglu"
+    gmm_impl: str = "auto"
+    dtype: Any = jnp.float32
+    _router_cfg: router_base.RouterConfig = dataclasses.field(
+        init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        for name in ("d_model", "d_ff", "num_experts"):
+            router_base.check_int(name, getattr(self, name), lo=1)
+        router_base.check_int("num_shared", self.num_shared, lo=0)
+        if self.d_ff_shared is not None:
+            router_base.check_int("d_ff_shared", self.d_ff_shared, lo=1)
+        if self.router not in router_base.ROUTER_NAMES:
+            raise ValueError(f"router: unknown router {self.router!r}; known routers: "
+                             f"{', '.join(router_base.ROUTER_NAMES)}")
+        if self.dispatcher not in dispatch.DISPATCHERS:
+            raise ValueError(f"dispatcher must be one of {dispatch.DISPATCHERS}, "
+                             f"got {self.dispatcher!r}")
+        if not isinstance(self.capacity_factor, int | float) or not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor!r}")
+        if not isinstance(self.shared_gate, bool):
+            raise ValueError(f"shared_gate must be a bool, got {self.shared_gate!r}")
+        experts.check_activation(self.activation)
+        if self.gmm_impl not in GMM_IMPL_NAMES:
+            raise ValueError(f"gmm_impl must be one of {GMM_IMPL_NAMES}, got {self.gmm_impl!r}")
+        try:
+            object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
+        except TypeError as err:
+            raise ValueError(f"dtype: not a dtype: {self.dtype!r}") from err
+        if not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"dtype must be a float dtype, got {self.dtype}")
+        kwargs = self.router_kwargs
+        pairs = tuple(sorted(kwargs.items() if isinstance(kwargs, Mapping) else kwargs))
+        try:
+            hash(pairs)
+        except TypeError as err:
+            raise ValueError(f"router_kwargs values must be hashable, got {pairs!r}") from err
+        object.__setattr__(self, "router_kwargs", pairs)
+        for key, _ in pairs:
+            if key in ("d_model", "num_experts", "top_k"):
+                raise ValueError(f"router_kwargs: set {key!r} on MoEConfig itself, not here")
+        router_cfg = router_base.make_config(
+            self.router, d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k,
+            **dict(pairs))
+        object.__setattr__(self, "_router_cfg", router_cfg)
+
+    @property
+    def router_config(self) -> router_base.RouterConfig:
+        """The router's own frozen `Config`, built from the fields above."""
+        return self._router_cfg
+
+    @property
+    def max_assignments(self) -> int:
+        """The router's static bound on experts per token (k of the dispatchers)."""
+        return int(router_base.get_router(self.router).max_assignments(self._router_cfg))
+
+
+def init(key: Array, cfg: MoEConfig) -> tuple[dict, dict]:
+    """Initialises router, expert bank and shared experts.
+
+    Returns:
+      `(params, state)`: params `{"router", "experts", ("shared")}`, state `{"router"}`.
+    """
+    k_router, k_experts, k_shared = jax.random.split(key, 3)
+    router_params, router_state = router_base.get_router(cfg.router).init(
+        k_router, cfg.router_config)
+    params = {
+        "router": router_params,
+        "experts": experts.init_bank(k_experts, num_experts=cfg.num_experts,
+                                     d_model=cfg.d_model, d_ff=cfg.d_ff,
+                                     activation=cfg.activation, dtype=cfg.dtype),
+    }
+    if cfg.num_shared:
+        params["shared"] = experts.init_shared(
+            k_shared, num_shared=cfg.num_shared, d_model=cfg.d_model,
+            d_ff=cfg.d_ff_shared or cfg.d_ff, activation=cfg.activation,
+            gated=cfg.shared_gate, dtype=cfg.dtype)
+    return params, {"router": router_state}
+
+
+def _capacity(bank: dict, x: Array, out: router_base.RouterOutput, cfg: MoEConfig):
+    n, e = out.mask.shape
+    c = dispatch.compute_capacity(n, e, cfg.max_assignments, cfg.capacity_factor)
+    plan = dispatch.capacity_plan(out.weights, out.mask, capacity=c)
+    ye = experts.apply_dense(bank, dispatch.capacity_dispatch(plan, x))
+    return dispatch.capacity_combine(plan, ye), plan.stats
+
+
+def _dropless(bank: dict, x: Array, out: router_base.RouterOutput, cfg: MoEConfig):
+    plan = dispatch.sort_plan(out.weights, out.mask, k=cfg.max_assignments)
+    ys = experts.apply_grouped(bank, dispatch.permute(plan, x), plan.group_sizes,
+                               impl=cfg.gmm_impl)
+    return dispatch.unpermute(plan, ys), plan.stats
+
+
+_DISPATCH = MappingProxyType({"capacity": _capacity, "dropless": _dropless})
+
+
+def _validate(params: dict, x: Array, cfg: MoEConfig) -> None:
+    if x.ndim < 1 or x.shape[-1] != cfg.d_model:
+        raise ValueError(f"x must be [..., d_model] with d_model={cfg.d_model}, got shape "
+                         f"{x.shape}")
+    want = (cfg.num_experts, cfg.d_model, cfg.d_ff)
+    got = tuple(params["experts"]["w_up"].shape)
+    if got != want:
+        raise ValueError(f"params['experts']['w_up'] has shape {got}, but the config "
+                         f"(num_experts, d_model, d_ff) gives {want}")
+
+
+def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: bool,
+              rng: Array | None = None) -> tuple[Array, dict, dict]:
+    """Applies the MoE layer.
+
+    Args:
+      params: from `init`.
+      state: from `init` or the previous call.
+      x: `[..., d]` tokens; leading axes are flattened to N.
+      cfg: `MoEConfig` (static).
+      train: training mode (passed to the router: noise, state updates).
+      rng: PRNG key for stochastic routers.
+
+    Returns:
+      `(y, new_state, aux)`: `y` like `x`; `aux = {"aux_loss": <float32>[] sum of router
+      losses, "metrics": dict of float32 scalars (the DESIGN §6 suite — cv, max_vio,
+      load_entropy, dead_experts, avg_k, active_experts, dropped_fraction,
+      dropped_token_fraction — plus the router's own metrics prefixed "router/"),
+      "load": <float32>[E] share of assignments, "top1": <int32>[N] top-1 expert}`.
+    """
+    _validate(params, x, cfg)
+    xf = x.reshape(-1, cfg.d_model)
+    route = router_base.get_router(cfg.router).route
+    out, router_state = route(params["router"], state["router"], xf, cfg=cfg.router_config,
+                              train=train, rng=rng)
+    if out.weights.shape != (xf.shape[0], cfg.num_experts):
+        raise ValueError(f"router {cfg.router!r} returned weights of shape {out.weights.shape}, "
+                         f"expected [N, num_experts] = {(xf.shape[0], cfg.num_experts)}")
+    y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], xf, out, cfg)
+    if "shared" in params:
+        y = y + experts.apply_shared(params["shared"], xf).astype(y.dtype)
+    active = router_state.get("active") if isinstance(router_state, dict) else None
+    load, suite = metrics.load_metrics(out.mask, active=active)
+    suite.update(dispatch_stats)
+    suite.update({f"router/{name}": value for name, value in out.metrics.items()})
+    aux = {
+        "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
+        "metrics": suite,
+        "load": load,
+        "top1": metrics.top1_expert(out.weights, out.mask, out.probs),
+    }
+    return y.astype(x.dtype).reshape(x.shape), {**state, "router": router_state}, aux
