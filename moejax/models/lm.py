@@ -1,0 +1,408 @@
+"""Decoder-only language model: pre-norm blocks of (mixer × FFN), byte-level vocabulary.
+
+    h_0 = Embed(tokens)
+    h  ← h + Mixer(RMSNorm(h))          mixer ∈ qdelta, gated_qdelta, deltanet, gated_deltanet,
+                                         softmax, gated_softmax
+    h  ← h + FFN(RMSNorm(h))            ffn ∈ dense (SwiGLU), moe (any router of moejax.routers)
+    logits = RMSNorm(h) · Eᵀ            (tied embeddings by default)
+
+Pure functions: `init`, `apply`, `loss_fn`, and decoding with `init_cache` / `prefill` /
+`decode_step` / `generate` (KV cache for softmax mixers, recurrent state + conv cache for delta
+mixers). Axis letters: B batch, T time, d width, V vocabulary, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.layers import attention, delta_mixer, ffn
+from moejax.layers.norms import rms_norm, rms_norm_init
+from moejax.moe import layer as moe_layer
+from moejax.routers import base as router_base
+
+Array = jax.Array
+
+DELTA_MIXERS = delta_mixer.MODES
+MIXERS = (*DELTA_MIXERS, "softmax", "gated_softmax")
+FFNS = ("moe", "dense")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LMConfig:
+    """Model configuration (frozen, hashable, validated at construction).
+
+    Attributes:
+      vocab_size: V (256 for bytes).
+      d_model: d.
+      num_layers: L.
+      num_heads: heads of the mixer.
+      head_dim: key/query head dim (delta mixers) or head dim (softmax mixers).
+      expand_v: delta mixers' value head dim = expand_v · head_dim.
+      mixer: one of MIXERS.
+      ffn: "moe" or "dense".
+      d_ff: hidden width of the dense FFN and of each routed expert.
+      num_experts, top_k, router, router_kwargs, dispatcher, capacity_factor, num_shared:
+        MoE options (see `moejax.moe.layer.MoEConfig`); ignored for a dense FFN.
+      conv_size, chunk_size, allow_neg_eigval, delta_impl: delta-mixer options.
+      max_seq_len: longest sequence the model accepts (positions of attention caches).
+      tie_embeddings: share the input embedding with the output projection.
+      dtype: compute dtype, "float32" or "bfloat16" (params stay float32; logits and losses are
+        float32).
+      norm_eps: RMSNorm epsilon.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int = 32
+    expand_v: float = 2.0
+    mixer: str = "qdelta"
+    ffn: str = "moe"
+    d_ff: int = 256
+    num_experts: int = 8
+    top_k: int = 2
+    router: str = "topk"
+    router_kwargs: tuple[tuple[str, Any], ...] = ()
+    dispatcher: str = "dropless"
+    capacity_factor: float = 1.25
+    num_shared: int = 0
+    conv_size: int = 4
+    chunk_size: int = 64
+    allow_neg_eigval: bool = False
+    delta_impl: str = "auto"
+    max_seq_len: int = 2048
+    tie_embeddings: bool = True
+    dtype: str = "float32"
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff",
+                     "max_seq_len"):
+            router_base.check_int(name, getattr(self, name), lo=1)
+        if self.mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
+        if self.ffn not in FFNS:
+            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if isinstance(self.router_kwargs, dict):
+            object.__setattr__(self, "router_kwargs", tuple(sorted(self.router_kwargs.items())))
+        # Build the sub-configs once: they validate their own fields.
+        object.__setattr__(self, "_mixer_cfg", self._make_mixer_cfg())
+        object.__setattr__(self, "_moe_cfg", self._make_moe_cfg())
+
+    def _make_mixer_cfg(self):
+        if self.mixer in DELTA_MIXERS:
+            return delta_mixer.DeltaMixerConfig(
+                d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
+                expand_v=self.expand_v, mode=self.mixer, conv_size=self.conv_size,
+                allow_neg_eigval=self.allow_neg_eigval, chunk_size=self.chunk_size,
+                impl=self.delta_impl, norm_eps=self.norm_eps)
+        return attention.AttentionConfig(d_model=self.d_model, num_heads=self.num_heads,
+                                         head_dim=self.head_dim,
+                                         gated=self.mixer == "gated_softmax")
+
+    def _make_moe_cfg(self):
+        if self.ffn != "moe":
+            return None
+        return moe_layer.MoEConfig(
+            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
+            router=self.router, top_k=self.top_k, router_kwargs=self.router_kwargs,
+            dispatcher=self.dispatcher, capacity_factor=self.capacity_factor,
+            num_shared=self.num_shared)
+
+    @property
+    def mixer_config(self):
+        return self._mixer_cfg
+
+    @property
+    def moe_config(self) -> moe_layer.MoEConfig | None:
+        return self._moe_cfg
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    def to_dict(self) -> dict:
+        """JSON-able fields (for checkpoints and run directories)."""
+        d = dataclasses.asdict(self)
+        d["router_kwargs"] = [list(p) for p in self.router_kwargs]
+        return d
+
+
+PRESETS: dict[str, dict] = {
+    # Seconds per step on a CPU: for tests.
+    "tiny": dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64, num_experts=4,
+                 top_k=2, chunk_size=16, max_seq_len=256),
+    # The `make demo` model: Q-Delta mixer + STAR-routed MoE; trains visibly in minutes on CPU.
+    "demo": dict(d_model=128, num_layers=4, num_heads=4, head_dim=32, expand_v=1.0, d_ff=256,
+                 num_experts=8, top_k=2, router="star", router_kwargs=(("eta", 5e-5),),
+                 mixer="qdelta", chunk_size=32, max_seq_len=1024),
+    "small": dict(d_model=512, num_layers=8, num_heads=8, head_dim=64, d_ff=1024,
+                  num_experts=16, top_k=2, chunk_size=64, max_seq_len=4096),
+    # DESIGN §3 paper-scale mixer config (340M with a dense SwiGLU FFN); for GPU/TPU.
+    "340m": dict(d_model=1024, num_layers=21, num_heads=6, head_dim=128, expand_v=2.0,
+                 ffn="dense", d_ff=2816, chunk_size=64, max_seq_len=4096),
+}
+
+
+def get_preset(name: str, **overrides) -> LMConfig:
+    """The preset `name` with fields replaced by `overrides`."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    return LMConfig(**{**PRESETS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+def init(key: Array, cfg: LMConfig) -> tuple[dict, dict]:
+    """Returns `(params, state)`; state holds each MoE layer's router state."""
+    k_emb, k_out, *k_layers = jax.random.split(key, 2 + cfg.num_layers)
+    params: dict = {
+        "embed": jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), jnp.float32) * 0.02,
+        "final_norm": rms_norm_init(cfg.d_model),
+        "blocks": [],
+    }
+    if not cfg.tie_embeddings:
+        params["unembed"] = (jax.random.normal(k_out, (cfg.d_model, cfg.vocab_size), jnp.float32)
+                             * cfg.d_model**-0.5)
+    state: dict = {"blocks": []}
+    mixer_mod = delta_mixer if cfg.mixer in DELTA_MIXERS else attention
+    for k in k_layers:
+        k_mix, k_ffn = jax.random.split(k)
+        block = {"norm1": rms_norm_init(cfg.d_model), "norm2": rms_norm_init(cfg.d_model),
+                 "mixer": mixer_mod.init(k_mix, cfg.mixer_config)}
+        if cfg.ffn == "moe":
+            block["ffn"], moe_state = moe_layer.init(k_ffn, cfg.moe_config)
+        else:
+            block["ffn"], moe_state = ffn.init(k_ffn, cfg.d_model, cfg.d_ff), {}
+        params["blocks"].append(block)
+        state["blocks"].append(moe_state)
+    return params, state
+
+
+def num_params(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+def _check_tokens(tokens: Array, cfg: LMConfig, *, offset: int = 0) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T] integers, got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    if tokens.shape[1] + offset > cfg.max_seq_len:
+        raise ValueError(f"sequence length {tokens.shape[1] + offset} exceeds the model's "
+                         f"max_seq_len={cfg.max_seq_len}")
+
+
+def _mixer(block_params, h, cfg, cache):
+    if cfg.mixer in DELTA_MIXERS:
+        return delta_mixer.apply(block_params, h, cfg=cfg.mixer_config, cache=cache)
+    return attention.apply(block_params, h, cfg=cfg.mixer_config, cache=cache)
+
+
+def _ffn(block_params, moe_state, h, cfg, *, train, rng):
+    if cfg.ffn == "dense":
+        return ffn.apply(block_params, h), moe_state, None
+    return moe_layer.moe_apply(block_params, moe_state, h, cfg=cfg.moe_config, train=train,
+                               rng=rng)
+
+
+def _forward(params, state, tokens, cfg, *, train, rng, caches=None):
+    """Runs the blocks; returns (final hidden [B, T, d], new_state, aux, new caches)."""
+    h = params["embed"][tokens].astype(cfg.compute_dtype)
+    new_blocks, new_caches, auxes = [], [], []
+    for i, block in enumerate(params["blocks"]):
+        y, cache = _mixer(block["mixer"], rms_norm(block["norm1"], h, eps=cfg.norm_eps), cfg,
+                          None if caches is None else caches[i])
+        h = h + y
+        layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+        y, moe_state, aux = _ffn(block["ffn"], state["blocks"][i],
+                                 rms_norm(block["norm2"], h, eps=cfg.norm_eps), cfg,
+                                 train=train, rng=layer_rng)
+        h = h + y
+        new_blocks.append(moe_state)
+        new_caches.append(cache)
+        if aux is not None:
+            auxes.append(aux)
+    h = rms_norm(params["final_norm"], h, eps=cfg.norm_eps)
+    return h, {**state, "blocks": new_blocks}, _merge_aux(auxes), new_caches
+
+
+def _merge_aux(auxes: list[dict]) -> dict:
+    """Sums aux losses over MoE layers, averages their scalar metrics, stacks loads `[L, E]`."""
+    if not auxes:
+        return {"aux_loss": jnp.zeros((), jnp.float32), "metrics": {}}
+    metrics = {name: jnp.mean(jnp.stack([a["metrics"][name] for a in auxes]))
+               for name in auxes[0]["metrics"]}
+    return {"aux_loss": sum(a["aux_loss"] for a in auxes), "metrics": metrics,
+            "load": jnp.stack([a["load"] for a in auxes])}
+
+
+def logits_from_hidden(params: dict, h: Array, cfg: LMConfig) -> Array:
+    """`h` `[..., d]` → float32 logits `[..., V]`."""
+    w = params["embed"].T if cfg.tie_embeddings else params["unembed"]
+    return jnp.einsum("...d,dv->...v", h.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: bool = False,
+          rng: Array | None = None, positions: Array | None = None
+          ) -> tuple[Array, dict, dict]:
+    """Forward pass.
+
+    Args:
+      params, state: from `init` (state: MoE router states).
+      tokens: `[B, T]` int token ids.
+      cfg: model config.
+      train: training mode (router noise and router-state updates).
+      rng: PRNG key for stochastic routers.
+      positions: optional `[B, P]` indices; logits are then computed only there (`[B, P, V]`),
+        e.g. MQAR answer positions, never materialising `[B, T, V]`.
+
+    Returns:
+      `(logits float32 [B, T or P, V], new_state, aux)`; `aux` has `aux_loss` (summed over MoE
+      layers), `metrics` (MoE metrics averaged over layers) and, for MoE, `load` `[L, E]`.
+    """
+    _check_tokens(tokens, cfg)
+    h, new_state, aux, _ = _forward(params, state, tokens, cfg, train=train, rng=rng)
+    if positions is not None:
+        h = jnp.take_along_axis(h, positions[..., None], axis=1)
+    return logits_from_hidden(params, h, cfg), new_state, aux
+
+
+def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: bool,
+            rng: Array | None = None) -> tuple[Array, tuple[dict, dict]]:
+    """Mean next-token cross-entropy (over `loss_mask` if given) plus MoE aux losses.
+
+    Args:
+      batch: `{"inputs": [B, T] int, "targets": [B, T] int, optional "loss_mask": [B, T]}`.
+
+    Returns:
+      `(loss, (new_state, metrics))`; metrics: `loss`, `ce` (nats/token), `aux_loss`, MoE
+      metrics prefixed `moe/`, and `load` `[L, E]` for MoE models.
+    """
+    logits, new_state, aux = apply(params, state, batch["inputs"], cfg=cfg, train=train, rng=rng)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch.get("loss_mask")
+    if mask is None:
+        ce = jnp.mean(ce)
+    else:
+        mask = mask.astype(jnp.float32)
+        ce = jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    loss = ce + aux["aux_loss"]
+    metrics = {"loss": loss, "ce": ce, "aux_loss": aux["aux_loss"],
+               **{f"moe/{k}": v for k, v in aux["metrics"].items()}}
+    if "load" in aux:
+        metrics["load"] = aux["load"]
+    return loss, (new_state, metrics)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def init_cache(cfg: LMConfig, batch: int, max_len: int | None = None) -> list:
+    """Per-layer decode caches for a fresh batch of sequences."""
+    max_len = cfg.max_seq_len if max_len is None else max_len
+    if cfg.mixer in DELTA_MIXERS:
+        return [delta_mixer.init_cache(cfg.mixer_config, batch, cfg.compute_dtype)
+                for _ in range(cfg.num_layers)]
+    return [attention.init_cache(cfg.mixer_config, batch, max_len, cfg.compute_dtype)
+            for _ in range(cfg.num_layers)]
+
+
+def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMConfig
+            ) -> tuple[Array, list]:
+    """Feeds `tokens` `[B, T]` through the model on top of `cache`.
+
+    Returns:
+      `(logits of the last position [B, V], new_cache)`.
+    """
+    _check_tokens(tokens, cfg)
+    h, _, _, cache = _forward(params, state, tokens, cfg, train=False, rng=None, caches=cache)
+    return logits_from_hidden(params, h[:, -1], cfg), cache
+
+
+def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LMConfig
+                ) -> tuple[Array, list]:
+    """One token per sequence: `token` `[B]` → `(logits [B, V], new_cache)`.
+
+    Delta mixers advance with `delta_rule_step` (the recurrent form), softmax mixers append to
+    their KV cache.
+    """
+    if cfg.mixer not in DELTA_MIXERS:
+        return prefill(params, state, token[:, None], cache, cfg=cfg)
+    h = params["embed"][token].astype(cfg.compute_dtype)
+    new_caches = []
+    for i, block in enumerate(params["blocks"]):
+        y, c = delta_mixer.step(block["mixer"], rms_norm(block["norm1"], h, eps=cfg.norm_eps),
+                                cache[i], cfg=cfg.mixer_config)
+        h = h + y
+        y, _, _ = _ffn(block["ffn"], state["blocks"][i],
+                       rms_norm(block["norm2"], h, eps=cfg.norm_eps), cfg, train=False, rng=None)
+        h = h + y
+        new_caches.append(c)
+    h = rms_norm(params["final_norm"], h, eps=cfg.norm_eps)
+    return logits_from_hidden(params, h, cfg), new_caches
+
+
+def sample_token(key: Array, logits: Array, *, temperature: float, top_p: float) -> Array:
+    """Samples `[B]` tokens from `logits` `[B, V]`: greedy at temperature 0, else nucleus."""
+    if temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the first
+        keep = jnp.zeros_like(keep_sorted).at[
+            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p"))
+def _generate(params, state, prompt, key, *, cfg, max_new_tokens, temperature, top_p):
+    B, T0 = prompt.shape
+    cache = init_cache(cfg, B, T0 + max_new_tokens)
+    logits, cache = prefill(params, state, prompt, cache, cfg=cfg)
+
+    def body(carry, k):
+        logits, cache = carry
+        tok = sample_token(k, logits, temperature=temperature, top_p=top_p)
+        logits, cache = decode_step(params, state, tok, cache, cfg=cfg)
+        return (logits, cache), tok
+
+    _, toks = jax.lax.scan(body, (logits, cache), jax.random.split(key, max_new_tokens))
+    return jnp.concatenate([prompt, toks.T.astype(prompt.dtype)], axis=1)
+
+
+def generate(params: dict, state: dict, prompt: Array, *, cfg: LMConfig, key: Array,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> Array:
+    """Samples a continuation of `prompt` `[B, T0]`; returns `[B, T0 + max_new_tokens]`.
+
+    Args:
+      temperature: ≥ 0; 0 is greedy.
+      top_p: nucleus mass in (0, 1].
+    """
+    _check_tokens(prompt, cfg, offset=max_new_tokens)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    return _generate(params, state, prompt, key, cfg=cfg, max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_p=float(top_p))

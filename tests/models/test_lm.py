@@ -1,0 +1,156 @@
+"""The decoder LM: decoding equals the full forward, losses, presets and bad input."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from moejax.models import lm
+from moejax.testing import assert_close
+
+
+def _tokens(B=2, T=21, seed=1):
+    return jax.random.randint(jax.random.key(seed), (B, T), 0, 256, dtype=jnp.int32)
+
+
+@pytest.mark.parametrize("mixer", lm.MIXERS)
+def test_prefill_and_decode_equal_full_forward(mixer):
+    cfg = lm.get_preset("tiny", mixer=mixer)
+    params, state = lm.init(jax.random.key(0), cfg)
+    toks = _tokens()
+    logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
+    cache = lm.init_cache(cfg, 2, 21)
+    first, cache = lm.prefill(params, state, toks[:, :9], cache, cfg=cfg)
+    step = jax.jit(lambda tok, c: lm.decode_step(params, state, tok, c, cfg=cfg))
+    outs = [first]
+    for t in range(9, 21):
+        out, cache = step(toks[:, t], cache)
+        outs.append(out)
+    assert_close("decode logits", logits[:, 8:], jnp.stack(outs, axis=1), ratio=1e-5)
+
+
+def test_logits_at_positions_equal_full_logits():
+    cfg = lm.get_preset("tiny")
+    params, state = lm.init(jax.random.key(0), cfg)
+    toks = _tokens()
+    full, _, _ = lm.apply(params, state, toks, cfg=cfg)
+    pos = jnp.array([[0, 5, 20], [3, 3, 7]])
+    part, _, _ = lm.apply(params, state, toks, cfg=cfg, positions=pos)
+    np.testing.assert_allclose(np.asarray(part),
+                               np.asarray(jnp.take_along_axis(full, pos[..., None], 1)),
+                               rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset_kw", [dict(), dict(mixer="gated_softmax", ffn="dense"),
+                                       dict(router="star", dtype="bfloat16")],
+                         ids=["qdelta-moe", "gated_softmax-dense", "star-bf16"])
+def test_tiny_loss_drops_in_30_steps(preset_kw):
+    cfg = lm.get_preset("tiny", **preset_kw)
+    params, state = lm.init(jax.random.key(0), cfg)
+    opt = optax.adam(3e-3)
+    opt_state = opt.init(params)
+    # A repeated periodic byte pattern: learnable in a few steps.
+    pattern = jnp.tile(jnp.arange(7, dtype=jnp.int32) * 13 % 256, 10)[:33]
+    toks = jnp.stack([jnp.roll(pattern, i) for i in range(4)])
+    batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
+
+    @jax.jit
+    def train_step(params, state, opt_state, i):
+        (loss, (state, _)), grads = jax.value_and_grad(
+            lambda p: lm.loss_fn(p, state, batch, cfg=cfg, train=True,
+                                 rng=jax.random.fold_in(jax.random.key(3), i)), has_aux=True)(
+            params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), state, opt_state, loss
+
+    losses = []
+    for i in range(30):
+        params, state, opt_state, loss = train_step(params, state, opt_state, i)
+        losses.append(float(loss))
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_router_state_updates_in_training():
+    cfg = lm.get_preset("tiny", router="star")
+    params, state = lm.init(jax.random.key(0), cfg)
+    batch = {"inputs": _tokens(T=16), "targets": _tokens(T=16, seed=2)}
+    _, (new_state, metrics) = lm.loss_fn(params, state, batch, cfg=cfg, train=True)
+    assert metrics["load"].shape == (cfg.num_layers, cfg.num_experts)
+    v0, v1 = state["blocks"][0]["router"]["v"], new_state["blocks"][0]["router"]["v"]
+    assert not np.allclose(np.asarray(v0), np.asarray(v1))
+    _, (eval_state, _) = lm.loss_fn(params, state, batch, cfg=cfg, train=False)
+    np.testing.assert_array_equal(np.asarray(eval_state["blocks"][0]["router"]["v"]),
+                                  np.asarray(v0))
+
+
+def test_loss_mask_restricts_the_loss():
+    cfg = lm.get_preset("tiny", ffn="dense")
+    params, state = lm.init(jax.random.key(0), cfg)
+    toks = _tokens(T=12)
+    mask = jnp.zeros((2, 12)).at[:, 4].set(1.0)
+    batch = {"inputs": toks, "targets": toks, "loss_mask": mask}
+    loss, _ = lm.loss_fn(params, state, batch, cfg=cfg, train=False)
+    logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, 4], toks[:, 4])
+    np.testing.assert_allclose(float(loss), float(jnp.mean(ce)), rtol=1e-6)
+
+
+def test_generate_shapes_and_greedy_determinism():
+    cfg = lm.get_preset("tiny")
+    params, state = lm.init(jax.random.key(0), cfg)
+    prompt = _tokens(T=5)
+    g1 = lm.generate(params, state, prompt, cfg=cfg, key=jax.random.key(0), max_new_tokens=7,
+                     temperature=0.0)
+    g2 = lm.generate(params, state, prompt, cfg=cfg, key=jax.random.key(1), max_new_tokens=7,
+                     temperature=0.0)
+    assert g1.shape == (2, 12)
+    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
+    np.testing.assert_array_equal(np.asarray(g1[:, :5]), np.asarray(prompt))
+
+
+def test_sample_token_top_p_keeps_only_the_nucleus():
+    logits = jnp.log(jnp.array([[0.6, 0.3, 0.05, 0.05]]))
+    draws = jax.vmap(lambda k: lm.sample_token(k, logits, temperature=1.0, top_p=0.5))(
+        jax.random.split(jax.random.key(0), 200))
+    assert set(np.asarray(draws).ravel().tolist()) == {0}
+    draws = jax.vmap(lambda k: lm.sample_token(k, logits, temperature=1.0, top_p=0.8))(
+        jax.random.split(jax.random.key(0), 200))
+    assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
+
+
+def test_presets_build():
+    for name in lm.PRESETS:
+        cfg = lm.get_preset(name)
+        assert cfg.to_dict()["d_model"] == cfg.d_model
+    n = lm.num_params(jax.eval_shape(lambda: lm.init(jax.random.key(0),
+                                                     lm.get_preset("340m"))[0]))
+    assert 3.0e8 < n < 3.6e8, n
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: lm.get_preset("huge"), "Unknown preset 'huge'"),
+        (lambda: lm.get_preset("tiny", mixer="mamba"), "mixer must be one of"),
+        (lambda: lm.get_preset("tiny", router="nope"), "unknown router 'nope'"),
+        (lambda: lm.get_preset("tiny", ffn="conv"), "ffn must be one of"),
+        (lambda: lm.get_preset("tiny", dtype="float16"), "dtype must be one of"),
+        (lambda: lm.get_preset("tiny", d_model=0), "d_model must be >= 1"),
+    ],
+)
+def test_config_rejects(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_apply_rejects_long_or_float_sequences():
+    cfg = lm.get_preset("tiny", max_seq_len=16)
+    params, state = lm.init(jax.random.key(0), cfg)
+    with pytest.raises(ValueError, match="exceeds the model's max_seq_len=16"):
+        lm.apply(params, state, _tokens(T=17), cfg=cfg)
+    with pytest.raises(ValueError, match="tokens must be integers"):
+        lm.apply(params, state, jnp.ones((2, 4)), cfg=cfg)
