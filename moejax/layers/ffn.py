@@ -14,7 +14,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 
 
 def init(key: Array, d_model: int, d_ff: int, activation: str = "swiglu") -> dict:
-    """Params `{"w_up": [d, f], "w_down": [f, d]}` (+ `"w_gate": [d, f]` for SwiGLU), fan-in init."""
+    """Params `w_up: [d, f]`, `w_down: [f, d]` (+ `w_gate: [d, f]` for SwiGLU), fan-in init."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     k1, k2, k3 = jax.random.split(key, 3)
