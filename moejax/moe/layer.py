@@ -26,12 +26,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import checkify
 
 from moejax.kernels.gmm import IMPL_NAMES as GMM_IMPL_NAMES
 from moejax.moe import dispatch, experts, metrics
@@ -61,6 +63,9 @@ class MoEConfig:
       activation: "swiglu" or "gelu" (all experts).
       gmm_impl: grouped-matmul backend of the dropless dispatcher (`moejax.kernels.gmm`).
       dtype: expert parameter (and expert matmul) dtype; routing is always float32.
+      check_numerics: add a `checkify` check that the router's probabilities hold no NaN (from
+        NaN logits). Run the layer through `checked_moe_apply` (or your own
+        `checkify.checkify`) to get the error; under a plain `jit` leave it off.
     """
 
     d_model: int
@@ -77,6 +82,7 @@ class MoEConfig:
     activation: str = "swiglu"
     gmm_impl: str = "auto"
     dtype: Any = jnp.float32
+    check_numerics: bool = False
     _router_cfg: router_base.RouterConfig = dataclasses.field(
         init=False, repr=False, compare=False)
 
@@ -210,6 +216,10 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
     if out.weights.shape != (xf.shape[0], cfg.num_experts):
         raise ValueError(f"router {cfg.router!r} returned weights of shape {out.weights.shape}, "
                          f"expected [N, num_experts] = {(xf.shape[0], cfg.num_experts)}")
+    if cfg.check_numerics:
+        checkify.check(~jnp.any(jnp.isnan(out.probs)),
+                       f"router {cfg.router!r} produced NaN routing logits/probabilities "
+                       f"(check the layer input x and params['router'])")
     y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], xf, out, cfg)
     if "shared" in params:
         y = y + experts.apply_shared(params["shared"], xf).astype(y.dtype)
@@ -224,3 +234,15 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
         "top1": metrics.top1_expert(out.weights, out.mask, out.probs),
     }
     return y.astype(x.dtype).reshape(x.shape), {**state, "router": router_state}, aux
+
+
+def checked_moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: bool,
+                      rng: Array | None = None):
+    """`moe_apply` with the NaN check on, functionalised by `checkify`.
+
+    Returns:
+      `(err, (y, new_state, aux))`; `err.throw()` raises if the router saw NaN logits.
+    """
+    cfg = dataclasses.replace(cfg, check_numerics=True)
+    fn = functools.partial(moe_apply, cfg=cfg, train=train)
+    return checkify.checkify(fn)(params, state, x, rng=rng)

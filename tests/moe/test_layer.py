@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import checkify
 
 from moejax import testing
 from moejax.moe import experts
@@ -251,3 +252,17 @@ def test_bad_input():
         moe_apply(params, state, x, cfg=other, train=True)
     with pytest.raises(ValueError, match="Pallas gmm kernel is not available yet"):
         moe_apply(params, state, x, cfg=dataclasses.replace(cfg, gmm_impl="pallas"), train=True)
+
+
+def test_nan_router_logits_are_caught_by_checkify():
+    from moejax.moe.layer import checked_moe_apply
+
+    cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2)
+    params, state = init(jax.random.key(0), cfg)
+    x = jnp.ones((5, 8)).at[2, 3].set(jnp.nan)
+    err, _ = jax.jit(lambda p, s, x: checked_moe_apply(p, s, x, cfg=cfg, train=False))(
+        params, state, x)
+    with pytest.raises(checkify.JaxRuntimeError, match="NaN routing logits"):
+        err.throw()
+    err, _ = checked_moe_apply(params, state, jnp.ones((5, 8)), cfg=cfg, train=False)
+    err.throw()  # finite input: no error
