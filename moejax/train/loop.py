@@ -1,0 +1,527 @@
+"""Training loop (DESIGN §9; STYLE §5, §6.15): config, optimizer, pure steps and the driver.
+
+  TrainConfig      frozen, validated hyperparameters of a run
+  make_optimizer   AdamW, linear warmup + cosine decay, global-norm clipping (optax)
+  TrainState       params, model (router) state, optimizer state, step: one pytree
+  train_step       `(state, batch, step_rng) -> (state, metrics)`, pure; jitted with donation
+  eval_step        `(params, model_state, batch, rng) -> metrics`, pure
+  run              the driver: data, optimizer, state, restore, writers, jit, loop
+  load_checkpoint  a saved run's `TrainState` (for notebooks and sampling)
+
+Model contract (`moejax.models.lm` by default, or any object with the same functions):
+
+  params, state = model.init(key, cfg)
+  loss, (new_state, metrics) = model.loss_fn(params, state, batch, *, cfg, train, rng)
+
+`batch = {"inputs": <int32>[B, T], "targets": <int32>[B, T], "loss_mask": [B, T] (optional)}`;
+`metrics` holds scalars (at least `ce`, cross-entropy in nats/token) and, for MoE models, `load`
+as `[L, E]`. The model state (router state: aux-free biases, STAR statistics, ...) is updated
+inside the jitted step.
+
+Steps count from 1: "step s" is the s-th optimizer update, `state.step == s` after it, and its
+randomness is `fold_in(train_key, s - 1)`; with the data iterator's position restored too, a run
+resumed from a checkpoint computes exactly what the uninterrupted run would have.
+
+Parallelism: every array lives on a `jax.sharding.Mesh` with a `"data"` axis. Batches are sharded
+over it (`P("data")`); params, optimizer and model state are replicated (`P()`), so XLA averages
+gradients across the axis. By default the mesh spans all devices (one device on a laptop); the
+same `run` call is data parallel on a multi-device host without any change to the caller.
+
+Axis letters: B batch, T sequence length, L layers, E experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import math
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from moejax.train import checkpoint as ckpt_lib
+from moejax.train import logging as log_lib
+from moejax.train import plots
+
+Array = jax.Array
+PyTree = Any
+DATA_AXIS = "data"
+
+
+# ---------------------------------------------------------------------------------------------
+# Config and optimizer.
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Hyperparameters of a training run. Hashable; validated on construction.
+
+    Attributes:
+      steps: total optimizer steps, > 0.
+      lr: peak learning rate, > 0.
+      warmup_steps: linear warmup from 0 to `lr` over this many steps, >= 0.
+      min_lr_ratio: the cosine decay ends at `lr * min_lr_ratio` at step `steps`, in [0, 1].
+      weight_decay: AdamW decoupled weight decay, applied to matrices (ndim >= 2) only, >= 0.
+      b1: Adam first-moment decay, in [0, 1).
+      b2: Adam second-moment decay, in [0, 1).
+      clip_norm: clip gradients to this global norm; None disables clipping.
+      batch_size: B, sequences per step (global, over all devices), > 0.
+      seq_len: T, tokens per sequence, > 0.
+      log_every: write a metrics line every this many steps (and at steps 1 and `steps`), > 0.
+      eval_every: validate every this many steps (and at `steps`); 0 = only at `steps`.
+      eval_batches: validation batches per evaluation, > 0.
+      ckpt_every: checkpoint every this many steps (and at `steps`); 0 = only at `steps`.
+      keep_checkpoints: how many of the newest checkpoints to keep, > 0.
+      seed: seeds init and per-step randomness (the data pipeline takes its own seed), >= 0.
+    """
+
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float | None = 1.0
+    batch_size: int = 16
+    seq_len: int = 256
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, lo in (("steps", 1), ("warmup_steps", 0), ("batch_size", 1), ("seq_len", 1),
+                         ("log_every", 1), ("eval_every", 0), ("eval_batches", 1),
+                         ("ckpt_every", 0), ("keep_checkpoints", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int | np.integer) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+            if value < lo:
+                raise ValueError(f"{name} must be >= {lo}, got {value}")
+        for name, lo, hi in (("lr", 0.0, math.inf), ("min_lr_ratio", 0.0, 1.0),
+                             ("weight_decay", 0.0, math.inf), ("b1", 0.0, 1.0),
+                             ("b2", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not lo <= value <= hi or (name == "lr" and value == 0):
+                raise ValueError(f"{name} must be in [{lo}, {hi}] (lr > 0), got {value}")
+        if self.b1 == 1.0 or self.b2 == 1.0:
+            raise ValueError(f"b1 and b2 must be < 1, got b1={self.b1}, b2={self.b2}")
+        if self.clip_norm is not None and (
+            isinstance(self.clip_norm, bool) or not isinstance(self.clip_norm, int | float)
+            or not self.clip_norm > 0
+        ):
+            raise ValueError(f"clip_norm must be a number > 0 or None, got {self.clip_norm!r}")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Learning rate per step: linear warmup 0 → `lr`, then cosine decay to `lr * min_lr_ratio`.
+
+    Example:
+      >>> sched = make_schedule(TrainConfig(steps=100, lr=1.0, warmup_steps=10))
+      >>> float(sched(10)), round(float(sched(100)), 6)
+      (1.0, 0.1)
+    """
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        end_value=cfg.lr * cfg.min_lr_ratio,
+    )
+
+
+def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW with the run's schedule, after global-norm clipping.
+
+    Weight decay skips vectors and scalars (norm scales, biases, router biases).
+
+    Args:
+      cfg: the run's config.
+
+    Returns:
+      `(optimizer, schedule)`; `schedule(step)` is the learning rate of update `step + 1`.
+    """
+    schedule = make_schedule(cfg)
+    adamw = optax.adamw(
+        schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+        mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
+    )
+    if cfg.clip_norm is None:
+        return adamw, schedule
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
+
+
+# ---------------------------------------------------------------------------------------------
+# State and pure steps.
+
+
+class Model(Protocol):
+    """What the loop needs from a model module (see the module docstring)."""
+
+    def init(self, key: Array, cfg: Any) -> tuple[PyTree, PyTree]: ...
+
+    def loss_fn(self, params: PyTree, state: PyTree, batch: Mapping[str, Array], *, cfg: Any,
+                train: bool, rng: Array) -> tuple[Array, tuple[PyTree, dict]]: ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step updates.
+
+    Attributes:
+      params: model parameters.
+      model_state: the model's non-gradient state (router states); may be `{}`.
+      opt_state: optimizer state.
+      step: `<int32>[]` optimizer updates applied so far.
+    """
+
+    params: PyTree
+    model_state: PyTree
+    opt_state: PyTree
+    step: Array
+
+
+def init_train_state(model: Model, model_cfg: Any, optimizer: optax.GradientTransformation,
+                     key: Array) -> TrainState:
+    """A fresh `TrainState` (step 0) from `model.init(key, model_cfg)`."""
+    params, model_state = model.init(key, model_cfg)
+    return TrainState(params=params, model_state=model_state,
+                      opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def train_step(state: TrainState, batch: Mapping[str, Array], step_rng: Array, *, model: Model,
+               model_cfg: Any, optimizer: optax.GradientTransformation
+               ) -> tuple[TrainState, dict[str, Array]]:
+    """One optimizer update. Pure: jit it with `donate_argnums=0` (as `run` does).
+
+    Args:
+      state: the current state.
+      batch: `{"inputs": <int32>[B, T], "targets": <int32>[B, T], "loss_mask"?: [B, T]}`.
+      step_rng: this step's key, `fold_in(train_key, state.step)`.
+      model: the model module.
+      model_cfg: its config (static).
+      optimizer: from `make_optimizer`.
+
+    Returns:
+      `(new_state, metrics)`: the model's metrics plus `loss` (the objective, including aux
+      losses) and `grad_norm` (global norm before clipping).
+    """
+
+    def objective(params):
+        return model.loss_fn(params, state.model_state, batch, cfg=model_cfg, train=True,
+                             rng=step_rng)
+
+    (loss, (model_state, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params
+    )
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)))
+                             for g in jax.tree.leaves(grads)))
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm}
+    new_state = TrainState(params=params, model_state=model_state, opt_state=opt_state,
+                           step=state.step + 1)
+    return new_state, metrics
+
+
+def eval_step(params: PyTree, model_state: PyTree, batch: Mapping[str, Array], rng: Array, *,
+              model: Model, model_cfg: Any) -> dict[str, Array]:
+    """Validation metrics of one batch (`train=False`; the model state is not updated).
+
+    Returns:
+      `ce` (nats/token), `loss` (objective) and `weight` (tokens counted: the `loss_mask` sum, or
+      B·T), to average over batches weighted by `weight`.
+    """
+    loss, (_, metrics) = model.loss_fn(params, model_state, batch, cfg=model_cfg, train=False,
+                                       rng=rng)
+    targets = batch["targets"]
+    mask = batch.get("loss_mask")
+    weight = jnp.asarray(targets.size if mask is None else jnp.sum(mask), jnp.float32)
+    return {"ce": metrics.get("ce", loss), "loss": loss, "weight": weight}
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver.
+
+
+@dataclasses.dataclass(frozen=True)
+class RunResult:
+    """What `run` leaves behind.
+
+    Attributes:
+      state: the final `TrainState` (replicated on the mesh).
+      step: its step.
+      metrics_path: `workdir/metrics.jsonl`.
+      plot_paths: the PNGs written to the workdir.
+    """
+
+    state: TrainState
+    step: int
+    metrics_path: Path
+    plot_paths: list[Path]
+
+
+def default_mesh(batch_size: int) -> Mesh:
+    """All devices on a `"data"` axis, or the first device alone if B does not divide evenly."""
+    devices = jax.devices()
+    if batch_size % len(devices):
+        devices = devices[:1]
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def run_config(model_cfg: Any, train_cfg: TrainConfig,
+               data_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The run's JSON config, as saved with every checkpoint and compared on resume."""
+    return ckpt_lib.config_to_json(
+        {"model": model_cfg, "train": train_cfg, "data": dict(data_info or {})}
+    )
+
+
+def run(
+    model_cfg: Any,
+    train_cfg: TrainConfig,
+    workdir: str | Path,
+    *,
+    train_data: Iterator[Mapping[str, np.ndarray]],
+    val_data: Callable[[], Iterator[Mapping[str, np.ndarray]]] | None = None,
+    data_info: Mapping[str, Any] | None = None,
+    model: Model | None = None,
+    mesh: Mesh | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Trains `model` for `train_cfg.steps` steps in `workdir`, resuming from its checkpoints.
+
+    Args:
+      model_cfg: the model config (frozen dataclass; with `max_seq_len` if the model has one).
+      train_cfg: the run's hyperparameters.
+      workdir: directory for `checkpoints/`, `metrics.jsonl`, `tensorboard/` and plots.
+      train_data: iterator of numpy batches `[B, T]` (B = `batch_size`, T = `seq_len`) with
+        `get_state()`/`set_state(state)` (a grain `DatasetIterator`); it is moved to the saved
+        position on resume.
+      val_data: builds a fresh validation iterator (called at every evaluation; the first
+        `eval_batches` batches are used). None: no validation.
+      data_info: JSON-able description of the data (glob, pipeline seed, ...), saved and compared
+        on resume like the configs.
+      model: object with `init`/`loss_fn`; default `moejax.models.lm`.
+      mesh: mesh with a `"data"` axis; default `default_mesh(batch_size)`.
+      progress: show the tqdm bar.
+
+    Returns:
+      a `RunResult`.
+
+    Raises:
+      ValueError: bad arguments, or `workdir` holds a run whose config differs in a field that
+        matters (the message lists them; nothing is overwritten).
+      FloatingPointError: the loss became non-finite; the message names the step, and the
+        checkpoints saved before it are kept.
+    """
+    model = importlib.import_module("moejax.models.lm") if model is None else model
+    max_len = getattr(model_cfg, "max_seq_len", None)
+    if max_len is not None and train_cfg.seq_len > max_len:
+        raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={max_len}")
+    mesh = default_mesh(train_cfg.batch_size) if mesh is None else mesh
+    if DATA_AXIS not in mesh.axis_names:
+        raise ValueError(f"mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}")
+    if train_cfg.batch_size % mesh.shape[DATA_AXIS]:
+        raise ValueError(f"batch_size={train_cfg.batch_size} is not divisible by the mesh's "
+                         f"{DATA_AXIS!r} axis of size {mesh.shape[DATA_AXIS]}")
+    replicated = NamedSharding(mesh, P())
+    batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = run_config(model_cfg, train_cfg, data_info)
+    is_main = jax.process_index() == 0
+
+    # Optimizer.
+    optimizer, schedule = make_optimizer(train_cfg)
+
+    # State and restore: the latest checkpoint of a compatible run in this workdir (its state,
+    # RNG key and data position), else a fresh state. Restoring needs only the state's shapes.
+    init_fn = functools.partial(init_train_state, model, model_cfg, optimizer)
+    root_key = jax.random.key(train_cfg.seed)
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
+    start = ckpt.latest_step() or 0
+    notes = []
+    if start:
+        try:
+            notes = ckpt_lib.check_config(ckpt.saved_config(start), config,
+                                          where=str(ckpt.directory))
+            target = jax.tree.map(
+                lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                jax.eval_shape(init_fn, root_key),
+            )
+            tree, data_state = ckpt.restore(start, _checkpoint_tree(target, root_key))
+        except BaseException:
+            ckpt.close()
+            raise
+        state, root_key = tree["state"], jax.random.wrap_key_data(tree["rng"])
+        train_data.set_state(data_state)
+    init_key, train_key, eval_key = jax.random.split(root_key, 3)
+    if not start:
+        state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+
+    # Writers.
+    writer = log_lib.MetricsWriter(workdir, start_step=start, total_steps=train_cfg.steps,
+                                   enabled=is_main, progress=progress)
+    writer.write_config(config)
+    if start:
+        writer.message(f"Resuming from step {start} ({ckpt.directory / str(start)}).")
+        for note in notes:
+            writer.message(f"  changed since the checkpoint: {note}")
+    if start >= train_cfg.steps:
+        writer.message(f"Nothing to train: the run is at step {start} >= steps={train_cfg.steps}.")
+
+    # Jit: shardings are explicit; the train step donates the old state.
+    p_train_step = jax.jit(
+        functools.partial(train_step, model=model, model_cfg=model_cfg, optimizer=optimizer),
+        in_shardings=(replicated, batch_sharding, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
+    p_eval_step = jax.jit(
+        functools.partial(eval_step, model=model, model_cfg=model_cfg),
+        in_shardings=(replicated, replicated, batch_sharding, replicated),
+        out_shardings=replicated,
+    )
+
+    # Loop.
+    tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
+    throughput = log_lib.Throughput()
+    try:
+        for step in range(start + 1, train_cfg.steps + 1):
+            t0 = time.perf_counter()
+            batch = _device_batch(next(train_data), batch_sharding, train_cfg)
+            step_rng = jax.random.fold_in(train_key, step - 1)
+            with jax.profiler.StepTraceAnnotation("train", step_num=step):
+                state, metrics = p_train_step(state, batch, step_rng)
+            loss = float(metrics["loss"])  # waits for the step: it is also the NaN guard
+            throughput.add(tokens_per_step, time.perf_counter() - t0, warmup=step == start + 1)
+            if not math.isfinite(loss):
+                last = ckpt.latest_step()
+                kept = (f"the last good checkpoint, step {last}, is kept in {ckpt.directory}"
+                        if last else "no checkpoint had been saved yet")
+                raise FloatingPointError(
+                    f"non-finite loss ({loss}) at step {step}; training stopped, {kept}. "
+                    "Lower --lr, raise warmup or check the data near this step."
+                )
+            last_step = step == train_cfg.steps
+            record: dict[str, Any] = {}
+            if step == 1 or step % train_cfg.log_every == 0 or last_step:
+                record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
+                          "tokens_per_s": throughput.rate(),
+                          **log_lib.to_record(step, jax.device_get(metrics))}
+            if val_data is not None and (last_step or _every(step, train_cfg.eval_every)):
+                record = {"step": step, **record, **_evaluate(
+                    p_eval_step, state, val_data, batch_sharding, eval_key, train_cfg, model_cfg
+                )}
+            if record:
+                writer.write(record)
+            writer.progress(step, loss=loss, tokens_per_s=record.get("tokens_per_s"))
+            if last_step or _every(step, train_cfg.ckpt_every):
+                ckpt.save(step, _checkpoint_tree(state, root_key),
+                          data_state=train_data.get_state(), config=config)
+    finally:
+        ckpt.close()
+        writer.close()
+
+    plot_paths = plots.write_plots(workdir) if is_main else []
+    return RunResult(state=state, step=int(state.step), metrics_path=writer.path,
+                     plot_paths=plot_paths)
+
+
+def load_checkpoint(workdir: str | Path, model_cfg: Any, *, model: Model | None = None,
+                    step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
+    """The `TrainState` saved in `workdir` (for sampling, notebooks, or a fresh process).
+
+    Args:
+      workdir: the run's directory.
+      model_cfg: the run's model config (must match the saved one).
+      model: the model module; default `moejax.models.lm`.
+      step: which checkpoint; default the latest.
+
+    Returns:
+      `(state, config)`: the state on the default device and the saved JSON config.
+
+    Raises:
+      ValueError: no checkpoint in `workdir`, or `model_cfg` differs from the saved one.
+    """
+    model = importlib.import_module("moejax.models.lm") if model is None else model
+    ckpt = ckpt_lib.Checkpointer(workdir, keep=1, read_only=True)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise ValueError(f"no checkpoint in {ckpt.directory}")
+    saved = ckpt.saved_config(step)
+    diffs = ckpt_lib.config_differences(saved["model"], ckpt_lib.config_to_json(model_cfg),
+                                        prefix="model")
+    if diffs:
+        raise ValueError("model_cfg differs from the saved run's:\n  " + "\n  ".join(diffs))
+    train_cfg = TrainConfig(**saved["train"])
+    optimizer, _ = make_optimizer(train_cfg)
+    key = jax.random.key(train_cfg.seed)
+    target = jax.eval_shape(functools.partial(init_train_state, model, model_cfg, optimizer), key)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          _checkpoint_tree(target, key))
+    tree, _ = ckpt.restore(step, target)
+    ckpt.close()
+    return tree["state"], saved
+
+
+def _checkpoint_tree(state: TrainState, root_key: Array) -> dict[str, Any]:
+    """What goes into a checkpoint's `state` item: the train state and the root key's data."""
+    return {"state": state, "rng": jax.random.key_data(root_key)}
+
+
+def _every(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _device_batch(batch: Mapping[str, Any], sharding: NamedSharding,
+                  cfg: TrainConfig) -> dict[str, Array]:
+    """A host batch as global arrays sharded over the data axis (shape checked)."""
+    shape = np.shape(batch["inputs"])
+    if shape != (cfg.batch_size, cfg.seq_len):
+        raise ValueError(f"batch['inputs'] has shape {shape}, expected "
+                         f"(batch_size, seq_len) = ({cfg.batch_size}, {cfg.seq_len})")
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in batch.items()}
+
+
+def _evaluate(p_eval_step: Callable, state: TrainState, val_data: Callable[[], Iterator],
+              sharding: NamedSharding, key: Array, train_cfg: TrainConfig,
+              model_cfg: Any) -> dict[str, float]:
+    """`val_loss` (CE, nats/token) over up to `eval_batches` batches, plus `val_bpb` (bits per
+    byte = CE / ln 2) for byte-level vocabularies (<= 257 ids)."""
+    ce_sum = weight_sum = 0.0
+    it = val_data()
+    for _, batch in zip(range(train_cfg.eval_batches), it, strict=False):
+        out = jax.device_get(p_eval_step(state.params, state.model_state,
+                                         _device_batch(batch, sharding, train_cfg), key))
+        ce_sum += float(out["ce"]) * float(out["weight"])
+        weight_sum += float(out["weight"])
+    if weight_sum == 0:
+        raise ValueError("the validation data gave no batch of (batch_size, seq_len)")
+    ce = ce_sum / weight_sum
+    record = {"val_loss": ce}
+    if getattr(model_cfg, "vocab_size", math.inf) <= 257:
+        record["val_bpb"] = ce / math.log(2)
+    return record

@@ -1,0 +1,81 @@
+"""Smoke test of `experiments/train_lm.py`: 2 steps, then a rerun on the same workdir resumes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from absl import app, flags
+from absl.testing import flagsaver
+
+from experiments import train_lm
+
+# The `tiny` model on the default corpus; one val batch; sampling kept short.
+SMALL = dict(preset="tiny", batch_size=8, seq_len=32, log_every=1, eval_batches=1,
+             warmup_steps=1, lr=1e-2)
+
+
+@pytest.fixture(autouse=True)
+def _parsed_flags():
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def run_main(**overrides):
+    with flagsaver.flagsaver(**{**SMALL, **overrides}):
+        train_lm.main(["train_lm"])
+
+
+def test_trains_then_resumes_on_the_same_workdir(tmp_path, capsys):
+    run_main(workdir=str(tmp_path), steps=2, ckpt_every=1, sample_tokens=0)
+    out = capsys.readouterr().out
+    assert "Sample" not in out and "loss_curves.png" in out
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "1", "2"
+    ]
+
+    run_main(workdir=str(tmp_path), steps=3, ckpt_every=1, sample_tokens=8)
+    out = capsys.readouterr().out
+    assert "Resuming from step 2" in out
+    assert "Sample after step 3:\ndef " in out
+    assert "expert_load.png" in out  # tiny is an MoE model
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert {"loss", "lr", "tokens_per_s", "load_cv"} <= set(records[0])
+    assert "val_loss" in records[1] and "val_bpb" in records[2]  # the last step of each run
+    assert (tmp_path / "loss_curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(seq_len=300), "seq_len=300 exceeds .* max_seq_len=256"),
+        (dict(steps=0), "steps must be >= 1"),
+        (dict(steps=-2), "steps must be >= 1"),
+        (dict(preset="huge"), "Unknown preset 'huge'; known presets: tiny, demo"),
+        (dict(mixer="lstm"), "mixer must be one of"),
+        (dict(router="oracle"), "unknown router 'oracle'; known routers: topk"),
+        (dict(top_k=9), "top_k=9"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+    ],
+    ids=["seq_len", "steps0", "steps_neg", "preset", "mixer", "router", "top_k", "batch"],
+)
+def test_bad_flags_fail_before_training(tmp_path, overrides, match):
+    with pytest.raises(app.UsageError, match=match):
+        run_main(**{"workdir": str(tmp_path / "run"), "steps": 2, **overrides})
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["no_match", "empty"])
+def test_bad_data_fails_before_training(tmp_path, case):
+    if case == "empty":
+        (tmp_path / "empty.txt").write_bytes(b"")
+    pattern = str(tmp_path / ("empty.txt" if case == "empty" else "missing/*.txt"))
+    with pytest.raises(app.UsageError, match="matches no files|is empty"):
+        run_main(workdir=str(tmp_path / "run"), steps=2, data=pattern)
+    assert not (tmp_path / "run").exists()
+
+
+def test_extra_arguments_are_refused(tmp_path):
+    with flagsaver.flagsaver(workdir=str(tmp_path)), pytest.raises(app.UsageError):
+        train_lm.main(["train_lm", "extra"])

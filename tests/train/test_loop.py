@@ -1,0 +1,186 @@
+"""The training loop: config checks, schedule, learning, NaN stop, data parallelism."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+import tests.train as stand_in
+from moejax import data
+from moejax.train import Checkpointer, loop, read_metrics
+
+B, T = 8, 32
+CORPUS = data.CorpusConfig(max_bytes=2**17)
+
+
+def single_device_mesh() -> Mesh:
+    return Mesh(np.asarray(jax.devices()[:1]), ("data",))
+
+
+def batches(split: str = "train", batch_size: int = B, seq_len: int = T):
+    return data.make_corpus_iterator(CORPUS, split=split, seed=0, batch_size=batch_size,
+                                     seq_len=seq_len)
+
+
+def train_cfg(**overrides) -> loop.TrainConfig:
+    base = dict(steps=30, lr=1e-2, warmup_steps=3, batch_size=B, seq_len=T, log_every=1,
+                eval_every=0, eval_batches=2, ckpt_every=0)
+    return loop.TrainConfig(**{**base, **overrides})
+
+
+class Poisoned:
+    """Corpus batches where batch number `at` (1-based) carries `stand_in`'s poison token."""
+
+    def __init__(self, it, *, at: int, token: int):
+        self.it, self.at, self.token, self.n = it, at, token, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = dict(next(self.it))
+        self.n += 1
+        if self.n == self.at:
+            batch["inputs"] = batch["inputs"].copy()
+            batch["inputs"][0, 0] = self.token
+        return batch
+
+    def get_state(self):
+        return self.it.get_state()
+
+    def set_state(self, state):
+        self.it.set_state(state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config.
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("steps", 0), ("steps", -3), ("lr", 0.0), ("batch_size", 0), ("seq_len", 0),
+     ("min_lr_ratio", 1.5), ("clip_norm", -1.0), ("eval_every", -1), ("keep_checkpoints", 0),
+     ("b2", 1.0), ("steps", 2.5), ("log_every", True)],
+)
+def test_train_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=field):
+        loop.TrainConfig(**{field: value})
+
+
+def test_schedule_warms_up_then_decays_to_min_ratio():
+    sched = loop.make_schedule(loop.TrainConfig(steps=100, lr=2.0, warmup_steps=10,
+                                                min_lr_ratio=0.1))
+    assert float(sched(0)) == 0.0
+    assert float(sched(5)) == pytest.approx(1.0)
+    assert float(sched(10)) == pytest.approx(2.0)
+    assert float(sched(100)) == pytest.approx(0.2)
+    assert float(sched(55)) == pytest.approx(0.2 + 1.8 * 0.5, rel=1e-5)
+
+
+def test_weight_decay_skips_vectors():
+    opt, _ = loop.make_optimizer(loop.TrainConfig(lr=1e-3, weight_decay=0.5, warmup_steps=0,
+                                                  clip_norm=None))
+    params = {"w": np.ones((2, 2), np.float32), "b": np.ones(2, np.float32)}
+    zeros = jax.tree.map(np.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    assert np.all(np.asarray(updates["w"]) < 0)  # decayed towards 0
+    assert np.all(np.asarray(updates["b"]) == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning.
+
+
+def test_stand_in_loss_drops_and_outputs_are_written(tmp_path):
+    result = loop.run(stand_in.StandInConfig(), train_cfg(eval_every=15), tmp_path,
+                      train_data=batches(), val_data=lambda: batches("val"), model=stand_in,
+                      mesh=single_device_mesh(), progress=False)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == list(range(1, 31))
+    assert records[-1]["ce"] < records[0]["ce"] - 1.0
+    for key in ("loss", "lr", "tokens_per_s", "load_cv", "load_max_vio", "grad_norm"):
+        assert key in records[0], key
+    assert np.shape(records[0]["load"]) == (2, 4)
+    val = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in val] == [15, 30]
+    assert val[-1]["val_bpb"] == pytest.approx(val[-1]["val_loss"] / np.log(2))
+    assert result.step == 30 and int(result.state.step) == 30
+    # The last step is always checkpointed.
+    assert Checkpointer(tmp_path, keep=1, read_only=True).latest_step() == 30
+    assert {p.name for p in result.plot_paths} == {"loss_curves.png", "expert_load.png"}
+    assert all(p.stat().st_size > 0 for p in result.plot_paths)
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.json").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moejax.models.lm") is None,
+                    reason="moejax.models.lm not written yet")
+def test_tiny_lm_loss_drops_over_30_steps(tmp_path):
+    from moejax.models import lm
+
+    loop.run(lm.get_preset("tiny"), train_cfg(log_every=10), tmp_path, train_data=batches(),
+             mesh=single_device_mesh(), progress=False)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 10, 20, 30]
+    assert records[-1]["ce"] < records[0]["ce"] - 1.0
+    assert np.shape(records[0]["load"]) == (2, 4)  # tiny: 2 MoE layers x 4 experts
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input and failures.
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_checkpoint(tmp_path):
+    model_cfg = stand_in.StandInConfig(poison_id=255)  # 0xFF never occurs in UTF-8 text
+    it = Poisoned(batches(), at=5, token=255)
+    with pytest.raises(FloatingPointError, match=r"at step 5\b.*step 4"):
+        loop.run(model_cfg, train_cfg(steps=8, ckpt_every=2), tmp_path, train_data=it,
+                 model=stand_in, mesh=single_device_mesh(), progress=False)
+    assert Checkpointer(tmp_path, keep=3, read_only=True).latest_step() == 4
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+    state, _ = loop.load_checkpoint(tmp_path, model_cfg, model=stand_in)
+    assert int(state.step) == 4
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def test_seq_len_longer_than_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="max_seq_len"):
+        loop.run(stand_in.StandInConfig(max_seq_len=16), train_cfg(), tmp_path,
+                 train_data=batches(), model=stand_in, progress=False)
+
+
+def test_batch_of_wrong_shape_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"\(batch_size, seq_len\)"):
+        loop.run(stand_in.StandInConfig(), train_cfg(), tmp_path,
+                 train_data=batches(seq_len=16), model=stand_in, mesh=single_device_mesh(),
+                 progress=False)
+
+
+def test_batch_not_divisible_by_data_axis_is_refused(tmp_path):
+    mesh = Mesh(np.asarray(jax.devices()[:8]), ("data",))
+    with pytest.raises(ValueError, match="divisible"):
+        loop.run(stand_in.StandInConfig(), train_cfg(batch_size=4), tmp_path,
+                 train_data=batches(batch_size=4), model=stand_in, mesh=mesh, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism.
+
+
+def test_data_parallel_step_matches_single_device(tmp_path):
+    assert jax.device_count() == 8, "tests/conftest.py sets 8 CPU devices"
+    cfg = train_cfg(steps=3)
+    losses = {}
+    for name, devices in (("one", jax.devices()[:1]), ("dp", jax.devices())):
+        result = loop.run(stand_in.StandInConfig(), cfg, tmp_path / name, train_data=batches(),
+                          model=stand_in, mesh=Mesh(np.asarray(devices), ("data",)),
+                          progress=False)
+        losses[name] = [(r["loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)]
+        leaf = jax.tree.leaves(result.state.params)[0]
+        assert leaf.sharding.is_fully_replicated
+        assert len(leaf.sharding.device_set) == len(devices)
+    np.testing.assert_allclose(losses["dp"], losses["one"], rtol=1e-5)
