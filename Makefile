@@ -12,11 +12,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+# The main job: the `demo` LM (Q-Delta mixer + STAR-routed MoE) on the stdlib corpus, ~5 min
+# on a 2-core CPU. Rerunning resumes from runs/demo (and stops at once if it already finished).
 demo: $(STAMP)
-	$(PY) -m experiments.bench_delta_rule --workdir=runs/demo
+	$(PY) -m experiments.train_lm --workdir=runs/demo --preset=demo --steps=200 \
+	    --warmup_steps=20 --batch_size=16 --seq_len=256 --log_every=10 --eval_every=100 \
+	    --ckpt_every=50 --sample_tokens=200
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --durations=15
+	$(PY) -m pytest -q -n 2 --durations=15 --nbmake tests notebooks
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow
@@ -26,6 +30,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m experiments.bench_delta_rule --workdir=runs/bench
+	$(PY) -m experiments.bench_moe --workdir=runs/bench
 
 clean:
 	rm -rf $(VENV) runs
