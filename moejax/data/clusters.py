@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moejax.data.corpus import _check_int
+from moejax.data.pipeline import check_int as _check_int
 
 
 class Clusters(NamedTuple):

@@ -49,12 +49,16 @@ import glob
 import hashlib
 import os
 import sysconfig
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
+
+from moejax.data.pipeline import check_int as _check_int
+from moejax.data.pipeline import check_split as _check_split
+from moejax.data.pipeline import index_pipeline as _index_pipeline
+from moejax.data.pipeline import to_iterator
 
 BYTE_VOCAB_SIZE = 256
 NUL_ID = 0  # document separator when `eos_token=False`
@@ -69,7 +73,6 @@ _STDLIB_SKIP_DIRS = frozenset(
 
 # Prefetch settings shared by every moejax pipeline: items are cheap numpy work, so a couple of
 # threads and a short buffer keep CPU free for the model while never starving it.
-_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -394,40 +397,4 @@ def make_corpus_iterator(
         cfg, split=split, seed=seed, batch_size=batch_size, seq_len=seq_len,
         num_epochs=num_epochs, shuffle=shuffle,
     )
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers shared by the moejax data modules (mqar.py and hmm.py import them).
-
-
-def _index_pipeline(
-    length: int,
-    fn: Callable[[int], dict[str, np.ndarray]],
-    *,
-    seed: int,
-    batch_size: int,
-    num_epochs: int | None,
-    shuffle: bool,
-) -> grain.MapDataset:
-    """range(length) → shuffle(seed)? → repeat(num_epochs) → map(fn) → batch(drop_remainder)."""
-    ds = grain.MapDataset.range(length)
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if num_epochs != 1:
-        ds = ds.repeat(num_epochs)
-    return ds.map(fn).batch(batch_size, drop_remainder=True)
-
-
-def _check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> None:
-    if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value}")
-
-
-def _check_split(split: Any, valid: tuple[str, ...]) -> None:
-    if split not in valid:
-        raise ValueError(f"split must be one of {valid}, got {split!r}")
+    return to_iterator(ds)

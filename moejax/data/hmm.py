@@ -34,8 +34,8 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from moejax.data.corpus import _READ_OPTIONS, _check_int, _check_split, _index_pipeline
-from moejax.data.mqar import SYNTHETIC_SPLITS
+from moejax.data.pipeline import check_int as _check_int
+from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -214,9 +214,7 @@ def hmm_example(
     cfg: HMMConfig, *, seed: int, split: str, index: int, concept: int | None = None
 ) -> dict[str, np.ndarray]:
     """Example `index` of a split: a pure function of its arguments (see `generate_hmm_example`)."""
-    _check_split(split, SYNTHETIC_SPLITS)
-    rng = np.random.default_rng([seed, SYNTHETIC_SPLITS.index(split), int(index)])
-    return generate_hmm_example(cfg, rng, concept=concept)
+    return generate_hmm_example(cfg, example_rng(seed, split, index), concept=concept)
 
 
 def make_hmm_dataset(
@@ -251,33 +249,12 @@ def make_hmm_dataset(
       >>> ds[0]["label"].shape
       (4, 16)
     """
-    _check_split(split, SYNTHETIC_SPLITS)
-    _check_int("seed", seed, lo=0)
-    _check_int("batch_size", batch_size, lo=1)
-    _check_int("num_examples", num_examples, lo=1)
     if concept is not None:
         _check_int("concept", concept, lo=0, hi=cfg.num_concepts - 1)
-    if num_epochs == -1:
-        num_epochs = None if split == "train" else 1
-    if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, lo=1)
-    if num_epochs is not None and num_examples * num_epochs < batch_size:
-        raise ValueError(
-            f"num_examples={num_examples} x num_epochs={num_epochs} is fewer than "
-            f"batch_size={batch_size}"
-        )
-    if shuffle is None:
-        shuffle = split == "train"
-    split_code = SYNTHETIC_SPLITS.index(split)
     _cumulative(cfg)  # build the tables once, before worker threads start
-
-    def example(i: int) -> dict[str, np.ndarray]:
-        rng = np.random.default_rng([seed, split_code, int(i)])
-        return generate_hmm_example(cfg, rng, concept=concept)
-
-    return _index_pipeline(
-        num_examples, example, seed=seed, batch_size=batch_size, num_epochs=num_epochs,
-        shuffle=shuffle,
+    return synthetic_dataset(
+        lambda rng: generate_hmm_example(cfg, rng, concept=concept), split=split, seed=seed,
+        batch_size=batch_size, num_examples=num_examples, num_epochs=num_epochs, shuffle=shuffle,
     )
 
 
@@ -301,4 +278,4 @@ def make_hmm_iterator(
         cfg, split=split, seed=seed, batch_size=batch_size, num_examples=num_examples,
         num_epochs=num_epochs, shuffle=shuffle, concept=concept,
     )
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    return to_iterator(ds)

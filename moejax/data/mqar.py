@@ -36,11 +36,11 @@ import functools
 import grain
 import numpy as np
 
-from moejax.data.corpus import _READ_OPTIONS, _check_int, _check_split, _index_pipeline
+from moejax.data.pipeline import check_int as _check_int
+from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
 
 MQAR_SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 MQAR_VOCAB_SIZE = 8192
-SYNTHETIC_SPLITS = ("train", "val", "test")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -165,9 +165,7 @@ def mqar_example(cfg: MQARConfig, *, seed: int, split: str, index: int) -> dict[
     Returns:
       the dict of `generate_mqar_example`.
     """
-    _check_split(split, SYNTHETIC_SPLITS)
-    rng = np.random.default_rng([seed, SYNTHETIC_SPLITS.index(split), int(index)])
-    return generate_mqar_example(cfg, rng)
+    return generate_mqar_example(cfg, example_rng(seed, split, index))
 
 
 def make_mqar_dataset(
@@ -201,29 +199,9 @@ def make_mqar_dataset(
       >>> ds[0]["answer_positions"].shape
       (8, 4)
     """
-    _check_split(split, SYNTHETIC_SPLITS)
-    _check_int("seed", seed, lo=0)
-    _check_int("batch_size", batch_size, lo=1)
-    _check_int("num_examples", num_examples, lo=1)
-    if num_epochs == -1:
-        num_epochs = None if split == "train" else 1
-    if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, lo=1)
-    if num_epochs is not None and num_examples * num_epochs < batch_size:
-        raise ValueError(
-            f"num_examples={num_examples} x num_epochs={num_epochs} is fewer than "
-            f"batch_size={batch_size}"
-        )
-    if shuffle is None:
-        shuffle = split == "train"
-    split_code = SYNTHETIC_SPLITS.index(split)
-
-    def example(i: int) -> dict[str, np.ndarray]:
-        return generate_mqar_example(cfg, np.random.default_rng([seed, split_code, int(i)]))
-
-    return _index_pipeline(
-        num_examples, example, seed=seed, batch_size=batch_size, num_epochs=num_epochs,
-        shuffle=shuffle,
+    return synthetic_dataset(
+        lambda rng: generate_mqar_example(cfg, rng), split=split, seed=seed,
+        batch_size=batch_size, num_examples=num_examples, num_epochs=num_epochs, shuffle=shuffle,
     )
 
 
@@ -246,4 +224,4 @@ def make_mqar_iterator(
         cfg, split=split, seed=seed, batch_size=batch_size, num_examples=num_examples,
         num_epochs=num_epochs, shuffle=shuffle,
     )
-    return iter(ds.to_iter_dataset(_READ_OPTIONS))
+    return to_iterator(ds)
