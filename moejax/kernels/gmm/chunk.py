@@ -8,8 +8,8 @@ so its time and memory grow linearly with G (the number of experts). Here the ro
 tiles of `tm`; a tile that straddles a group boundary is visited once per group it touches, so
 there are at most `V = ⌈M/tm⌉ + G − 1` visits, each one `[tm, K] @ [K, N]` product with the rows
 outside the visited group masked. Work is `O(M·K·N + G·tm·K·N)` and scratch memory
-`O(M·N + tm·K)` — flat in G. This is the default on CPU (`impl="auto"`); GPU/TPU use
-`ragged_dot` (a native XLA instruction there) until the Pallas kernels land.
+`O(M·N + tm·K)` — flat in G. This is the default on CPU (`impl="auto"`); GPU/TPU use the
+Pallas kernels (`pallas_gpu.py`, `pallas_tpu.py`).
 
 Same contract as `reference.gmm` / `reference.tgmm` (no validation here; `ops.py` validates).
 Both are jitted (static options), so eager calls reuse one compiled scan per shape.

@@ -4,14 +4,16 @@ Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), K contrac
 N output width, G groups.
 
 Backends (`impl`): "reference" (`jax.lax.ragged_dot`), "chunk" (plain-JAX tile scan, flat in G
-on CPU), "auto" (lowering-time choice: chunk on CPU, reference elsewhere) and "pallas" (a later
-issue; until then it raises `GmmImplUnavailableError`).
+on CPU), "pallas" (Pallas kernels chosen at lowering time with `jax.lax.platform_dependent`: the
+Triton kernel of `pallas_gpu.py` on CUDA, the Mosaic kernel of `pallas_tpu.py` on TPU, the
+Triton kernel in interpret mode on CPU, `ragged_dot` elsewhere) and "auto" (lowering-time
+choice: the Pallas kernel on CUDA/TPU, chunk on CPU, reference elsewhere).
 
 The backward passes are built from the forward ops (megablox): for `out = gmm(lhs, rhs)`,
 `dlhs = gmm(dout, rhs, transpose_rhs=True)` and `drhs = tgmm(lhs, dout)`; for
 `out = tgmm(lhs, grad)`, `dlhs = gmm(grad, dout, transpose_rhs=True)` and
-`dgrad = gmm(lhs, dout)`. A backend therefore only supplies forward `gmm` and `tgmm`, and the
-Pallas kernels (a later issue) plug into `_BACKENDS` without a backward of their own.
+`dgrad = gmm(lhs, dout)`. A backend therefore only supplies forward `gmm` and `tgmm`; the
+Pallas kernels plug into `_BACKENDS` without a backward of their own.
 
 Data-dependent checks (negative group sizes, `sum(group_sizes) > M`) cannot raise inside `jit`;
 `checked_gmm` / `checked_tgmm` run them through `jax.experimental.checkify`, and
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from moejax.kernels.gmm import chunk, reference
+from moejax.kernels.gmm import chunk, pallas_gpu, pallas_tpu, reference
 
 Array = jax.Array
 
@@ -50,22 +52,45 @@ class _Backend(NamedTuple):
     tgmm: Callable[..., Array]  # (lhs, grad, group_sizes) -> [G, K, N]
 
 
-def _auto_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
-    # Chosen at lowering time, so jax.export(platforms=[...]) picks per platform.
+def _pallas_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
+    # Chosen at lowering time, so jax.export(platforms=["cuda"]) on a CPU host gets the Triton
+    # kernel and platforms=["tpu"] the Mosaic one; on CPU the Triton kernel is interpreted.
+    part = functools.partial
     return jax.lax.platform_dependent(
         lhs, rhs, group_sizes,
-        cpu=functools.partial(chunk.gmm, transpose_rhs=transpose_rhs),
-        default=functools.partial(reference.gmm, transpose_rhs=transpose_rhs))
+        cpu=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs, interpret=True),
+        cuda=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs),
+        tpu=part(pallas_tpu.gmm, transpose_rhs=transpose_rhs),
+        default=part(reference.gmm, transpose_rhs=transpose_rhs))
+
+
+def _pallas_tgmm(lhs, grad, group_sizes):
+    return jax.lax.platform_dependent(
+        lhs, grad, group_sizes, cpu=functools.partial(pallas_gpu.tgmm, interpret=True),
+        cuda=pallas_gpu.tgmm, tpu=pallas_tpu.tgmm, default=reference.tgmm)
+
+
+def _auto_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
+    # Chosen at lowering time, so jax.export(platforms=[...]) picks per platform.
+    part = functools.partial
+    return jax.lax.platform_dependent(
+        lhs, rhs, group_sizes,
+        cpu=part(chunk.gmm, transpose_rhs=transpose_rhs),
+        cuda=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs),
+        tpu=part(pallas_tpu.gmm, transpose_rhs=transpose_rhs),
+        default=part(reference.gmm, transpose_rhs=transpose_rhs))
 
 
 def _auto_tgmm(lhs, grad, group_sizes):
     return jax.lax.platform_dependent(lhs, grad, group_sizes, cpu=chunk.tgmm,
+                                      cuda=pallas_gpu.tgmm, tpu=pallas_tpu.tgmm,
                                       default=reference.tgmm)
 
 
 _BACKENDS = MappingProxyType({
     "reference": _Backend(gmm=reference.gmm, tgmm=reference.tgmm),
     "chunk": _Backend(gmm=chunk.gmm, tgmm=chunk.tgmm),
+    "pallas": _Backend(gmm=_pallas_gmm, tgmm=_pallas_tgmm),
     "auto": _Backend(gmm=_auto_gmm, tgmm=_auto_tgmm),
 })
 
@@ -87,10 +112,10 @@ def _resolve_impl(impl: str | Sequence[str]) -> str:
     for name in names:
         if name not in IMPL_NAMES:
             raise ValueError(f"Unknown gmm impl {name!r}; valid: {', '.join(IMPL_NAMES)}")
-        if name == "pallas":
+        if name not in _BACKENDS:  # named in IMPL_NAMES but not registered (yet).
             errors.append(GmmImplUnavailableError(
-                "impl='pallas': the Pallas gmm kernel is not available yet (a later issue adds "
-                "it); use impl='reference' or impl='auto'"))
+                f"impl={name!r}: this gmm backend is not available; use impl='reference' or "
+                f"impl='auto'"))
             continue
         return name
     if len(errors) == 1:
@@ -158,9 +183,10 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
       group_sizes: `<int>[G]` rows per group, non-negative with `sum ≤ M` (not checked under
         `jit`; use `checked_gmm` for that). Zero-sized groups are allowed.
       impl: "auto" (default: resolved at lowering time with `jax.lax.platform_dependent` —
-        "chunk" on CPU, "reference" elsewhere), "reference" (`jax.lax.ragged_dot`; on CPU its
-        cost grows linearly with G), "chunk" (`lax.scan` over row tiles, flat in G), "pallas"
-        (not available yet: raises `GmmImplUnavailableError`), or a sequence tried in order.
+        the Pallas kernel on CUDA and TPU, "chunk" on CPU, "reference" elsewhere), "reference"
+        (`jax.lax.ragged_dot`; on CPU its cost grows linearly with G), "chunk" (`lax.scan`
+        over row tiles, flat in G), "pallas" (Triton kernel on CUDA, Mosaic kernel on TPU, the
+        Triton kernel in interpret mode on CPU — slow, for tests), or a sequence tried in order.
 
     Returns:
       `[M, N]` of `lhs.dtype` (float32 accumulation); rows past `sum(group_sizes)` are zero.
