@@ -66,6 +66,10 @@ class MoEConfig:
       check_numerics: add a `checkify` check that the router's probabilities hold no NaN (from
         NaN logits). Run the layer through `checked_moe_apply` (or your own
         `checkify.checkify`) to get the error; under a plain `jit` leave it off.
+      parallel: None (one device / plain data parallelism) or a
+        `moejax.parallel.ExpertParallel` (its mesh): the same `moe_apply` then runs
+        expert-parallel — tokens split over the mesh, experts over its expert axis, moved by
+        `all_to_all` (the dispatcher sets the buffer capacity; see that module).
     """
 
     d_model: int
@@ -83,6 +87,7 @@ class MoEConfig:
     gmm_impl: str = "auto"
     dtype: Any = jnp.float32
     check_numerics: bool = False
+    parallel: Any = None
     _router_cfg: router_base.RouterConfig = dataclasses.field(
         init=False, repr=False, compare=False)
 
@@ -125,6 +130,8 @@ class MoEConfig:
             self.router, d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k,
             **dict(pairs))
         object.__setattr__(self, "_router_cfg", router_cfg)
+        if self.parallel is not None:
+            self.parallel.check_config(self)
 
     @property
     def router_config(self) -> router_base.RouterConfig:
@@ -210,6 +217,8 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
     """
     _validate(params, x, cfg)
     xf = x.reshape(-1, cfg.d_model)
+    if cfg.parallel is not None:
+        xf = cfg.parallel.shard_tokens(xf)
     route = router_base.get_router(cfg.router).route
     out, router_state = route(params["router"], state["router"], xf, cfg=cfg.router_config,
                               train=train, rng=rng)
@@ -220,7 +229,11 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
         checkify.check(~jnp.any(jnp.isnan(out.probs)),
                        f"router {cfg.router!r} produced NaN routing logits/probabilities "
                        f"(check the layer input x and params['router'])")
-    y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], xf, out, cfg)
+    if cfg.parallel is None:
+        y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], xf, out, cfg)
+    else:
+        y, dispatch_stats = cfg.parallel.dispatch(params["experts"], xf, out, cfg)
+        router_state = cfg.parallel.replicate(router_state)
     if "shared" in params:
         y = y + experts.apply_shared(params["shared"], xf).astype(y.dtype)
     active = router_state.get("active") if isinstance(router_state, dict) else None

@@ -6,8 +6,10 @@ selected experts, normalised to sum 1. After each training forward
 `b_e += γ · sign(mean_load − load_e)` with loads counted from this batch's assignments (mean over
 active slots only; inactive slots keep their bias). No auxiliary loss and no gradient into `b`.
 Shared (always-on) and fine-grained experts are expert-bank settings, not router ones.
-Under data parallelism the loads should be summed over replicas before the update, so that every
-replica holds the same `b`. Axis letters: N tokens, d model width, E experts.
+Under data parallelism the loads must be summed over replicas before the update, so that every
+replica holds the same `b`: set `axis_name` when routing inside `shard_map`/`pmap` (under `jit`
+on global arrays, as `moejax.parallel` runs the router, the sum over N is already global).
+Axis letters: N tokens, d model width, E experts.
 """
 
 from __future__ import annotations
@@ -28,9 +30,12 @@ class Config(base.RouterConfig):
 
     Attributes:
       bias_update_rate: γ of the bias update (≥ 0; 0 freezes the bias).
+      axis_name: mapped axis name (or tuple of names) over which the loads are summed before
+        the bias update (None: this batch only).
     """
 
     bias_update_rate: float = 1e-3
+    axis_name: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -43,9 +48,15 @@ def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     return {"w_g": base.init_gate(key, cfg)}, {"bias": jnp.zeros((cfg.num_experts,), jnp.float32)}
 
 
-def update_bias(bias: Array, mask: Array, active: Array, rate: float) -> Array:
-    """`b + γ·sign(mean_load − load)` on active slots; `mask: <bool>[N, E]`, `active: <bool>[E]`."""
+def update_bias(bias: Array, mask: Array, active: Array, rate: float,
+                axis_name: str | tuple[str, ...] | None = None) -> Array:
+    """`b + γ·sign(mean_load − load)` on active slots; `mask: <bool>[N, E]`, `active: <bool>[E]`.
+
+    With `axis_name`, the loads are summed over that mapped axis first (global loads).
+    """
     load = jnp.sum(mask.astype(jnp.float32), axis=0)
+    if axis_name is not None:
+        load = jax.lax.psum(load, axis_name)
     mean_load = jnp.sum(load) / jnp.maximum(jnp.sum(active.astype(jnp.float32)), 1.0)
     return bias + rate * jnp.where(active, jnp.sign(mean_load - load), 0.0)
 
@@ -81,7 +92,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     new_state = state
     if train:
         active = state.get("active", jnp.ones((cfg.num_experts,), jnp.bool_))
-        new_state = {**state, "bias": update_bias(bias, mask, active, cfg.bias_update_rate)}
+        new_state = {**state, "bias": update_bias(bias, mask, active, cfg.bias_update_rate,
+                                                       cfg.axis_name)}
     out = base.RouterOutput(weights=weights, mask=mask, probs=probs,
                             aux_loss=jnp.zeros((), jnp.float32),
                             metrics={"bias_abs_max": jnp.max(jnp.abs(bias))})

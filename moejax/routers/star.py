@@ -51,7 +51,8 @@ class Config(base.RouterConfig):
       renormalize: rescale the k selected probabilities to sum to 1 per token.
       load_balance_weight: α of the Switch loss (≥ 0; 0, the default, disables it; the authors'
         LM pre-training uses top-1 with 1e-2).
-      axis_name: mapped axis (pmap / shard_map / vmap) over which the means over N are global.
+      axis_name: mapped axis (pmap / shard_map / vmap), or tuple of axes, over which the means
+        over N are global.
     """
 
     eta: float = 2e-5
@@ -60,7 +61,7 @@ class Config(base.RouterConfig):
     gha_only: bool = False
     renormalize: bool = False
     load_balance_weight: float = 0.0
-    axis_name: str | None = None
+    axis_name: str | tuple[str, ...] | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -70,8 +71,11 @@ class Config(base.RouterConfig):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
                          lo_open=False, hi_open=True)
-        if self.axis_name is not None and not isinstance(self.axis_name, str):
-            raise ValueError(f"axis_name must be a str or None, got {self.axis_name!r}")
+        names = (self.axis_name,) if isinstance(self.axis_name, str) else self.axis_name
+        if names is not None and not (isinstance(names, tuple) and names
+                                      and all(isinstance(a, str) for a in names)):
+            raise ValueError(f"axis_name must be a str, a tuple of str or None, got "
+                             f"{self.axis_name!r}")
 
 
 def _normalise_rows(v: Array) -> Array:
@@ -104,7 +108,8 @@ def rotation(params: dict, cfg: Config) -> Array:
     return params["r"].astype(jnp.float32)
 
 
-def gha_step(v: Array, x: Array, *, eta: float, axis_name: str | None = None) -> Array:
+def gha_step(v: Array, x: Array, *, eta: float,
+             axis_name: str | tuple[str, ...] | None = None) -> Array:
     """One Sanger (GHA) step `V ← normalise_rows(V + η ΔV)` on `x: [N, d]` (no gradient).
 
     With `axis_name`, `y^T x̄`, `y^T y` and N are summed over that mapped axis first.
