@@ -11,6 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu
 from moejax.kernels.delta_rule.chunk import delta_rule_chunk
 from moejax.kernels.delta_rule.reference import (
     compute_dtype,
@@ -20,12 +21,50 @@ from moejax.kernels.delta_rule.reference import (
 
 Array = jax.Array
 
+
+def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, platform):
+    """One backend's Pallas kernel (custom VJP): "cuda"/"rocm" → the Triton kernel, "tpu" → the
+    Mosaic kernel, "cpu" → the Triton kernel in interpret mode."""
+    if initial_state is None:
+        B, _, H, Dk = q.shape
+        initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
+    tpu = platform == "tpu"
+    opts = pallas_gpu.DeltaRuleOptions(scale=scale, chunk_size=chunk_size,
+                                       interpret=platform == "cpu",
+                                       backend="tpu" if tpu else "gpu")
+    kernel = pallas_tpu.delta_rule_tpu if tpu else pallas_gpu.delta_rule_gpu
+    return kernel(q, k, v, beta, g, lam, initial_state, opts)
+
+
+def _dispatch(*args, scale, chunk_size, cpu):
+    """`jax.lax.platform_dependent` over the kernels: the branch is chosen when lowering, so
+    `jax.export(..., platforms=["cuda"])` on a CPU-only machine yields the real GPU kernel."""
+    branch = lambda platform: functools.partial(_pallas_kernel, scale=scale,
+                                                chunk_size=chunk_size, platform=platform)
+    return jax.lax.platform_dependent(*args, cuda=branch("cuda"), rocm=branch("rocm"),
+                                      tpu=branch("tpu"), default=cpu)
+
+
+def _delta_rule_pallas(*args, scale, chunk_size):
+    """cuda → GPU kernel, tpu → TPU kernel, cpu → GPU kernel in interpret mode."""
+    cpu = functools.partial(_pallas_kernel, scale=scale, chunk_size=chunk_size, platform="cpu")
+    return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
+
+
+def _delta_rule_auto(*args, scale, chunk_size):
+    """Pallas on cuda/tpu, the jnp chunk path elsewhere (chosen at lowering time)."""
+    cpu = functools.partial(delta_rule_chunk, scale=scale, chunk_size=chunk_size)
+    return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
+
+
 # name -> implementation with the signature of `delta_rule_reference` plus `chunk_size`.
 _IMPLS: dict[str, Callable] = {
     "reference": lambda *a, scale, chunk_size: delta_rule_reference(*a, scale=scale),
     "chunk": delta_rule_chunk,
+    "pallas": _delta_rule_pallas,
+    "auto": _delta_rule_auto,
 }
-IMPL_NAMES = ("auto", *_IMPLS)
+IMPL_NAMES = ("auto", "reference", "chunk", "pallas")
 
 
 def _shape(a):
@@ -68,11 +107,6 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python float or None, got {type(scale).__name__}")
-    if impl == "pallas":
-        raise ValueError(
-            "impl='pallas' is not available yet (the Pallas delta-rule kernels are a separate "
-            "issue); use impl='chunk', 'reference' or 'auto'"
-        )
     if impl not in IMPL_NAMES:
         raise ValueError(f"Unknown impl {impl!r}; expected one of {IMPL_NAMES}")
 
@@ -82,7 +116,7 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
 )
 def _delta_rule(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, impl,
                 return_final_state):
-    fn = _IMPLS["chunk" if impl == "auto" else impl]
+    fn = _IMPLS[impl]
     o, S = fn(q, k, v, beta, g, lam, initial_state, scale=scale, chunk_size=chunk_size)
     return o.astype(q.dtype), (S if return_final_state else None)
 
@@ -119,8 +153,10 @@ def delta_rule(
       scale: readout scale; default `Dk ** -0.5`. `x_t` always uses the unscaled q.
       chunk_size: chunk length C of the chunkwise path (any positive int; T need not be a
         multiple of it). Results do not depend on it.
-      impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle) or "auto"
-        (chunk). The Pallas kernels arrive with their own issue.
+      impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle), "pallas"
+        (the Pallas kernels, chosen when lowering: Triton on cuda, Mosaic on tpu, the Triton
+        kernel in interpret mode on cpu) or "auto" (pallas on cuda/tpu, chunk elsewhere).
+        "pallas" runs chunks of `min(max(16, next_pow2(chunk_size)), 128)` steps.
       return_final_state: return the final state (else None).
 
     Returns:

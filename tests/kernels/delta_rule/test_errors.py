@@ -45,7 +45,6 @@ def _call(**over):
         ({"chunk_size": 16.0}, r"chunk_size must be a positive int"),
         ({"chunk_size": True}, r"chunk_size must be a positive int"),
         ({"impl": "triton"}, r"Unknown impl 'triton'"),
-        ({"impl": "pallas"}, r"impl='pallas' is not available yet"),
         ({"q": jnp.ones((B, T, H, Dk), jnp.int32)}, r"q must be a floating-point array"),
         ({"beta": jnp.ones((B, T, H), jnp.int8)}, r"beta must be a floating-point array"),
         ({"q": jnp.ones((B, 0, H, Dk)), "k": jnp.ones((B, 0, H, Dk)),

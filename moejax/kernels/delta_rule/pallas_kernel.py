@@ -1,0 +1,284 @@
+"""Chunk math shared by the Pallas delta-rule kernels (GPU/Triton and TPU/Mosaic bodies).
+
+Every helper works on 2-D values only (vectors are columns `[C, 1]` or rows `[1, C]`, reductions
+keep their dims) and uses only primitives that both the Triton and the Mosaic lowerings accept:
+iota, where, exp, sums, 2-D dot_general, fori_loop. Per chunk of C steps (DESIGN §3):
+
+    G = cumsum(g),  γ = exp(G),  Γ_tj = exp(G_t − G_j) (j ≤ t),  d_t = exp(G_C − G_t)
+    A  = strict_tril(diag(β) (X Kᵀ ⊙ Γ)),  Tm = (I + A)⁻¹
+    W  = Tm diag(βγ) X,  Ũ = Tm diag(β) V,  U = Ũ − W S
+    O  = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U),  S' = γ_C S + (diag(d) K)ᵀ U
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def dot(a, b):
+    """`a @ b` in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b):
+    """`aᵀ @ b` in float32."""
+    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def dot_nt(a, b):
+    """`a @ bᵀ` in float32."""
+    return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
+                               preferred_element_type=jnp.float32)
+
+
+def _sum_all(a):
+    """Sum of a 2-D value as `[1, 1]`."""
+    return jnp.sum(jnp.sum(a, axis=0, keepdims=True), axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Masks:
+    """Index grids of a `[C, C]` chunk: `r` row (t), `c` column (j)."""
+
+    r: jax.Array
+    c: jax.Array
+
+    @classmethod
+    def make(cls, C):
+        return cls(jax.lax.broadcasted_iota(jnp.int32, (C, C), 0),
+                   jax.lax.broadcasted_iota(jnp.int32, (C, C), 1))
+
+    @property
+    def incl(self):
+        return self.r >= self.c
+
+    @property
+    def strict(self):
+        return self.r > self.c
+
+    def row(self, col):
+        """`[C, 1]` → `[1, C]` (a transpose by masked reduction, legal on both backends)."""
+        return jnp.sum(jnp.where(self.r == self.c, col, 0.0), axis=0, keepdims=True)
+
+    def col(self, row):
+        """`[1, C]` → `[C, 1]`."""
+        return jnp.sum(jnp.where(self.r == self.c, row, 0.0), axis=1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Gates:
+    """Decay factors of one chunk; all None-free (ones when there is no gate)."""
+
+    Gam: jax.Array  # [C, C] Γ on and below the diagonal, 0 above
+    gamma: jax.Array | None  # [C, 1] γ_t = exp(G_t), None without g
+    dec: jax.Array | None  # [C, 1] exp(G_C − G_t)
+    gC: jax.Array | None  # [1, 1] exp(G_C)
+
+
+def gates(m: Masks, g):
+    """Γ, γ, d, γ_C from the per-step log decays `g` `[C, 1]` (or None)."""
+    if g is None:
+        return Gates(jnp.where(m.incl, 1.0, 0.0), None, None, None)
+    G = jnp.sum(jnp.where(m.incl, m.row(g), 0.0), axis=1, keepdims=True)  # [C, 1] inclusive cumsum
+    GC = _sum_all(g)  # [1, 1]
+    diff = jnp.where(m.incl, G - m.row(G), 0.0)
+    return Gates(jnp.where(m.incl, jnp.exp(diff), 0.0), jnp.exp(G), jnp.exp(GC - G), jnp.exp(GC))
+
+
+def unit_lower_inverse(m: Masks, A):
+    """`(I + A)⁻¹` of a strictly lower-triangular `[C, C]` A, by forward substitution.
+
+    Right-looking: once row j of T is final, subtract `A[:, j] ⊗ T[j, :]` from the rows below.
+    Row and column extraction are masked reductions (no dynamic indexing of values).
+    """
+    C = A.shape[0]
+
+    def body(j, T):
+        a_j = jnp.sum(jnp.where(m.c == j, A, 0.0), axis=1, keepdims=True)  # [C, 1] column j
+        t_j = jnp.sum(jnp.where(m.r == j, T, 0.0), axis=0, keepdims=True)  # [1, C] row j
+        return T - a_j * t_j
+
+    return jax.lax.fori_loop(0, C, body, jnp.where(m.r == m.c, 1.0, 0.0))
+
+
+def _wy(m: Masks, q, k, b, g, lam):
+    """The WY pieces that do not involve V: `(x, gates, X Kᵀ, Tm, βγ, W)`."""
+    x = k if lam is None else k + lam * q
+    gt = gates(m, g)
+    XK = dot_nt(x, k)
+    Tm = unit_lower_inverse(m, jnp.where(m.strict, b * XK * gt.Gam, 0.0))
+    bg = b if gt.gamma is None else b * gt.gamma
+    return x, gt, XK, Tm, bg, dot(Tm, bg * x)
+
+
+def intra(m: Masks, q, k, v, b, g, lam):
+    """Chunk-local pieces: `(x, gates, Tm, W, Ũ)`; all inputs float32."""
+    x, gt, _, Tm, _, W = _wy(m, q, k, b, g, lam)
+    return x, gt, Tm, W, dot(Tm, b * v)
+
+
+def chunk_out(m: Masks, gt: Gates, q, k, W, Ut, S, scale):
+    """One chunk of the state recurrence: `(O [C, V], S' [Dk, V])`."""
+    P = jnp.where(m.incl, dot_nt(q, k) * gt.Gam, 0.0)
+    U = Ut - dot(W, S)
+    QS = dot(q, S)
+    if gt.gamma is not None:
+        QS = gt.gamma * QS
+    O = scale * (QS + dot(P, U))
+    if gt.gamma is None:
+        S = S + dot_tn(k, U)
+    else:
+        S = gt.gC * S + dot_tn(gt.dec * k, U)
+    return O, S
+
+
+def chunk_state_bwd(m: Masks, gt: Gates, q, k, W, dO, dS, scale):
+    """Back through one chunk of the state recurrence: grad of the chunk's start state."""
+    P = jnp.where(m.incl, dot_nt(q, k) * gt.Gam, 0.0)
+    Kd = k if gt.dec is None else gt.dec * k
+    Qd = q if gt.gamma is None else gt.gamma * q
+    dU = scale * dot_tn(P, dO) + dot(Kd, dS)
+    dS_prev = scale * dot_tn(Qd, dO) - dot_tn(W, dU)
+    return dS_prev + (dS if gt.gC is None else gt.gC * dS)
+
+
+def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale):
+    """Gradients of one chunk given its start state S, end-state grad dS and output grad dO.
+
+    Everything that involves Dv is done tile by tile (bounded register/VMEM use):
+    `load_tile(j)` returns tile j of `(v [C, bv], S [Dk, bv], dS [Dk, bv], dO [C, bv])` in
+    float32 and `store_dv(j, dv)` writes tile j of dv; the Dv sums accumulate over tiles.
+
+    Returns `(dq, dk, db, dg, dlam)` (dg/dlam None when g/lam are None), float32.
+    """
+    x, gt, XK, Tm, bg, W = _wy(m, q, k, b, g, lam)
+    QK = dot_nt(q, k)
+    P = jnp.where(m.incl, QK * gt.Gam, 0.0)
+    Kd = k if gt.dec is None else gt.dec * k
+    C, Dk = q.shape
+    dOS = jnp.zeros((C, Dk), jnp.float32)  # Σ_v dO Sᵀ
+    dOU = jnp.zeros((C, C), jnp.float32)  # Σ_v dO Uᵀ
+    dKd = jnp.zeros((C, Dk), jnp.float32)  # Σ_v U dSᵀ
+    dW = jnp.zeros((C, Dk), jnp.float32)  # −Σ_v dU Sᵀ
+    dTmV = jnp.zeros((C, C), jnp.float32)  # Σ_v dU (diag(β) V)ᵀ
+    dbV = jnp.zeros((C, 1), jnp.float32)
+    SdS = jnp.zeros((1, 1), jnp.float32)
+    for j in range(n_tiles):
+        v, S, dS, dO = load_tile(j)
+        bv = b * v
+        U = dot(Tm, bv) - dot(W, S)  # U = Ũ − W S
+        dU = scale * dot_tn(P, dO) + dot(Kd, dS)
+        dOS = dOS + dot_nt(dO, S)
+        dOU = dOU + dot_nt(dO, U)
+        dKd = dKd + dot_nt(U, dS)
+        dW = dW - dot_nt(dU, S)
+        dTmV = dTmV + dot_nt(dU, bv)
+        TdU = dot_tn(Tm, dU)
+        store_dv(j, b * TdU)
+        dbV = dbV + jnp.sum(v * TdU, axis=1, keepdims=True)
+        if g is not None:
+            SdS = SdS + _sum_all(S * dS)
+
+    # O = scale (diag(γ) Q S + P U)
+    dq = scale * (dOS if gt.gamma is None else gt.gamma * dOS)
+    dP = scale * jnp.where(m.incl, dOU, 0.0)
+    # S' = γ_C S + (diag(d) K)ᵀ U
+    dk = dKd if gt.dec is None else gt.dec * dKd
+    # P = QKᵀ ⊙ Γ
+    dQK = dP * gt.Gam
+    dq = dq + dot(dQK, k)
+    dk = dk + dot_tn(dQK, q)
+    # W = Tm diag(βγ) X, Ũ = Tm diag(β) V
+    dTm = dot_nt(dW, bg * x) + dTmV
+    TdW = dot_tn(Tm, dW)
+    dx = bg * TdW
+    xTdW = jnp.sum(x * TdW, axis=1, keepdims=True)
+    db = (xTdW if gt.gamma is None else gt.gamma * xTdW) + dbV
+    # Tm = (I + A)⁻¹: dA = −Tmᵀ dTm Tmᵀ (strict lower part)
+    dA = jnp.where(m.strict, -dot_nt(dot_tn(Tm, dTm), Tm), 0.0)
+    # A = diag(β) (X Kᵀ ⊙ Γ)
+    db = db + jnp.sum(dA * XK * gt.Gam, axis=1, keepdims=True)
+    dM = b * dA
+    dXK = dM * gt.Gam
+    dx = dx + dot(dXK, k)
+    dk = dk + dot_tn(dXK, x)
+    # x = k + λ q
+    dk = dk + dx
+    dlam = None
+    if lam is not None:
+        dq = dq + lam * dx
+        dlam = jnp.sum(dx * q, axis=1, keepdims=True)
+    dg = None
+    if g is not None:
+        dGam = dP * QK + dM * XK  # both already masked to j ≤ t
+        E = dGam * gt.Gam
+        dG = jnp.sum(E, axis=1, keepdims=True) - m.col(jnp.sum(E, axis=0, keepdims=True))
+        dgamma = scale * jnp.sum(q * dOS, axis=1, keepdims=True) + b * xTdW
+        ddec = jnp.sum(k * dKd, axis=1, keepdims=True) * gt.dec
+        dGC = _sum_all(ddec) + gt.gC * SdS  # [1, 1]
+        last = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
+        dG = dG + dgamma * gt.gamma - ddec + jnp.where(last, dGC, 0.0)
+        # G = cumsum(g): dg_t = Σ_{s ≥ t} dG_s
+        dg = jnp.sum(jnp.where(m.c >= m.r, m.row(dG), 0.0), axis=1, keepdims=True)
+    return dq, dk, db, dg, dlam
+
+
+# Kernel bodies of the chunk-parallel passes (grid `(B·H, N)`, one chunk per program), the
+# same on GPU and TPU. Refs: q, k, v, β, [g], [λ] (optional refs present only when used).
+
+
+def load_f32(ref, idx=...):
+    """`ref[idx]` as float32."""
+    return ref[idx].astype(jnp.float32)
+
+
+def intra_fwd_kernel(*refs, has_g, has_lam):
+    q_ref, k_ref, v_ref, b_ref, *rest = refs
+    g_ref = rest.pop(0) if has_g else None
+    l_ref = rest.pop(0) if has_lam else None
+    w_ref, u_ref = rest
+    C = q_ref.shape[0]
+    m = Masks.make(C)
+    g = None if g_ref is None else load_f32(g_ref)
+    lam = None if l_ref is None else load_f32(l_ref)
+    q, k, v, b = map(load_f32, (q_ref, k_ref, v_ref, b_ref))
+    _, _, _, W, Ut = intra(m, q, k, v, b, g, lam)
+    w_ref[...] = W
+    u_ref[...] = Ut
+
+
+def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v):
+    q_ref, k_ref, v_ref, b_ref, *rest = refs
+    g_ref = rest.pop(0) if has_g else None
+    l_ref = rest.pop(0) if has_lam else None
+    h_ref, dh_ref, do_ref, dq_ref, dk_ref, dv_ref, db_ref, *rest = rest
+    dg_ref = rest.pop(0) if has_g else None
+    dl_ref = rest.pop(0) if has_lam else None
+    m = Masks.make(q_ref.shape[0])
+    g = None if g_ref is None else load_f32(g_ref)
+    lam = None if l_ref is None else load_f32(l_ref)
+    q, k, b = map(load_f32, (q_ref, k_ref, b_ref))
+    tile = lambda j: (slice(None), slice(j * block_v, (j + 1) * block_v))
+
+    def load_tile(j):
+        return tuple(load_f32(r, tile(j)) for r in (v_ref, h_ref, dh_ref, do_ref))
+
+    def store_dv(j, dv):
+        dv_ref[tile(j)] = dv
+
+    dq, dk, db, dg, dl = chunk_bwd(m, q, k, b, g, lam, n_tiles=v_ref.shape[-1] // block_v,
+                                   load_tile=load_tile, store_dv=store_dv, scale=scale)
+    dq_ref[...] = dq
+    dk_ref[...] = dk
+    db_ref[...] = db
+    if dg_ref is not None:
+        dg_ref[...] = dg
+    if dl_ref is not None:
+        dl_ref[...] = dl
