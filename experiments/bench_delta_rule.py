@@ -8,9 +8,15 @@ run) and the compiled peak temporary memory of the backward pass (XLA's memory a
   * peak memory of the chunk backward vs the reference backward,
   * a sweep over T for the plot.
 
+On a GPU/TPU (or with --accelerator) it measures instead, in bf16 at B=4 H=8 T=8192 Dk=128
+Dv=256 by default: the Pallas kernel vs the jnp chunk path (goal ≥ 2×), vs causal
+`jax.nn.dot_product_attention` (cuDNN on GPU) over a T sweep with the crossover T, and the
+achieved TFLOP/s of the Pallas kernel (against --peak_tflops when given).
+
 Writes `WORKDIR/bench_delta_rule.json` and `WORKDIR/bench_delta_rule.png`.
 
   python -m experiments.bench_delta_rule --workdir=runs/bench
+  python -m experiments.bench_delta_rule --workdir=runs/bench --accelerator   # on a GPU/TPU
 """
 
 from __future__ import annotations
@@ -38,16 +44,21 @@ flags.DEFINE_integer("dv", 128, "Dv")
 flags.DEFINE_integer("chunk_size", 64, "C of the chunk path.")
 flags.DEFINE_integer("reps", 5, "Timed repetitions (median reported).")
 flags.DEFINE_list("sweep", ["512", "1024", "2048", "4096"], "T values of the sweep plot.")
+flags.DEFINE_bool("accelerator", None, "Run the accelerator benchmark (default: on GPU/TPU).")
+flags.DEFINE_list("accel_shape", ["4", "8", "8192", "128", "256"], "B,H,T,Dk,Dv on GPU/TPU.")
+flags.DEFINE_list("accel_sweep", ["1024", "2048", "4096", "8192", "16384"],
+                  "T values of the attention crossover sweep.")
+flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak TFLOP/s (0: not reported).")
 
 MODES = {"deltanet": (False, False), "qdelta": (False, True), "gated_deltanet": (True, False),
          "gated_qdelta": (True, True)}
 
 
-def _inputs(mode, B, T, H, Dk, Dv):
+def _inputs(mode, B, T, H, Dk, Dv, dtype=jnp.float32):
     use_g, use_lam = MODES[mode]
     ks = jax.random.split(jax.random.key(0), 6)
     unit = lambda a: a / jnp.linalg.norm(a, axis=-1, keepdims=True)
-    return (
+    args = (
         unit(jax.random.normal(ks[0], (B, T, H, Dk))),
         unit(jax.random.normal(ks[1], (B, T, H, Dk))),
         jax.random.normal(ks[2], (B, T, H, Dv)),
@@ -55,6 +66,7 @@ def _inputs(mode, B, T, H, Dk, Dv):
         jax.nn.log_sigmoid(jax.random.normal(ks[4], (B, T, H)) + 3) if use_g else None,
         jax.nn.sigmoid(jax.random.normal(ks[5], (B, T, H))) if use_lam else None,
     )
+    return tuple(None if a is None else a.astype(dtype) for a in args)
 
 
 def _fwd_bwd(impl, chunk_size):
@@ -65,10 +77,8 @@ def _fwd_bwd(impl, chunk_size):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def measure(mode, impl, T, reps):
-    """Returns (median seconds of forward+backward, compiled peak temp bytes)."""
-    args = _inputs(mode, FLAGS.batch, T, FLAGS.heads, FLAGS.dk, FLAGS.dv)
-    fn = _fwd_bwd(impl, FLAGS.chunk_size)
+def _time(fn, args, reps):
+    """(median seconds, compiled peak temp bytes) of a jitted `fn` after a compile run."""
     compiled = fn.lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = int(getattr(mem, "temp_size_in_bytes", 0)) if mem is not None else 0
@@ -81,9 +91,67 @@ def measure(mode, impl, T, reps):
     return float(np.median(times)), temp
 
 
+def measure(mode, impl, T, reps):
+    """Returns (median seconds of forward+backward, compiled peak temp bytes)."""
+    args = _inputs(mode, FLAGS.batch, T, FLAGS.heads, FLAGS.dk, FLAGS.dv)
+    return _time(_fwd_bwd(impl, FLAGS.chunk_size), args, reps)
+
+
+def _attention_fwd_bwd():
+    def loss(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, is_causal=True).astype(
+            jnp.float32) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def _delta_flops(B, T, H, Dk, Dv, C):
+    """Forward FLOPs of the chunk form (×3 for forward+backward)."""
+    per_token = 2 * (C * Dk * 2 + C * (Dk + Dv) + C * Dv + Dk * Dv * 4) + C * C
+    return 3.0 * B * H * T * per_token
+
+
+def accelerator_main():
+    """Pallas vs chunk vs causal attention in bf16 on a GPU/TPU."""
+    B, H, T, Dk, Dv = (int(x) for x in FLAGS.accel_shape)
+    report = {"shape": {"B": B, "H": H, "T": T, "Dk": Dk, "Dv": Dv,
+                        "chunk_size": FLAGS.chunk_size, "dtype": "bfloat16"},
+              "device": str(jax.devices()[0]), "jax": jax.__version__, "cases": {}}
+    for mode in ("gated_deltanet", "gated_qdelta"):
+        args = _inputs(mode, B, T, H, Dk, Dv, jnp.bfloat16)
+        for impl in ("pallas", "chunk"):
+            sec, _ = _time(_fwd_bwd(impl, FLAGS.chunk_size), args, FLAGS.reps)
+            report["cases"][f"{mode}/{impl}"] = sec
+        report["cases"][f"{mode}/pallas_over_chunk_speedup"] = (
+            report["cases"][f"{mode}/chunk"] / report["cases"][f"{mode}/pallas"])
+        tflops = _delta_flops(B, T, H, Dk, Dv, FLAGS.chunk_size) / report["cases"][
+            f"{mode}/pallas"] / 1e12
+        report["cases"][f"{mode}/pallas_tflops"] = tflops
+        if FLAGS.peak_tflops:
+            report["cases"][f"{mode}/pallas_fraction_of_peak"] = tflops / FLAGS.peak_tflops
+    sweep = []
+    for t in tqdm([int(x) for x in FLAGS.accel_sweep], desc="attention crossover"):
+        qkv = _inputs("gated_qdelta", B, t, H, Dk, Dk, jnp.bfloat16)
+        attn, _ = _time(_attention_fwd_bwd(), qkv[:3], FLAGS.reps)
+        args = _inputs("gated_qdelta", B, t, H, Dk, Dv, jnp.bfloat16)
+        delta, _ = _time(_fwd_bwd("pallas", FLAGS.chunk_size), args, FLAGS.reps)
+        sweep.append({"T": t, "attention_s": attn, "pallas_s": delta,
+                      "pallas_over_attention": delta / attn})
+    report["attention_sweep"] = sweep
+    faster = [r["T"] for r in sweep if r["pallas_over_attention"] < 1]
+    report["crossover_T"] = min(faster) if faster else None
+    with open(os.path.join(FLAGS.workdir, "bench_delta_rule_accelerator.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    print(json.dumps(report, indent=2))
+
+
 def main(argv):
     del argv
     os.makedirs(FLAGS.workdir, exist_ok=True)
+    on_accel = jax.default_backend() in ("gpu", "tpu")
+    if FLAGS.accelerator or (FLAGS.accelerator is None and on_accel):
+        accelerator_main()
+        return
     T = FLAGS.seq_len
     sweep = sorted({int(t) for t in FLAGS.sweep} | {T})
     jobs = [("deltanet", "reference", T), ("qdelta", "reference", T)]
