@@ -141,6 +141,14 @@ def topk_mask(scores: Array, k: int) -> Array:
     return jnp.any(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.bool_), axis=-2)
 
 
+def masked_weights(scores: Array, mask: Array, *, renormalize: bool) -> Array:
+    """`scores` where `mask`, else 0; with `renormalize`, rescaled to sum to 1 per token."""
+    weights = jnp.where(mask, scores, 0.0)
+    if renormalize:
+        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    return weights
+
+
 def check_input(x: Array, cfg: RouterConfig) -> None:
     """Validates router input `x: [N, d]` against the config (static shapes only)."""
     if x.ndim != 2:

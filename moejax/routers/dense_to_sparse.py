@@ -99,12 +99,9 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     gate = jax.nn.softmax(noisy / tau, axis=-1)
     argmax = jax.nn.one_hot(jnp.argmax(gate, axis=-1), cfg.num_experts, dtype=jnp.bool_)
     mask = ((gate >= cfg.threshold) | argmax) & jnp.isfinite(logits)
-    weights = jnp.where(mask, gate, 0.0)
-    if cfg.renormalize:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = base.masked_weights(gate, mask, renormalize=cfg.renormalize)
     probs = jax.nn.softmax(logits, axis=-1)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else jnp.zeros((), jnp.float32))
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
     metrics = {"switch_loss": switch, "tau": tau,
                "avg_k": jnp.mean(jnp.sum(mask, axis=-1, dtype=jnp.float32))}
     new_state = {**state, "step": state["step"] + 1} if train else state

@@ -84,8 +84,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
     sel = jnp.where(mask, probs, 0.0)
     weights = sel / jnp.maximum(jnp.sum(sel, axis=-1, keepdims=True), 1e-30)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else jnp.zeros((), jnp.float32))
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
     real_k = jnp.sum(mask[:, :E], axis=-1, dtype=jnp.float32)
     metrics = {
         "switch_loss": switch,

@@ -93,9 +93,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     probs = jax.nn.softmax(logits, axis=-1)
     scores = sinkhorn_log(logits, cfg.num_iters) if (train or cfg.balance_at_eval) else logits
     mask = base.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits)
-    weights = jnp.where(mask, probs, 0.0)
-    if cfg.renormalize:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
+    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
     return base.RouterOutput(weights=weights, mask=mask, probs=probs,
                              aux_loss=jnp.zeros((), jnp.float32), metrics={}), state
 

@@ -157,11 +157,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     logits = base.mask_inactive(logits, state)
     probs = jax.nn.softmax(logits, axis=-1)
     mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
-    weights = jnp.where(mask, probs, 0.0)
-    if cfg.renormalize:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else jnp.zeros((), jnp.float32))
+    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
     metrics = {"switch_loss": switch, "mix_mean": jnp.mean(mix),
                "v_update_norm": jnp.linalg.norm(v - v_old)}
     new_state = {**state, "v": v} if update else state

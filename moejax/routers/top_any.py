@@ -94,8 +94,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     k = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
     weights = m_st / k
     probs = jax.nn.softmax(logits, axis=-1)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else jnp.zeros((), jnp.float32))
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
     metrics = {"switch_loss": switch, "avg_k": jnp.mean(k),
                "no_expert_frac": jnp.mean(~jnp.any(above, axis=-1), dtype=jnp.float32)}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,

@@ -90,8 +90,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     probs = jax.nn.softmax(logits, axis=-1)
     mask = top_p_mask(probs, cfg.top_p, cfg.max_k) & jnp.isfinite(logits)
     weights = jnp.where(mask, probs, 0.0)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else jnp.zeros((), jnp.float32))
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
     metrics = {"switch_loss": switch, "avg_k": jnp.mean(jnp.sum(mask, axis=-1, dtype=jnp.float32))}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), state

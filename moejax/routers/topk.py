@@ -61,13 +61,9 @@ def route_from_logits(logits: Array, *, cfg: Config) -> base.RouterOutput:
     """
     probs = jax.nn.softmax(logits, axis=-1)
     mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
-    weights = jnp.where(mask, probs, 0.0)
-    if cfg.renormalize:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-    zero = jnp.zeros((), jnp.float32)
-    switch = (losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-              if cfg.load_balance_weight else zero)
-    z = losses.router_z_loss(logits, weight=cfg.z_loss_weight) if cfg.z_loss_weight else zero
+    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
+    z = losses.router_z_loss(logits, weight=cfg.z_loss_weight)
     return base.RouterOutput(
         weights=weights, mask=mask, probs=probs, aux_loss=switch + z,
         metrics={"switch_loss": switch, "z_loss": z},
