@@ -1,0 +1,338 @@
+r"""DARS vs full / random-channel / top-score sparse fine-tuning under a domain shift.
+
+DARS is reconstructed from its abstract (see `moejax/finetune/dars.py`). A `tiny` byte-level LM
+(dense SwiGLU FFN) is pretrained on the *source* domain — the standard library's top-level
+modules (`<stdlib>/*.py`) — then fine-tuned on the *target* domain — the `email` and `xml`
+packages (`<stdlib>/email/**/*.py` + `<stdlib>/xml/**/*.py`, disjoint from the source). Each cell
+fine-tunes the same pretrained weights with one method:
+
+  full     every parameter
+  random   `budget` of each selected weight's output channels, uniformly at random
+  top      the channels with the largest gradient projection on the source principal subspace
+  dars     top (1−ρ)·m plus ρ·m random, ρ ∈ {0.1, 0.3}
+
+at budgets {1%, 5%, 10%} (selected weights: every block's mixer and FFN input projections; all
+other parameters frozen for the sparse methods). Budgets are per weight, m = max(1, round(b·C)),
+so on the tiny model's small weights the realised share is larger than b (1% gives one channel
+per weight, ≈ 2.5% of all channels, and ρ·m rounds to 0 so DARS equals top-score there); each
+cell records `selected`, `channels` and `channel_fraction`. Reported per cell: target-domain
+validation loss (nats/byte) and forgetting = source validation loss after − before fine-tuning.
+
+Writes `WORKDIR/pretrained_<settings hash>.npz` (reused on rerun), `WORKDIR/results.json` after
+every cell (a rerun skips finished cells; other non-sweep settings in the same workdir are refused)
+and `WORKDIR/dars_finetune.png` (budget vs loss). The default setting runs in about 2-3 minutes on
+a 2-core CPU; `--full` trains longer on more data.
+
+  python -m experiments.dars_finetune --workdir=runs/dars
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import sysconfig
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from tqdm import tqdm
+
+from moejax.data import corpus
+from moejax.finetune import dars
+from moejax.models import lm
+from moejax.train import loop
+
+RESULTS = "results.json"
+PLOT = "dars_finetune.png"
+PRETRAINED = "pretrained.npz"
+SOURCE_GLOBS = ("*.py",)
+TARGET_GLOBS = ("email/**/*.py", "xml/**/*.py")
+METHODS = ("full", "random", "top", "dars")
+SWEEP_FIELDS = ("methods", "budgets", "rhos")  # may change between reruns of one workdir
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Defines the flags on the global FLAGS (only when run as a script; see panda_neighbors)."""
+    flags.DEFINE_string("workdir", "runs/dars_finetune", "Output folder.")
+    flags.DEFINE_bool("full", False, "Longer runs on more data instead of the small CPU setting.")
+    flags.DEFINE_list("methods", list(METHODS), f"Methods among {METHODS}.")
+    flags.DEFINE_list("budgets", ["0.01", "0.05", "0.1"], "Channel budgets (fractions).")
+    flags.DEFINE_list("rhos", ["0.1", "0.3"], "ρ values of DARS.")
+    flags.DEFINE_integer("pretrain_steps", None, "Pretraining steps (default 1000; --full 5000).")
+    flags.DEFINE_integer("finetune_steps", None, "Fine-tuning steps (default 200; --full 1000).")
+    flags.DEFINE_integer("rank", 8, "r, principal subspace dimension.")
+    flags.DEFINE_integer("seed", 0, "Seed (init, data, random channels).")
+    flags.DEFINE_float("lr", 1e-2, "Fine-tuning peak learning rate (all methods).")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentConfig:
+    """The sweep. Validated on construction (budget/ρ/rank through `DarsConfig`)."""
+
+    methods: tuple[str, ...] = METHODS
+    budgets: tuple[float, ...] = (0.01, 0.05, 0.1)
+    rhos: tuple[float, ...] = (0.1, 0.3)
+    pretrain_steps: int = 1000
+    finetune_steps: int = 200
+    pretrain_lr: float = 3e-3
+    lr: float = 1e-2
+    batch_size: int = 16
+    seq_len: int = 64
+    max_bytes: int = 2**20
+    act_batches: int = 4
+    grad_batches: int = 4
+    eval_batches: int = 8
+    rank: int = 8
+    seed: int = 0
+
+    def __post_init__(self):
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of {METHODS}, got {self.methods}")
+        for b in self.budgets:
+            dars.DarsConfig(budget=b)
+        for r in self.rhos:
+            dars.DarsConfig(rho=r)
+        dars.DarsConfig(rank=self.rank, seed=self.seed)
+        for name in ("pretrain_steps", "finetune_steps", "batch_size", "seq_len", "max_bytes",
+                     "act_batches", "grad_batches", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def cells(self) -> list[tuple[str, float | None, float | None]]:
+        out = []
+        for m in self.methods:
+            if m == "full":
+                out.append(("full", None, None))
+            elif m == "dars":
+                out += [("dars", b, r) for b in self.budgets for r in self.rhos]
+            else:
+                out += [(m, b, None) for b in self.budgets]
+        return out
+
+
+FULL = dict(pretrain_steps=5000, finetune_steps=1000, batch_size=32, seq_len=128,
+            max_bytes=8 * 2**20)
+
+
+def model_config() -> lm.LMConfig:
+    return lm.get_preset("tiny", ffn="dense")
+
+
+def _tokens(globs, split: str, max_bytes: int) -> np.ndarray:
+    root = sysconfig.get_paths()["stdlib"]
+    parts = [corpus.load_corpus_tokens(
+        corpus.CorpusConfig(data_glob=os.path.join(root, g), max_bytes=max_bytes,
+                            val_fraction=0.1), split) for g in globs]
+    return np.concatenate(parts)
+
+
+class Domain:
+    """Random training windows and fixed validation windows of one domain (deterministic)."""
+
+    def __init__(self, globs, cfg: ExperimentConfig):
+        self.train = _tokens(globs, "train", cfg.max_bytes)
+        self.val = _tokens(globs, "val", cfg.max_bytes)
+        self.cfg = cfg
+
+    def batches(self, seed: int, n: int, split: str = "train") -> list[dict]:
+        toks = self.train if split == "train" else self.val
+        T, B = self.cfg.seq_len, self.cfg.batch_size
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(n):
+            starts = rng.integers(0, toks.size - T - 1, size=B)
+            w = np.stack([toks[s:s + T + 1] for s in starts]).astype(np.int32)
+            out.append({"inputs": w[:, :-1], "targets": w[:, 1:]})
+        return out
+
+
+@functools.cache
+def _fns(mcfg: lm.LMConfig, steps: int, lr: float):
+    """(jitted masked train step, jitted eval loss, optimizer) for a run of `steps` steps."""
+    tcfg = loop.TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10))
+    opt, _ = loop.make_optimizer(tcfg)
+
+    def objective(p, s, b):
+        return lm.loss_fn(p, s, b, cfg=mcfg, train=False)[0]
+
+    @jax.jit
+    def step(params, state, opt_state, batch, mask):
+        loss, g = jax.value_and_grad(objective)(params, state, batch)
+        g = dars.mask_tree(g, mask)          # same as dars.masked(opt, mask), mask as an argument
+        updates, opt_state = opt.update(g, opt_state, params)
+        updates = dars.mask_tree(updates, mask)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    grad = jax.jit(jax.grad(objective))
+    return step, jax.jit(objective), grad, opt
+
+
+def train(params, state, batches, mcfg, steps, lr, mask=None):
+    step, _, _, opt = _fns(mcfg, steps, lr)
+    if mask is None:
+        mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
+    opt_state = opt.init(params)
+    for i in range(steps):
+        params, opt_state, _ = step(params, state, opt_state, batches[i % len(batches)], mask)
+    return params
+
+
+def evaluate(params, state, batches, mcfg) -> float:
+    _, ev, _, _ = _fns(mcfg, 1, 1.0)
+    return float(np.mean([float(ev(params, state, b)) for b in batches]))
+
+
+def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str):
+    mcfg = model_config()
+    params, state = lm.init(jax.random.key(cfg.seed), mcfg)
+    # The file name carries the settings, so a checkpoint of other settings is never reused.
+    key = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in SWEEP_FIELDS}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(workdir, PRETRAINED.replace(".npz", f"_{digest}.npz"))
+    leaves, treedef = jax.tree.flatten(params)
+    if os.path.exists(path):
+        with np.load(path) as z:
+            return jax.tree.unflatten(treedef, [jnp.asarray(z[f"a{i}"])
+                                                for i in range(len(leaves))]), state
+    batches = source.batches(cfg.seed, cfg.pretrain_steps)
+    params = train(params, state, batches, mcfg, cfg.pretrain_steps, cfg.pretrain_lr)
+    np.savez(path + ".tmp.npz", **{f"a{i}": np.asarray(x)
+                                   for i, x in enumerate(jax.tree.leaves(params))})
+    os.replace(path + ".tmp.npz", path)
+    return params, state
+
+
+def cell_key(c: dict) -> tuple:
+    return (c["method"], c["budget"], c["rho"])
+
+
+def run(cfg: ExperimentConfig, workdir: str) -> dict:
+    """Runs the missing cells into `workdir`; returns the results dict."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, RESULTS)
+    results = {"config": dataclasses.asdict(cfg), "cells": []}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        stored = old.get("config", {})
+        differ = [k for k, v in results["config"].items()
+                  if k not in SWEEP_FIELDS and stored.get(k) != (list(v) if isinstance(v, tuple)
+                                                                 else v)]
+        if differ:
+            raise ValueError(f"{path} holds a run with different settings {differ}; use another "
+                             "--workdir")
+        results = {**old, "config": results["config"]}
+    done = {cell_key(c) for c in results["cells"]}
+    todo = [c for c in cfg.cells() if c not in done]
+    mcfg = model_config()
+    source, target = Domain(SOURCE_GLOBS, cfg), Domain(TARGET_GLOBS, cfg)
+    src_val = source.batches(cfg.seed + 1, cfg.eval_batches, "val")
+    tgt_val = target.batches(cfg.seed + 1, cfg.eval_batches, "val")
+    params, state = pretrain(cfg, source, workdir)
+    if "pretrained" not in results:
+        results["pretrained"] = {"source_loss": evaluate(params, state, src_val, mcfg),
+                                 "target_loss": evaluate(params, state, tgt_val, mcfg)}
+    base = results["pretrained"]
+    ft_batches = target.batches(cfg.seed + 2, cfg.finetune_steps)
+    acts = grads = None
+    if any(m in ("top", "dars") for m, _, _ in todo):
+        # In-distribution (source) activations; gradients on the fine-tuning (target) data.
+        fn = jax.jit(lambda t: dars.lm_block_inputs(params, state, t, cfg=mcfg))
+        acts = dars.collect_activations(
+            fn, [b["inputs"] for b in source.batches(cfg.seed + 3, cfg.act_batches)])
+        _, _, gradf, _ = _fns(mcfg, 1, 1.0)
+        gs = [gradf(params, state, b) for b in ft_batches[:cfg.grad_batches]]
+        grads = jax.tree.map(lambda *x: np.mean(np.stack(x), axis=0), *gs)
+    targets = dars.lm_targets(params)
+    for method, budget, rho in tqdm(todo, desc="dars_finetune", unit="cell"):
+        t0 = time.perf_counter()
+        dcfg = dars.DarsConfig(budget=budget or 1.0, rho=0.0 if rho is None else rho,
+                               rank=cfg.rank, seed=cfg.seed)
+        mask, info = dars.select(method, params, targets, dcfg, acts=acts, grads=grads)
+        p = train(params, state, ft_batches, mcfg, cfg.finetune_steps, cfg.lr, mask)
+        src, tgt = evaluate(p, state, src_val, mcfg), evaluate(p, state, tgt_val, mcfg)
+        results["cells"].append({
+            "method": method, "budget": budget, "rho": rho, **info,
+            "channel_fraction": None if info["channels"] is None
+            else info["selected"] / info["channels"],
+            "target_loss": tgt, "source_loss": src,
+            "forgetting": src - base["source_loss"], "seconds": time.perf_counter() - t0})
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(path + ".tmp", path)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=2)
+    plot(results, os.path.join(workdir, PLOT))
+    return results
+
+
+def _label(c: dict) -> str:
+    return c["method"] if c["rho"] is None else f"dars ρ={c['rho']}"
+
+
+def plot(results: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    series: dict = {}
+    for c in results["cells"]:
+        series.setdefault(_label(c), []).append(c)
+    for ax, key, title in ((axes[0], "target_loss", "target-domain loss (email+xml)"),
+                           (axes[1], "forgetting", "forgetting: source loss increase")):
+        for name, cs in series.items():
+            if name == "full":
+                ax.axhline(cs[0][key], color="k", linestyle="--", label="full FT")
+                continue
+            cs = sorted(cs, key=lambda c: c["budget"])
+            ax.plot([100 * c["budget"] for c in cs], [c[key] for c in cs], marker="o",
+                    label=name)
+        if key == "target_loss":
+            ax.axhline(results["pretrained"]["target_loss"], color="gray", linestyle=":",
+                       label="pretrained")
+        ax.set_xscale("log")
+        ax.set_xlabel("budget (% of channels of the selected weights)")
+        ax.set_ylabel("nats/byte")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path, dpi=110)
+
+
+def config_from_flags() -> ExperimentConfig:
+    base = ExperimentConfig(**FULL) if FLAGS.full else ExperimentConfig()
+    over = {"methods": tuple(FLAGS.methods), "budgets": tuple(float(b) for b in FLAGS.budgets),
+            "rhos": tuple(float(r) for r in FLAGS.rhos), "rank": FLAGS.rank,
+            "seed": FLAGS.seed, "lr": FLAGS.lr}
+    if FLAGS.pretrain_steps is not None:
+        over["pretrain_steps"] = FLAGS.pretrain_steps
+    if FLAGS.finetune_steps is not None:
+        over["finetune_steps"] = FLAGS.finetune_steps
+    return dataclasses.replace(base, **over)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    results = run(config_from_flags(), FLAGS.workdir)
+    pre = results["pretrained"]
+    print(f"pretrained: source {pre['source_loss']:.3f}  target {pre['target_loss']:.3f}")
+    for c in results["cells"]:
+        b = "-" if c["budget"] is None else f"{100 * c['budget']:g}%"
+        print(f"  {_label(c):12s} budget {b:>4s}  target {c['target_loss']:.3f}  "
+              f"forgetting {c['forgetting']:+.3f}  params {c['params']}")
+    print(f"wrote {os.path.join(FLAGS.workdir, RESULTS)} and {PLOT}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
