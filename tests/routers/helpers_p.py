@@ -1,5 +1,6 @@
 """Shared checks for the variable-k and stateful router tests (top_p, top_any, null_experts,
-dense_to_sparse, star): random cases, output invariants, a grad smoke check."""
+dense_to_sparse, star): random cases and a grad smoke check; the output invariants are
+`helpers.check_output`, re-exported here."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import numpy as np
 from hypothesis import settings
 from hypothesis import strategies as st
 
-from moejax.routers import base
+from tests.routers.helpers import check_output as check_output  # noqa: F401
 
 # Property tests stay small so the whole router suite runs in seconds on CPU. Shapes are fixed
 # (N, D, E) and configs come from short lists, so each jitted route compiles a handful of times;
@@ -54,32 +55,6 @@ def setup(mod, cfg, seed: int, active=None):
     if active is not None:
         state = {**state, "active": jnp.asarray(active, jnp.bool_)}
     return params, state
-
-
-def check_output(out: base.RouterOutput, *, n: int, e: int, active=None, min_k: int = 1,
-                 probs_sum_to_one: bool = True) -> None:
-    """Invariants of every router output: shapes, dtypes, finiteness, weights ≥ 0 and 0 off the
-    mask, scalar aux loss and metrics, ≥ `min_k` experts per token, inactive slots unused."""
-    w, m, p = (np.asarray(a) for a in (out.weights, out.mask, out.probs))
-    assert w.shape == m.shape == p.shape == (n, e)
-    assert out.weights.dtype == out.probs.dtype == jnp.float32
-    assert out.mask.dtype == jnp.bool_
-    assert out.aux_loss.shape == () and out.aux_loss.dtype == jnp.float32
-    assert np.isfinite(float(out.aux_loss))
-    assert np.all(np.isfinite(w)) and np.all(np.isfinite(p))
-    assert np.all(w >= 0), "negative combine weight"
-    assert np.all(w[~m] == 0), "weight off the mask"
-    assert np.all(p >= 0)
-    if probs_sum_to_one:
-        np.testing.assert_allclose(p.sum(-1), 1.0, rtol=1e-5)
-    assert np.all(m.sum(-1) >= min_k), "too few experts selected"
-    for name, v in out.metrics.items():
-        assert jnp.shape(v) == (), name
-        assert np.isfinite(float(v)), name
-    if active is not None:
-        off = ~np.asarray(active, bool)
-        assert not m[:, off].any(), "inactive slot selected"
-        assert np.all(w[:, off] == 0) and np.all(p[:, off] == 0)
 
 
 def grads(mod, cfg, params, state, x, *, train: bool, rng=None, wrt: str = "params"):

@@ -23,7 +23,8 @@ def test_properties(case, cf):
     cfg = expert_choice.Config(d_model=case.d, num_experts=case.e, top_k=case.k,
                                capacity_factor=cf)
     out, _, _, _, _ = helpers.run_case(expert_choice, cfg, case, train=True)
-    helpers.check_output(out, n=case.n, e=case.e, active=case.active)
+    # Expert choice may leave a token with no expert.
+    helpers.check_output(out, n=case.n, e=case.e, active=case.active, min_k=0)
     c = expert_choice.capacity(case.n, cfg)
     w, p, m = np.asarray(out.weights), np.asarray(out.probs), np.asarray(out.mask)
     per_expert = m.sum(0)
