@@ -242,13 +242,15 @@ def _forward(params, state, tokens, cfg, *, train, rng, caches=None):
 
 
 def _merge_aux(auxes: list[dict]) -> dict:
-    """Sums aux losses over MoE layers, averages their scalar metrics, stacks loads `[L, E]`."""
+    """Sums aux losses over MoE layers, averages their scalar metrics, stacks loads `[L, E]` and
+    top-1 experts `[L, B·T]`."""
     if not auxes:
         return {"aux_loss": jnp.zeros((), jnp.float32), "metrics": {}}
     metrics = {name: jnp.mean(jnp.stack([a["metrics"][name] for a in auxes]))
                for name in auxes[0]["metrics"]}
     return {"aux_loss": sum(a["aux_loss"] for a in auxes), "metrics": metrics,
-            "load": jnp.stack([a["load"] for a in auxes])}
+            "load": jnp.stack([a["load"] for a in auxes]),
+            "top1": jnp.stack([a["top1"] for a in auxes])}
 
 
 def logits_from_hidden(params: dict, h: Array, cfg: LMConfig) -> Array:
@@ -273,7 +275,8 @@ def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: boo
 
     Returns:
       `(logits float32 [B, T or P, V], new_state, aux)`; `aux` has `aux_loss` (summed over MoE
-      layers), `metrics` (MoE metrics averaged over layers) and, for MoE, `load` `[L, E]`.
+      layers), `metrics` (MoE metrics averaged over layers) and, for MoE, `load` `[L, E]` and
+      `top1` `[L, B·T]` (each token's top-1 expert per layer, for routing metrics).
     """
     _check_tokens(tokens, cfg)
     h, new_state, aux, _ = _forward(params, state, tokens, cfg, train=train, rng=rng)
