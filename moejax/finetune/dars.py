@@ -93,19 +93,18 @@ def lm_block_inputs(params: dict, state: dict, tokens: Array, *, cfg) -> dict[tu
       block i's mixer (input of w_q, w_k, w_v, ...) and FFN (input of w_gate/w_up, also of every
       expert; for MoE we use all tokens, i.e. the layer's input distribution).
     """
-    from moejax.layers.norms import rms_norm
     from moejax.models import lm
 
     h = params["embed"][tokens].astype(cfg.compute_dtype)
     out = {}
     for i, block in enumerate(params["blocks"]):
-        x = rms_norm(block["norm1"], h, eps=cfg.norm_eps)
+        x = lm.norm(block["norm1"], h, cfg)
         out[("mixer", i)] = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        y, _ = lm._mixer(block["mixer"], x, cfg, None)
+        y, _ = lm.mixer_apply(block["mixer"], x, cfg, i)
         h = h + y
-        x = rms_norm(block["norm2"], h, eps=cfg.norm_eps)
+        x = lm.norm(block["norm2"], h, cfg)
         out[("ffn", i)] = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-        y, _, _ = lm._ffn(block["ffn"], state["blocks"][i], x, cfg, train=False, rng=None)
+        y, _, _ = lm.ffn_apply(block["ffn"], state["blocks"][i], x, cfg, i, train=False, rng=None)
         h = h + y
     return out
 

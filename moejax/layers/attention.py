@@ -1,11 +1,16 @@
 """Causal softmax attention and sigmoid-gated softmax attention, with rotary positions and a
 KV cache for decoding.
 
-    o = softmax(q kᵀ / √Dh + causal) v             via `jax.nn.dot_product_attention`
+    q, k, v = W_q h, W_k h, W_v h                  k, v have Hkv heads (GQA: Hkv divides H)
+    qk_norm: q, k ← RMSNorm(q), RMSNorm(k)        per head, before rotary (Qwen3)
+    q, k ← rotary(q), rotary(k)                    on the first `rotary_dim` channels of a head
+    o = softmax(q kᵀ / √Dh + causal) v             via `jax.nn.dot_product_attention`; query head
+                                                   h reads kv head h // (H / Hkv)
     gated: o ← o ⊙ σ(W_gate h)                    per head and channel, before the out-projection
     y = W_out o
 
-Axis letters: B batch, T query time, S key time (cache length), H heads, Dh head dim, d width.
+Axis letters: B batch, T query time, S key time (cache length), H heads, Hkv key/value heads,
+Dh head dim, d width.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from moejax.layers.norms import rms_norm, rms_norm_init
 
 Array = jax.Array
 
@@ -28,6 +35,12 @@ class AttentionConfig:
       head_dim: Dh.
       gated: multiply the attention output by σ(W_gate h) (sigmoid-gated softmax attention).
       rope_theta: rotary base (> 0).
+      num_kv_heads: Hkv, key/value heads (grouped-query attention); None = H. Must divide H.
+      rotary_dim: leading channels of each head that rotate (even, ≤ Dh); None = Dh. Qwen3-Next
+        rotates a quarter of each head.
+      qk_norm: RMSNorm over each query and key head before rotary (Qwen3).
+      zero_centered_norm: the q/k norms scale by `(1 + w)` (Qwen3-Next) instead of `w`.
+      norm_eps: epsilon of the q/k norms.
     """
 
     d_model: int
@@ -35,45 +48,82 @@ class AttentionConfig:
     head_dim: int
     gated: bool = False
     rope_theta: float = 10000.0
+    num_kv_heads: int | None = None
+    rotary_dim: int | None = None
+    qk_norm: bool = False
+    zero_centered_norm: bool = False
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if self.num_heads % self.kv_heads:
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
+                             f"num_heads={self.num_heads}")
+        rd = self.rotary
+        if isinstance(rd, bool) or not isinstance(rd, int) or rd < 0 or rd % 2 or rd > self.head_dim:
+            raise ValueError(f"rotary_dim must be an even int in [0, head_dim={self.head_dim}], "
+                             f"got {rd!r}")
         if not self.rope_theta > 0:
             raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+
+    @property
+    def kv_heads(self) -> int:
+        if self.num_kv_heads is None:
+            return self.num_heads
+        value = self.num_kv_heads
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"num_kv_heads must be a positive int or None, got {value!r}")
+        return value
+
+    @property
+    def rotary(self) -> int:
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
 
 def init(key: Array, cfg: AttentionConfig) -> dict:
-    """Params `w_q, w_k, w_v: [d, H·Dh]`, `w_out: [H·Dh, d]` (+ `w_gate: [d, H·Dh]`)."""
-    d, hd = cfg.d_model, cfg.num_heads * cfg.head_dim
+    """Params `w_q: [d, H·Dh]`, `w_k, w_v: [d, Hkv·Dh]`, `w_out: [H·Dh, d]` (+ `w_gate:
+    [d, H·Dh]` when gated, `q_norm, k_norm: {"scale": [Dh]}` with qk_norm)."""
+    d, hd, kvd = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     ks = jax.random.split(key, 5)
     dense = lambda k, i, o: jax.random.normal(k, (i, o), jnp.float32) * i**-0.5
-    p = {"w_q": dense(ks[0], d, hd), "w_k": dense(ks[1], d, hd), "w_v": dense(ks[2], d, hd),
+    p = {"w_q": dense(ks[0], d, hd), "w_k": dense(ks[1], d, kvd), "w_v": dense(ks[2], d, kvd),
          "w_out": dense(ks[3], hd, d)}
     if cfg.gated:
         p["w_gate"] = dense(ks[4], d, hd)
+    if cfg.qk_norm:
+        p["q_norm"] = rms_norm_init(cfg.head_dim, zero_centered=cfg.zero_centered_norm)
+        p["k_norm"] = rms_norm_init(cfg.head_dim, zero_centered=cfg.zero_centered_norm)
     return p
 
 
 def init_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """Empty KV cache with room for `max_len` positions; `pos` is the next position to write."""
-    shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+    shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
             "pos": jnp.zeros((), jnp.int32)}
 
 
-def rotary(x: Array, positions: Array, theta: float) -> Array:
-    """Rotary embedding (rotate-half convention) of `x` `[B, T, H, Dh]` at `positions` `[T]`."""
-    half = x.shape[-1] // 2
+def rotary(x: Array, positions: Array, theta: float, rotary_dim: int | None = None) -> Array:
+    """Rotary embedding (rotate-half convention) of `x` `[B, T, H, Dh]` at `positions` `[T]`.
+
+    Only the first `rotary_dim` channels of each head rotate (frequencies
+    `theta^(-2i / rotary_dim)`); the rest pass through (partial rotary).
+    """
+    rd = x.shape[-1] if rotary_dim is None else rotary_dim
+    if rd == 0:
+        return x
+    half = rd // 2
     freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     ang = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, half]
     cos, sin = jnp.cos(ang)[None, :, None, :], jnp.sin(ang)[None, :, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:rd].astype(jnp.float32)
+    rot = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+    return jnp.concatenate([rot, x[..., rd:]], -1)
 
 
 def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = None
@@ -87,11 +137,16 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
         raise ValueError(f"x must be [B, T, d_model] with d_model={cfg.d_model}, got {x.shape}")
     B, T, _ = x.shape
     H, Dh = cfg.num_heads, cfg.head_dim
-    proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, H, Dh)
+    proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, -1, Dh)
     q, k, v = proj("w_q"), proj("w_k"), proj("w_v")
+    if cfg.qk_norm:
+        norm = lambda name, a: rms_norm(params[name], a, eps=cfg.norm_eps,
+                                        zero_centered=cfg.zero_centered_norm)
+        q, k = norm("q_norm", q), norm("k_norm", k)
     start = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
     positions = start + jnp.arange(T)
-    q, k = rotary(q, positions, cfg.rope_theta), rotary(k, positions, cfg.rope_theta)
+    q = rotary(q, positions, cfg.rope_theta, cfg.rotary)
+    k = rotary(k, positions, cfg.rope_theta, cfg.rotary)
     if cache is None:
         o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
         new_cache = None

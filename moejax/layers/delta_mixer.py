@@ -5,10 +5,14 @@ Per head h, from the input `h_t` `[d]` (fla / Gated DeltaNet conventions):
     q, k, v  = SiLU(ShortConv(W_q h)), SiLU(ShortConv(W_k h)), SiLU(ShortConv(W_v h))
     q, k     = L2Norm(q), L2Norm(k)                         per head
     beta     = σ(W_β h)                 (2σ(·) with allow_neg_eigval)
-    lam      = σ(W_λ h − 0.9)           (2σ(· − 0.9) with allow_neg_eigval; Q-Delta modes only)
+    lam      = σ(W_λ h + b_λ − 0.9)     (2σ(·) with allow_neg_eigval; Q-Delta modes only; b_λ
+                                         starts at 0, and very negative makes Q-Delta ≈ DeltaNet)
     g        = −exp(A_log) · softplus(W_a h + dt_bias)      (gated modes only)
     o        = delta_rule(q, k, v, beta, g=g, lam=lam)
     y        = W_out · [RMSNorm(o_h) ⊙ SiLU(W_o' h)]_h
+
+Grouped key heads (Qwen3-Next): q and k may have fewer heads than v (`num_key_heads` divides
+`num_heads`); value head h then reads key/query head h // (num_heads / num_key_heads).
 
 Pure `init` / `apply`, plus `init_cache` / `step` for token-by-token decoding: `apply` with a
 cache continues a sequence (prefill), `step` advances it one token with `delta_rule_step`; the
@@ -39,8 +43,9 @@ class DeltaMixerConfig:
 
     Attributes:
       d_model: model width d.
-      num_heads: H.
+      num_heads: H, the value heads (one delta-rule state each).
       head_dim: key/query head dim Dk.
+      num_key_heads: query/key heads (grouped, must divide H); None = H.
       expand_v: value head dim Dv = expand_v · Dk (must give an integer).
       mode: one of "qdelta", "gated_qdelta", "deltanet", "gated_deltanet".
       conv_size: short-conv kernel size (≥ 1; 1 disables the temporal mixing of the conv).
@@ -54,6 +59,7 @@ class DeltaMixerConfig:
     d_model: int
     num_heads: int
     head_dim: int
+    num_key_heads: int | None = None
     expand_v: float = 2.0
     mode: str = "qdelta"
     conv_size: int = 4
@@ -67,6 +73,11 @@ class DeltaMixerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_key_heads is not None:
+            nk = self.num_key_heads
+            if isinstance(nk, bool) or not isinstance(nk, int) or nk < 1 or self.num_heads % nk:
+                raise ValueError(f"num_key_heads must be a positive int dividing num_heads="
+                                 f"{self.num_heads}, got {nk!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         dv = self.expand_v * self.head_dim
@@ -79,6 +90,10 @@ class DeltaMixerConfig:
     @property
     def value_dim(self) -> int:
         return int(self.expand_v * self.head_dim)
+
+    @property
+    def key_heads(self) -> int:
+        return self.num_heads if self.num_key_heads is None else self.num_key_heads
 
     @property
     def gated(self) -> bool:
@@ -96,13 +111,14 @@ def _dense_init(key, fan_in, fan_out):
 def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
     """Parameters of one mixer layer (float32)."""
     d, H, Dk, Dv = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.value_dim
+    Hk = cfg.key_heads
     ks = iter(jax.random.split(key, 12))
     p = {
-        "w_q": _dense_init(next(ks), d, H * Dk),
-        "w_k": _dense_init(next(ks), d, H * Dk),
+        "w_q": _dense_init(next(ks), d, Hk * Dk),
+        "w_k": _dense_init(next(ks), d, Hk * Dk),
         "w_v": _dense_init(next(ks), d, H * Dv),
-        "conv_q": short_conv_init(next(ks), H * Dk, cfg.conv_size),
-        "conv_k": short_conv_init(next(ks), H * Dk, cfg.conv_size),
+        "conv_q": short_conv_init(next(ks), Hk * Dk, cfg.conv_size),
+        "conv_k": short_conv_init(next(ks), Hk * Dk, cfg.conv_size),
         "conv_v": short_conv_init(next(ks), H * Dv, cfg.conv_size),
         "w_beta": _dense_init(next(ks), d, H),
         "w_og": _dense_init(next(ks), d, H * Dv),
@@ -111,6 +127,7 @@ def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
     }
     if cfg.query_mixing:
         p["w_lam"] = _dense_init(next(ks), d, H)
+        p["b_lam"] = jnp.zeros((H,), jnp.float32)
     if cfg.gated:
         k_a, k_dt = jax.random.split(next(ks))
         p["w_a"] = _dense_init(k_a, d, H)
@@ -126,9 +143,10 @@ def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
 def init_cache(cfg: DeltaMixerConfig, batch: int, dtype=jnp.float32) -> dict:
     """Decode cache of a fresh sequence: conv histories and a zero delta-rule state."""
     H, Dk, Dv, K = cfg.num_heads, cfg.head_dim, cfg.value_dim, cfg.conv_size
+    Hk = cfg.key_heads
     return {
-        "conv_q": short_conv_cache(batch, H * Dk, K, dtype),
-        "conv_k": short_conv_cache(batch, H * Dk, K, dtype),
+        "conv_q": short_conv_cache(batch, Hk * Dk, K, dtype),
+        "conv_k": short_conv_cache(batch, Hk * Dk, K, dtype),
         "conv_v": short_conv_cache(batch, H * Dv, K, dtype),
         "state": jnp.zeros((batch, H, Dk, Dv), jnp.float32),
     }
@@ -143,15 +161,16 @@ def _features(params, x, cache, cfg):
     q, cq = short_conv(params["conv_q"], mm(params["w_q"]), cache.get("conv_q"))
     k, ck = short_conv(params["conv_k"], mm(params["w_k"]), cache.get("conv_k"))
     v, cv = short_conv(params["conv_v"], mm(params["w_v"]), cache.get("conv_v"))
-    q = l2_normalize(jax.nn.silu(q).reshape(B, T, H, Dk))
-    k = l2_normalize(jax.nn.silu(k).reshape(B, T, H, Dk))
+    rep = H // cfg.key_heads  # grouped key heads: value head h reads key head h // rep
+    q = jnp.repeat(l2_normalize(jax.nn.silu(q).reshape(B, T, -1, Dk)), rep, axis=2)
+    k = jnp.repeat(l2_normalize(jax.nn.silu(k).reshape(B, T, -1, Dk)), rep, axis=2)
     v = jax.nn.silu(v).reshape(B, T, H, Dv)
     mult = 2.0 if cfg.allow_neg_eigval else 1.0
     f32 = lambda w: mm(w).astype(jnp.float32)
     feats = {"q": q, "k": k, "v": v, "beta": mult * jax.nn.sigmoid(f32(params["w_beta"])),
              "g": None, "lam": None}
     if cfg.query_mixing:
-        feats["lam"] = mult * jax.nn.sigmoid(f32(params["w_lam"]) - 0.9)
+        feats["lam"] = mult * jax.nn.sigmoid(f32(params["w_lam"]) + params["b_lam"] - 0.9)
     if cfg.gated:
         a = jax.nn.softplus(f32(params["w_a"]) + params["dt_bias"])
         feats["g"] = -jnp.exp(params["A_log"]) * a

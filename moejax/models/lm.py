@@ -42,15 +42,28 @@ class LMConfig:
       vocab_size: V (256 for bytes).
       d_model: d.
       num_layers: L.
-      num_heads: heads of the mixer.
+      num_heads: heads of the mixer (delta mixers: value heads, one state each).
       head_dim: key/query head dim (delta mixers) or head dim (softmax mixers).
       expand_v: delta mixers' value head dim = expand_v · head_dim.
-      mixer: one of MIXERS.
-      ffn: "moe" or "dense".
-      d_ff: hidden width of the dense FFN and of each routed expert.
-      num_experts, top_k, router, router_kwargs, dispatcher, capacity_factor, num_shared:
-        MoE options (see `moejax.moe.layer.MoEConfig`); ignored for a dense FFN.
+      mixer: one of MIXERS, used by every layer unless `layer_mixers` is given.
+      ffn: "moe" or "dense", used by every layer unless `layer_ffns` is given.
+      layer_mixers: per-layer mixers (length L), e.g. Qwen3-Next's three Gated DeltaNet layers
+        then one gated softmax layer; () = `mixer` everywhere.
+      layer_ffns: per-layer FFN kinds (length L); () = `ffn` everywhere.
+      d_ff: hidden width of each routed expert (and of dense FFNs unless `dense_d_ff`).
+      dense_d_ff: hidden width of the dense FFN layers; None = d_ff.
+      num_experts, top_k, router, router_kwargs, dispatcher, capacity_factor, num_shared,
+        d_ff_shared, shared_gate: MoE options (see `moejax.moe.layer.MoEConfig`).
       conv_size, chunk_size, allow_neg_eigval, delta_impl: delta-mixer options.
+      num_key_heads: delta mixers' query/key heads (grouped, divides num_heads); None = all.
+      attn_num_heads, attn_head_dim: softmax mixers' heads and head dim; None = num_heads,
+        head_dim (hybrid models give their attention layers other shapes).
+      num_kv_heads: softmax mixers' key/value heads (grouped-query attention); None = all.
+      qk_norm: RMSNorm on each query/key head of softmax mixers (Qwen3).
+      rope_theta: rotary base of softmax mixers.
+      rotary_fraction: share of each attention head's channels that rotate (Qwen3-Next: 0.25).
+      zero_centered_norm: every RMSNorm of the model except the delta mixers' output norm scales
+        by `(1 + w)`, w starting at 0 (Qwen3-Next).
       max_seq_len: longest sequence the model accepts (positions of attention caches).
       tie_embeddings: share the input embedding with the output projection.
       dtype: compute dtype, "float32" or "bfloat16" (params stay float32; logits and losses are
@@ -66,7 +79,10 @@ class LMConfig:
     expand_v: float = 2.0
     mixer: str = "qdelta"
     ffn: str = "moe"
+    layer_mixers: tuple[str, ...] = ()
+    layer_ffns: tuple[str, ...] = ()
     d_ff: int = 256
+    dense_d_ff: int | None = None
     num_experts: int = 8
     top_k: int = 2
     router: str = "topk"
@@ -74,10 +90,20 @@ class LMConfig:
     dispatcher: str = "dropless"
     capacity_factor: float = 1.25
     num_shared: int = 0
+    d_ff_shared: int | None = None
+    shared_gate: bool = False
     conv_size: int = 4
     chunk_size: int = 64
     allow_neg_eigval: bool = False
     delta_impl: str = "auto"
+    num_key_heads: int | None = None
+    attn_num_heads: int | None = None
+    attn_head_dim: int | None = None
+    num_kv_heads: int | None = None
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0
+    zero_centered_norm: bool = False
     max_seq_len: int = 2048
     tie_embeddings: bool = True
     dtype: str = "float32"
@@ -87,41 +113,74 @@ class LMConfig:
         for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff",
                      "max_seq_len"):
             router_base.check_int(name, getattr(self, name), lo=1)
-        if self.mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {self.mixer!r}")
-        if self.ffn not in FFNS:
-            raise ValueError(f"ffn must be one of {FFNS}, got {self.ffn!r}")
+        for name in ("dense_d_ff", "attn_num_heads", "attn_head_dim"):
+            if getattr(self, name) is not None:
+                router_base.check_int(name, getattr(self, name), lo=1)
+        # JSON round trips give lists: store tuples so the config stays hashable.
+        for name in ("layer_mixers", "layer_ffns"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        kwargs = self.router_kwargs
+        pairs = kwargs.items() if isinstance(kwargs, dict) else kwargs
+        object.__setattr__(self, "router_kwargs", tuple(sorted(tuple(p) for p in pairs)))
+        self._check_choices("mixer", (self.mixer,), MIXERS)
+        self._check_choices("ffn", (self.ffn,), FFNS)
+        self._check_choices("layer_mixers", self.layer_mixers, MIXERS, per_layer=True)
+        self._check_choices("layer_ffns", self.layer_ffns, FFNS, per_layer=True)
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if isinstance(self.router_kwargs, dict):
-            object.__setattr__(self, "router_kwargs", tuple(sorted(self.router_kwargs.items())))
+        if not 0.0 <= self.rotary_fraction <= 1.0:
+            raise ValueError(f"rotary_fraction must be in [0, 1], got {self.rotary_fraction}")
         # Build the sub-configs once: they validate their own fields.
-        object.__setattr__(self, "_mixer_cfg", self._make_mixer_cfg())
+        mixer_cfgs = {m: self._make_mixer_cfg(m) for m in set(self.mixers)}
+        object.__setattr__(self, "_mixer_cfgs", mixer_cfgs)
         object.__setattr__(self, "_moe_cfg", self._make_moe_cfg())
 
-    def _make_mixer_cfg(self):
-        if self.mixer in DELTA_MIXERS:
+    def _check_choices(self, name, values, valid, *, per_layer=False):
+        if per_layer and values and len(values) != self.num_layers:
+            raise ValueError(f"{name} must list one entry per layer (num_layers="
+                             f"{self.num_layers}), got {len(values)}")
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise ValueError(f"{name} must be one of {valid}, got {bad[0]!r}")
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The mixer of each layer."""
+        return self.layer_mixers or (self.mixer,) * self.num_layers
+
+    @property
+    def ffns(self) -> tuple[str, ...]:
+        """The FFN kind of each layer."""
+        return self.layer_ffns or (self.ffn,) * self.num_layers
+
+    def _make_mixer_cfg(self, mixer: str):
+        if mixer in DELTA_MIXERS:
             return delta_mixer.DeltaMixerConfig(
                 d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
-                expand_v=self.expand_v, mode=self.mixer, conv_size=self.conv_size,
-                allow_neg_eigval=self.allow_neg_eigval, chunk_size=self.chunk_size,
-                impl=self.delta_impl, norm_eps=self.norm_eps)
-        return attention.AttentionConfig(d_model=self.d_model, num_heads=self.num_heads,
-                                         head_dim=self.head_dim,
-                                         gated=self.mixer == "gated_softmax")
+                num_key_heads=self.num_key_heads, expand_v=self.expand_v, mode=mixer,
+                conv_size=self.conv_size, allow_neg_eigval=self.allow_neg_eigval,
+                chunk_size=self.chunk_size, impl=self.delta_impl, norm_eps=self.norm_eps)
+        head_dim = self.attn_head_dim or self.head_dim
+        rotary_dim = 2 * int(head_dim * self.rotary_fraction // 2)
+        return attention.AttentionConfig(
+            d_model=self.d_model, num_heads=self.attn_num_heads or self.num_heads,
+            head_dim=head_dim, gated=mixer == "gated_softmax", rope_theta=self.rope_theta,
+            num_kv_heads=self.num_kv_heads, rotary_dim=rotary_dim, qk_norm=self.qk_norm,
+            zero_centered_norm=self.zero_centered_norm, norm_eps=self.norm_eps)
 
     def _make_moe_cfg(self):
-        if self.ffn != "moe":
+        if "moe" not in self.ffns:
             return None
         return moe_layer.MoEConfig(
             d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
             router=self.router, top_k=self.top_k, router_kwargs=self.router_kwargs,
             dispatcher=self.dispatcher, capacity_factor=self.capacity_factor,
-            num_shared=self.num_shared)
+            num_shared=self.num_shared, d_ff_shared=self.d_ff_shared,
+            shared_gate=self.shared_gate)
 
-    @property
-    def mixer_config(self):
-        return self._mixer_cfg
+    def mixer_config(self, layer: int):
+        """The `DeltaMixerConfig` or `AttentionConfig` of layer `layer`."""
+        return self._mixer_cfgs[self.mixers[layer]]
 
     @property
     def moe_config(self) -> moe_layer.MoEConfig | None:
@@ -135,6 +194,7 @@ class LMConfig:
         """JSON-able fields (for checkpoints and run directories)."""
         d = dataclasses.asdict(self)
         d["router_kwargs"] = [list(p) for p in self.router_kwargs]
+        d["layer_mixers"], d["layer_ffns"] = list(self.layer_mixers), list(self.layer_ffns)
         return d
 
 
@@ -169,22 +229,23 @@ def init(key: Array, cfg: LMConfig) -> tuple[dict, dict]:
     k_emb, k_out, *k_layers = jax.random.split(key, 2 + cfg.num_layers)
     params: dict = {
         "embed": jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), jnp.float32) * 0.02,
-        "final_norm": rms_norm_init(cfg.d_model),
         "blocks": [],
     }
     if not cfg.tie_embeddings:
         params["unembed"] = (jax.random.normal(k_out, (cfg.d_model, cfg.vocab_size), jnp.float32)
                              * cfg.d_model**-0.5)
     state: dict = {"blocks": []}
-    mixer_mod = delta_mixer if cfg.mixer in DELTA_MIXERS else attention
-    for k in k_layers:
+    norm_init = functools.partial(rms_norm_init, zero_centered=cfg.zero_centered_norm)
+    params["final_norm"] = norm_init(cfg.d_model)
+    for i, k in enumerate(k_layers):
         k_mix, k_ffn = jax.random.split(k)
-        block = {"norm1": rms_norm_init(cfg.d_model), "norm2": rms_norm_init(cfg.d_model),
-                 "mixer": mixer_mod.init(k_mix, cfg.mixer_config)}
-        if cfg.ffn == "moe":
+        mixer_mod = delta_mixer if cfg.mixers[i] in DELTA_MIXERS else attention
+        block = {"norm1": norm_init(cfg.d_model), "norm2": norm_init(cfg.d_model),
+                 "mixer": mixer_mod.init(k_mix, cfg.mixer_config(i))}
+        if cfg.ffns[i] == "moe":
             block["ffn"], moe_state = moe_layer.init(k_ffn, cfg.moe_config)
         else:
-            block["ffn"], moe_state = ffn.init(k_ffn, cfg.d_model, cfg.d_ff), {}
+            block["ffn"], moe_state = ffn.init(k_ffn, cfg.d_model, cfg.dense_d_ff or cfg.d_ff), {}
         params["blocks"].append(block)
         state["blocks"].append(moe_state)
     return params, state
@@ -207,14 +268,21 @@ def _check_tokens(tokens: Array, cfg: LMConfig, *, offset: int = 0) -> None:
                          f"max_seq_len={cfg.max_seq_len}")
 
 
-def _mixer(block_params, h, cfg, cache):
-    if cfg.mixer in DELTA_MIXERS:
-        return delta_mixer.apply(block_params, h, cfg=cfg.mixer_config, cache=cache)
-    return attention.apply(block_params, h, cfg=cfg.mixer_config, cache=cache)
+def norm(params: dict, h: Array, cfg: LMConfig) -> Array:
+    """The model's RMSNorm (zero-centred `(1 + w)` scale when `cfg.zero_centered_norm`)."""
+    return rms_norm(params, h, eps=cfg.norm_eps, zero_centered=cfg.zero_centered_norm)
 
 
-def _ffn(block_params, moe_state, h, cfg, *, train, rng):
-    if cfg.ffn == "dense":
+def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=None):
+    """Layer `layer`'s token mixer on normed inputs `h` `[B, T, d]` → `(y, new_cache)`."""
+    mod = delta_mixer if cfg.mixers[layer] in DELTA_MIXERS else attention
+    return mod.apply(block_params, h, cfg=cfg.mixer_config(layer), cache=cache)
+
+
+def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, layer: int, *,
+              train: bool, rng: Array | None):
+    """Layer `layer`'s FFN on normed inputs → `(y, new_moe_state, aux or None)`."""
+    if cfg.ffns[layer] == "dense":
         return ffn.apply(block_params, h), moe_state, None
     return moe_layer.moe_apply(block_params, moe_state, h, cfg=cfg.moe_config, train=train,
                                rng=rng)
@@ -225,19 +293,19 @@ def _forward(params, state, tokens, cfg, *, train, rng, caches=None):
     h = params["embed"][tokens].astype(cfg.compute_dtype)
     new_blocks, new_caches, auxes = [], [], []
     for i, block in enumerate(params["blocks"]):
-        y, cache = _mixer(block["mixer"], rms_norm(block["norm1"], h, eps=cfg.norm_eps), cfg,
-                          None if caches is None else caches[i])
+        y, cache = mixer_apply(block["mixer"], norm(block["norm1"], h, cfg), cfg, i,
+                               None if caches is None else caches[i])
         h = h + y
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
-        y, moe_state, aux = _ffn(block["ffn"], state["blocks"][i],
-                                 rms_norm(block["norm2"], h, eps=cfg.norm_eps), cfg,
-                                 train=train, rng=layer_rng)
+        y, moe_state, aux = ffn_apply(block["ffn"], state["blocks"][i],
+                                      norm(block["norm2"], h, cfg), cfg, i, train=train,
+                                      rng=layer_rng)
         h = h + y
         new_blocks.append(moe_state)
         new_caches.append(cache)
         if aux is not None:
             auxes.append(aux)
-    h = rms_norm(params["final_norm"], h, eps=cfg.norm_eps)
+    h = norm(params["final_norm"], h, cfg)
     return h, {**state, "blocks": new_blocks}, _merge_aux(auxes), new_caches
 
 
@@ -318,11 +386,10 @@ def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: boo
 def init_cache(cfg: LMConfig, batch: int, max_len: int | None = None) -> list:
     """Per-layer decode caches for a fresh batch of sequences."""
     max_len = cfg.max_seq_len if max_len is None else max_len
-    if cfg.mixer in DELTA_MIXERS:
-        return [delta_mixer.init_cache(cfg.mixer_config, batch, cfg.compute_dtype)
-                for _ in range(cfg.num_layers)]
-    return [attention.init_cache(cfg.mixer_config, batch, max_len, cfg.compute_dtype)
-            for _ in range(cfg.num_layers)]
+    return [delta_mixer.init_cache(cfg.mixer_config(i), batch, cfg.compute_dtype)
+            if m in DELTA_MIXERS else
+            attention.init_cache(cfg.mixer_config(i), batch, max_len, cfg.compute_dtype)
+            for i, m in enumerate(cfg.mixers)]
 
 
 def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMConfig
@@ -344,19 +411,22 @@ def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LM
     Delta mixers advance with `delta_rule_step` (the recurrent form), softmax mixers append to
     their KV cache.
     """
-    if cfg.mixer not in DELTA_MIXERS:
-        return prefill(params, state, token[:, None], cache, cfg=cfg)
     h = params["embed"][token].astype(cfg.compute_dtype)
     new_caches = []
     for i, block in enumerate(params["blocks"]):
-        y, c = delta_mixer.step(block["mixer"], rms_norm(block["norm1"], h, eps=cfg.norm_eps),
-                                cache[i], cfg=cfg.mixer_config)
+        x = norm(block["norm1"], h, cfg)
+        if cfg.mixers[i] in DELTA_MIXERS:
+            y, c = delta_mixer.step(block["mixer"], x, cache[i], cfg=cfg.mixer_config(i))
+        else:
+            y, c = attention.apply(block["mixer"], x[:, None], cfg=cfg.mixer_config(i),
+                                   cache=cache[i])
+            y = y[:, 0]
         h = h + y
-        y, _, _ = _ffn(block["ffn"], state["blocks"][i],
-                       rms_norm(block["norm2"], h, eps=cfg.norm_eps), cfg, train=False, rng=None)
+        y, _, _ = ffn_apply(block["ffn"], state["blocks"][i], norm(block["norm2"], h, cfg), cfg,
+                            i, train=False, rng=None)
         h = h + y
         new_caches.append(c)
-    h = rms_norm(params["final_norm"], h, eps=cfg.norm_eps)
+    h = norm(params["final_norm"], h, cfg)
     return logits_from_hidden(params, h, cfg), new_caches
 
 
