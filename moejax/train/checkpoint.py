@@ -189,3 +189,60 @@ class Checkpointer:
         """Waits for pending saves and releases the manager."""
         self._manager.wait_until_finished()
         self._manager.close()
+
+
+MODEL_CONFIG = "model_config.json"
+MODEL_PARAMS = "model"
+
+
+def save_model(directory: str | Path, model_cfg: Any, params: Any, model_state: Any, *,
+               info: Mapping[str, Any] | None = None) -> Path:
+    """Writes a model directory: `model_config.json` (config + `info`) and the orbax tree
+    `{"params", "state"}` under `model/`. What `train_lm --init_from=DIR` and `load_model` read.
+
+    The tree is written by orbax (temporary directory, renamed when complete), and the config
+    last, so a directory with a config always holds a complete model.
+
+    Raises:
+      ValueError: `directory` already holds a model.
+    """
+    directory = Path(directory).absolute()
+    if (directory / MODEL_CONFIG).exists() or (directory / MODEL_PARAMS).exists():
+        raise ValueError(f"{directory} already holds a model; use another directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / MODEL_PARAMS, {"params": params, "state": model_state})
+        ckptr.wait_until_finished()
+    text = json.dumps({"model": config_to_json(model_cfg), "info": dict(info or {})}, indent=2)
+    tmp = directory / (MODEL_CONFIG + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(directory / MODEL_CONFIG)
+    return directory
+
+
+def load_model(directory: str | Path, config_cls: type, init: Any) -> tuple[Any, Any, Any, dict]:
+    """Reads a model directory written by `save_model`.
+
+    Args:
+      directory: the directory.
+      config_cls: the model config class (e.g. `moejax.models.lm.LMConfig`), built from the
+        saved JSON.
+      init: `init(key, model_cfg) -> (params, model_state)` of the model (only its shapes are
+        used, via `jax.eval_shape`, as the restore target).
+
+    Returns:
+      `(model_cfg, params, model_state, info)` with arrays on the default device.
+
+    Raises:
+      ValueError: `directory` holds no complete model.
+    """
+    directory = Path(directory).absolute()
+    if not (directory / MODEL_CONFIG).exists():
+        raise ValueError(f"{directory} holds no model ({MODEL_CONFIG} is missing); write one "
+                         "with experiments.convert_hf or moejax.train.checkpoint.save_model")
+    saved = json.loads((directory / MODEL_CONFIG).read_text())
+    model_cfg = config_cls(**saved["model"])
+    params, state = jax.eval_shape(init, jax.random.key(0), model_cfg)
+    with ocp.StandardCheckpointer() as ckptr:
+        tree = ckptr.restore(directory / MODEL_PARAMS, {"params": params, "state": state})
+    return model_cfg, tree["params"], tree["state"], saved.get("info", {})

@@ -1,0 +1,193 @@
+"""Hugging Face tensor names and layouts ↔ moejax LM params (Mixtral, Qwen3-MoE, Qwen3-Next).
+
+HF linear weights are `[out, in]`; ours are `[in, out]`, so most tensors are transposed. The
+non-trivial layouts:
+
+  * Qwen3-Next attention `q_proj` `[H·2·Dh, d]` holds, per head, the query rows then the output
+    gate rows: ours are `w_q` and `w_gate`.
+  * Qwen3-Next GDN `in_proj_qkvz` `[Hk·(2·Dk + 2·r·Dv), d]` holds, per key head, q, k, then the r
+    value heads' v and z rows (r = H / Hk); `in_proj_ba` `[Hk·2r, d]` holds per key head the r
+    beta rows then the r decay rows. `conv1d.weight` `[2·Hk·Dk + H·Dv, 1, K]` convolves the
+    concatenation [q | k | v]: ours are three `[K, channels]` convs.
+  * Experts are stored one tensor per expert (`experts.{e}.w1/w3/w2` in Mixtral,
+    `experts.{e}.gate_proj/up_proj/down_proj` in Qwen), the layout of the published checkpoints.
+
+`params_from_hf(get, cfg, model_type)` reads through `get(name, shape)`, which must return the
+tensor with that exact shape or raise; `hf_from_params` is its exact inverse.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from moejax.models.lm import DELTA_MIXERS, LMConfig
+
+Getter = Callable[[str, tuple[int, ...]], np.ndarray]
+
+_EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
+                 "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
+                 "qwen3_next": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _moe_prefix(model_type: str, i: int) -> str:
+    return f"model.layers.{i}." + ("block_sparse_moe" if model_type == "mixtral" else "mlp")
+
+
+# ----------------------------------------------------------------------------- HF → moejax
+
+
+def params_from_hf(get: Getter, cfg: LMConfig, model_type: str) -> dict:
+    """moejax params (float32 numpy leaves) from HF tensors; see the module docstring."""
+    d, V = cfg.d_model, cfg.vocab_size
+    lin = lambda name, out, inp: get(name, (out, inp)).T
+    vec = lambda name, n: get(name, (n,))
+    params: dict = {"embed": get("model.embed_tokens.weight", (V, d)),
+                    "final_norm": {"scale": vec("model.norm.weight", d)}, "blocks": []}
+    if not cfg.tie_embeddings:
+        params["unembed"] = lin("lm_head.weight", V, d)
+    for i in range(cfg.num_layers):
+        pre = f"model.layers.{i}."
+        block = {"norm1": {"scale": vec(pre + "input_layernorm.weight", d)},
+                 "norm2": {"scale": vec(pre + "post_attention_layernorm.weight", d)}}
+        if cfg.mixers[i] in DELTA_MIXERS:
+            block["mixer"] = _gdn_from_hf(get, cfg.mixer_config(i), pre + "linear_attn.")
+        else:
+            block["mixer"] = _attn_from_hf(get, cfg.mixer_config(i), pre + "self_attn.")
+        if cfg.ffns[i] == "moe":
+            block["ffn"] = _moe_from_hf(get, cfg, model_type, _moe_prefix(model_type, i) + ".")
+        else:
+            block["ffn"] = _swiglu_from_hf(get, pre + "mlp.", d, cfg.dense_d_ff or cfg.d_ff)
+        params["blocks"].append(block)
+    return params
+
+
+def _swiglu_from_hf(get: Getter, pre: str, d: int, f: int) -> dict:
+    return {"w_gate": get(pre + "gate_proj.weight", (f, d)).T,
+            "w_up": get(pre + "up_proj.weight", (f, d)).T,
+            "w_down": get(pre + "down_proj.weight", (d, f)).T}
+
+
+def _attn_from_hf(get: Getter, a, pre: str) -> dict:
+    d, H, Hkv, Dh = a.d_model, a.num_heads, a.kv_heads, a.head_dim
+    p = {"w_k": get(pre + "k_proj.weight", (Hkv * Dh, d)).T,
+         "w_v": get(pre + "v_proj.weight", (Hkv * Dh, d)).T,
+         "w_out": get(pre + "o_proj.weight", (d, H * Dh)).T}
+    if a.gated:  # per head: Dh query rows, then Dh gate rows
+        qg = get(pre + "q_proj.weight", (H * 2 * Dh, d)).reshape(H, 2, Dh, d)
+        p["w_q"] = qg[:, 0].reshape(H * Dh, d).T
+        p["w_gate"] = qg[:, 1].reshape(H * Dh, d).T
+    else:
+        p["w_q"] = get(pre + "q_proj.weight", (H * Dh, d)).T
+    if a.qk_norm:
+        p["q_norm"] = {"scale": get(pre + "q_norm.weight", (Dh,))}
+        p["k_norm"] = {"scale": get(pre + "k_norm.weight", (Dh,))}
+    return p
+
+
+def _gdn_from_hf(get: Getter, m, pre: str) -> dict:
+    d, H, Hk, Dk, Dv, K = (m.d_model, m.num_heads, m.key_heads, m.head_dim, m.value_dim,
+                           m.conv_size)
+    r = H // Hk
+    qkvz = get(pre + "in_proj_qkvz.weight", (Hk * (2 * Dk + 2 * r * Dv), d))
+    q, k, v, z = np.split(qkvz.reshape(Hk, 2 * Dk + 2 * r * Dv, d),
+                          np.cumsum([Dk, Dk, r * Dv]), axis=1)
+    ba = get(pre + "in_proj_ba.weight", (Hk * 2 * r, d)).reshape(Hk, 2 * r, d)
+    conv = get(pre + "conv1d.weight", (2 * Hk * Dk + H * Dv, 1, K))[:, 0].T  # [K, C]
+    cq, ck, cv = np.split(conv, [Hk * Dk, 2 * Hk * Dk], axis=1)
+    flat = lambda w: w.reshape(-1, d).T
+    return {"w_q": flat(q), "w_k": flat(k), "w_v": flat(v), "w_og": flat(z),
+            "conv_q": {"w": cq}, "conv_k": {"w": ck}, "conv_v": {"w": cv},
+            "w_beta": flat(ba[:, :r]), "w_a": flat(ba[:, r:]),
+            "A_log": get(pre + "A_log", (H,)), "dt_bias": get(pre + "dt_bias", (H,)),
+            "o_norm": {"scale": get(pre + "norm.weight", (Dv,))},
+            "w_out": get(pre + "out_proj.weight", (d, H * Dv)).T}
+
+
+def _moe_from_hf(get: Getter, cfg: LMConfig, model_type: str, pre: str) -> dict:
+    d, E, f = cfg.d_model, cfg.num_experts, cfg.d_ff
+    g, u, o = _EXPERT_NAMES[model_type]
+    ex = lambda name, shape: np.stack(
+        [get(f"{pre}experts.{e}.{name}.weight", shape).T for e in range(E)])
+    p = {"router": {"w_g": get(pre + "gate.weight", (E, d))},
+         "experts": {"w_gate": ex(g, (f, d)), "w_up": ex(u, (f, d)), "w_down": ex(o, (d, f))}}
+    if cfg.num_shared:
+        s = _swiglu_from_hf(get, pre + "shared_expert.", d, cfg.d_ff_shared or f)
+        p["shared"] = {"bank": {k: w[None] for k, w in s.items()},
+                       "gate": get(pre + "shared_expert_gate.weight", (1, d))[0]}
+    return p
+
+
+# ----------------------------------------------------------------------------- moejax → HF
+
+
+def hf_from_params(params: dict, cfg: LMConfig, model_type: str) -> dict[str, np.ndarray]:
+    """HF tensors (contiguous numpy, params' dtype) of moejax params: the inverse of
+    `params_from_hf`."""
+    out: dict[str, np.ndarray] = {"model.embed_tokens.weight": params["embed"],
+                                  "model.norm.weight": params["final_norm"]["scale"]}
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = params["unembed"].T
+    for i, block in enumerate(params["blocks"]):
+        pre = f"model.layers.{i}."
+        out[pre + "input_layernorm.weight"] = block["norm1"]["scale"]
+        out[pre + "post_attention_layernorm.weight"] = block["norm2"]["scale"]
+        if cfg.mixers[i] in DELTA_MIXERS:
+            out.update(_gdn_to_hf(block["mixer"], cfg.mixer_config(i), pre + "linear_attn."))
+        else:
+            out.update(_attn_to_hf(block["mixer"], cfg.mixer_config(i), pre + "self_attn."))
+        if cfg.ffns[i] == "moe":
+            out.update(_moe_to_hf(block["ffn"], model_type, _moe_prefix(model_type, i) + "."))
+        else:
+            out.update(_swiglu_to_hf(block["ffn"], pre + "mlp."))
+    return {k: np.ascontiguousarray(np.asarray(v)) for k, v in out.items()}
+
+
+def _swiglu_to_hf(p: dict, pre: str) -> dict:
+    return {pre + "gate_proj.weight": p["w_gate"].T, pre + "up_proj.weight": p["w_up"].T,
+            pre + "down_proj.weight": p["w_down"].T}
+
+
+def _attn_to_hf(p: dict, a, pre: str) -> dict:
+    d, H, Dh = a.d_model, a.num_heads, a.head_dim
+    out = {pre + "k_proj.weight": p["w_k"].T, pre + "v_proj.weight": p["w_v"].T,
+           pre + "o_proj.weight": p["w_out"].T}
+    if a.gated:
+        qg = np.stack([np.asarray(p["w_q"]).T.reshape(H, Dh, d),
+                       np.asarray(p["w_gate"]).T.reshape(H, Dh, d)], axis=1)
+        out[pre + "q_proj.weight"] = qg.reshape(H * 2 * Dh, d)
+    else:
+        out[pre + "q_proj.weight"] = p["w_q"].T
+    if a.qk_norm:
+        out[pre + "q_norm.weight"] = p["q_norm"]["scale"]
+        out[pre + "k_norm.weight"] = p["k_norm"]["scale"]
+    return out
+
+
+def _gdn_to_hf(p: dict, m, pre: str) -> dict:
+    d, Hk = m.d_model, m.key_heads
+    rows = lambda w: np.asarray(w).T.reshape(Hk, -1, d)  # [in, Hk·n] → [Hk, n, d]
+    qkvz = np.concatenate([rows(p["w_q"]), rows(p["w_k"]), rows(p["w_v"]), rows(p["w_og"])], 1)
+    ba = np.concatenate([rows(p["w_beta"]), rows(p["w_a"])], axis=1)
+    conv = np.concatenate([p["conv_q"]["w"], p["conv_k"]["w"], p["conv_v"]["w"]], axis=1)
+    return {pre + "in_proj_qkvz.weight": qkvz.reshape(-1, d),
+            pre + "in_proj_ba.weight": ba.reshape(-1, d),
+            pre + "conv1d.weight": np.asarray(conv).T[:, None, :],
+            pre + "A_log": p["A_log"], pre + "dt_bias": p["dt_bias"],
+            pre + "norm.weight": p["o_norm"]["scale"], pre + "out_proj.weight": p["w_out"].T}
+
+
+def _moe_to_hf(p: dict, model_type: str, pre: str) -> dict:
+    g, u, o = _EXPERT_NAMES[model_type]
+    out = {pre + "gate.weight": p["router"]["w_g"]}
+    bank = p["experts"]
+    for e in range(bank["w_up"].shape[0]):
+        out[f"{pre}experts.{e}.{g}.weight"] = bank["w_gate"][e].T
+        out[f"{pre}experts.{e}.{u}.weight"] = bank["w_up"][e].T
+        out[f"{pre}experts.{e}.{o}.weight"] = bank["w_down"][e].T
+    if "shared" in p:
+        out.update(_swiglu_to_hf({k: w[0] for k, w in p["shared"]["bank"].items()},
+                                 pre + "shared_expert."))
+        out[pre + "shared_expert_gate.weight"] = np.asarray(p["shared"]["gate"])[None]
+    return out
