@@ -8,7 +8,14 @@ Python's standard-library sources) or --data=GLOB, byte-level; its val split is 
 validation loss and bits per byte. Writes DIR/metrics.jsonl, DIR/checkpoints, DIR/tensorboard
 and DIR/*.png; rerunning with the same DIR resumes from the latest checkpoint and continues the
 same trajectory (a DIR holding a run with other settings is refused). Ends by printing a sample.
+
+--init_from=MODEL_DIR fine-tunes a saved model instead of a fresh preset: a directory written by
+`experiments.convert_hf` (a converted Hugging Face checkpoint) or `checkpoint.save_model`; its
+config replaces --preset and the model flags. The data stay byte-level (ids < 256), so the
+model's vocabulary must hold at least 256 ids.
 """
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +23,7 @@ from absl import app, flags, logging
 
 from moejax import data
 from moejax.models import lm
-from moejax.train import loop
+from moejax.train import checkpoint, loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; resumed if it holds a run.",
                                required=True)
@@ -39,6 +46,8 @@ _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Validation batches per 
 _CKPT_EVERY = flags.DEFINE_integer("ckpt_every", 200, "Steps between checkpoints (0: at end).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of init, dropout-like noise and data order.")
 _SAMPLE_TOKENS = flags.DEFINE_integer("sample_tokens", 256, "Bytes to sample at the end (0: no).")
+_INIT_FROM = flags.DEFINE_string("init_from", None, "Model directory to fine-tune (from "
+                                 "experiments.convert_hf); replaces --preset and model flags.")
 
 _MODEL_FLAGS = (_MIXER, _FFN, _ROUTER, _NUM_EXPERTS, _TOP_K)
 
@@ -49,15 +58,28 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # progress goes to the bar; keep orbax's INFO quiet
     try:  # every bad flag, and empty or unreadable --data, fails here, before any training
         overrides = {f.name: f.value for f in _MODEL_FLAGS if f.value is not None}
-        model_cfg = lm.get_preset(_PRESET.value, **overrides)
+        init_params, data_info = None, {}
+        if _INIT_FROM.value is not None:
+            given = [f"--{f.name}" for f in (_PRESET, *_MODEL_FLAGS) if flags.FLAGS[f.name].present]
+            if given:
+                raise ValueError(f"--init_from sets the model; drop {', '.join(given)}")
+            model_cfg, params, model_state, _ = checkpoint.load_model(
+                _INIT_FROM.value, lm.LMConfig, lm.init)
+            if model_cfg.vocab_size < 256:
+                raise ValueError(f"--init_from model has vocab_size={model_cfg.vocab_size}; "
+                                 "byte-level data needs >= 256")
+            init_params = (params, model_state)
+            data_info["init_from"] = os.path.abspath(_INIT_FROM.value)
+        else:
+            model_cfg = lm.get_preset(_PRESET.value, **overrides)
         train_cfg = loop.TrainConfig(
             steps=_STEPS.value, lr=_LR.value, warmup_steps=_WARMUP.value,
             batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value, log_every=_LOG_EVERY.value,
             eval_every=_EVAL_EVERY.value, eval_batches=_EVAL_BATCHES.value,
             ckpt_every=_CKPT_EVERY.value, seed=_SEED.value)
         if train_cfg.seq_len > model_cfg.max_seq_len:
-            raise ValueError(f"--seq_len={train_cfg.seq_len} exceeds the {_PRESET.value!r} "
-                             f"model's max_seq_len={model_cfg.max_seq_len}")
+            raise ValueError(f"--seq_len={train_cfg.seq_len} exceeds the model's "
+                             f"max_seq_len={model_cfg.max_seq_len}")
         if _SAMPLE_TOKENS.value < 0:
             raise ValueError(f"--sample_tokens must be >= 0, got {_SAMPLE_TOKENS.value}")
         corpus = data.CorpusConfig(data_glob=_DATA.value)
@@ -73,7 +95,8 @@ def main(argv):
         raise app.UsageError(str(e)) from e
 
     result = loop.run(model_cfg, train_cfg, _WORKDIR.value, train_data=train_data,
-                      val_data=lambda: batches("val"), data_info={"corpus": corpus})
+                      val_data=lambda: batches("val"),
+                      data_info={"corpus": corpus, **data_info}, init_params=init_params)
 
     prompt = jnp.asarray(data.encode("def "), jnp.int32)[None]
     new_tokens = min(_SAMPLE_TOKENS.value, model_cfg.max_seq_len - prompt.shape[1])
@@ -81,7 +104,9 @@ def main(argv):
         tokens = lm.generate(result.state.params, result.state.model_state, prompt,
                              cfg=model_cfg, key=jax.random.key(train_cfg.seed),
                              max_new_tokens=new_tokens, temperature=0.8, top_p=0.95)
-        print(f"\nSample after step {result.step}:\n{data.decode(tokens[0])}\n")
+        sample = (data.decode(tokens[0]) if model_cfg.vocab_size == 256
+                  else " ".join(map(str, tokens[0].tolist())))
+        print(f"\nSample after step {result.step}:\n{sample}\n")
     print(f"Metrics: {result.metrics_path}")
     for path in result.plot_paths:
         print(f"Plot: {path}")

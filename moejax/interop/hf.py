@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from pathlib import Path
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from moejax.interop import hf_config, hf_weights
@@ -105,7 +106,7 @@ def load_hf(hf_dir: str | os.PathLike, *, dtype: str = "float32",
     tensors = _Tensors(hf_dir, hf["model_type"], _declared_dtype(hf))
     params = hf_weights.params_from_hf(tensors.get, cfg, hf["model_type"])
     tensors.check_all_used()
-    params = jax.tree.map(lambda a: np.asarray(a, dtype=dtype), params)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     _check_tree(params, cfg)
     state = jax.jit(lambda k: lm.init(k, cfg)[1])(jax.random.key(0))  # router state only
     return cfg, params, state, hf

@@ -151,19 +151,17 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     next_ = model_type == "qwen3_next"
     want = {"router": "topk", "qk_norm": model_type != "mixtral", "zero_centered_norm": next_,
             "num_shared": 1 if next_ else 0, "shared_gate": next_, "allow_neg_eigval": False}
-    if not next_:
-        want["mixer"] = "softmax"
-        want["layer_mixers"] = ()
-    if model_type == "mixtral":
-        want["layer_ffns"] = ()
-        want["ffn"] = "moe"
     bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items()
            if getattr(cfg, k) != v]
+    mixers = {"gated_deltanet", "gated_softmax"} if next_ else {"softmax"}
+    if set(cfg.mixers) - mixers:
+        bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs {sorted(mixers)})")
+    if next_ and not {"gated_deltanet", "gated_softmax"} <= set(cfg.mixers):
+        bad.append("Qwen3-Next needs both gated_deltanet and gated_softmax layers")
+    if model_type == "mixtral" and "dense" in cfg.ffns:
+        bad.append("dense FFN layers (Mixtral has MoE on every layer)")
     if model_type == "mixtral" and not renormalize:
         bad.append("router_kwargs renormalize=False (Mixtral renormalises the top-k weights)")
-    if next_ and set(cfg.mixers) - {"gated_deltanet", "gated_softmax"}:
-        bad.append(f"layer_mixers={cfg.mixers} (Qwen3-Next has gated_deltanet and "
-                   "gated_softmax layers)")
     if bad:
         raise ValueError(f"this model cannot be exported as {model_type}: " + "; ".join(bad))
     attn = cfg.mixer_config(cfg.mixers.index("gated_softmax") if next_ else 0)

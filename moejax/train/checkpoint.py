@@ -242,7 +242,7 @@ def load_model(directory: str | Path, config_cls: type, init: Any) -> tuple[Any,
                          "with experiments.convert_hf or moejax.train.checkpoint.save_model")
     saved = json.loads((directory / MODEL_CONFIG).read_text())
     model_cfg = config_cls(**saved["model"])
-    params, state = jax.eval_shape(init, jax.random.key(0), model_cfg)
+    params, state = jax.eval_shape(lambda key: init(key, model_cfg), jax.random.key(0))
     with ocp.StandardCheckpointer() as ckptr:
         tree = ckptr.restore(directory / MODEL_PARAMS, {"params": params, "state": state})
     return model_cfg, tree["params"], tree["state"], saved.get("info", {})

@@ -307,6 +307,7 @@ def run(
     model: Model | None = None,
     mesh: Mesh | None = None,
     progress: bool = True,
+    init_params: tuple[PyTree, PyTree] | None = None,
 ) -> RunResult:
     """Trains `model` for `train_cfg.steps` steps in `workdir`, resuming from its checkpoints.
 
@@ -324,6 +325,10 @@ def run(
       model: object with `init`/`loss_fn`; default `moejax.models.lm`.
       mesh: mesh with a `"data"` axis; default `default_mesh(batch_size)`.
       progress: show the tqdm bar.
+      init_params: `(params, model_state)` to start a fresh run from (fine-tuning, e.g. a model
+        converted by `experiments.convert_hf`) instead of `model.init`; must have `model.init`'s
+        structure and shapes. Ignored when resuming (the checkpoint holds the trained params);
+        record where they came from in `data_info` so a resume checks it.
 
     Returns:
       a `RunResult`.
@@ -378,6 +383,8 @@ def run(
     init_key, train_key, eval_key = jax.random.split(root_key, 3)
     if not start:
         state = jax.jit(init_fn, out_shardings=replicated)(init_key)
+        if init_params is not None:
+            state = _start_from(state, init_params, optimizer, replicated)
 
     # Writers.
     writer = log_lib.MetricsWriter(workdir, start_step=start, total_steps=train_cfg.steps,
@@ -484,6 +491,25 @@ def load_checkpoint(workdir: str | Path, model_cfg: Any, *, model: Model | None 
     tree, _ = ckpt.restore(step, target)
     ckpt.close()
     return tree["state"], saved
+
+
+def _start_from(fresh: TrainState, init_params: tuple[PyTree, PyTree],
+                optimizer: optax.GradientTransformation, sharding: NamedSharding) -> TrainState:
+    """`fresh` with its params and model state replaced by `init_params` (shapes checked)."""
+    params, model_state = init_params
+    for name, want, got in (("params", fresh.params, params),
+                            ("model_state", fresh.model_state, model_state)):
+        if jax.tree.structure(want) != jax.tree.structure(got):
+            raise ValueError(f"init_params: {name} do not have the model's tree structure")
+        for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                                strict=True):
+            if w.shape != g.shape:
+                raise ValueError(f"init_params: {name}{jax.tree_util.keystr(path)} has shape "
+                                 f"{g.shape}, the model needs {w.shape}")
+    params = jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), fresh.params, params)
+    params, model_state = jax.device_put((params, model_state), sharding)
+    return dataclasses.replace(fresh, params=params, model_state=model_state,
+                               opt_state=jax.jit(optimizer.init, out_shardings=sharding)(params))
 
 
 def _checkpoint_tree(state: TrainState, root_key: Array) -> dict[str, Any]:

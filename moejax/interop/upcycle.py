@@ -1,0 +1,130 @@
+"""Upcycling a trained LM's parts into this research line's, starting (almost) where it was.
+
+  to_qdelta(params, cfg, lam_init)        Gated DeltaNet → gated Q-Delta (DeltaNet → Q-Delta):
+                                          W_λ = 0 and b_λ set so that λ = lam_init on every
+                                          token; λ → 0 recovers the original layer exactly.
+  to_star(params, state, cfg, mix_init)   top-k router → STAR: the learned gate keeps W_g and
+                                          σ(a) = mix_init (near 1), R = I; V starts random and
+                                          `gha_warmup` moves it onto the principal subspace of
+                                          each MoE layer's inputs with forward passes over data.
+
+Both return a new config and new trees and never touch the inputs. `logit_difference` reports how
+far the upcycled model starts from the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.models import lm
+from moejax.routers import star
+
+Array = jax.Array
+
+QDELTA_OF = {"gated_deltanet": "gated_qdelta", "deltanet": "qdelta"}
+_STAR_FIELDS = {f.name for f in dataclasses.fields(star.Config)}
+
+
+def _logit(p: float) -> float:
+    return math.log(p) - math.log1p(-p)
+
+
+def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
+              ) -> tuple[lm.LMConfig, dict]:
+    """Turns every (Gated) DeltaNet layer into (gated) Q-Delta with λ ≡ `lam_init` at start.
+
+    Raises:
+      ValueError: `lam_init` not in (0, 1) (with `allow_neg_eigval`: (0, 2)), or the model has
+        no DeltaNet / Gated DeltaNet layer.
+    """
+    scale = 2.0 if cfg.allow_neg_eigval else 1.0
+    if not 0.0 < lam_init < scale:
+        raise ValueError(f"lam_init must be in (0, {scale:g}), got {lam_init}")
+    layers = [i for i, m in enumerate(cfg.mixers) if m in QDELTA_OF]
+    if not layers:
+        raise ValueError(f"no deltanet / gated_deltanet layer to turn into Q-Delta; this "
+                         f"model's layers are {sorted(set(cfg.mixers))}")
+    mixers = tuple(QDELTA_OF.get(m, m) for m in cfg.mixers)
+    new_cfg = dataclasses.replace(cfg, layer_mixers=mixers, mixer=mixers[0])
+    b_lam = _logit(lam_init / scale) + 0.9  # λ = scale · σ(W_λ h + b_λ − 0.9)
+    blocks = list(params["blocks"])
+    for i in layers:
+        mixer = dict(blocks[i]["mixer"])
+        H = new_cfg.mixer_config(i).num_heads
+        mixer["w_lam"] = jnp.zeros((cfg.d_model, H), jnp.asarray(mixer["w_beta"]).dtype)
+        mixer["b_lam"] = jnp.full((H,), b_lam, jnp.float32)
+        blocks[i] = {**blocks[i], "mixer": mixer}
+    return new_cfg, {**params, "blocks": blocks}
+
+
+def to_star(params: dict, state: dict, cfg: lm.LMConfig, *, mix_init: float = 0.999,
+            eta: float = 2e-5, key: Array | None = None) -> tuple[lm.LMConfig, dict, dict]:
+    """Turns the top-k routers of every MoE layer into STAR routers.
+
+    The learned gate keeps `W_g`; `a = logit(mix_init)` so the subspace term starts with weight
+    `1 − mix_init`; `P = 0` (R = I); `V` is STAR's random orthonormal init (run `gha_warmup`).
+    Router options STAR shares (renormalize, load_balance_weight) carry over.
+
+    Raises:
+      ValueError: `mix_init` not in (0, 1), the model has no MoE layer, or its router is not
+        "topk".
+    """
+    if not 0.0 < mix_init < 1.0:
+        raise ValueError(f"mix_init must be in (0, 1), got {mix_init}")
+    if cfg.moe_config is None:
+        raise ValueError("router_override=star needs MoE layers; this model has none")
+    if cfg.router != "topk":
+        raise ValueError(f"router_override=star upcycles a 'topk' router, got {cfg.router!r}")
+    kwargs = {k: v for k, v in cfg.router_kwargs if k in _STAR_FIELDS}
+    new_cfg = dataclasses.replace(cfg, router="star",
+                                  router_kwargs=tuple(sorted({**kwargs, "eta": eta}.items())))
+    key = jax.random.key(0) if key is None else key
+    blocks, states = list(params["blocks"]), list(state["blocks"])
+    for i, kind in enumerate(cfg.ffns):
+        if kind != "moe":
+            continue
+        r_params, r_state = star.init(jax.random.fold_in(key, i), new_cfg.moe_config.router_config)
+        w_g = blocks[i]["ffn"]["router"]["w_g"]
+        r_params = {**r_params, "w_g": w_g,
+                    "a": jnp.full_like(r_params["a"], _logit(mix_init))}
+        blocks[i] = {**blocks[i], "ffn": {**blocks[i]["ffn"], "router": r_params}}
+        states[i] = {**states[i], "router": r_state}
+    return new_cfg, {**params, "blocks": blocks}, {**state, "blocks": states}
+
+
+def gha_warmup(params: dict, state: dict, cfg: lm.LMConfig, batches: Iterable[Array], *,
+               eta: float = 1e-3) -> dict:
+    """Moves every STAR router's `V` toward its layer's input subspace: one GHA step per layer
+    per batch, by forward passes in training mode with step size `eta` (params unchanged).
+
+    Returns:
+      the new model state.
+    """
+    if cfg.router != "star":
+        raise ValueError(f"gha_warmup needs STAR routers, got {cfg.router!r}")
+    warm = dataclasses.replace(
+        cfg, router_kwargs=tuple(sorted({**dict(cfg.router_kwargs), "eta": eta}.items())))
+
+    @jax.jit
+    def step(state, tokens):
+        return lm.apply(params, state, tokens, cfg=warm, train=True)[1]
+
+    for tokens in batches:
+        state = step(state, jnp.asarray(tokens, jnp.int32))
+    return state
+
+
+def logit_difference(params_a: dict, state_a: dict, cfg_a: lm.LMConfig, params_b: dict,
+                     state_b: dict, cfg_b: lm.LMConfig, tokens: Array) -> dict[str, float]:
+    """Max and mean |logits_a − logits_b| on `tokens`, and the max relative to max |logits_a|."""
+    la = np.asarray(lm.apply(params_a, state_a, tokens, cfg=cfg_a)[0])
+    lb = np.asarray(lm.apply(params_b, state_b, tokens, cfg=cfg_b)[0])
+    diff = np.abs(la - lb)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()),
+            "max_rel": float(diff.max() / max(np.abs(la).max(), 1e-30))}

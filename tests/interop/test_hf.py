@@ -1,0 +1,217 @@
+"""HF interop against transformers itself: tiny random Mixtral / Qwen3-MoE / Qwen3-Next models
+saved with `save_pretrained`, converted, and compared (prefill logits, step-by-step decoding
+against HF's own cache), exported back exactly, and the conversion's bad inputs."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="HF interop tests need the 'hf' extra (torch)")
+transformers = pytest.importorskip("transformers",
+                                   reason="HF interop tests need the 'hf' extra (transformers)")
+
+from moejax.interop import export_hf, hf_config_from_lm, load_hf  # noqa: E402
+from moejax.models import lm  # noqa: E402
+from moejax.train import checkpoint  # noqa: E402
+
+ARCHS = ("mixtral", "qwen3_moe", "qwen3_next")
+COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128)
+
+
+def _hf_config(arch):
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4)
+    if arch == "qwen3_moe":  # layer 1 dense; top-k weights not renormalised
+        return transformers.Qwen3MoeConfig(**COMMON, head_dim=8, intermediate_size=40,
+                                           moe_intermediate_size=24, num_experts=4,
+                                           norm_topk_prob=False, mlp_only_layers=[1])
+    return transformers.Qwen3NextConfig(
+        **COMMON, head_dim=16, intermediate_size=40, moe_intermediate_size=24,
+        shared_expert_intermediate_size=16, num_experts=4, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+        mlp_only_layers=[2])
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory):
+    """arch → (directory, torch model): every weight randomised (norms and gates included)."""
+    out = {}
+    for i, arch in enumerate(ARCHS):
+        torch.manual_seed(i)
+        model = transformers.AutoModelForCausalLM.from_config(
+            _hf_config(arch), attn_implementation="eager").eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        path = tmp_path_factory.mktemp(arch)
+        model.save_pretrained(path)
+        out[arch] = (path, model)
+    return out
+
+
+def _tokens(B=2, T=19, seed=0):
+    return np.random.default_rng(seed).integers(0, COMMON["vocab_size"], (B, T))
+
+
+def _assert_rel(ours, ref, tol=1e-4):
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    err = np.abs(ours - ref).max() / np.abs(ref).max()
+    assert err < tol, f"relative logit error {err:.2e} >= {tol}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_logits_match_transformers(hf_models, arch):
+    path, model = hf_models[arch]
+    cfg, params, state, _ = load_hf(path)
+    toks = _tokens()
+    with torch.no_grad():
+        ref = model(torch.tensor(toks)).logits.numpy()
+    ours, _, _ = lm.apply(params, state, jnp.asarray(toks, jnp.int32), cfg=cfg)
+    _assert_rel(ours, ref)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_matches_transformers_cache(hf_models, arch):
+    """Prefill a prompt, then feed the rest one token at a time: HF with its own cache, moejax
+    with `decode_step`; the logits agree at every step."""
+    path, model = hf_models[arch]
+    cfg, params, state, _ = load_hf(path)
+    toks = _tokens(T=12, seed=1)
+    P = 5
+    with torch.no_grad():
+        out = model(torch.tensor(toks[:, :P]), use_cache=True)
+        cache, refs = out.past_key_values, [out.logits[:, -1].numpy()]
+        for t in range(P, toks.shape[1]):
+            out = model(torch.tensor(toks[:, t:t + 1]), past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            refs.append(out.logits[:, -1].numpy())
+    mj_cache = lm.init_cache(cfg, toks.shape[0], max_len=toks.shape[1])
+    logits, mj_cache = lm.prefill(params, state, jnp.asarray(toks[:, :P], jnp.int32), mj_cache,
+                                  cfg=cfg)
+    step = jax.jit(lambda tok, c: lm.decode_step(params, state, tok, c, cfg=cfg))
+    ours = [logits]
+    for t in range(P, toks.shape[1]):
+        logits, mj_cache = step(jnp.asarray(toks[:, t], jnp.int32), mj_cache)
+        ours.append(logits)
+    _assert_rel(np.stack(ours), np.stack(refs))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_round_trip_is_exact_and_transformers_reads_the_export(hf_models, arch, tmp_path):
+    path, model = hf_models[arch]
+    cfg, params, state, _ = load_hf(path)
+    export_hf(params, cfg, tmp_path / "out", model_type=arch)
+    cfg2, params2, _, _ = load_hf(tmp_path / "out")
+    assert cfg2 == cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 params, params2)
+    again = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation="eager").eval()
+    toks = torch.tensor(_tokens(T=9, seed=2))
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(toks).logits.numpy(), model(toks).logits.numpy())
+
+
+def test_convert_upcycle_finetune_export(hf_models, tmp_path):
+    """The script path: convert Qwen3-Next with both overrides (starting close to the original),
+    fine-tune it with train_lm --init_from, export the result, and read it with transformers."""
+    path, _ = hf_models["qwen3_next"]
+    model_dir, run_dir, out = tmp_path / "model", tmp_path / "run", tmp_path / "hf_out"
+    run = lambda *args: subprocess.run([sys.executable, "-m", *args], capture_output=True,
+                                       text=True, timeout=600)
+    res = run("experiments.convert_hf", f"--hf_dir={path}", f"--workdir={model_dir}",
+              "--mixer_override=gated_qdelta", "--router_override=star", "--gha_batches=2",
+              "--seq_len=16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads((model_dir / checkpoint.MODEL_CONFIG).read_text())["info"]
+    assert info["overrides"]["mixer"]["logit_difference"]["max_rel"] < 1e-4
+    assert info["overrides"]["router"]["logit_difference"]["max_rel"] < 0.1
+    cfg, _, state, _ = checkpoint.load_model(model_dir, lm.LMConfig, lm.init)
+    assert set(cfg.mixers) == {"gated_qdelta", "gated_softmax"} and cfg.router == "star"
+    assert state["blocks"][0]["router"]["v"].shape == (4, 32)
+    res = run("experiments.train_lm", f"--init_from={model_dir}", f"--workdir={run_dir}",
+              "--steps=2", "--batch_size=2", "--seq_len=16", "--warmup_steps=1",
+              "--eval_every=0", "--ckpt_every=0", "--sample_tokens=4")
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run("experiments.convert_hf", "--to_hf", f"--workdir={run_dir}", f"--hf_dir={out}")
+    # Q-Delta / STAR layers are not Qwen3-Next's: the export names what stands in the way.
+    assert res.returncode != 0 and "cannot be exported as qwen3_next" in res.stderr
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_rejects_missing_config_and_unsupported_model_type(hf_models, tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        load_hf(tmp_path)
+    d = _copy(hf_models["mixtral"][0], tmp_path / "m")
+    hf = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**hf, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="unsupported model_type 'llama'; supported: mixtral, "
+                                         "qwen3_moe, qwen3_next"):
+        load_hf(d)
+    (d / "config.json").write_text(json.dumps({**hf, "sliding_window": 64}))
+    with pytest.raises(ValueError, match="sliding_window=64 is not supported"):
+        load_hf(d)
+
+
+def _rewrite(d, fn):
+    from safetensors.numpy import load_file, save_file
+
+    f = d / "model.safetensors"
+    save_file(fn(load_file(str(f))), str(f), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: {k: v for k, v in t.items() if k != "model.layers.1.self_attn.k_proj.weight"},
+     r"tensor 'model.layers.1.self_attn.k_proj.weight' is missing"),
+    (lambda t: {**t, "model.norm.weight": t["model.norm.weight"][:-1]},
+     r"tensor 'model.norm.weight' has shape \(31,\), expected \(32,\)"),
+    (lambda t: {**t, "model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)},
+     r"does not have: model.layers.0.self_attn.q_proj.bias"),
+    (lambda t: {**t, "model.norm.weight": t["model.norm.weight"].astype(np.float16)},
+     r"tensor 'model.norm.weight' is float16 but config.json declares dtype 'float32'"),
+    (lambda t: {**t, "model.norm.weight": t["model.norm.weight"].astype(np.int32)},
+     r"tensor 'model.norm.weight' has dtype I32; only float"),
+])
+def test_rejects_bad_tensors_by_name(hf_models, tmp_path, edit, match):
+    d = _copy(hf_models["mixtral"][0], tmp_path / "m")
+    _rewrite(d, edit)
+    with pytest.raises(ValueError, match=match):
+        load_hf(d)
+
+
+def test_failed_conversion_writes_nothing(hf_models, tmp_path):
+    d = _copy(hf_models["qwen3_moe"][0], tmp_path / "m")
+    _rewrite(d, lambda t: {k: v for k, v in t.items() if "experts.3.up_proj" not in k})
+    res = subprocess.run([sys.executable, "-m", "experiments.convert_hf", f"--hf_dir={d}",
+                          f"--workdir={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert res.returncode != 0 and "experts.3.up_proj.weight' is missing" in res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_names_what_the_architecture_cannot_express(tmp_path):
+    cfg = lm.get_preset("tiny", mixer="qdelta", router="star")
+    with pytest.raises(ValueError, match="cannot be exported as mixtral: router='star'"):
+        hf_config_from_lm(cfg, "mixtral")
+    with pytest.raises(ValueError, match="model_type must be one of"):
+        hf_config_from_lm(cfg, "llama")
+    params, _ = lm.init(jax.random.key(0), lm.get_preset("tiny", mixer="softmax"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ValueError, match="is not empty"):
+        export_hf(params, lm.get_preset("tiny", mixer="softmax"), tmp_path / "full",
+                  model_type="mixtral")
