@@ -206,6 +206,16 @@ PRESETS: dict[str, dict] = {
     "demo": dict(d_model=128, num_layers=4, num_heads=4, head_dim=32, expand_v=1.0, d_ff=256,
                  num_experts=8, top_k=2, router="star", router_kwargs=(("eta", 5e-5),),
                  mixer="qdelta", chunk_size=32, max_seq_len=1024),
+    # Qwen3-Next's layout with this research line's parts: three gated Q-Delta layers (grouped
+    # key heads) per gated softmax layer (GQA, q/k norm, partial rotary), zero-centred norms,
+    # STAR-routed MoE with a sigmoid-gated shared expert.
+    "hybrid": dict(d_model=128, num_layers=4, num_heads=4, num_key_heads=2, head_dim=32,
+                   expand_v=1.0, layer_mixers=("gated_qdelta",) * 3 + ("gated_softmax",),
+                   mixer="gated_qdelta", attn_num_heads=4, attn_head_dim=32, num_kv_heads=2,
+                   qk_norm=True, rotary_fraction=0.5, zero_centered_norm=True, d_ff=128,
+                   num_experts=8, top_k=2, num_shared=1, d_ff_shared=128, shared_gate=True,
+                   router="star", router_kwargs=(("eta", 5e-5),), chunk_size=32,
+                   max_seq_len=1024),
     "small": dict(d_model=512, num_layers=8, num_heads=8, head_dim=64, d_ff=1024,
                   num_experts=16, top_k=2, chunk_size=64, max_seq_len=4096),
     # DESIGN §3 paper-scale mixer config (340M with a dense SwiGLU FFN); for GPU/TPU.

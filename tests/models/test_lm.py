@@ -16,9 +16,15 @@ def _tokens(B=2, T=21, seed=1):
     return jax.random.randint(jax.random.key(seed), (B, T), 0, 256, dtype=jnp.int32)
 
 
-@pytest.mark.parametrize("mixer", lm.MIXERS)
-def test_prefill_and_decode_equal_full_forward(mixer):
-    cfg = lm.get_preset("tiny", mixer=mixer)
+HYBRID = dict(layer_mixers=("gated_deltanet", "gated_softmax"), num_key_heads=1,
+              num_kv_heads=1, qk_norm=True, rotary_fraction=0.5, zero_centered_norm=True,
+              layer_ffns=("dense", "moe"), dense_d_ff=48, num_shared=1, shared_gate=True)
+
+
+@pytest.mark.parametrize("overrides", [*(dict(mixer=m) for m in lm.MIXERS), HYBRID],
+                         ids=[*lm.MIXERS, "hybrid-gqa-qknorm-partial-rotary"])
+def test_prefill_and_decode_equal_full_forward(overrides):
+    cfg = lm.get_preset("tiny", **overrides)
     params, state = lm.init(jax.random.key(0), cfg)
     toks = _tokens()
     logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
@@ -140,6 +146,13 @@ def test_presets_build():
         (lambda: lm.get_preset("tiny", ffn="conv"), "ffn must be one of"),
         (lambda: lm.get_preset("tiny", dtype="float16"), "dtype must be one of"),
         (lambda: lm.get_preset("tiny", d_model=0), "d_model must be >= 1"),
+        (lambda: lm.get_preset("tiny", layer_mixers=("softmax",)),
+         r"layer_mixers must list one entry per layer \(num_layers=2\), got 1"),
+        (lambda: lm.get_preset("tiny", layer_ffns=("moe", "conv")), "layer_ffns must be one of"),
+        (lambda: lm.get_preset("tiny", mixer="softmax", num_kv_heads=3),
+         "num_kv_heads=3 must divide num_heads=2"),
+        (lambda: lm.get_preset("tiny", num_key_heads=3), "num_key_heads must be a positive int"),
+        (lambda: lm.get_preset("tiny", rotary_fraction=1.5), r"rotary_fraction must be in"),
     ],
 )
 def test_config_rejects(call, match):
