@@ -18,12 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moejax.interop import hf_config, hf_weights
 from moejax.models import lm
+from moejax.train.checkpoint import check_same_shapes
 
 # Stored tensors moejax has no use for: Qwen3-Next's multi-token-prediction head (transformers
 # ignores it too) and rotary caches some exporters write.
@@ -107,21 +109,11 @@ def load_hf(hf_dir: str | os.PathLike, *, dtype: str = "float32",
     params = hf_weights.params_from_hf(tensors.get, cfg, hf["model_type"])
     tensors.check_all_used()
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
-    _check_tree(params, cfg)
+    # The converted tree must be exactly lm.init's (structure and shapes).
+    want = jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0])
+    check_same_shapes("converted params", want, params)
     state = jax.jit(lambda k: lm.init(k, cfg)[1])(jax.random.key(0))  # router state only
     return cfg, params, state, hf
-
-
-def _check_tree(params: dict, cfg: lm.LMConfig) -> None:
-    """The converted tree must be exactly `lm.init`'s (structure and shapes)."""
-    want = jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0])
-    if jax.tree.structure(want) != jax.tree.structure(params):
-        raise AssertionError("converted params do not have lm.init's structure")
-    for (path, w), p in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(params),
-                            strict=True):
-        if w.shape != p.shape:
-            raise AssertionError(f"converted {jax.tree_util.keystr(path)}: shape {p.shape}, "
-                                 f"lm.init gives {w.shape}")
 
 
 def export_hf(params: dict, cfg: lm.LMConfig, out_dir: str | os.PathLike, *,

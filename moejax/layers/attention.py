@@ -63,7 +63,8 @@ class AttentionConfig:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
                              f"num_heads={self.num_heads}")
         rd = self.rotary
-        if isinstance(rd, bool) or not isinstance(rd, int) or rd < 0 or rd % 2 or rd > self.head_dim:
+        if (isinstance(rd, bool) or not isinstance(rd, int) or rd < 0 or rd % 2
+                or rd > self.head_dim):
             raise ValueError(f"rotary_dim must be an even int in [0, head_dim={self.head_dim}], "
                              f"got {rd!r}")
         if not self.rope_theta > 0:

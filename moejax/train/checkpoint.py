@@ -191,6 +191,18 @@ class Checkpointer:
         self._manager.close()
 
 
+def check_same_shapes(name: str, want: Any, got: Any) -> None:
+    """Raises ValueError unless `got` has `want`'s tree structure and leaf shapes (`name`
+    prefixes the message, e.g. "init_params: params")."""
+    if jax.tree.structure(want) != jax.tree.structure(got):
+        raise ValueError(f"{name} do not have the model's tree structure")
+    for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
+                            strict=True):
+        if tuple(w.shape) != tuple(g.shape):
+            raise ValueError(f"{name}{jax.tree_util.keystr(path)} has shape {tuple(g.shape)}, "
+                             f"the model needs {tuple(w.shape)}")
+
+
 MODEL_CONFIG = "model_config.json"
 MODEL_PARAMS = "model"
 

@@ -497,15 +497,8 @@ def _start_from(fresh: TrainState, init_params: tuple[PyTree, PyTree],
                 optimizer: optax.GradientTransformation, sharding: NamedSharding) -> TrainState:
     """`fresh` with its params and model state replaced by `init_params` (shapes checked)."""
     params, model_state = init_params
-    for name, want, got in (("params", fresh.params, params),
-                            ("model_state", fresh.model_state, model_state)):
-        if jax.tree.structure(want) != jax.tree.structure(got):
-            raise ValueError(f"init_params: {name} do not have the model's tree structure")
-        for (path, w), g in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got),
-                                strict=True):
-            if w.shape != g.shape:
-                raise ValueError(f"init_params: {name}{jax.tree_util.keystr(path)} has shape "
-                                 f"{g.shape}, the model needs {w.shape}")
+    ckpt_lib.check_same_shapes("init_params: params", fresh.params, params)
+    ckpt_lib.check_same_shapes("init_params: model_state", fresh.model_state, model_state)
     params = jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), fresh.params, params)
     params, model_state = jax.device_put((params, model_state), sharding)
     return dataclasses.replace(fresh, params=params, model_state=model_state,
