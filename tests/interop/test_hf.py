@@ -215,3 +215,15 @@ def test_export_names_what_the_architecture_cannot_express(tmp_path):
     with pytest.raises(ValueError, match="is not empty"):
         export_hf(params, lm.get_preset("tiny", mixer="softmax"), tmp_path / "full",
                   model_type="mixtral")
+
+
+def test_greedy_generation_matches_transformers(hf_models):
+    path, model = hf_models["qwen3_next"]
+    cfg, params, state, _ = load_hf(path)
+    prompt = _tokens(B=2, T=6, seed=3)
+    ours = lm.generate(params, state, jnp.asarray(prompt, jnp.int32), cfg=cfg,
+                       key=jax.random.key(0), max_new_tokens=8, temperature=0.0)
+    with torch.no_grad():
+        ref = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
+                             attention_mask=torch.ones_like(torch.tensor(prompt)))
+    np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
