@@ -161,7 +161,8 @@ class LMConfig:
                 conv_size=self.conv_size, allow_neg_eigval=self.allow_neg_eigval,
                 chunk_size=self.chunk_size, impl=self.delta_impl, norm_eps=self.norm_eps)
         head_dim = self.attn_head_dim or self.head_dim
-        rotary_dim = 2 * int(head_dim * self.rotary_fraction // 2)
+        rotary_dim = (head_dim if self.rotary_fraction == 1.0  # AttentionConfig checks it is even
+                      else 2 * int(head_dim * self.rotary_fraction // 2))
         return attention.AttentionConfig(
             d_model=self.d_model, num_heads=self.attn_num_heads or self.num_heads,
             head_dim=head_dim, gated=mixer == "gated_softmax", rope_theta=self.rope_theta,

@@ -1,0 +1,559 @@
+r"""Zoology MQAR (multi-query associative recall): accuracy against model width, per mixer.
+
+Arora et al. (2023, arXiv:2312.04927) train 2-layer LMs on MQAR (DESIGN §8: `n_kv` key-value
+pairs, then the keys again as queries) and report, per sequence length L, the exact-match
+accuracy at the answer positions against the model width d, taking the best learning rate of a
+small sweep (`logspace(-4, -2)`). This script does the same for the delta-rule mixers and
+softmax attention: every (mixer, d_model, (L, n_kv), lr, seed) cell trains a fresh 2-layer LM
+(`ffn="dense"`, tied embeddings, vocabulary = the MQAR vocabulary) with AdamW (linear warmup,
+cosine decay, clipping: `moejax.train.loop.make_optimizer`).
+
+The loss and the logits are computed only at the `n_kv` answer positions of each example
+(`lm.apply(..., positions=answer_positions)`, `[B, n_kv, V]` logits; never `[B, L, V]`).
+Accuracy is the share of answers whose arg-max logit is the right value. Each cell reports it on
+two held-out splits: `val_acc` picks the best learning rate of a (mixer, d_model, L, n_kv)
+group, `test_acc` is the number reported for that lr (the plot, the summary and the README
+table), so the lr choice is not fitted on the reported examples. Chance is 1 / (V/2).
+
+Claim under test (Q-Delta's): Q-Delta recalls at least as well as DeltaNet and Gated DeltaNet at
+equal width.
+
+The default is a reduced CPU setting, sized to finish in about ten minutes on a quiet 2-core CPU
+while still showing recall: vocabulary 256 instead of 8192, one setting (L, n_kv) = (64, 4),
+d_model in {32, 64}, learning rates {3e-3, 1e-2}, 400 steps of 32 examples from 8192 train
+examples. Every model here costs tens of milliseconds per step on such a CPU and the delta-rule
+mixers only start to recall after a few hundred steps, so the default cannot afford more
+settings or widths; it says so in its output and `results.json` (`summary.paper_scale`). Add
+`--settings=64:4,128:8 --d_models=32,64,128` for a wider (slower) CPU sweep. `--full` is the
+paper-scale setting for an accelerator: all four DESIGN §8 settings, vocabulary 8192, d_model in
+{64, 128, 256}, 4 learning rates in logspace(-4, -2), 100k train examples, 20k steps of 64.
+
+Writes `WORKDIR/results.json` (`experiments.sweep.ResultsFile`, experiment "mqar": rewritten
+after every cell; a rerun skips the finished cells and may add mixers, widths, settings, learning
+rates or seeds, while other fixed settings are refused), per-cell training curves in
+`WORKDIR/cells/<cell>/` (`metrics.jsonl` + TensorBoard, `moejax.train.logging.MetricsWriter`)
+and `WORKDIR/mqar.png` (best-lr test accuracy against d_model, one panel per (L, n_kv), one line
+per mixer).
+
+  python -m experiments.mqar --workdir=runs/mqar
+  python -m experiments.mqar --workdir=runs/mqar_full --full        # GPU
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import shutil
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from tqdm import tqdm
+
+from experiments.sweep import ResultsFile
+from moejax.data import mqar
+from moejax.models import lm
+from moejax.train import loop
+from moejax.train.logging import MetricsWriter
+
+EXPERIMENT = "mqar"
+PLOT = "mqar.png"
+CELLS_DIR = "cells"
+MIXERS = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet", "softmax")
+DELTANETS = ("deltanet", "gated_deltanet")
+# Sweep axes: a rerun of a workdir may change these; every other field must match the saved one.
+SWEEP_FIELDS = ("mixers", "d_models", "settings", "lrs", "seeds")
+KEY = ("mixer", "d_model", "seq_len", "num_kv_pairs", "lr", "seed")
+
+FLAGS = flags.FLAGS
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> None:
+    """Defines the flags on `fv`: the global FLAGS only when run as a script (see
+    panda_neighbors), so importing this module never clashes with other experiments' flags;
+    tests pass their own `flags.FlagValues`."""
+    flags.DEFINE_string("workdir", "runs/mqar", "Output folder (results.json, mqar.png, cells/).",
+                        flag_values=fv)
+    flags.DEFINE_bool("full", False, "Paper-scale setting (for a GPU) instead of the reduced CPU "
+                      "one.", flag_values=fv)
+    lists = {
+        "mixers": f"Mixers among {MIXERS} (default: all).",
+        "d_models": "Model widths (default 32,64; --full: 64,128,256).",
+        "settings": "(L, n_kv) pairs as L:n_kv, e.g. 64:4,128:8 (default 64:4; --full: "
+                    "64:4,128:8,256:16,512:64).",
+        "lrs": "Peak learning rates (default 3e-3,1e-2; --full: logspace(-4, -2, 4)).",
+        "seeds": "Seeds: model init, data and batch order (default 0).",
+    }
+    for name, help_ in lists.items():
+        flags.DEFINE_list(name, None, help_, flag_values=fv)
+    ints = {
+        "steps": "Optimizer steps per cell (default 400; --full: 20000).",
+        "batch_size": "Examples per step (default 32; --full: 64).",
+        "vocab_size": "MQAR vocabulary V (default 256; --full: 8192).",
+        "num_train": "Distinct train examples per (L, n_kv, seed) (default 8192; --full: 100000).",
+        "num_eval": "Examples in each held-out split, val and test (default 512; --full: 3000).",
+    }
+    for name, help_ in ints.items():
+        flags.DEFINE_integer(name, None, help_, flag_values=fv)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExperimentConfig:
+    """The sweep. Validated on construction (the tasks by `MQARConfig`, the models by
+    `LMConfig`), so a bad grid fails before any training.
+
+    Attributes:
+      mixers: names in MIXERS.
+      d_models: model widths d (each divisible by `num_heads`, giving an even head dim).
+      settings: (L, n_kv) pairs; each must be a valid `MQARConfig` with `vocab_size`.
+      lrs: peak learning rates, > 0.
+      seeds: non-negative seeds (init, data, batch order).
+      steps: optimizer steps per cell.
+      batch_size: examples per step.
+      vocab_size: MQAR vocabulary V (keys from [1, V/2), values from [V/2, V)); also the LM's.
+      num_train: distinct train examples per (setting, seed), cycled in shuffled epochs.
+      num_eval: examples in each of the val and test splits (a multiple of batch_size is not
+        needed: the last partial batch is evaluated too).
+      num_layers, num_heads: the LM (head_dim = d_model / num_heads for every mixer).
+      expand_v: delta mixers' value head dim = expand_v · head_dim.
+      ffn_mult: dense SwiGLU hidden width = ffn_mult · d_model.
+      warmup_frac: share of the steps spent in linear warmup.
+      weight_decay: AdamW weight decay (matrices only).
+      log_every: steps between the per-cell metrics records.
+    """
+
+    mixers: tuple[str, ...] = MIXERS
+    d_models: tuple[int, ...] = (32, 64)
+    settings: tuple[tuple[int, int], ...] = ((64, 4),)
+    lrs: tuple[float, ...] = (3e-3, 1e-2)
+    seeds: tuple[int, ...] = (0,)
+    steps: int = 400
+    batch_size: int = 32
+    vocab_size: int = 256
+    num_train: int = 8192
+    num_eval: int = 512
+    num_layers: int = 2
+    num_heads: int = 2
+    expand_v: float = 1.0
+    ffn_mult: int = 2
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.1
+    log_every: int = 25
+
+    def __post_init__(self):
+        for name in ("mixers", "d_models", "settings", "lrs", "seeds"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty")
+        unknown = [m for m in self.mixers if m not in MIXERS]
+        if unknown:
+            raise ValueError(f"mixers: unknown mixer(s) {unknown}; valid mixers are "
+                             f"{', '.join(MIXERS)}")
+        for name in ("steps", "batch_size", "num_train", "num_eval", "num_layers", "num_heads",
+                     "ffn_mult", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if self.num_train < self.batch_size:
+            raise ValueError(f"num_train={self.num_train} must be >= batch_size="
+                             f"{self.batch_size}")
+        if any(not lr > 0 for lr in self.lrs):
+            raise ValueError(f"lrs must be > 0, got {self.lrs}")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
+            raise ValueError(f"seeds must be non-negative ints, got {self.seeds}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        for setting in self.settings:
+            if len(setting) != 2:
+                raise ValueError(f"settings: each entry is (L, n_kv), got {setting!r}")
+            try:
+                self.task(setting)
+            except ValueError as e:
+                raise ValueError(f"settings: (L, n_kv) = {tuple(setting)} with vocab_size="
+                                 f"{self.vocab_size}: {e}") from None
+        for d in self.d_models:
+            if isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % self.num_heads:
+                raise ValueError(f"d_models: each must be a positive multiple of num_heads="
+                                 f"{self.num_heads}, got {d!r}")
+            for mixer in self.mixers:  # LMConfig checks the rest (e.g. even rotary head dim)
+                self.model(mixer, d, max(L for L, _ in self.settings))
+
+    def task(self, setting: tuple[int, int]) -> mqar.MQARConfig:
+        L, n_kv = setting
+        return mqar.MQARConfig(seq_len=L, num_kv_pairs=n_kv, vocab_size=self.vocab_size)
+
+    def model(self, mixer: str, d_model: int, seq_len: int) -> lm.LMConfig:
+        return lm.LMConfig(
+            vocab_size=self.vocab_size, d_model=d_model, num_layers=self.num_layers,
+            num_heads=self.num_heads, head_dim=d_model // self.num_heads,
+            expand_v=self.expand_v, mixer=mixer, ffn="dense", d_ff=self.ffn_mult * d_model,
+            max_seq_len=seq_len)
+
+    def train_config(self, lr: float, seq_len: int, seed: int) -> loop.TrainConfig:
+        return loop.TrainConfig(
+            steps=self.steps, lr=lr, warmup_steps=int(self.warmup_frac * self.steps),
+            weight_decay=self.weight_decay, batch_size=self.batch_size, seq_len=seq_len,
+            seed=seed)
+
+    def fixed(self) -> dict:
+        """The settings every cell of a workdir shares (ResultsFile checks them on rerun)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SWEEP_FIELDS}
+
+    @property
+    def is_paper_scale(self) -> bool:
+        return (self.vocab_size == mqar.MQAR_VOCAB_SIZE
+                and set(map(tuple, self.settings)) >= set(mqar.MQAR_SETTINGS)
+                and self.num_train >= 100_000)
+
+
+FULL = dict(d_models=(64, 128, 256), settings=mqar.MQAR_SETTINGS,
+            lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), steps=20000, batch_size=64,
+            vocab_size=mqar.MQAR_VOCAB_SIZE, num_train=100_000, num_eval=3000, log_every=100)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _materialise(task: mqar.MQARConfig, *, split: str, seed: int, num: int) -> dict:
+    """Examples `0 .. num-1` of a split (`mqar.mqar_example`, the examples `make_mqar_dataset`
+    serves unshuffled) as stacked numpy arrays: `inputs` `[N, L]`, `answer_positions` and
+    `answer_targets` `[N, n_kv]` (the other fields are not needed)."""
+    fields = ("inputs", "answer_positions", "answer_targets")
+    rows = [mqar.mqar_example(task, seed=seed, split=split, index=i) for i in range(num)]
+    return {f: np.stack([r[f] for r in rows]) for f in fields}
+
+
+@functools.lru_cache(maxsize=4)
+def _data(cfg: ExperimentConfig, setting: tuple[int, int], seed: int) -> dict:
+    """Train, val and test arrays of one (setting, seed), shared by its mixers, widths and lrs."""
+    task = cfg.task(setting)
+    return {"train": _materialise(task, split="train", seed=seed, num=cfg.num_train),
+            "val": _materialise(task, split="val", seed=seed, num=cfg.num_eval),
+            "test": _materialise(task, split="test", seed=seed, num=cfg.num_eval)}
+
+
+def _batch(arrays: dict, idx: np.ndarray) -> dict:
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def answer_loss(params, state, batch: dict, *, cfg: lm.LMConfig):
+    """Mean cross-entropy and exact-match accuracy over the answer positions only.
+
+    Args:
+      params, state: from `lm.init` (a dense-FFN model's state is not updated).
+      batch: `inputs` `<int32>[B, L]`, `answer_positions`, `answer_targets` `<int32>[B, P]`.
+
+    Returns:
+      `(loss, (accuracy, correct [B, P] bool))`; logits are `[B, P, V]`, never `[B, L, V]`.
+    """
+    logits, _, _ = lm.apply(params, state, batch["inputs"], cfg=cfg,
+                            positions=batch["answer_positions"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["answer_targets"])
+    correct = jnp.argmax(logits, axis=-1) == batch["answer_targets"]
+    return jnp.mean(ce), (jnp.mean(correct), correct)
+
+
+@functools.cache
+def _step_fns(mcfg: lm.LMConfig, tcfg: loop.TrainConfig):
+    """(jitted train step, jitted eval step, optimizer) of one model shape.
+
+    The optimizer is `make_optimizer` with peak lr 1; AdamW's update is linear in the learning
+    rate, so scaling it by the traced `lr` gives exactly the optimizer of peak `lr` while every
+    learning rate of the sweep shares one compilation.
+    """
+    opt, schedule = loop.make_optimizer(tcfg)
+    grad = jax.value_and_grad(functools.partial(answer_loss, cfg=mcfg), has_aux=True)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def train_step(params, opt_state, state, batch, lr):
+        (loss, (acc, _)), g = grad(params, state, batch)
+        updates, opt_state = opt.update(g, opt_state, params)
+        updates = jax.tree.map(lambda u: lr * u, updates)
+        gnorm = optax.tree.norm(g)
+        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "acc": acc,
+                                                                 "grad_norm": gnorm}
+
+    @jax.jit
+    def eval_step(params, state, batch):
+        loss, (_, correct) = answer_loss(params, state, batch, cfg=mcfg)
+        return loss * correct.size, jnp.sum(correct), correct.size
+
+    return train_step, eval_step, opt, schedule
+
+
+def evaluate(eval_step, params, state, arrays: dict, batch_size: int) -> dict:
+    """Exact-match accuracy and mean CE over all answers of a split."""
+    n = len(arrays["inputs"])
+    ce = hits = count = 0.0
+    for start in range(0, n, batch_size):
+        batch = _batch(arrays, np.arange(start, min(n, start + batch_size)))
+        out = jax.device_get(eval_step(params, state, batch))
+        ce, hits, count = ce + float(out[0]), hits + float(out[1]), count + float(out[2])
+    return {"acc": hits / count, "loss": ce / count}
+
+
+def cell_name(mixer: str, d_model: int, seq_len: int, n_kv: int, lr: float, seed: int) -> str:
+    return f"{mixer}_d{d_model}_L{seq_len}_kv{n_kv}_lr{lr:g}_s{seed}"
+
+
+def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[int, int],
+               lr: float, seed: int, workdir: str, bar: tqdm | None = None) -> dict:
+    """Trains one model and evaluates it on the held-out splits; returns its cell."""
+    L, n_kv = setting
+    mcfg = cfg.model(mixer, d_model, L)
+    train_step, eval_step, opt, schedule = _step_fns(mcfg, cfg.train_config(1.0, L, 0))
+    data = _data(cfg, (L, n_kv), seed)
+    name = cell_name(mixer, d_model, L, n_kv, lr, seed)
+    cell_dir = os.path.join(workdir, CELLS_DIR, name)
+    shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted earlier attempt restarts clean
+    writer = MetricsWriter(cell_dir, start_step=0, total_steps=cfg.steps, progress=False)
+    writer.write_config({"model": mcfg.to_dict(), "experiment": dataclasses.asdict(cfg),
+                         "lr": lr, "seed": seed, "setting": [L, n_kv]})
+
+    params, state = lm.init(jax.random.key(seed), mcfg)
+    opt_state = opt.init(params)
+    lr_arr = jnp.float32(lr)
+    order = np.random.default_rng([seed, L, n_kv])
+    n_batches = cfg.num_train // cfg.batch_size
+    perm = order.permutation(cfg.num_train)
+    t0 = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        i = (step - 1) % n_batches
+        if step > 1 and i == 0:
+            perm = order.permutation(cfg.num_train)
+        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+        params, opt_state, m = train_step(params, opt_state, state, _batch(data["train"], idx),
+                                          lr_arr)
+        if step % cfg.log_every == 0 or step in (1, cfg.steps):
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"{name}: loss is {m['loss']} at step {step}")
+            writer.write({"step": step, **m, "lr": lr * float(schedule(step - 1))})
+        if bar is not None:
+            bar.update(1)
+    seconds = time.perf_counter() - t0
+    val = evaluate(eval_step, params, state, data["val"], cfg.batch_size)
+    test = evaluate(eval_step, params, state, data["test"], cfg.batch_size)
+    writer.write({"step": cfg.steps, "val_acc": val["acc"], "val_loss": val["loss"],
+                  "test_acc": test["acc"], "test_loss": test["loss"]})
+    writer.close()
+    return {"mixer": mixer, "d_model": d_model, "seq_len": L, "num_kv_pairs": n_kv, "lr": lr,
+            "seed": seed, "val_acc": val["acc"], "val_loss": val["loss"],
+            "test_acc": test["acc"], "test_loss": test["loss"], "final_train_loss": m["loss"],
+            "num_params": lm.num_params(params), "steps": cfg.steps, "train_seconds": seconds,
+            "metrics": os.path.join(CELLS_DIR, name)}
+
+
+# ----------------------------------------------------------------------------- sweep
+
+
+def summarize(cells: Sequence[dict]) -> list[dict]:
+    """Best learning rate per (mixer, d_model, L, n_kv).
+
+    The lr is chosen by mean `val_acc` over seeds; the row reports that lr's mean / std
+    `test_acc` (and `val_acc`), plus every lr's mean test accuracy in `by_lr`.
+    """
+    groups: dict = {}
+    for c in cells:
+        key = (c["mixer"], c["d_model"], c["seq_len"], c["num_kv_pairs"])
+        groups.setdefault(key, {}).setdefault(c["lr"], []).append(c)
+    rows = []
+    for (mixer, d, L, n_kv), by_lr in groups.items():
+        mean = lambda cs, f: float(np.mean([c[f] for c in cs]))
+        best = max(by_lr, key=lambda lr: (mean(by_lr[lr], "val_acc"), -lr))
+        cs = by_lr[best]
+        rows.append({"mixer": mixer, "d_model": d, "seq_len": L, "num_kv_pairs": n_kv,
+                     "best_lr": best, "test_acc": mean(cs, "test_acc"),
+                     "test_acc_std": float(np.std([c["test_acc"] for c in cs])),
+                     "val_acc": mean(cs, "val_acc"), "n_seeds": len(cs),
+                     "by_lr": {f"{lr:g}": mean(v, "test_acc") for lr, v in sorted(by_lr.items())}})
+    order = {m: i for i, m in enumerate(MIXERS)}
+    return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"],
+                                       order[r["mixer"]]))
+
+
+def claim_check(rows: Sequence[dict]) -> list[dict]:
+    """Per (d_model, L, n_kv): Q-Delta's best-lr test accuracy minus the better of DeltaNet and
+    Gated DeltaNet (positive or zero = the claim holds there)."""
+    out = []
+    by = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"]): r for r in rows}
+    for (mixer, d, L, n_kv), r in sorted(by.items(), key=lambda kv: kv[0][1:]):
+        if mixer != "qdelta":
+            continue
+        rivals = [by[(m, d, L, n_kv)]["test_acc"] for m in DELTANETS if (m, d, L, n_kv) in by]
+        if rivals:
+            out.append({"d_model": d, "seq_len": L, "num_kv_pairs": n_kv,
+                        "qdelta": r["test_acc"], "best_deltanet": max(rivals),
+                        "margin": r["test_acc"] - max(rivals)})
+    return out
+
+
+def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
+    """Runs the missing cells of the sweep into `workdir`; returns the results dict
+    (`experiment`, `fixed`, `cells`, `summary`) and writes the plot.
+
+    Raises:
+      ValueError: `workdir` holds another experiment, or this one with other fixed settings.
+    """
+    sweep = ResultsFile(workdir, EXPERIMENT, fixed=cfg.fixed())
+    sweep.write()  # results.json first, so the cells/ folder never makes the workdir foreign
+    done = sweep.done(KEY)
+    todo = [(m, d, s, lr, seed) for s in cfg.settings for seed in cfg.seeds
+            for d in cfg.d_models for m in cfg.mixers for lr in cfg.lrs
+            if (m, d, s[0], s[1], lr, seed) not in done]
+    bar = tqdm(total=len(todo) * cfg.steps, desc=EXPERIMENT, unit="step", disable=not progress,
+               dynamic_ncols=True)
+    for m, d, s, lr, seed in todo:
+        bar.set_postfix_str(cell_name(m, d, *s, lr, seed), refresh=False)
+        cell = train_cell(cfg, m, d, tuple(s), lr, seed, workdir, bar)
+        cells = [*sweep.cells, cell]
+        sweep.add(cell, summary=_summary(cfg, cells))
+    bar.close()
+    sweep.write(summary=_summary(cfg, sweep.cells))
+    plot(sweep.summary["best_lr"], os.path.join(workdir, PLOT), chance=2.0 / cfg.vocab_size,
+         title=plot_title(cfg))
+    return {"experiment": EXPERIMENT, "fixed": sweep.fixed, "cells": sweep.cells,
+            "summary": sweep.summary}
+
+
+def plot_title(cfg: ExperimentConfig) -> str:
+    scale = "paper scale" if cfg.is_paper_scale else "reduced CPU setting"
+    return f"MQAR, V={cfg.vocab_size}, {cfg.steps} steps × batch {cfg.batch_size}\n({scale})"
+
+
+def _summary(cfg: ExperimentConfig, cells: Sequence[dict]) -> dict:
+    rows = summarize(cells)
+    return {"chance": 2.0 / cfg.vocab_size, "paper_scale": cfg.is_paper_scale,
+            "best_lr": rows, "claim_qdelta_ge_deltanets": claim_check(rows)}
+
+
+def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR") -> None:
+    """Best-lr test accuracy against d_model: one panel per (L, n_kv), one line per mixer.
+
+    Args:
+      rows: `summarize` rows.
+      path: the PNG to write.
+      chance: the accuracy of guessing a value (drawn as a grey line).
+      title: the figure title.
+    """
+    from matplotlib.figure import Figure
+
+    settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
+    fig = Figure(figsize=(max(5.0, 3.6 * len(settings)), 3.8), layout="constrained")
+    axes = fig.subplots(1, max(1, len(settings)), squeeze=False, sharey=True)[0]
+    styles = {"qdelta": "-", "gated_qdelta": "-", "deltanet": "--", "gated_deltanet": "--",
+              "softmax": ":"}
+    for ax, (L, n_kv) in zip(axes, settings, strict=False):
+        for mixer in MIXERS:
+            pts = sorted((r["d_model"], r["test_acc"]) for r in rows
+                         if (r["mixer"], r["seq_len"], r["num_kv_pairs"]) == (mixer, L, n_kv))
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", linestyle=styles[mixer],
+                        label=mixer)
+        ax.axhline(chance, color="grey", lw=0.8, label="chance")
+        ax.set_xscale("log", base=2)
+        ds = sorted({r["d_model"] for r in rows})
+        ax.set_xticks(ds, [str(d) for d in ds])
+        ax.set_title(f"L={L}, n_kv={n_kv}")
+        ax.set_xlabel("d_model")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("MQAR accuracy (best lr, test)")
+    axes[-1].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_settings(items: Sequence[str]) -> tuple[tuple[int, int], ...]:
+    """`["64:4", "128:8"]` → `((64, 4), (128, 8))`."""
+    out = []
+    for item in items:
+        parts = item.split(":")
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            out.append((int(parts[0]), int(parts[1])))
+        except ValueError:
+            raise app.UsageError(f"--settings: expected L:n_kv pairs like 64:4,128:8, got "
+                                 f"{item!r}") from None
+    return tuple(out)
+
+
+def _numbers(name: str, items: Sequence[str], kind: type) -> tuple:
+    try:
+        return tuple(kind(x) for x in items)
+    except ValueError:
+        raise app.UsageError(f"--{name}: expected a comma-separated list of {kind.__name__}s, "
+                             f"got {','.join(items)!r}") from None
+
+
+def config_from_flags(fv: flags.FlagValues = FLAGS) -> ExperimentConfig:
+    """The `ExperimentConfig` of the parsed flags `fv`; a bad grid raises `app.UsageError`."""
+    over = dict(FULL) if fv.full else {}
+    if fv.mixers is not None:
+        over["mixers"] = tuple(fv.mixers)
+    if fv.d_models is not None:
+        over["d_models"] = _numbers("d_models", fv.d_models, int)
+    if fv.settings is not None:
+        over["settings"] = parse_settings(fv.settings)
+    if fv.lrs is not None:
+        over["lrs"] = _numbers("lrs", fv.lrs, float)
+    if fv.seeds is not None:
+        over["seeds"] = _numbers("seeds", fv.seeds, int)
+    for name in ("steps", "batch_size", "vocab_size", "num_train", "num_eval"):
+        if getattr(fv, name) is not None:
+            over[name] = getattr(fv, name)
+    try:
+        return ExperimentConfig(**over)
+    except ValueError as e:  # a bad grid is a usage error of the command line
+        raise app.UsageError(str(e)) from None
+
+
+def describe(cfg: ExperimentConfig) -> str:
+    scale = ("paper scale" if cfg.is_paper_scale else
+             f"REDUCED setting (paper: V={mqar.MQAR_VOCAB_SIZE}, (L, n_kv) in "
+             f"{list(mqar.MQAR_SETTINGS)}, 100k train examples, d_model up to 256+)")
+    return (f"MQAR sweep, {scale}:\n  vocab={cfg.vocab_size} settings={list(cfg.settings)} "
+            f"d_models={list(cfg.d_models)} lrs={list(cfg.lrs)} seeds={list(cfg.seeds)}\n"
+            f"  steps={cfg.steps} batch_size={cfg.batch_size} num_train={cfg.num_train} "
+            f"num_eval={cfg.num_eval} (val and test) mixers={list(cfg.mixers)}")
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    lines = ["| mixer | d_model | L | n_kv | best lr | test acc | val acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mixer']} | {r['d_model']} | {r['seq_len']} | {r['num_kv_pairs']} "
+                     f"| {r['best_lr']:g} | {r['test_acc']:.3f} | {r['val_acc']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    cfg = config_from_flags()
+    print(describe(cfg), flush=True)
+    results = run(cfg, FLAGS.workdir)
+    print(format_table(results["summary"]["best_lr"]))
+    print(f"chance = {results['summary']['chance']:.4f}")
+    for c in results["summary"]["claim_qdelta_ge_deltanets"]:
+        print(f"  d={c['d_model']} L={c['seq_len']} n_kv={c['num_kv_pairs']}: qdelta "
+              f"{c['qdelta']:.3f} vs best DeltaNet/GDN {c['best_deltanet']:.3f} "
+              f"({'holds' if c['margin'] >= 0 else 'fails'}, margin {c['margin']:+.3f})")
+    print(f"wrote {os.path.join(FLAGS.workdir, 'results.json')} and {PLOT}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)
