@@ -1,0 +1,319 @@
+"""Shared pieces of the HMM routing experiments (`routing_hmm`, `star_shift`, `mass_expand`).
+
+A small MoE language model is trained on GINC-style mixture-of-HMM sequences
+(`moejax.data.hmm`), whose tokens carry their latent label (`label = concept · S + state`), and
+its routing is measured against that label. What lives here:
+
+  ROUTERS / lm_config   named router variants (the experiment's names, e.g. `topk_switch`) and
+                        the `LMConfig` of the small model for one of them
+  train_batches, batches  a seed's training stream, and fixed labelled eval batches (numpy
+                        dicts; pass `dataclasses.replace(hmm_cfg, shift=λ)` for shifted data)
+  make_train_step       a jitted `(TrainState, batch, rng) -> (TrainState, metrics)` (cached);
+                        `train` runs it over a seed's stream with an optional callback
+  evaluate              validation loss and the DESIGN §6 routing suite on labelled batches:
+                        per-layer I(top-1 expert; label), load entropy, CV, dead experts, flip
+                        rate against the previous evaluation's top-1 experts, and the joint
+                        expert × label counts (layer-averaged scalars)
+
+    spec = ModelSpec()
+    hmm_cfg = hmm.HMMConfig()
+    cfg = lm_config("star", spec, hmm_cfg, eta=5e-5)
+    state = train(cfg, TrainSpec(steps=300), hmm_cfg, seed)        # a loop.TrainState
+    val = batches(hmm_cfg, split="val", seed=12345, batch_size=32, num_batches=4)
+    ev = evaluate(state.params, state.model_state, cfg, val, num_labels=hmm_cfg.num_labels)
+    ev["mi"], ev["load_entropy"], ev["val_loss"]
+
+Loads over an eval set are the mean of the per-batch load shares (every batch holds the same
+number of tokens, so for a fixed k this equals counts over the whole set; dead = zero share in
+every batch). MI is computed per MoE layer from the joint count table summed over the eval set
+and then averaged over layers (`mi`), and also reported per layer (`mi_layers`).
+
+Axis letters: L MoE layers, E experts, N tokens, C·S latent labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moejax.data import hmm
+from moejax.models import lm
+from moejax.moe import metrics as moe_metrics
+from moejax.train import loop
+
+# Experiment-level router names -> (moejax router, fixed router kwargs). "star" takes `eta`.
+ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "topk_switch": ("topk", {"load_balance_weight": 1e-2, "z_loss_weight": 0.0}),
+    "topk": ("topk", {"load_balance_weight": 0.0, "z_loss_weight": 0.0}),
+    "aux_free": ("aux_free", {}),
+    "expert_choice": ("expert_choice", {"capacity_factor": 1.0}),
+    "top_p": ("top_p", {"top_p": 0.5, "load_balance_weight": 0.0}),
+    "star": ("star", {"load_balance_weight": 0.0}),
+}
+ROUTER_NAMES = tuple(ROUTERS)
+LABEL_KEYS = ("label", "state", "concept")
+
+
+def check_router(name: str) -> None:
+    """Raises ValueError naming the valid routers unless `name` is one of ROUTERS."""
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(ROUTER_NAMES)}")
+
+
+def check_eta(eta: float) -> None:
+    """Raises ValueError unless `eta` (STAR's GHA step size) is a number > 0."""
+    if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta > 0:
+        raise ValueError(f"eta (STAR's GHA step size) must be a number > 0, got {eta!r}")
+
+
+def router_label(name: str, eta: float | None = None) -> str:
+    """The name a run is stored and plotted under: `star_eta5e-05` for STAR, else `name`."""
+    check_router(name)
+    if name == "star":
+        check_eta(eta)
+        return f"star_eta{eta:g}"
+    return name
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSpec:
+    """The small MoE LM (the vocabulary comes from the HMM config). Validated by `LMConfig`."""
+
+    d_model: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 32
+    d_ff: int = 128
+    num_experts: int = 8
+    top_k: int = 2
+    mixer: str = "softmax"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainSpec:
+    """Optimiser and batch settings (AdamW, warmup + cosine; see `moejax.train.loop`)."""
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+
+    def train_config(self, seq_len: int) -> loop.TrainConfig:
+        return loop.TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
+                                warmup_steps=min(self.warmup_steps, self.steps),
+                                seq_len=seq_len, weight_decay=0.0)
+
+
+def lm_config(router: str, spec: ModelSpec, hmm_cfg: hmm.HMMConfig, *, eta: float | None = None,
+              test_time_update: bool = False) -> lm.LMConfig:
+    """The `LMConfig` of the small model routed by `router` (a name in ROUTERS).
+
+    Args:
+      router: experiment router name; `"star"` needs `eta`.
+      spec: model sizes.
+      hmm_cfg: the data (vocabulary and sequence length).
+      eta: STAR's GHA step size (> 0); ignored by other routers.
+      test_time_update: STAR only: take the GHA step at eval (`train=False`) too. Params and
+        state have the same structure either way, so a trained model can be re-run with it.
+
+    Raises:
+      ValueError: unknown router (the message lists the valid ones), eta ≤ 0 for STAR, or
+        test_time_update for a router other than STAR.
+    """
+    check_router(router)
+    base_name, kwargs = ROUTERS[router]
+    kwargs = dict(kwargs)
+    if router == "star":
+        check_eta(eta)
+        kwargs.update(eta=float(eta), test_time_update=bool(test_time_update))
+    elif test_time_update:
+        raise ValueError(f"test_time_update is a STAR option; router {router!r} has none")
+    return lm.LMConfig(vocab_size=hmm_cfg.vocab_size, d_model=spec.d_model,
+                       num_layers=spec.num_layers, num_heads=spec.num_heads,
+                       head_dim=spec.head_dim, d_ff=spec.d_ff, num_experts=spec.num_experts,
+                       top_k=spec.top_k, mixer=spec.mixer, router=base_name,
+                       router_kwargs=tuple(sorted(kwargs.items())),
+                       max_seq_len=max(hmm_cfg.seq_len, 8), chunk_size=min(64, hmm_cfg.seq_len))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def batches(hmm_cfg: hmm.HMMConfig, *, split: str, seed: int, batch_size: int,
+            num_batches: int) -> list[dict[str, np.ndarray]]:
+    """`num_batches` fixed batches (in order, no shuffling) of `<int32>[B, T]` arrays `inputs`,
+    `targets`, `concept`, `state`, `label`; a pure function of the arguments."""
+    ds = hmm.make_hmm_dataset(hmm_cfg, split=split, seed=seed, batch_size=batch_size,
+                              num_examples=batch_size * num_batches, num_epochs=1, shuffle=False)
+    return [ds[i] for i in range(num_batches)]
+
+
+def train_batches(hmm_cfg: hmm.HMMConfig, *, seed: int, batch_size: int,
+                  steps: int) -> Iterator[dict[str, np.ndarray]]:
+    """The training batches of one seed, one per step (lazily generated)."""
+    ds = hmm.make_hmm_dataset(hmm_cfg, split="train", seed=seed, batch_size=batch_size,
+                              num_examples=batch_size * steps, num_epochs=1, shuffle=False)
+    for i in range(steps):
+        yield ds[i]
+
+
+def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The model's part of a labelled batch (`inputs`, `targets`)."""
+    return {"inputs": batch["inputs"], "targets": batch["targets"]}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@functools.cache
+def make_train_step(cfg: lm.LMConfig, train: TrainSpec, seq_len: int):
+    """`(jitted step, optimizer)`; `step(state, batch, rng) -> (state, metrics)` with `state` a
+    `loop.TrainState` (from `init_state`). Router state (aux-free bias, STAR's V) is updated
+    inside the step. Cached per config, so seeds share one compilation."""
+    optimizer, _ = loop.make_optimizer(train.train_config(seq_len))
+    step = functools.partial(loop.train_step, model=lm, model_cfg=cfg, optimizer=optimizer)
+    return jax.jit(step), optimizer
+
+
+@functools.cache
+def _jitted_init(cfg: lm.LMConfig, train: TrainSpec, seq_len: int):
+    _, optimizer = make_train_step(cfg, train, seq_len)
+    return jax.jit(lambda key: loop.init_train_state(lm, cfg, optimizer, key))
+
+
+def init_state(cfg: lm.LMConfig, train: TrainSpec, seq_len: int, seed: int) -> loop.TrainState:
+    """A fresh `loop.TrainState` for `cfg` (init key `jax.random.key(seed)`; one compiled call
+    rather than many small eager ones)."""
+    return _jitted_init(cfg, train, seq_len)(jax.random.key(seed))
+
+
+def train(cfg: lm.LMConfig, train_spec: TrainSpec, hmm_cfg: hmm.HMMConfig, seed: int, *,
+          callback=None) -> loop.TrainState:
+    """Trains a fresh model on the un-shifted `hmm_cfg` stream of `seed`.
+
+    `callback(step, state, metrics)`, if given, runs before the first step (step 0, metrics
+    None) and after every step (metrics: the step's device metrics).
+    """
+    step_fn, _ = make_train_step(cfg, train_spec, hmm_cfg.seq_len)
+    state = init_state(cfg, train_spec, hmm_cfg.seq_len, seed)
+    key = jax.random.key(seed + 1_000_003)
+    if callback is not None:
+        callback(0, state, None)
+    for i, batch in enumerate(train_batches(hmm_cfg, seed=seed, batch_size=train_spec.batch_size,
+                                            steps=train_spec.steps)):
+        state, m = step_fn(state, model_batch(batch), jax.random.fold_in(key, i))
+        if callback is not None:
+            callback(i + 1, state, m)
+    return state
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "num_labels", "update_state"))
+def _eval_batch(params, state, inputs, targets, labels, *, cfg: lm.LMConfig, num_labels: int,
+                update_state: bool):
+    """One batch: (ce, top1 [L, N], load [L, E], joint [L, E, C·S], avg_k, new_state)."""
+    logits, new_state, aux = lm.apply(params, state, inputs, cfg=cfg, train=False)
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
+    joint = jax.vmap(lambda t: moe_metrics.joint_counts(t, labels, cfg.num_experts,
+                                                        num_labels))(aux["top1"])
+    avg_k = aux["metrics"].get("avg_k", jnp.float32(jnp.nan))
+    return ce, aux["top1"], aux["load"], joint, avg_k, (new_state if update_state else state)
+
+
+_mi_from_counts = jax.jit(moe_metrics.mutual_information_from_counts)
+_load_suite = jax.jit(lambda counts, n, active: moe_metrics.load_metrics_from_counts(
+    counts, num_tokens=n, active=active)[1])
+
+
+def mi_nats(table: np.ndarray) -> float:
+    """I(expert; label) in nats of one `[E, C·S]` joint count table
+    (`moejax.moe.metrics.mutual_information_from_counts`)."""
+    return float(_mi_from_counts(jnp.asarray(table, jnp.float32)))
+
+
+def evaluate(params, model_state, cfg: lm.LMConfig, eval_batches: Sequence[Mapping[str, Any]],
+             *, label_key: str = "label", num_labels: int | None = None,
+             prev_top1: np.ndarray | None = None, update_state: bool = False) -> dict[str, Any]:
+    """Validation loss and the routing suite over a fixed set of labelled batches.
+
+    Args:
+      params, model_state: the model (`lm.init` structure).
+      cfg: its `LMConfig` (an MoE model).
+      eval_batches: labelled batches (`batches(...)`), all of the same shape.
+      label_key: the latent label the MI is measured against (`label`, `state` or `concept`).
+      num_labels: number of values of that label (default: 1 + the largest seen).
+      prev_top1: the `[L, N_total]` top-1 experts of the previous evaluation on the same batches
+        (for the flip rate); None gives `flip_rate` None.
+      update_state: return the model state after the batches (each forward's new router state
+        feeds the next; only STAR with `test_time_update` changes it at eval) — test-time
+        adaptation on a stream. False: every batch sees `model_state`.
+
+    Returns:
+      dict: `val_loss` (mean CE, nats/token), `mi` (nats, mean over layers), `mi_layers`,
+      `load_entropy`, `cv`, `max_vio`, `dead_experts` (means over layers of the set's load;
+      inactive MASS slots, `state["router"]["active"]` False, are left out),
+      `avg_k`, `flip_rate` (or None), `top1` (`<int32>[L, N_total]`, for the next call),
+      `joint` (`<int64>[L, E, num_labels]`), `load` (`[L, E]`), `model_state`.
+    """
+    if label_key not in LABEL_KEYS:
+        raise ValueError(f"label_key must be one of {LABEL_KEYS}, got {label_key!r}")
+    if cfg.ffn != "moe":
+        raise ValueError("evaluate needs an MoE model (ffn='moe')")
+    if num_labels is None:
+        num_labels = 1 + max(int(np.max(b[label_key])) for b in eval_batches)
+    ces, top1s, loads, joint, ks = [], [], [], None, []
+    state = model_state
+    for b in eval_batches:
+        ce, top1, load, jt, k, new_state = _eval_batch(
+            params, state, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
+            jnp.asarray(b[label_key]).reshape(-1), cfg=cfg, num_labels=num_labels,
+            update_state=update_state)
+        if update_state:
+            state = new_state
+        ces.append(float(ce))
+        top1s.append(np.asarray(top1))
+        loads.append(np.asarray(load))
+        ks.append(float(k))
+        joint = np.asarray(jt) if joint is None else joint + np.asarray(jt)
+    load = np.mean(loads, axis=0)  # [L, E]
+    top1 = np.concatenate(top1s, axis=1)
+    n = top1.shape[1]
+    suites = [_load_suite(jnp.asarray(row * n, jnp.float32), n, _active(state, i))
+              for i, row in enumerate(load)]
+    mean = {name: float(np.mean([float(s[name]) for s in suites]))
+            for name in ("load_entropy", "cv", "max_vio", "dead_experts")}
+    mi_layers = [mi_nats(t) for t in joint]
+    flip = None
+    if prev_top1 is not None:
+        flip = float(np.mean(np.asarray(prev_top1) != top1))
+    return {"val_loss": float(np.mean(ces)), "mi": float(np.mean(mi_layers)),
+            "mi_layers": mi_layers, **mean, "avg_k": float(np.mean(ks)), "flip_rate": flip,
+            "top1": top1, "joint": joint.astype(np.int64), "load": load, "model_state": state}
+
+
+def _active(model_state, layer: int):
+    """The `[E]` active-slot mask of MoE layer `layer` (MASS expansion), or None (all active)."""
+    router = model_state["blocks"][layer].get("router", {}) if model_state.get("blocks") else {}
+    return router.get("active") if isinstance(router, dict) else None
+
+
+def scalars(ev: Mapping[str, Any]) -> dict[str, Any]:
+    """The JSON-able scalar part of an `evaluate` result (drops arrays and the state)."""
+    return {k: v for k, v in ev.items() if k not in ("top1", "joint", "load", "model_state")}
+
+
+def mean_std(values: Iterable[float | None]) -> dict[str, float]:
+    """`{"mean", "std", "n"}` over the non-None values (NaN mean if none)."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n": len(vals)}

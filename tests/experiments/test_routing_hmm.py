@@ -1,0 +1,102 @@
+"""`experiments.routing_hmm` end to end on a tiny setting, its input checks, and the metric
+plumbing of `experiments.hmm_common`."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from experiments import hmm_common as hc
+from experiments import routing_hmm as rh
+from experiments.sweep import ResultsFile
+from moejax.data import hmm
+
+TINY = dict(model=hc.ModelSpec(d_model=16, num_layers=1, num_heads=1, head_dim=8, d_ff=16,
+                               num_experts=4),
+            train=hc.TrainSpec(steps=4, batch_size=4, warmup_steps=1),
+            hmm=hmm.HMMConfig(seq_len=16, num_concepts=2, num_states=4, vocab_size=16,
+                              emission_support=4))
+
+
+def tiny(**kw) -> rh.ExperimentConfig:
+    return rh.ExperimentConfig(**{**TINY, "routers": ("star",), "etas": (5e-5,), "seeds": (0,),
+                                  "eval_every": 2, "val_batches": 2, "val_batch_size": 4, **kw})
+
+
+def test_end_to_end_then_rerun_skips_done_cells(tmp_path, monkeypatch):
+    cfg = tiny()
+    out = rh.run(cfg, str(tmp_path), progress=False)
+    (cell,) = out["cells"]
+    assert cell["router"] == "star_eta5e-05" and cell["curve"]["step"] == [0, 2, 4]
+    assert cell["curve"]["flip_rate"][0] is None and cell["curve"]["flip_rate"][1] is not None
+    f = cell["final"]
+    assert 0 <= f["mi"] <= math.log(4) + 1e-6 and 0 <= f["load_entropy"] <= 1 + 1e-6
+    assert f["v_drift"] > 0  # GHA moved STAR's subspace during training
+    assert np.asarray(cell["joint"]).shape == (1, 4, 8)  # [L, E, C·S]
+    assert np.asarray(cell["joint"]).sum() == 2 * 4 * 16  # every val token counted once
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["experiment"] == "routing_hmm"
+    assert saved["summary"]["star_eta5e-05"]["final"]["mi"]["n"] == 1
+    for png in (rh.PLOT, rh.HEATMAP):
+        assert (tmp_path / png).stat().st_size > 0
+    run_dir = tmp_path / "runs" / "star_eta5e-05_seed0"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 4] and "val_mi" in records[-1]
+    assert (run_dir / "tensorboard").is_dir()
+
+    def boom(*a, **k):
+        raise AssertionError("a finished cell was retrained")
+
+    monkeypatch.setattr(rh, "train_cell", boom)
+    again = rh.run(cfg, str(tmp_path), progress=False)
+    assert again["cells"] == out["cells"]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown router 'nope'; valid routers: topk_switch"):
+        tiny(routers=("nope",))
+    with pytest.raises(ValueError, match="eta"):
+        tiny(etas=(0.0,))
+    with pytest.raises(ValueError, match="eta"):
+        tiny(etas=(-1e-5,))
+    with pytest.raises(ValueError, match="seeds"):
+        tiny(seeds=())
+    with pytest.raises(ValueError, match="label"):
+        tiny(label="colour")
+    with pytest.raises(ValueError, match="valid routers"):
+        hc.lm_config("switch", hc.ModelSpec(), hmm.HMMConfig())
+    with pytest.raises(ValueError, match="test_time_update"):
+        hc.lm_config("topk", hc.ModelSpec(), hmm.HMMConfig(), test_time_update=True)
+
+
+def test_refuses_workdir_of_another_experiment(tmp_path):
+    ResultsFile(tmp_path, "star_shift", fixed={}).write()
+    with pytest.raises(ValueError, match="experiment 'star_shift', not 'routing_hmm'"):
+        rh.run(tiny(), str(tmp_path), progress=False)
+    other = tmp_path / "other"
+    rh.ResultsFile(other, "routing_hmm", fixed=tiny(eval_every=1).fixed()).write()
+    with pytest.raises(ValueError, match="eval_every: 1 != 2"):
+        rh.run(tiny(), str(other), progress=False)
+
+
+def test_mutual_information_known_answers():
+    C = 4
+    one_to_one = np.eye(C) * 25  # C equiprobable labels, each always on its own expert
+    assert hc.mi_nats(one_to_one) == pytest.approx(math.log(C), abs=1e-5)
+    independent = np.outer([1, 2, 3, 4], [5, 1, 2, 2])  # p(e, l) = p(e) p(l)
+    assert hc.mi_nats(independent) == pytest.approx(0.0, abs=1e-6)
+    two_to_one = np.array([[10, 10, 0, 0], [0, 0, 10, 10]])  # expert = label // 2
+    assert hc.mi_nats(two_to_one) == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_summary_mean_std_over_seeds():
+    def cell(seed, mi):
+        final = {m: 0.0 for m in rh.FINAL_METRICS} | {"mi": mi}
+        curve = {"step": [0, 1]} | {m: [None if m == "flip_rate" else 0.0, 0.5]
+                                    for m in rh.CURVE_METRICS}
+        return {"router": "topk", "seed": seed, "final": final, "curve": curve}
+
+    s = rh.summarize([cell(0, 1.0), cell(1, 2.0)])["topk"]
+    assert s["final"]["mi"] == {"mean": 1.5, "std": 0.5, "n": 2}
+    assert s["curve"]["flip_rate"]["mean"] == [None, 0.5]

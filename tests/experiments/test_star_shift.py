@@ -1,0 +1,82 @@
+"""`experiments.star_shift` end to end on a tiny setting, and its input checks."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import hmm_common as hc
+from experiments import star_shift as ss
+from experiments.sweep import ResultsFile
+from moejax.data import hmm
+
+TINY = dict(model=hc.ModelSpec(d_model=16, num_layers=1, num_heads=1, head_dim=8, d_ff=16,
+                               num_experts=4),
+            train=hc.TrainSpec(steps=4, batch_size=4, warmup_steps=1),
+            hmm=hmm.HMMConfig(seq_len=16, num_concepts=2, num_states=4, vocab_size=16,
+                              emission_support=4))
+
+
+def tiny(**kw) -> ss.ExperimentConfig:
+    return ss.ExperimentConfig(**{**TINY, "seeds": (0,), "shifts": (0.0, 1.0), "eta": 5e-5,
+                                  "tta_etas": (5e-3,), "baseline": "topk", "stream_batches": 3,
+                                  "stream_batch_size": 4, "heldout_batches": 2,
+                                  "heldout_batch_size": 4, **kw})
+
+
+@pytest.mark.slow  # ~15 s of compiles (two trainings, three eval modes); `make test-slow`
+def test_end_to_end_then_rerun_skips_done_cells(tmp_path, monkeypatch):
+    cfg = tiny()
+    out = ss.run(cfg, str(tmp_path), progress=False)
+    cells = {(c["variant"], c["shift"]): c for c in out["cells"]}
+    assert set(cells) == {(v, lam) for v in ("topk_frozen", "star_frozen", "star_tta_eta0.005")
+                          for lam in (0.0, 1.0)}
+    for lam in (0.0, 1.0):
+        frozen, tta = cells["star_frozen", lam], cells["star_tta_eta0.005", lam]
+        assert frozen["v_shift"] == 0.0 and frozen["after"] == frozen["before"]
+        assert tta["v_shift"] > 0  # the test-time pass moved V ...
+        assert tta["before"] == frozen["before"]  # ... starting from the same trained model
+    # shifted tokens are harder for a model trained on λ = 0
+    assert (cells["topk_frozen", 1.0]["before"]["val_loss"]
+            != cells["topk_frozen", 0.0]["before"]["val_loss"])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["experiment"] == "star_shift" and len(saved["cells"]) == 6
+    assert set(saved["summary"]) == {"topk_frozen", "star_frozen", "star_tta_eta0.005"}
+    assert (tmp_path / ss.PLOT).stat().st_size > 0
+
+    monkeypatch.setattr(ss.hc, "train", lambda *a, **k: pytest.fail("retrained a done seed"))
+    again = ss.run(cfg, str(tmp_path), progress=False)
+    assert again["cells"] == out["cells"]
+
+
+def test_test_time_pass_updates_only_router_state():
+    h = TINY["hmm"]  # the configs and shapes of the end-to-end test: its compilations are reused
+    frozen = hc.lm_config("star", TINY["model"], h, eta=5e-5)
+    tta = hc.lm_config("star", TINY["model"], h, eta=5e-3, test_time_update=True)
+    ts = hc.init_state(frozen, TINY["train"], h.seq_len, seed=0)
+    params, state = ts.params, ts.model_state
+    batch = hc.batches(h, split="test", seed=0, batch_size=4, num_batches=2)
+    ev = hc.evaluate(params, state, tta, batch, num_labels=h.num_labels, update_state=True)
+    v0 = np.asarray(state["blocks"][0]["router"]["v"])
+    v1 = np.asarray(ev["model_state"]["blocks"][0]["router"]["v"])
+    assert np.abs(v1 - v0).max() > 0
+    np.testing.assert_allclose(np.linalg.norm(v1, axis=1), 1.0, atol=1e-5)  # unit rows
+    ev_frozen = hc.evaluate(params, state, frozen, batch, num_labels=h.num_labels,
+                            update_state=True)
+    np.testing.assert_array_equal(ev_frozen["model_state"]["blocks"][0]["router"]["v"], v0)
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="eta"):
+        tiny(eta=0.0)
+    with pytest.raises(ValueError, match="eta"):
+        tiny(tta_etas=(5e-5, -1.0))
+    with pytest.raises(ValueError, match="valid routers: topk_switch, topk"):
+        tiny(baseline="topq")
+    with pytest.raises(ValueError, match="other than 'star'"):
+        tiny(baseline="star")
+    with pytest.raises(ValueError, match="shift"):
+        tiny(shifts=(0.0, 1.5))
+    ResultsFile(tmp_path, "routing_hmm", fixed={}).write()
+    with pytest.raises(ValueError, match="experiment 'routing_hmm', not 'star_shift'"):
+        ss.run(tiny(), str(tmp_path), progress=False)
