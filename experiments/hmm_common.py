@@ -61,6 +61,12 @@ ROUTER_NAMES = tuple(ROUTERS)
 LABEL_KEYS = ("label", "state", "concept")
 
 
+def num_labels(hmm_cfg: hmm.HMMConfig, label_key: str) -> int:
+    """How many values the latent label `label_key` (one of LABEL_KEYS) takes."""
+    return {"label": hmm_cfg.num_labels, "state": hmm_cfg.num_states,
+            "concept": hmm_cfg.num_concepts}[label_key]
+
+
 def check_router(name: str) -> None:
     """Raises ValueError naming the valid routers unless `name` is one of ROUTERS."""
     if name not in ROUTERS:
@@ -109,6 +115,15 @@ class TrainSpec:
         return loop.TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                                 warmup_steps=min(self.warmup_steps, self.steps),
                                 seq_len=seq_len, weight_decay=0.0)
+
+
+# The paper-scale (`--full`) model, training and data shared by routing_hmm and star_shift.
+FULL_SETTING = dict(
+    model=ModelSpec(d_model=256, num_layers=4, num_heads=4, head_dim=64, d_ff=512,
+                    num_experts=16),
+    train=TrainSpec(steps=5000, batch_size=64, lr=1e-3, warmup_steps=250),
+    hmm=hmm.HMMConfig(num_concepts=8, num_states=16, vocab_size=256, seq_len=256,
+                      emission_support=16))
 
 
 def lm_config(router: str, spec: ModelSpec, hmm_cfg: hmm.HMMConfig, *, eta: float | None = None,

@@ -59,7 +59,7 @@ import optax
 from absl import app, flags
 from tqdm import tqdm
 
-from experiments.sweep import ResultsFile
+from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 from moejax.models import lm
 from moejax.moe import expansion as ex
@@ -205,8 +205,7 @@ class ExperimentConfig:
 
     def fixed(self) -> dict:
         """The settings every cell of a workdir shares (checked by ResultsFile on reopening)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in NOT_FIXED}
+        return fixed_settings(self, NOT_FIXED)
 
     def hmm_config(self) -> hmm.HMMConfig:
         return hmm.HMMConfig(num_concepts=self.num_concepts, num_states=self.num_states,

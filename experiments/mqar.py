@@ -56,7 +56,7 @@ import optax
 from absl import app, flags
 from tqdm import tqdm
 
-from experiments.sweep import ResultsFile
+from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import mqar
 from moejax.models import lm
 from moejax.train import loop
@@ -202,7 +202,7 @@ class ExperimentConfig:
 
     def fixed(self) -> dict:
         """The settings every cell of a workdir shares (ResultsFile checks them on rerun)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SWEEP_FIELDS}
+        return fixed_settings(self, SWEEP_FIELDS)
 
     @property
     def is_paper_scale(self) -> bool:

@@ -40,7 +40,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from experiments import hmm_common as hc
-from experiments.sweep import ResultsFile
+from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 from moejax.train.logging import MetricsWriter, to_record
 
@@ -124,23 +124,14 @@ class ExperimentConfig:
 
     @property
     def num_labels(self) -> int:
-        return {"label": self.hmm.num_labels, "state": self.hmm.num_states,
-                "concept": self.hmm.num_concepts}[self.label]
+        return hc.num_labels(self.hmm, self.label)
 
     def fixed(self) -> dict:
         """Settings every cell shares (checked on resume); routers, etas and seeds may grow."""
-        d = dataclasses.asdict(self)
-        for name in ("routers", "etas", "seeds"):
-            d.pop(name)
-        return d
+        return fixed_settings(self, ("routers", "etas", "seeds"))
 
 
-FULL = dict(model=hc.ModelSpec(d_model=256, num_layers=4, num_heads=4, head_dim=64, d_ff=512,
-                               num_experts=16),
-            train=hc.TrainSpec(steps=5000, batch_size=64, lr=1e-3, warmup_steps=250),
-            hmm=hmm.HMMConfig(num_concepts=8, num_states=16, vocab_size=256, seq_len=256,
-                              emission_support=16),
-            eval_every=250, val_batches=16, val_batch_size=64)
+FULL = dict(**hc.FULL_SETTING, eval_every=250, val_batches=16, val_batch_size=64)
 
 
 def train_cell(label: str, router: str, eta: float | None, seed: int, cfg: ExperimentConfig,

@@ -40,7 +40,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from experiments import hmm_common as hc
-from experiments.sweep import ResultsFile
+from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 
 EXPERIMENT = "star_shift"
@@ -128,23 +128,15 @@ class ExperimentConfig:
 
     @property
     def num_labels(self) -> int:
-        return {"label": self.hmm.num_labels, "state": self.hmm.num_states,
-                "concept": self.hmm.num_concepts}[self.label]
+        return hc.num_labels(self.hmm, self.label)
 
     def fixed(self) -> dict:
         """Settings every cell shares; shifts, seeds and tta_etas may grow."""
-        d = dataclasses.asdict(self)
-        for name in ("shifts", "seeds", "tta_etas"):
-            d.pop(name)
-        return d
+        return fixed_settings(self, ("shifts", "seeds", "tta_etas"))
 
 
-FULL = dict(model=hc.ModelSpec(d_model=256, num_layers=4, num_heads=4, head_dim=64, d_ff=512,
-                               num_experts=16),
-            train=hc.TrainSpec(steps=5000, batch_size=64, lr=1e-3, warmup_steps=250),
-            hmm=hmm.HMMConfig(num_concepts=8, num_states=16, vocab_size=256, seq_len=256,
-                              emission_support=16),
-            stream_batches=128, stream_batch_size=32, heldout_batches=16, heldout_batch_size=64)
+FULL = dict(**hc.FULL_SETTING, stream_batches=128, stream_batch_size=32, heldout_batches=16,
+            heldout_batch_size=64)
 
 
 def _v_shift(a, b) -> float:

@@ -15,6 +15,7 @@ an interrupted sweep loses at most the cell in flight and a rerun skips the cell
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,14 @@ from typing import Any
 from moejax.train.checkpoint import config_differences, config_to_json
 
 RESULTS = "results.json"
+
+
+def fixed_settings(cfg: Any, sweep_axes: Iterable[str]) -> dict[str, Any]:
+    """The fields of an experiment config (dataclass) but its sweep axes, as JSON — what every
+    cell of a workdir shares; the axes (seeds, models, ...) may grow between reruns."""
+    axes = set(sweep_axes)
+    return config_to_json({f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                           if f.name not in axes})
 
 
 class ResultsFile:
