@@ -2,6 +2,7 @@
 saved with `save_pretrained`, converted, and compared (prefill logits, step-by-step decoding
 against HF's own cache), exported back exactly, and the conversion's bad inputs."""
 
+import inspect
 import json
 import shutil
 import subprocess
@@ -85,12 +86,15 @@ def test_decoding_matches_transformers_cache(hf_models, arch):
     cfg, params, state, _ = load_hf(path)
     toks = _tokens(T=12, seed=1)
     P = 5
+    # transformers 5 renames `past_key_values` to `cache` (the old name goes in 5.40).
+    new_api = "cache" in inspect.signature(model.forward).parameters
+    kw = "cache" if new_api else "past_key_values"
     with torch.no_grad():
         out = model(torch.tensor(toks[:, :P]), use_cache=True)
-        cache, refs = out.past_key_values, [out.logits[:, -1].numpy()]
+        refs = [out.logits[:, -1].numpy()]
         for t in range(P, toks.shape[1]):
-            out = model(torch.tensor(toks[:, t:t + 1]), past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            cache = out.cache if new_api else out.past_key_values
+            out = model(torch.tensor(toks[:, t:t + 1]), use_cache=True, **{kw: cache})
             refs.append(out.logits[:, -1].numpy())
     mj_cache = lm.init_cache(cfg, toks.shape[0], max_len=toks.shape[1])
     logits, mj_cache = lm.prefill(params, state, jnp.asarray(toks[:, :P], jnp.int32), mj_cache,
