@@ -60,7 +60,8 @@ def main(argv):
         overrides = {f.name: f.value for f in _MODEL_FLAGS if f.value is not None}
         init_params, data_info = None, {}
         if _INIT_FROM.value is not None:
-            given = [f"--{f.name}" for f in (_PRESET, *_MODEL_FLAGS) if flags.FLAGS[f.name].present]
+            given = [f"--{f.name}" for f in (_PRESET, *_MODEL_FLAGS)
+                     if not flags.FLAGS[f.name].using_default_value]
             if given:
                 raise ValueError(f"--init_from sets the model; drop {', '.join(given)}")
             model_cfg, params, model_state, _ = checkpoint.load_model(

@@ -79,3 +79,30 @@ def test_bad_data_fails_before_training(tmp_path, case):
 def test_extra_arguments_are_refused(tmp_path):
     with flagsaver.flagsaver(workdir=str(tmp_path)), pytest.raises(app.UsageError):
         train_lm.main(["train_lm", "extra"])
+
+
+def test_init_from_fine_tunes_a_saved_model_and_refuses_model_flags(tmp_path):
+    import jax
+
+    from moejax.models import lm
+    from moejax.train import checkpoint
+
+    cfg = lm.get_preset("tiny", mixer="gated_deltanet")
+    params, state = lm.init(jax.random.key(3), cfg)
+    checkpoint.save_model(tmp_path / "model", cfg, params, state, info={"note": "test"})
+    no_preset = {k: v for k, v in SMALL.items() if k != "preset"}
+    with flagsaver.flagsaver(**no_preset, workdir=str(tmp_path / "run"), steps=1,
+                             init_from=str(tmp_path / "model"), sample_tokens=4):
+        train_lm.main(["train_lm"])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["model"]["mixer"] == "gated_deltanet"
+    assert saved["data"]["init_from"] == str(tmp_path / "model")
+    with pytest.raises(app.UsageError, match="--init_from sets the model; drop --preset"):
+        run_main(workdir=str(tmp_path / "run2"), steps=1, init_from=str(tmp_path / "model"))
+    small_vocab = lm.get_preset("tiny", vocab_size=64)
+    checkpoint.save_model(tmp_path / "m64", small_vocab, *lm.init(jax.random.key(0), small_vocab))
+    with flagsaver.flagsaver(**no_preset, workdir=str(tmp_path / "run3"), steps=1,
+                             init_from=str(tmp_path / "m64")), \
+            pytest.raises(app.UsageError, match="vocab_size=64; byte-level data needs >= 256"):
+        train_lm.main(["train_lm"])
+    assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
