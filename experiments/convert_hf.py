@@ -25,7 +25,6 @@ checkpoint) and writes --hf_dir (config.json + model.safetensors).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -151,8 +150,7 @@ def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
     cfg = lm.LMConfig(**saved["model"])
     state, _ = loop.load_checkpoint(path, cfg, step=step)
     init_from = saved.get("data", {}).get("init_from")
-    info = (json.loads((Path(init_from) / checkpoint.MODEL_CONFIG).read_text())["info"]
-            if init_from else {})
+    info = checkpoint.read_model_config(init_from)["info"] if init_from else {}
     return cfg, state.params, info
 
 

@@ -100,8 +100,8 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
     _require(hf, "attention_bias", not hf.get("attention_bias", False), "False")
     if model_type == "mixtral":
         _require(hf, "sliding_window", hf.get("sliding_window") is None, "None")
-    elif hf.get("use_sliding_window", False):
-        _require(hf, "use_sliding_window", False, "False")
+    else:
+        _require(hf, "use_sliding_window", not hf.get("use_sliding_window", False), "False")
     theta, fraction = _rope(hf)
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads

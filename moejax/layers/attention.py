@@ -59,6 +59,9 @@ class AttentionConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        nkv = self.num_kv_heads
+        if nkv is not None and (isinstance(nkv, bool) or not isinstance(nkv, int) or nkv < 1):
+            raise ValueError(f"num_kv_heads must be a positive int or None, got {nkv!r}")
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
                              f"num_heads={self.num_heads}")
@@ -74,12 +77,7 @@ class AttentionConfig:
 
     @property
     def kv_heads(self) -> int:
-        if self.num_kv_heads is None:
-            return self.num_heads
-        value = self.num_kv_heads
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"num_kv_heads must be a positive int or None, got {value!r}")
-        return value
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
     @property
     def rotary(self) -> int:

@@ -232,6 +232,19 @@ def save_model(directory: str | Path, model_cfg: Any, params: Any, model_state: 
     return directory
 
 
+def read_model_config(directory: str | Path) -> dict[str, Any]:
+    """`{"model": <config JSON>, "info": {...}}` of a model directory written by `save_model`.
+
+    Raises:
+      ValueError: `directory` holds no complete model.
+    """
+    path = Path(directory).absolute() / MODEL_CONFIG
+    if not path.exists():
+        raise ValueError(f"{path.parent} holds no model ({MODEL_CONFIG} is missing); write one "
+                         "with experiments.convert_hf or moejax.train.checkpoint.save_model")
+    return json.loads(path.read_text())
+
+
 def load_model(directory: str | Path, config_cls: type, init: Any) -> tuple[Any, Any, Any, dict]:
     """Reads a model directory written by `save_model`.
 
@@ -249,10 +262,7 @@ def load_model(directory: str | Path, config_cls: type, init: Any) -> tuple[Any,
       ValueError: `directory` holds no complete model.
     """
     directory = Path(directory).absolute()
-    if not (directory / MODEL_CONFIG).exists():
-        raise ValueError(f"{directory} holds no model ({MODEL_CONFIG} is missing); write one "
-                         "with experiments.convert_hf or moejax.train.checkpoint.save_model")
-    saved = json.loads((directory / MODEL_CONFIG).read_text())
+    saved = read_model_config(directory)
     model_cfg = config_cls(**saved["model"])
     params, state = jax.eval_shape(lambda key: init(key, model_cfg), jax.random.key(0))
     with ocp.StandardCheckpointer() as ckptr:
