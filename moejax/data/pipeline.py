@@ -13,20 +13,12 @@ from typing import Any
 import grain
 import numpy as np
 
+from moejax.validation import check_int  # noqa: F401  (re-exported)
+
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 SYNTHETIC_SPLITS = ("train", "val", "test")
 
 Example = dict[str, np.ndarray]
-
-
-def check_int(name: str, value: Any, *, lo: int | None = None, hi: int | None = None) -> None:
-    """Raises ValueError naming `name` unless `value` is an int in [lo, hi]."""
-    if not isinstance(value, int | np.integer) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-    if hi is not None and value > hi:
-        raise ValueError(f"{name} must be <= {hi}, got {value}")
 
 
 def check_split(split: Any, valid: tuple[str, ...]) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from moejax.validation import check_int, check_range  # noqa: F401  (re-exported)
+
 Array = jax.Array
 
 
@@ -61,32 +63,15 @@ class RouterConfig:
     top_k: int = 2
 
     def __post_init__(self):
-        _check_int("d_model", self.d_model, lo=1)
-        _check_int("num_experts", self.num_experts, lo=1)
-        _check_int("top_k", self.top_k, lo=1)
+        check_int("d_model", self.d_model, lo=1)
+        check_int("num_experts", self.num_experts, lo=1)
+        check_int("top_k", self.top_k, lo=1)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} must be <= num_experts={self.num_experts}"
             )
 
 
-def _check_int(name: str, value: Any, *, lo: int | None = None) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if lo is not None and value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
-
-
-def check_range(name: str, value: float, lo: float, hi: float, *, lo_open=True, hi_open=False):
-    """Raises ValueError unless `value` lies in the interval (lo, hi] (bounds configurable)."""
-    ok_lo = value > lo if lo_open else value >= lo
-    ok_hi = value < hi if hi_open else value <= hi
-    if not (ok_lo and ok_hi):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")
-
-
-check_int = _check_int
 
 
 # name -> module path. Adding a router = adding a file and a line here.
