@@ -3,8 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The deviceless GPU compile check has its own venv: the CUDA plugin pinned to its jaxlib.
+GPU_VENV := .venv-gpu-compile
+GPU_PY := $(GPU_VENV)/bin/python
+GPU_STAMP := $(GPU_VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow gpu-compile lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +17,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,hf]'
 	touch $(STAMP)
 
+$(GPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_PY) -m pip install --quiet --upgrade pip
+	$(GPU_PY) -m pip install --quiet -e '.[gpu-compile]'
+	touch $(GPU_STAMP)
+
 # The main job: the `demo` LM (Q-Delta mixer + STAR-routed MoE) on the stdlib corpus, ~5 min
 # on a 2-core CPU. Rerunning resumes from runs/demo (and stops at once if it already finished).
 demo: $(STAMP)
@@ -20,8 +30,16 @@ demo: $(STAMP)
 	    --warmup_steps=20 --batch_size=16 --seq_len=256 --log_every=10 --eval_every=100 \
 	    --ckpt_every=50 --sample_tokens=200
 
-test: $(STAMP)
+# The suite, then the CI subset of the deviceless sm_90a compile (forward kernels, one shape).
+test: $(STAMP) $(GPU_STAMP)
 	$(PY) -m pytest -q -n 2 --durations=15 --nbmake tests notebooks
+	$(GPU_PY) -m pytest -q -p no:xdist -m gpu_compile tests/gpu_compile
+
+# Every Pallas GPU kernel, forward and gradient, bf16 and fp32, every GPU preset's head dims and
+# the gmm shapes, compiled for sm_90a without a GPU (the per-kernel table of BENCHMARKS.md:
+# `$(GPU_PY) -m experiments.gpu_compile --full`).
+gpu-compile: $(GPU_STAMP)
+	MOEJAX_GPU_COMPILE_FULL=1 $(GPU_PY) -m pytest -q -p no:xdist -m gpu_compile tests/gpu_compile
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow
@@ -34,4 +52,4 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_moe --workdir=runs/bench
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(GPU_VENV) runs

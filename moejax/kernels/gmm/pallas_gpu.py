@@ -107,8 +107,10 @@ def _gmm_fwd_kernel(tile_ref, group_ref, lo_ref, hi_ref, compute_ref, lhs_ref, r
             dims = (((1,), (0,)), ((), ()))
         return acc + lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
-    # Tail (zero) and padding visits run no K step; the store mask handles the rest.
-    num_k = jnp.where(compute > 0, pl.cdiv(k, tk), 0)
+    # Tail (zero) and padding visits run no K step; the store mask handles the rest. `compute`
+    # is an int32 0/1, so the trip count stays int32 (a `jnp.where` of two Python ints takes the
+    # predicate's i1 type in Triton's lowering, and scf.for then refuses the mixed bounds).
+    num_k = compute * pl.cdiv(k, tk)
     acc = lax.fori_loop(0, num_k, body, jnp.zeros((tm, tn), jnp.float32))
     plgpu.store(out_ref.at[row_slice, col_slice], acc.astype(out_ref.dtype),
                 mask=row_ok[:, None] & col_ok[None, :])
