@@ -11,7 +11,10 @@ run) and the compiled peak temporary memory of the backward pass (XLA's memory a
 On a GPU/TPU (or with --accelerator) it measures instead, in bf16 at B=4 H=8 T=8192 Dk=128
 Dv=256 by default: the Pallas kernel vs the jnp chunk path (goal ≥ 2×), vs causal
 `jax.nn.dot_product_attention` (cuDNN on GPU) over a T sweep with the crossover T, and the
-achieved TFLOP/s of the Pallas kernel (against --peak_tflops when given).
+achieved TFLOP/s of the Pallas kernel (against --peak_tflops when given), and, where
+flash-linear-attention is importable (`fla-core`, PyTorch + Triton), its `chunk_delta_rule` /
+`chunk_gated_delta_rule` forward+backward on the same inputs (the issue's goal: Pallas ≤ 1.3×
+fla's time at T=8192 bf16).
 
 Writes `WORKDIR/bench_delta_rule.json` and `WORKDIR/bench_delta_rule.png`.
 
@@ -49,6 +52,7 @@ flags.DEFINE_list("accel_shape", ["4", "8", "8192", "128", "256"], "B,H,T,Dk,Dv 
 flags.DEFINE_list("accel_sweep", ["1024", "2048", "4096", "8192", "16384"],
                   "T values of the attention crossover sweep.")
 flags.DEFINE_float("peak_tflops", 0.0, "Device bf16 peak TFLOP/s (0: not reported).")
+flags.DEFINE_bool("fla", True, "On GPU, also time flash-linear-attention's Triton kernels.")
 
 MODES = {"deltanet": (False, False), "qdelta": (False, True), "gated_deltanet": (True, False),
          "gated_qdelta": (True, True)}
@@ -111,13 +115,55 @@ def _delta_flops(B, T, H, Dk, Dv, C):
     return 3.0 * B * H * T * per_token
 
 
+def _fla_time(mode, args, reps):
+    """Median forward+backward seconds of flash-linear-attention's chunk kernel on `args` (the
+    same values, moved to torch; same loss as `_fwd_bwd`), or None when fla is not importable.
+    fla has no Q-Delta: `*_qdelta` modes are timed as their DeltaNet counterparts (lam dropped).
+    """
+    try:
+        import torch
+        from fla.ops.delta_rule import chunk_delta_rule
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except ImportError:
+        return None
+    q, k, v, beta, g, _ = args
+    to_t = lambda a, dt: torch.tensor(np.asarray(a.astype(jnp.float32)), device="cuda",  # noqa: E731
+                                      dtype=dt, requires_grad=True)
+    bf = torch.bfloat16
+    tq, tk, tv, tb = (to_t(a, bf) for a in (q, k, v, beta))
+    tg = None if g is None else to_t(g, torch.float32)
+
+    def step():
+        for t in (tq, tk, tv, tb, tg):
+            if t is not None:
+                t.grad = None
+        if tg is None:
+            o, S = chunk_delta_rule(q=tq, k=tk, v=tv, beta=tb, output_final_state=True)
+        else:
+            o, S = chunk_gated_delta_rule(q=tq, k=tk, v=tv, g=tg, beta=tb,
+                                          output_final_state=True)
+        ((o.float() ** 2).sum() + (S.float() ** 2).sum()).backward()
+
+    step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return float(np.median(times))
+
+
 def accelerator_main():
     """Pallas vs chunk vs causal attention in bf16 on a GPU/TPU."""
     B, H, T, Dk, Dv = (int(x) for x in FLAGS.accel_shape)
     report = {"shape": {"B": B, "H": H, "T": T, "Dk": Dk, "Dv": Dv,
                         "chunk_size": FLAGS.chunk_size, "dtype": "bfloat16"},
               "device": str(jax.devices()[0]), "jax": jax.__version__, "cases": {}}
-    for mode in ("gated_deltanet", "gated_qdelta"):
+    for mode in ("deltanet", "gated_deltanet", "gated_qdelta"):
         args = _inputs(mode, B, T, H, Dk, Dv, jnp.bfloat16)
         for impl in ("pallas", "chunk"):
             sec, _ = _time(_fwd_bwd(impl, FLAGS.chunk_size), args, FLAGS.reps)
@@ -129,6 +175,12 @@ def accelerator_main():
         report["cases"][f"{mode}/pallas_tflops"] = tflops
         if FLAGS.peak_tflops:
             report["cases"][f"{mode}/pallas_fraction_of_peak"] = tflops / FLAGS.peak_tflops
+        fla = _fla_time(mode, args, FLAGS.reps) if FLAGS.fla and jax.default_backend() == "gpu" \
+            else None
+        if fla is not None:
+            report["cases"][f"{mode}/fla"] = fla
+            report["cases"][f"{mode}/pallas_over_fla_time"] = (
+                report["cases"][f"{mode}/pallas"] / fla)
     sweep = []
     for t in tqdm([int(x) for x in FLAGS.accel_sweep], desc="attention crossover"):
         qkv = _inputs("gated_qdelta", B, t, H, Dk, Dk, jnp.bfloat16)

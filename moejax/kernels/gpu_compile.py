@@ -124,7 +124,7 @@ class KernelReport:
       threads: threads per block (num_warps · 32).
       num_warps, num_stages: launch options (route "triton").
       grid: launch grid.
-      matmul: whether the kernel multiplies matrices (has a `dot_general`), so must use tensor cores.
+      matmul: whether the kernel multiplies matrices (a `tt.dot`), so must use tensor cores.
     """
 
     name: str
