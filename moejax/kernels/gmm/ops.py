@@ -7,7 +7,10 @@ Backends (`impl`): "reference" (`jax.lax.ragged_dot`), "chunk" (plain-JAX tile s
 on CPU), "pallas" (Pallas kernels chosen at lowering time with `jax.lax.platform_dependent`: the
 Triton kernel of `pallas_gpu.py` on CUDA, the Mosaic kernel of `pallas_tpu.py` on TPU, the
 Triton kernel in interpret mode on CPU, `ragged_dot` elsewhere) and "auto" (lowering-time
-choice: the Pallas kernel on CUDA/TPU, chunk on CPU, reference elsewhere).
+choice: the Pallas kernel on CUDA/TPU, chunk on CPU, reference elsewhere). On CUDA, "auto" takes
+the Triton kernel only for the dtypes the deviceless sm_90a compile check covers
+(`GPU_KERNEL_DTYPES`, see `moejax.kernels.gpu_compile`); any other dtype falls back to
+`ragged_dot` and says so once (a `UserWarning` naming the dtype and shapes).
 
 The backward passes are built from the forward ops (megablox): for `out = gmm(lhs, rhs)`,
 `dlhs = gmm(dout, rhs, transpose_rhs=True)` and `drhs = tgmm(lhs, dout)`; for
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from types import MappingProxyType
 from typing import NamedTuple
@@ -70,21 +74,41 @@ def _pallas_tgmm(lhs, grad, group_sizes):
         cuda=pallas_gpu.tgmm, tpu=pallas_tpu.tgmm, default=reference.tgmm)
 
 
+# Input dtypes whose Triton kernels the sm_90a compile check covers (tests/gpu_compile).
+GPU_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def _gpu_kernel_or_fallback(kernel: Callable, fallback: Callable, op: str, *arrays: Array
+                            ) -> Callable:
+    """`kernel` when the compile check covers these inputs, else `fallback` (with a warning when
+    running on a GPU, where the choice matters)."""
+    if arrays[0].dtype in GPU_KERNEL_DTYPES:
+        return kernel
+    if jax.default_backend() == "gpu":
+        shapes = ", ".join(f"{tuple(a.shape)}" for a in arrays)
+        warnings.warn(f"{op}(impl='auto'): dtype {arrays[0].dtype} (shapes {shapes}) is not "
+                      f"covered by the GPU kernel's compile check (covered: "
+                      f"{', '.join(map(str, GPU_KERNEL_DTYPES))}); using jax.lax.ragged_dot",
+                      stacklevel=3)
+    return fallback
+
+
 def _auto_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
     # Chosen at lowering time, so jax.export(platforms=[...]) picks per platform.
     part = functools.partial
+    cuda = _gpu_kernel_or_fallback(pallas_gpu.gmm, reference.gmm, "gmm", lhs, rhs)
     return jax.lax.platform_dependent(
         lhs, rhs, group_sizes,
         cpu=part(chunk.gmm, transpose_rhs=transpose_rhs),
-        cuda=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs),
+        cuda=part(cuda, transpose_rhs=transpose_rhs),
         tpu=part(pallas_tpu.gmm, transpose_rhs=transpose_rhs),
         default=part(reference.gmm, transpose_rhs=transpose_rhs))
 
 
 def _auto_tgmm(lhs, grad, group_sizes):
-    return jax.lax.platform_dependent(lhs, grad, group_sizes, cpu=chunk.tgmm,
-                                      cuda=pallas_gpu.tgmm, tpu=pallas_tpu.tgmm,
-                                      default=reference.tgmm)
+    cuda = _gpu_kernel_or_fallback(pallas_gpu.tgmm, reference.tgmm, "tgmm", lhs, grad)
+    return jax.lax.platform_dependent(lhs, grad, group_sizes, cpu=chunk.tgmm, cuda=cuda,
+                                      tpu=pallas_tpu.tgmm, default=reference.tgmm)
 
 
 _BACKENDS = MappingProxyType({

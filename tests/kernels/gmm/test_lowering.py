@@ -69,3 +69,15 @@ def test_benchmark_shape_default_blocks_lower(platform, mod):
     m, k, n, g = 2 * 16384, 2048, 5632, 64
     text = _export(mod.gmm, platform, _spec((m, k)), _spec((g, k, n)), _spec((g,), jnp.int32))
     assert _MARKER[platform] in text
+
+
+def test_auto_on_cuda_falls_back_for_uncovered_dtype():
+    """fp16 is outside the GPU kernel's compile check: "auto" lowers to ragged_dot on CUDA."""
+    text = _export(_train_step("auto"), "cuda", _spec((64, 32), jnp.float16),
+                   _spec((4, 32, 16), jnp.float16), _spec((4,), jnp.int32),
+                   _spec((64, 16), jnp.float16))
+    assert _TRITON not in text
+    covered = _export(_train_step("auto"), "cuda", _spec((64, 32), jnp.float32),
+                      _spec((4, 32, 16), jnp.float32), _spec((4,), jnp.int32),
+                      _spec((64, 16), jnp.float32))
+    assert covered.count(_TRITON) == 3
