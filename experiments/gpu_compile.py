@@ -7,10 +7,11 @@ bar (compiles; smem ≤ 232,448 B; zero spills; mma/wgmma when it multiplies mat
 needed; it runs in the `gpu-compile` venv (`make gpu-compile` builds it and runs this with
 --full).
 
-Writes `WORKDIR/gpu_compile.json` (one row per case × route × kernel) and
-`WORKDIR/gpu_compile.md` (the table BENCHMARKS.md carries). Exit status 1 when any kernel
-fails to compile or exceeds shared memory (spills and FMA dots are reported, not fatal: they
-are slow, not broken).
+Writes `WORKDIR/gpu_compile.json` (one row per case × route × kernel, and each case's
+roofline estimate: model FLOPs and minimum bytes against the H200's peaks — an estimate, not a
+measurement) and `WORKDIR/gpu_compile.md` (the tables BENCHMARKS.md carries). Exit status 1
+when any kernel fails to compile or exceeds shared memory (spills and FMA dots are reported,
+not fatal: they are slow, not broken).
 
   .venv-gpu-compile/bin/python -m experiments.gpu_compile --workdir=runs/gpu_compile --full
   .venv-gpu-compile/bin/python -m experiments.gpu_compile --only=gmm --full
@@ -54,6 +55,17 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _roofline_table(cases) -> str:
+    lines = ["| case | GFLOP | MB (min) | FLOP/B | bound | lower bound µs (H200 estimate) |",
+             "|---|---|---|---|---|---|"]
+    for c in cases:
+        r = c.roofline()
+        lines.append(f"| {c.id} | {r['gflop']:.2f} | {r['mbytes']:.1f} | "
+                     f"{r['intensity_flop_per_byte']:.0f} | {r['bound']} | "
+                     f"{r['t_lower_bound_us']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv):
     del argv
     if not gc.available():
@@ -71,7 +83,9 @@ def main(argv):
             rows.append(row)
             fatal += (not rep.compiled) or (rep.smem or 0) > gc.SMEM_OPTIN_LIMIT
         (workdir / "gpu_compile.json").write_text(json.dumps(rows, indent=1))
-    (workdir / "gpu_compile.md").write_text(_table(rows))
+    (workdir / "gpu_compile.md").write_text(_table(rows) + "\n" + _roofline_table(selected))
+    (workdir / "roofline.json").write_text(json.dumps({c.id: c.roofline() for c in selected},
+                                                      indent=1))
     print(_table(rows))
     print(f"{len(rows)} kernel compiles, {fatal} failing to compile or fit; "
           f"results in {workdir}/gpu_compile.json")

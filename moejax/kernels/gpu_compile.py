@@ -38,6 +38,9 @@ import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
+# H200 SXM: dense bf16 and tf32 tensor-core peaks (TFLOP/s) and HBM3e bandwidth (TB/s).
+PEAK_TFLOPS = {"bfloat16": 989.4, "float32": 494.7}
+HBM_TBPS = 4.8
 SMEM_OPTIN_LIMIT = 232_448  # H100/H200: max dynamic shared memory per block (opt-in), bytes.
 SMEM_PER_SM = 233_472
 REGS_PER_SM = 65_536
@@ -481,6 +484,39 @@ class Case:
     def id(self) -> str:
         return f"{self.op}.{'grad' if self.grad else 'fwd'}.{self.dtype}." + "x".join(
             map(str, self.dims))
+
+    def flops_and_bytes(self) -> tuple[float, float]:
+        """Model FLOPs and the minimum HBM bytes (inputs read once, outputs written once).
+
+        Delta rule, per chunk of C steps and (B·H): the WY pieces (X Kᵀ, the triangular solve,
+        W and U: C²Dk + C³/3 + C²Dk + C²Dv MACs), the state pass (W S and Kᵀ U: 2·C·Dk·Dv) and
+        the output (Q S, Q Kᵀ, P U: C·Dk·Dv + C²Dk + C²Dv); the backward counts 2× the forward.
+        gmm: 2·M·K·N; its gradient adds dlhs and drhs (3× in all).
+        """
+        item = 2 if self.dtype == "bfloat16" else 4
+        if self.op.startswith("delta_rule"):
+            B, T, H, K, V, C = self.dims
+            macs_chunk = (2 * C * C * K + C**3 / 3 + C * C * V + 3 * C * K * V
+                          + C * C * K + C * C * V)
+            flops = 2.0 * B * H * (T / C) * macs_chunk
+            io = B * T * H * (2 * K + 2 * V + 3) * item + B * H * K * V * 4
+            return (3 * flops, 2 * io) if self.grad else (flops, io)
+        M, K, N, G = self.dims
+        flops = 2.0 * M * K * N
+        io = (M * K + G * K * N + M * N) * item
+        return (3 * flops, 2.5 * io) if self.grad else (flops, io)
+
+    def roofline(self) -> dict[str, float]:
+        """An estimate, not a measurement: the H200 lower-bound time of the case's FLOPs at the
+        dtype's tensor-core peak and of its minimum bytes at HBM bandwidth."""
+        flops, nbytes = self.flops_and_bytes()
+        t_compute = flops / (PEAK_TFLOPS[self.dtype] * 1e12)
+        t_memory = nbytes / (HBM_TBPS * 1e12)
+        return {"gflop": flops / 1e9, "mbytes": nbytes / 1e6,
+                "intensity_flop_per_byte": flops / nbytes,
+                "t_compute_us": t_compute * 1e6, "t_memory_us": t_memory * 1e6,
+                "bound": "compute" if t_compute >= t_memory else "memory",
+                "t_lower_bound_us": max(t_compute, t_memory) * 1e6}
 
     def build(self) -> tuple[Callable, list[Any]]:
         """`(fn, args)`: the function and its argument shapes (`jax.ShapeDtypeStruct`s)."""
