@@ -49,7 +49,7 @@ def model_flops_per_token(cfg: lm.LMConfig, params, seq_len: int) -> float:
     flops = 6.0 * active_params(cfg, params)
     hd = cfg.num_heads * cfg.head_dim
     if cfg.mixer in lm.DELTA_MIXERS:  # chunk form: ~ (4 C + 6 Dv) per key channel per token
-        dv = int(cfg.expand_v * cfg.head_dim)
+        dv = cfg.value_dim
         flops += 3.0 * 2 * cfg.num_layers * hd * (4 * cfg.chunk_size + 6 * dv)
     else:  # causal attention: QKᵀ and PV over half the sequence on average
         flops += 3.0 * 2 * cfg.num_layers * 2 * hd * seq_len / 2

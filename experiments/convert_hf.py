@@ -34,6 +34,7 @@ from absl import app, flags, logging
 
 from moejax import data
 from moejax.interop import SUPPORTED, export_hf, load_hf, upcycle
+from moejax.interop.hf_config import read_json
 from moejax.models import lm
 from moejax.train import checkpoint, loop
 
@@ -92,8 +93,9 @@ def text_batches(hf_dir: str, cfg: lm.LMConfig, *, num: int, batch_size: int, se
 
 def convert() -> dict:
     """HF → moejax with the requested overrides; returns the info stored with the model."""
-    if Path(FLAGS.workdir).exists() and any(Path(FLAGS.workdir).iterdir()):
-        raise ValueError(f"--workdir {FLAGS.workdir} is not empty; use a new directory")
+    workdir = Path(FLAGS.workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())):
+        raise ValueError(f"--workdir {FLAGS.workdir} is not an empty directory; use a new one")
     cfg, params, state, hf = load_hf(FLAGS.hf_dir, dtype=FLAGS.dtype,
                                      max_seq_len=FLAGS.max_seq_len)
     print(f"Loaded {hf['model_type']} from {FLAGS.hf_dir}: {lm.num_params(params):,} params, "
@@ -134,10 +136,24 @@ def convert() -> dict:
     return info
 
 
+def saved_model_config(path: Path) -> lm.LMConfig:
+    """The `LMConfig` of a model directory's model_config.json, checked key by key (a broken
+    file is named, with the line, the key or the field)."""
+    file = path / checkpoint.MODEL_CONFIG
+    saved = read_json(file)
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"{file} must hold a JSON object with a 'model' object (the LMConfig "
+                         "fields), as moejax.train.checkpoint.save_model writes")
+    return lm.LMConfig.from_dict(saved["model"], source=f"{file} ['model']")
+
+
 def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
     """(cfg, params, info) of a model directory, or of a train_lm run's latest checkpoint."""
     path = Path(workdir)
+    if not path.is_dir():
+        raise ValueError(f"--workdir {workdir} is not a directory")
     if (path / checkpoint.MODEL_CONFIG).exists():
+        saved_model_config(path)  # names a broken config before orbax reads the tree
         cfg, params, _, info = checkpoint.load_model(path, lm.LMConfig, lm.init)
         return cfg, params, info
     ckpt = checkpoint.Checkpointer(path, keep=1, read_only=True)
@@ -147,7 +163,9 @@ def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
         raise ValueError(f"{workdir} holds neither a model directory nor a train_lm checkpoint")
     saved = ckpt.saved_config(step)
     ckpt.close()
-    cfg = lm.LMConfig(**saved["model"])
+    if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
+        raise ValueError(f"the checkpoint of step {step} in {workdir} records no 'model' config")
+    cfg = lm.LMConfig.from_dict(saved["model"], source=f"{workdir} (step {step}) config")
     state, _ = loop.load_checkpoint(path, cfg, step=step)
     init_from = saved.get("data", {}).get("init_from")
     info = checkpoint.read_model_config(init_from)["info"] if init_from else {}

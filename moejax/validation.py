@@ -6,6 +6,7 @@ Each check raises with a message that names the argument and says what was expec
   check_number(name, value)             a real, finite number (int or float, Python or NumPy)
   check_range(name, value, lo, hi, ...) a number in an interval (bounds open or closed)
   check_choice(name, value, valid)      one of a fixed set of values
+  check_bool(name, value)               a bool (Python or NumPy): not 0/1, not "False", not None
   check_array(name, value)              an array (jax or NumPy), not None, a list or a str
 
 A value of the wrong *kind* (a string where a number belongs, a list where an array belongs)
@@ -72,6 +73,13 @@ def check_choice(name: str, value: Any, valid: Collection[Any]) -> None:
         ok = False
     if not ok:
         raise ValueError(f"{name} must be one of {tuple(valid)}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """Raises unless `value` is a bool (Python or NumPy): not 0/1, not a str such as "False"
+    (which is truthy), not None."""
+    if not isinstance(value, bool | np.bool_):
+        raise ArgumentTypeError(f"{name} must be a bool, got {value!r} ({type(value).__name__})")
 
 
 def check_array(name: str, value: Any) -> None:

@@ -13,6 +13,18 @@ from typing import NamedTuple
 import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
+from moejax.validation import ArgumentTypeError, check_range
+
+
+def _float_array(name: str, value) -> np.ndarray:
+    """`value` as a float64 array; a str, None or ragged/non-numeric data named in the error."""
+    if value is None or isinstance(value, str | bytes):
+        raise ArgumentTypeError(f"{name} must be an array of numbers, got {value!r}")
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{name} must be an array of numbers, got "
+                                f"{type(value).__name__}: {e}") from e
 
 
 class Clusters(NamedTuple):
@@ -62,7 +74,8 @@ def make_clusters(
       `Clusters(x <float32>[N, d], labels <int32>[N], means <float32>[K, d])`.
 
     Raises:
-      ValueError: naming the inconsistent or invalid argument.
+      ValueError: naming the inconsistent or invalid argument (`ArgumentTypeError`, also a
+        `TypeError`, for a str, None or non-numeric data where a number or array belongs).
 
     Example:
       >>> c = make_clusters(0, num_points=100, num_clusters=4, dim=8)
@@ -72,7 +85,7 @@ def make_clusters(
     _check_int("seed", seed, lo=0)
     _check_int("num_points", num_points, lo=1)
     if means is not None:
-        means = np.asarray(means, np.float64)
+        means = _float_array("means", means)
         if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
             raise ValueError(f"means must be a non-empty [K, d] array, got shape {means.shape}")
         if not np.all(np.isfinite(means)):
@@ -87,21 +100,22 @@ def make_clusters(
             raise ValueError("num_clusters and dim are required when means is not given")
         _check_int("num_clusters", num_clusters, lo=1)
         _check_int("dim", dim, lo=1)
-    if isinstance(separation, bool) or not isinstance(separation, int | float) or separation <= 0:
-        raise ValueError(f"separation must be a number > 0, got {separation!r}")
+    check_range("separation", separation, 0.0, np.inf, hi_open=True)
     if std is not None and cov is not None:
         raise ValueError("give std (isotropic) or cov, not both")
-    if std is not None and (isinstance(std, bool) or not isinstance(std, int | float) or std <= 0):
-        raise ValueError(f"std must be a number > 0, got {std!r}")
+    if std is not None:
+        check_range("std", std, 0.0, np.inf, hi_open=True)
     K, d = num_clusters, dim
 
     chol = None
     if cov is not None:
-        cov = np.asarray(cov, np.float64)
+        cov = _float_array("cov", cov)
         if cov.shape == (d, d):
             cov = np.broadcast_to(cov, (K, d, d))
         if cov.shape != (K, d, d):
             raise ValueError(f"cov must have shape [{d}, {d}] or [{K}, {d}, {d}], got {cov.shape}")
+        if not np.all(np.isfinite(cov)):
+            raise ValueError("cov must be finite")
         if not np.allclose(cov, np.swapaxes(cov, -1, -2)):
             raise ValueError("cov must be symmetric")
         eigval, eigvec = np.linalg.eigh(cov)
@@ -116,7 +130,7 @@ def make_clusters(
     if weights is None:
         labels = rng.permutation(np.arange(num_points) % K)
     else:
-        w = np.asarray(weights, np.float64)
+        w = _float_array("weights", weights)
         if w.shape != (K,) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
             raise ValueError(
                 f"weights must be [{K}] non-negative with a positive sum, got {np.asarray(weights)}"

@@ -56,9 +56,12 @@ import grain
 import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
+from moejax.data.pipeline import check_num_epochs as _check_num_epochs
+from moejax.data.pipeline import check_shuffle as _check_shuffle
 from moejax.data.pipeline import check_split as _check_split
 from moejax.data.pipeline import index_pipeline as _index_pipeline
 from moejax.data.pipeline import to_iterator
+from moejax.validation import ArgumentTypeError, check_bool, check_range
 
 BYTE_VOCAB_SIZE = 256
 NUL_ID = 0  # document separator when `eos_token=False`
@@ -95,18 +98,14 @@ class CorpusConfig:
     eos_token: bool = False
 
     def __post_init__(self):
-        if self.data_glob is not None and (
-            not isinstance(self.data_glob, str) or not self.data_glob.strip()
-        ):
+        if self.data_glob is not None and not isinstance(self.data_glob, str):
+            raise ArgumentTypeError(f"data_glob must be a str or None, got {self.data_glob!r}")
+        if self.data_glob is not None and not self.data_glob.strip():
             raise ValueError(f"data_glob must be a non-empty str or None, got {self.data_glob!r}")
-        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, int | float):
-            raise ValueError(f"val_fraction must be a number, got {self.val_fraction!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        check_range("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=False, hi_open=True)
         if self.max_bytes is not None:
             _check_int("max_bytes", self.max_bytes, lo=1)
-        if not isinstance(self.eos_token, bool):
-            raise ValueError(f"eos_token must be a bool, got {self.eos_token!r}")
+        check_bool("eos_token", self.eos_token)
 
     @property
     def vocab_size(self) -> int:
@@ -132,6 +131,8 @@ def encode(text: str | bytes) -> np.ndarray:
     Returns:
       `<int32>[len(bytes)]` ids in [0, 256).
     """
+    if not isinstance(text, str | bytes | bytearray | memoryview):
+        raise ArgumentTypeError(f"text must be a str or bytes, got {type(text).__name__}")
     data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
@@ -336,10 +337,10 @@ def make_corpus_dataset(
     _check_int("seed", seed, lo=0)
     _check_int("batch_size", batch_size, lo=1)
     _check_int("seq_len", seq_len, lo=1)
+    _check_num_epochs(num_epochs)
+    _check_shuffle(shuffle)
     if num_epochs == -1:
         num_epochs = None if split == "train" else 1
-    if num_epochs is not None:
-        _check_int("num_epochs", num_epochs, lo=1)
     if shuffle is None:
         shuffle = split == "train"
     tokens = load_corpus_tokens(cfg, split)

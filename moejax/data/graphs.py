@@ -28,13 +28,16 @@ Axis letters: N padded node count, E padded edge count, G graphs per batch, F fe
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
 from moejax.data.pipeline import example_rng
+from moejax.validation import ArgumentTypeError, check_bool
+
+_GRAPH_KEYS = ("features", "senders", "receivers", "target", "label")
 
 DEPTHS = (2, 3, 4, 5, 6)
 
@@ -79,6 +82,7 @@ class NeighborsMatchConfig:
 
     def __post_init__(self):
         _check_int("depth", self.depth, lo=DEPTHS[0], hi=DEPTHS[-1])
+        check_bool("bidirectional", self.bidirectional)
 
     @property
     def num_leaves(self) -> int:
@@ -160,9 +164,29 @@ def pad_graphs(graphs: Sequence[dict[str, np.ndarray]], *, num_nodes: int | None
 
     Returns:
       A numpy `GraphBatch` with G = len(graphs).
+
+    Raises:
+      ValueError / ArgumentTypeError: naming the graph (by index) and the key at fault.
     """
+    if isinstance(graphs, str | bytes) or not isinstance(graphs, Sequence):
+        raise ArgumentTypeError(f"graphs must be a sequence of graph dicts, got "
+                                f"{type(graphs).__name__}")
     if not graphs:
         raise ValueError("graphs must hold at least one graph, got an empty sequence")
+    for gi, g in enumerate(graphs):
+        if not isinstance(g, Mapping):
+            raise ArgumentTypeError(f"graph {gi} must be a dict with keys {_GRAPH_KEYS}, got "
+                                    f"{type(g).__name__}")
+        missing = [k for k in _GRAPH_KEYS if k not in g]
+        if missing:
+            raise ValueError(f"graph {gi} has no {missing[0]!r} (a graph dict needs "
+                             f"{', '.join(_GRAPH_KEYS)})")
+        if np.ndim(g["features"]) != 2:
+            raise ValueError(f"graph {gi}: features must be [n, F], got shape "
+                             f"{np.shape(g['features'])}")
+    widths = {int(np.shape(g["features"])[1]) for g in graphs}
+    if len(widths) > 1:
+        raise ValueError(f"graphs' features have different widths {sorted(widths)}")
     sizes = [int(np.shape(g["features"])[0]) for g in graphs]
     for gi, (g, n) in enumerate(zip(graphs, sizes, strict=True)):
         if n == 0:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import NamedTuple
 
 import grain
@@ -36,6 +37,7 @@ import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
 from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
+from moejax.validation import check_range
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -75,14 +77,8 @@ class HMMConfig:
         _check_int("emission_support", self.emission_support, lo=1, hi=self.vocab_size)
         _check_int("world_seed", self.world_seed, lo=0)
         _check_int("shift_seed", self.shift_seed, lo=0)
-        for name in ("concentration", "shift"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-        if not self.concentration > 0:
-            raise ValueError(f"concentration must be > 0, got {self.concentration}")
-        if not 0.0 <= self.shift <= 1.0:
-            raise ValueError(f"shift must be in [0, 1], got {self.shift}")
+        check_range("concentration", self.concentration, 0.0, math.inf, hi_open=True)
+        check_range("shift", self.shift, 0.0, 1.0, lo_open=False)
 
     @property
     def num_labels(self) -> int:

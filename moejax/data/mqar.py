@@ -38,6 +38,7 @@ import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
 from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
+from moejax.validation import check_bool, check_range
 
 MQAR_SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 MQAR_VOCAB_SIZE = 8192
@@ -82,12 +83,8 @@ class MQARConfig:
                 f"num_kv_pairs={self.num_kv_pairs} exceeds the {self.vocab_size // 2 - 1} "
                 f"distinct keys of vocab_size={self.vocab_size}"
             )
-        if isinstance(self.power_a, bool) or not isinstance(self.power_a, int | float):
-            raise ValueError(f"power_a must be a number, got {self.power_a!r}")
-        if not 0.0 < self.power_a <= 1.0:
-            raise ValueError(f"power_a must be in (0, 1], got {self.power_a}")
-        if not isinstance(self.random_non_queries, bool):
-            raise ValueError(f"random_non_queries must be a bool, got {self.random_non_queries!r}")
+        check_range("power_a", self.power_a, 0.0, 1.0)
+        check_bool("random_non_queries", self.random_non_queries)
 
     @property
     def num_slots(self) -> int:

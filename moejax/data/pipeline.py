@@ -13,7 +13,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from moejax.validation import check_int  # noqa: F401  (re-exported)
+from moejax.validation import check_bool, check_choice, check_int  # noqa: F401  (re-exported)
 
 READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
 SYNTHETIC_SPLITS = ("train", "val", "test")
@@ -22,8 +22,19 @@ Example = dict[str, np.ndarray]
 
 
 def check_split(split: Any, valid: tuple[str, ...]) -> None:
-    if split not in valid:
-        raise ValueError(f"split must be one of {valid}, got {split!r}")
+    check_choice("split", split, valid)
+
+
+def check_shuffle(shuffle: Any) -> None:
+    """`shuffle` must be True, False or None (None: shuffle the train split only)."""
+    if shuffle is not None:
+        check_bool("shuffle", shuffle)
+
+
+def check_num_epochs(num_epochs: Any) -> None:
+    """`num_epochs` must be None (forever), -1 (the split's default) or an int ≥ 1."""
+    if num_epochs is not None and not (isinstance(num_epochs, int) and num_epochs == -1):
+        check_int("num_epochs", num_epochs, lo=1)
 
 
 def index_pipeline(length: int, fn: Callable[[int], Example], *, seed: int, batch_size: int,
@@ -55,10 +66,10 @@ def synthetic_dataset(make_example: Callable[[np.random.Generator], Example], *,
     check_int("seed", seed, lo=0)
     check_int("batch_size", batch_size, lo=1)
     check_int("num_examples", num_examples, lo=1)
+    check_num_epochs(num_epochs)
+    check_shuffle(shuffle)
     if num_epochs == -1:
         num_epochs = None if split == "train" else 1
-    if num_epochs is not None:
-        check_int("num_epochs", num_epochs, lo=1)
     if num_epochs is not None and num_examples * num_epochs < batch_size:
         raise ValueError(
             f"num_examples={num_examples} x num_epochs={num_epochs} is fewer than "

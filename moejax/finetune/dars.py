@@ -33,7 +33,6 @@ top-score only (`ρ = 0`).
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -41,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from moejax.validation import ArgumentTypeError, check_choice, check_int, check_range
 
 Array = jax.Array
 PyTree = Any
@@ -59,6 +60,9 @@ class DarsConfig:
       rho: share of the budget drawn at random, in [0, 1]; 0 = top-score only, 1 = random.
       rank: r, the dimension of the principal subspace, ≥ 1 (capped at d_in).
       seed: seed of the random part, ≥ 0.
+
+    Raises (on construction):
+      ValueError / ArgumentTypeError (also a `TypeError`): naming the field.
     """
 
     budget: float = 0.05
@@ -67,18 +71,10 @@ class DarsConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("budget", "rho"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"budget must be in (0, 1], got {self.budget}")
-        if not 0.0 <= self.rho <= 1.0:
-            raise ValueError(f"rho must be in [0, 1], got {self.rho}")
-        for name, lo in (("rank", 1), ("seed", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < lo:
-                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        check_range("budget", self.budget, 0.0, 1.0)
+        check_range("rho", self.rho, 0.0, 1.0, lo_open=False)
+        check_int("rank", self.rank, lo=1)
+        check_int("seed", self.seed, lo=0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,7 +91,8 @@ def lm_block_inputs(params: dict, state: dict, tokens: Array, *, cfg) -> dict[tu
     """
     from moejax.models import lm
 
-    h = params["embed"][tokens].astype(cfg.compute_dtype)
+    lm.check_tokens(tokens, cfg)
+    h = lm.embed(params, tokens, cfg)
     out = {}
     for i, block in enumerate(params["blocks"]):
         x = lm.norm(block["norm1"], h, cfg)
@@ -125,17 +122,26 @@ def collect_activations(fn: Callable[[Array], Mapping[Any, Array]], batches: Seq
 # 2-3. Subspace and scores.
 
 
+def _float_array(name: str, value: Any) -> np.ndarray:
+    if value is None or isinstance(value, str | bytes):
+        raise ArgumentTypeError(f"{name} must be an array, got {value!r}")
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{name} must be an array of numbers, got "
+                                f"{type(value).__name__}: {e}") from e
+
+
 def principal_subspace(acts: Any, rank: int) -> np.ndarray:
     """Top-`rank` principal directions `U` `[d, r]` (orthonormal columns) of `acts` `[N, d]`.
 
     Uncentred (the second-moment matrix `XᵀX/N`, whose eigenvectors are the right singular
     vectors of X): the span a linear layer's gradient columns live in. `r = min(rank, N, d)`.
     """
-    x = np.asarray(acts, np.float64)
+    x = _float_array("acts", acts)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"acts must be [N, d] with N > 0, got shape {x.shape}")
-    if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 1:
-        raise ValueError(f"rank must be an int >= 1, got {rank!r}")
+    check_int("rank", rank, lo=1)
     _, _, vt = np.linalg.svd(x, full_matrices=False)
     r = min(int(rank), vt.shape[0])
     return vt[:r].T.astype(np.float32)
@@ -146,8 +152,8 @@ def channel_scores(grad: Any, u: Any) -> np.ndarray:
 
     Returns `[..., d_out]` scores (flatten for channel indices).
     """
-    g = np.asarray(grad, np.float64)
-    u = np.asarray(u, np.float64)
+    g = _float_array("grad", grad)
+    u = _float_array("u", u)
     if g.ndim < 2 or u.ndim != 2 or u.shape[0] != g.shape[-2]:
         raise ValueError(f"grad [..., d_in, d_out] and u [d_in, r] disagree: {g.shape}, {u.shape}")
     proj = np.einsum("ir,...ij->...rj", u, g)
@@ -194,9 +200,15 @@ def select_channels(scores: Any, cfg: DarsConfig, *, salt: int = 0) -> Selection
 
 
 def get_path(tree: PyTree, path: Path) -> Any:
-    for k in path:
-        tree = tree[k]
-    return tree
+    """`tree[path[0]][path[1]]...`; a ValueError names the path and the missing step."""
+    node = tree
+    for i, k in enumerate(path):
+        try:
+            node = node[k]
+        except (KeyError, IndexError, TypeError) as e:
+            raise ValueError(f"path {path!r} is not in the params tree: no {k!r} under "
+                             f"{path[:i]!r}") from e
+    return node
 
 
 def lm_targets(params: dict) -> dict[Path, tuple]:
@@ -279,8 +291,12 @@ def select(method: str, params: PyTree, targets: Mapping[Path, Any], cfg: DarsCo
       acts: `{site: [N, d_in]}` in-distribution activations (needed unless "random"/"full").
       grads: gradient pytree on the fine-tuning data (needed unless "random"/"full").
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
+    if not isinstance(cfg, DarsConfig):
+        raise ArgumentTypeError(f"cfg must be a DarsConfig, got {type(cfg).__name__}")
+    if not isinstance(targets, Mapping):
+        raise ArgumentTypeError(f"targets must be a dict {{weight path: activation site}}, got "
+                                f"{type(targets).__name__}")
     if method == "full":
         n = sum(int(np.size(x)) for x in jax.tree.leaves(params))
         return None, {"selected": None, "channels": None, "params": n}
@@ -293,7 +309,13 @@ def select(method: str, params: PyTree, targets: Mapping[Path, Any], cfg: DarsCo
     total = chosen = 0
     for salt, (path, site) in enumerate(sorted(targets.items(), key=lambda kv: str(kv[0]))):
         w = get_path(params, path)
+        if np.ndim(w) < 2:
+            raise ValueError(f"target {path!r} must be a [..., d_in, d_out] weight, got shape "
+                             f"{np.shape(w)}")
         if rho < 1.0:
+            if site not in acts:
+                raise ValueError(f"acts has no activations for site {site!r} (of weight "
+                                 f"{path!r}); it holds {sorted(map(str, acts))}")
             if site not in subspaces:
                 subspaces[site] = principal_subspace(acts[site], cfg.rank)
             scores = channel_scores(get_path(grads, path), subspaces[site])

@@ -4,10 +4,13 @@
     logits, _, _ = lm.apply(params, state, tokens, cfg=cfg)
     export_hf(params, cfg, "out_dir", model_type="qwen3_next")
 
-Tensors are read with the `safetensors` package's numpy API (no torch). Loading checks every
-tensor the config needs (name and shape), refuses tensors it would silently ignore, and refuses
-dtypes the checkpoint does not declare, so a conversion either succeeds whole or fails with the
-tensor's name; nothing is written until it has succeeded. Exports go to a temporary directory
+Tensors are read with the `safetensors` package's numpy API (no torch), from the shards that
+`model.safetensors.index.json` names or, without an index, from every `*.safetensors` file.
+Loading checks every tensor the config needs (name and shape), refuses tensors it would silently
+ignore, and refuses dtypes the checkpoint does not declare, so a conversion either succeeds whole
+or fails with a `ValueError` naming the file and the key or tensor (a broken config.json, an
+empty or truncated shard, an index pointing at a missing shard, ...); nothing is written until it
+has succeeded. Exports go to a temporary directory
 that is renamed into place when complete.
 """
 
@@ -26,6 +29,7 @@ import numpy as np
 from moejax.interop import hf_config, hf_weights
 from moejax.models import lm
 from moejax.train.checkpoint import check_same_shapes
+from moejax.validation import ArgumentTypeError, check_choice, check_int
 
 # Stored tensors moejax has no use for: Qwen3-Next's multi-token-prediction head (transformers
 # ignores it too) and rotary caches some exporters write.
@@ -35,37 +39,115 @@ _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": 
 PARAM_DTYPES = ("float32", "bfloat16")
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def _open_shard(path: Path):
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise ValueError(f"safetensors shard {path} is missing")
+    if path.stat().st_size == 0:
+        raise ValueError(f"safetensors shard {path} is empty (0 bytes)")
+    try:
+        return safe_open(str(path), framework="np")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"safetensors shard {path} cannot be read (truncated or corrupt?): "
+                         f"{e}") from e
+
+
 class _Tensors:
-    """Lazy reader of the safetensors shards of a directory, with shape and dtype checks."""
+    """Lazy reader of the safetensors shards of a directory, with shape and dtype checks.
+
+    With `model.safetensors.index.json` the shards are those its `weight_map` names (each must
+    exist and hold the tensors mapped to it); without it, every `*.safetensors` file, no tensor
+    in two of them. Every failure names the file and the tensor.
+    """
 
     def __init__(self, hf_dir: Path, model_type: str, declared_dtype: str | None):
-        from safetensors import safe_open
-
-        files = sorted(hf_dir.glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"no *.safetensors files in {hf_dir}")
-        self._handles = [safe_open(str(f), framework="np") for f in files]
-        self.where = {name: h for h in self._handles for name in h.keys()}
-        self.used: set[str] = set()
         self.hf_dir, self.model_type, self.declared = hf_dir, model_type, declared_dtype
+        self.used: set[str] = set()
+        self.unindexed: dict[str, str] = {}  # tensors in a shard that the index does not list
+        index = hf_dir / INDEX_FILE
+        if index.exists():
+            self._from_index(index)
+        else:
+            self._from_files()
+
+    def _from_files(self) -> None:
+        files = sorted(self.hf_dir.glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors files in {self.hf_dir} (and no {INDEX_FILE})")
+        self.where: dict[str, tuple[object, str]] = {}
+        for f in files:
+            h = _open_shard(f)
+            for name in h.keys():
+                if name in self.where:
+                    raise ValueError(f"tensor {name!r} is stored twice in {self.hf_dir}: in "
+                                     f"{self.where[name][1]} and {f.name}")
+                self.where[name] = (h, f.name)
+        self.shards = [f.name for f in files]
+
+    def _from_index(self, index: Path) -> None:
+        data = hf_config.read_json(index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} must be a JSON object with a non-empty 'weight_map' "
+                             "(tensor name → shard file)")
+        bad = [(k, v) for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{index}: 'weight_map' maps tensor {bad[0][0]!r} to {bad[0][1]!r}, "
+                             "not a shard file name")
+        by_shard: dict[str, list[str]] = {}
+        for name, shard in weight_map.items():
+            by_shard.setdefault(shard, []).append(name)
+        self.where = {}
+        for shard, names in sorted(by_shard.items()):
+            path = self.hf_dir / shard
+            if not path.is_file():
+                raise ValueError(f"{index} maps {len(names)} tensor(s) (e.g. {names[0]!r}) to "
+                                 f"shard {shard!r}, which is missing from {self.hf_dir}")
+            h = _open_shard(path)
+            held = set(h.keys())
+            absent = [n for n in names if n not in held]
+            if absent:
+                raise ValueError(f"{index} maps tensor {absent[0]!r} to shard {shard!r}, which "
+                                 "does not hold it" + (f" ({len(absent) - 1} more)"
+                                                       if len(absent) > 1 else ""))
+            for name in names:
+                self.where[name] = (h, shard)
+            for name in held - set(names):
+                self.unindexed[name] = shard
+        self.shards = sorted(by_shard)
 
     def get(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.where:
-            raise ValueError(f"tensor {name!r} is missing from {self.hf_dir} (a "
-                             f"{self.model_type} with this config.json needs it)")
-        sl = self.where[name].get_slice(name)
+            if name in self.unindexed:
+                raise ValueError(f"tensor {name!r} is missing from {self.hf_dir / INDEX_FILE}'s "
+                                 f"weight_map, though shard {self.unindexed[name]!r} holds it "
+                                 "(the index is incomplete)")
+            shards = ", ".join(self.shards[:3]) + (" ..." if len(self.shards) > 3 else "")
+            raise ValueError(f"tensor {name!r} is missing from {self.hf_dir} (no shard holds "
+                             f"it: {shards}; a {self.model_type} with this config.json needs "
+                             "it)")
+        handle, shard = self.where[name]
+        sl = handle.get_slice(name)
         got, dtype = tuple(sl.get_shape()), sl.get_dtype()
         if got != tuple(shape):
             raise ValueError(f"tensor {name!r} has shape {got}, expected {tuple(shape)} from "
-                             "config.json")
+                             f"config.json (in shard {shard})")
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}; only float checkpoints "
-                             f"({', '.join(_FLOAT_DTYPES)}) can be converted")
+                             f"({', '.join(_FLOAT_DTYPES)}) can be converted (in shard {shard})")
         if self.declared is not None and _FLOAT_DTYPES[dtype] != self.declared:
             raise ValueError(f"tensor {name!r} is {_FLOAT_DTYPES[dtype]} but config.json "
-                             f"declares dtype {self.declared!r}")
+                             f"declares dtype {self.declared!r} (in shard {shard})")
         self.used.add(name)
-        return self.where[name].get_tensor(name).astype(np.float32)
+        try:
+            return handle.get_tensor(name).astype(np.float32)
+        except Exception as e:  # SafetensorError or a numpy error on a corrupt buffer
+            raise ValueError(f"tensor {name!r} in shard {self.hf_dir / shard} cannot be read: "
+                             f"{e}") from e
 
     def check_all_used(self) -> None:
         left = sorted(n for n in self.where if n not in self.used
@@ -97,14 +179,23 @@ def load_hf(hf_dir: str | os.PathLike, *, dtype: str = "float32",
       `moejax.models.lm`, and the parsed config.json.
 
     Raises:
-      ValueError: no config.json, an unsupported `model_type` or option, or a missing,
-        mis-shaped, non-float, unexpected or undeclared-dtype tensor (each named).
+      ValueError: every way the directory can be broken, with the file and the key or tensor
+        named: `hf_dir` not a directory; config.json missing, not valid JSON (line and column),
+        not an object, missing a key, a key of the wrong type, an unsupported `model_type` or
+        option; no shards, an empty or truncated shard, an index naming a missing shard or a
+        tensor its shard lacks; a missing, mis-shaped, non-float, unexpected or
+        undeclared-dtype tensor.
     """
-    if dtype not in PARAM_DTYPES:
-        raise ValueError(f"dtype must be one of {PARAM_DTYPES}, got {dtype!r}")
+    check_choice("dtype", dtype, PARAM_DTYPES)
+    if max_seq_len is not None:
+        check_int("max_seq_len", max_seq_len, lo=1)
+    if not isinstance(hf_dir, str | os.PathLike):
+        raise ArgumentTypeError(f"hf_dir must be a path (str or os.PathLike), got "
+                                f"{type(hf_dir).__name__}")
     hf_dir = Path(hf_dir)
     hf = hf_config.read_hf_config(hf_dir)
-    cfg = hf_config.lm_config_from_hf(hf, dtype=dtype, max_seq_len=max_seq_len)
+    cfg = hf_config.lm_config_from_hf(hf, dtype=dtype, max_seq_len=max_seq_len,
+                                      source=str(hf_dir / "config.json"))
     tensors = _Tensors(hf_dir, hf["model_type"], _declared_dtype(hf))
     params = hf_weights.params_from_hf(tensors.get, cfg, hf["model_type"])
     tensors.check_all_used()
@@ -132,7 +223,14 @@ def export_hf(params: dict, cfg: lm.LMConfig, out_dir: str | os.PathLike, *,
     """
     from safetensors.numpy import save_file
 
+    if not isinstance(cfg, lm.LMConfig):
+        raise ArgumentTypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
+    if not isinstance(out_dir, str | os.PathLike):
+        raise ArgumentTypeError(f"out_dir must be a path (str or os.PathLike), got "
+                                f"{type(out_dir).__name__}")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"out_dir {out_dir} exists and is not a directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"out_dir {out_dir} is not empty")
     hf = hf_config.hf_config_from_lm(cfg, model_type)

@@ -12,12 +12,18 @@ with top-k over all experts):
               `(1 + w)`; MoE with one sigmoid-gated shared expert.
 
 Options we do not implement (sliding windows, attention biases, rope scaling, activations other
-than SiLU) are refused with the field's name rather than converted approximately.
+than SiLU) are refused with the field's name rather than converted approximately. Every key that is
+read is checked: a missing key, a value of the wrong JSON type (a string where an integer
+belongs, say) or out of range raises `ValueError` naming config.json and the key. Qwen3-Next's
+key/value head dims become `LMConfig.head_dim` and the integer `value_head_dim` (not a float
+ratio), so any pair, such as 22 and 30, converts and round-trips exactly.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -29,112 +35,249 @@ ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausa
 _NEXT_MIXERS = {"linear_attention": "gated_deltanet", "full_attention": "gated_softmax"}
 
 
-def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
-    """`hf_dir/config.json` as a dict, checked to be one of the supported architectures."""
+_MISSING = object()
+_KINDS = {  # kind -> (test, description)
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "number": (lambda v: isinstance(v, int | float) and not isinstance(v, bool)
+               and math.isfinite(v), "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "list": (lambda v: isinstance(v, list), "a list"),
+    "dict": (lambda v: isinstance(v, dict), "an object"),
+}
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
+    """`hf_dir/config.json` as a dict, checked to be one of the supported architectures.
+
+    Raises:
+      ValueError: `hf_dir` is not a directory, config.json is missing, unreadable, not valid
+        JSON (file, line and column named), not a JSON object, or has no supported
+        `model_type` (the supported ones listed).
+    """
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
-        raise ValueError(f"hf_dir: {hf_dir} is not a directory")
+        what = "does not exist" if not hf_dir.exists() else "is not a directory"
+        raise ValueError(f"hf_dir: {hf_dir} {what}; a Hugging Face model directory holds "
+                         "config.json and *.safetensors")
     path = hf_dir / "config.json"
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"no config.json in {hf_dir}: a Hugging Face model directory holds "
                          "config.json and *.safetensors")
-    hf = json.loads(path.read_text())
+    hf = read_json(path)
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object (the model's fields), got a JSON "
+                         f"{type(hf).__name__}")
     model_type = hf.get("model_type")
+    if model_type is None:
+        raise ValueError(f"{path} has no 'model_type'; supported: {', '.join(SUPPORTED)}")
     if model_type not in SUPPORTED:
         raise ValueError(f"{path}: unsupported model_type {model_type!r}; supported: "
                          f"{', '.join(SUPPORTED)}")
     return hf
 
 
-def _require(hf: dict, name: str, ok: bool, want: str) -> None:
-    if not ok:
-        raise ValueError(f"config.json: {hf['model_type']} with {name}={hf.get(name)!r} is not "
-                         f"supported (moejax needs {want})")
+def read_json(path: Path) -> Any:
+    """The JSON value of a file; ValueError naming the file (and line/column) if it cannot be
+    read or parsed."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}, column "
+                         f"{e.colno}") from e
 
 
-def _rope(hf: dict) -> tuple[float, float]:
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
+class _Config:
+    """Typed reads of a config.json dict: every message names the file and the key."""
+
+    def __init__(self, hf: dict, source: str):
+        if not isinstance(hf, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(hf).__name__}")
+        self.hf, self.source = hf, source
+        self.model_type = hf.get("model_type")
+
+    def get(self, key: str, kind: str, default: Any = _MISSING, *, lo: float | None = None,
+            nullable: bool = False) -> Any:
+        """`hf[key]`, which must be of `kind` (and ≥ `lo`); `default` when absent (or null)."""
+        value = self.hf.get(key, _MISSING)
+        if value is None and (nullable or default is not _MISSING):
+            value = _MISSING
+        if value is _MISSING:
+            if default is _MISSING:
+                raise ValueError(f"{self.source}: missing key {key!r} (a {self.model_type} "
+                                 "config needs it)")
+            return default
+        test, desc = _KINDS[kind]
+        if not test(value):
+            raise ValueError(f"{self.source}: {key!r} must be {desc}, got {value!r} "
+                             f"({type(value).__name__})")
+        if lo is not None and value < lo:
+            raise ValueError(f"{self.source}: {key!r} must be >= {lo:g}, got {value!r}")
+        return value
+
+    def require(self, key: str, ok: bool, want: str) -> None:
+        if not ok:
+            raise ValueError(f"{self.source}: {self.model_type} with {key}="
+                             f"{self.hf.get(key)!r} is not supported (moejax needs {want})")
+
+
+def _rope(c: _Config) -> tuple[float, float]:
+    rope = c.hf.get("rope_parameters")
+    key = "rope_parameters"
+    if rope is None:
+        rope, key = c.hf.get("rope_scaling"), "rope_scaling"
+    rope = {} if rope is None else rope
+    if not isinstance(rope, dict):
+        raise ValueError(f"{c.source}: {key!r} must be an object or null, got {rope!r}")
+    r = _Config(rope, f"{c.source} [{key}]")
+    r.model_type = c.model_type
+    kind = r.get("rope_type", "str", r.get("type", "str", "default"))
     if kind != "default":
-        raise ValueError(f"config.json: rope_type {kind!r} is not supported (only 'default')")
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    fraction = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+        raise ValueError(f"{c.source}: rope_type {kind!r} is not supported (only 'default')")
+    theta = r.get("rope_theta", "number", None)
+    theta = c.get("rope_theta", "number", 10000.0) if theta is None else theta
+    fraction = r.get("partial_rotary_factor", "number", None)
+    if fraction is None:
+        fraction = c.get("partial_rotary_factor", "number", 1.0)
+    if not theta > 0:
+        raise ValueError(f"{c.source}: rope_theta must be > 0, got {theta}")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"{c.source}: partial_rotary_factor must be in [0, 1], got {fraction}")
     return float(theta), float(fraction)
 
 
-def num_experts(hf: dict) -> int:
+def num_experts(hf: dict, *, source: str = "config.json") -> int:
     """Routed experts (`num_local_experts` in Mixtral and transformers-5 Qwen configs)."""
-    return int(hf.get("num_experts", hf.get("num_local_experts", 0)))
+    c = _Config(hf, source)
+    if hf.get("num_experts") is not None:
+        return c.get("num_experts", "int", lo=0)
+    return c.get("num_local_experts", "int", 0, lo=0)
 
 
-def moe_layers(hf: dict) -> list[bool]:
+def moe_layers(hf: dict, *, source: str = "config.json") -> list[bool]:
     """Which layers have a sparse MoE block (Qwen's `mlp_only_layers` / `decoder_sparse_step`)."""
-    n = hf["num_hidden_layers"]
-    if hf["model_type"] == "mixtral":
+    c = _Config(hf, source)
+    n = c.get("num_hidden_layers", "int", lo=1)
+    if c.model_type == "mixtral":
         return [True] * n
-    step, dense = hf.get("decoder_sparse_step", 1), set(hf.get("mlp_only_layers") or [])
-    return [num_experts(hf) > 0 and i not in dense and (i + 1) % step == 0
+    step = c.get("decoder_sparse_step", "int", 1, lo=1)
+    dense = c.get("mlp_only_layers", "list", [])
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in dense):
+        raise ValueError(f"{source}: 'mlp_only_layers' must list layer indices, got {dense!r}")
+    return [num_experts(hf, source=source) > 0 and i not in set(dense) and (i + 1) % step == 0
             for i in range(n)]
 
 
-def next_layer_types(hf: dict) -> list[str]:
+def next_layer_types(hf: dict, *, source: str = "config.json") -> list[str]:
     """Qwen3-Next's `layer_types` (older configs give `full_attention_interval`)."""
-    if hf.get("layer_types"):
-        return list(hf["layer_types"])
-    every = hf.get("full_attention_interval", 4)
-    return ["linear_attention" if (i + 1) % every else "full_attention"
-            for i in range(hf["num_hidden_layers"])]
+    c = _Config(hf, source)
+    n = c.get("num_hidden_layers", "int", lo=1)
+    types = c.get("layer_types", "list", None)
+    if types:
+        bad = [t for t in types if t not in _NEXT_MIXERS]
+        if bad:
+            raise ValueError(f"{source}: 'layer_types' holds {bad[0]!r}; each entry must be "
+                             f"one of {', '.join(_NEXT_MIXERS)}")
+        if len(types) != n:
+            raise ValueError(f"{source}: 'layer_types' lists {len(types)} layers but "
+                             f"num_hidden_layers={n}")
+        return list(types)
+    every = c.get("full_attention_interval", "int", 4, lo=1)
+    return ["linear_attention" if (i + 1) % every else "full_attention" for i in range(n)]
+
+
+def _divides(c: _Config, part: str, whole: str) -> None:
+    p, w = c.hf[part], c.hf[whole]
+    if w % p:
+        raise ValueError(f"{c.source}: {part}={p} must divide {whole}={w}")
 
 
 def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
-                      max_seq_len: int | None = None) -> LMConfig:
+                      max_seq_len: int | None = None,
+                      source: str = "config.json") -> LMConfig:
     """The `LMConfig` of a supported HF config (see the module docstring).
 
     Args:
       hf: the parsed config.json (`read_hf_config`).
       dtype: compute dtype of the moejax model.
       max_seq_len: longest sequence; default `max_position_embeddings`.
+      source: the file named in messages (`load_hf` passes config.json's path).
+
+    Raises:
+      ValueError: a missing key, a value of the wrong type or range, or an option moejax does
+        not implement; the message names `source` and the key.
     """
-    model_type = hf["model_type"]
-    _require(hf, "hidden_act", hf.get("hidden_act", "silu") == "silu", "'silu'")
-    _require(hf, "attention_bias", not hf.get("attention_bias", False), "False")
+    c = _Config(hf, source)
+    if c.model_type not in SUPPORTED:
+        raise ValueError(f"{source}: unsupported model_type {c.model_type!r}; supported: "
+                         f"{', '.join(SUPPORTED)}")
+    model_type = c.model_type
+    c.require("hidden_act", c.get("hidden_act", "str", "silu") == "silu", "'silu'")
+    c.require("attention_bias", not c.get("attention_bias", "bool", False), "False")
     if model_type == "mixtral":
-        _require(hf, "sliding_window", hf.get("sliding_window") is None, "None")
+        c.require("sliding_window", c.hf.get("sliding_window") is None, "None")
     else:
-        _require(hf, "use_sliding_window", not hf.get("use_sliding_window", False), "False")
-    theta, fraction = _rope(hf)
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-    is_moe = moe_layers(hf)
-    experts = num_experts(hf)
+        c.require("use_sliding_window", not c.get("use_sliding_window", "bool", False), "False")
+    theta, fraction = _rope(c)
+    hidden = c.get("hidden_size", "int", lo=1)
+    heads = c.get("num_attention_heads", "int", lo=1)
+    head_dim = c.get("head_dim", "int", None, lo=1, nullable=True)
+    if head_dim is None:
+        if hidden % heads:
+            raise ValueError(f"{source}: no head_dim, and num_attention_heads={heads} does not "
+                             f"divide hidden_size={hidden}")
+        head_dim = hidden // heads
+    kv_heads = c.get("num_key_value_heads", "int", heads, lo=1)
+    if heads % kv_heads:
+        raise ValueError(f"{source}: num_key_value_heads={kv_heads} must divide "
+                         f"num_attention_heads={heads}")
+    layers = c.get("num_hidden_layers", "int", lo=1)
+    is_moe = moe_layers(hf, source=source)
+    experts = num_experts(hf, source=source)
+    top_k = c.get("num_experts_per_tok", "int", lo=1)
+    if any(is_moe) and top_k > experts:
+        raise ValueError(f"{source}: num_experts_per_tok={top_k} exceeds the {experts} experts")
     if model_type == "mixtral":
-        renormalize, d_ff = True, hf["intermediate_size"]
+        renormalize, d_ff = True, c.get("intermediate_size", "int", lo=1)
     else:
-        renormalize = bool(hf.get("norm_topk_prob", False))
-        d_ff = hf["moe_intermediate_size"]
+        renormalize = c.get("norm_topk_prob", "bool", False)
+        d_ff = c.get("moe_intermediate_size", "int", lo=1)
     kw: dict[str, Any] = dict(
-        vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, head_dim=head_dim,
-        num_kv_heads=hf.get("num_key_value_heads", heads), mixer="softmax",
+        vocab_size=c.get("vocab_size", "int", lo=1), d_model=hidden,
+        num_layers=layers, num_heads=heads, head_dim=head_dim,
+        num_kv_heads=kv_heads, mixer="softmax",
         layer_ffns=tuple("moe" if m else "dense" for m in is_moe),
-        d_ff=d_ff, dense_d_ff=hf["intermediate_size"], num_experts=max(experts, 1),
-        top_k=hf["num_experts_per_tok"], router="topk",
-        router_kwargs=(("load_balance_weight", float(hf.get("router_aux_loss_coef", 0.0))),
+        d_ff=d_ff, dense_d_ff=c.get("intermediate_size", "int", lo=1),
+        num_experts=max(experts, 1), top_k=top_k, router="topk",
+        router_kwargs=(("load_balance_weight",
+                        float(c.get("router_aux_loss_coef", "number", 0.0, lo=0))),
                        ("renormalize", renormalize), ("z_loss_weight", 0.0)),
         qk_norm=model_type != "mixtral", rope_theta=theta, rotary_fraction=fraction,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dtype=dtype,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_seq_len=max_seq_len or hf.get("max_position_embeddings", 2048))
+        tie_embeddings=c.get("tie_word_embeddings", "bool", False), dtype=dtype,
+        norm_eps=float(c.get("rms_norm_eps", "number", 1e-6)),
+        max_seq_len=max_seq_len or c.get("max_position_embeddings", "int", 2048, lo=1))
     if model_type == "qwen3_next":
-        dk, dv = hf["linear_key_head_dim"], hf["linear_value_head_dim"]
+        dk = c.get("linear_key_head_dim", "int", lo=1)
+        dv = c.get("linear_value_head_dim", "int", lo=1)
+        v_heads = c.get("linear_num_value_heads", "int", lo=1)
+        k_heads = c.get("linear_num_key_heads", "int", lo=1)
+        _divides(c, "linear_num_key_heads", "linear_num_value_heads")
+        types = next_layer_types(hf, source=source)
         kw.update(
-            layer_mixers=tuple(_NEXT_MIXERS[t] for t in next_layer_types(hf)),
-            num_heads=hf["linear_num_value_heads"], head_dim=dk,
-            num_key_heads=hf["linear_num_key_heads"], expand_v=dv / dk,
-            conv_size=hf.get("linear_conv_kernel_dim", 4), attn_num_heads=heads,
+            layer_mixers=tuple(_NEXT_MIXERS[t] for t in types),
+            num_heads=v_heads, head_dim=dk, num_key_heads=k_heads,
+            value_head_dim=dv,  # an int: exact for any dk, dv (dv / dk need not be a binary ratio)
+            conv_size=c.get("linear_conv_kernel_dim", "int", 4, lo=1), attn_num_heads=heads,
             attn_head_dim=head_dim, zero_centered_norm=True, num_shared=1,
-            d_ff_shared=hf["shared_expert_intermediate_size"], shared_gate=True)
-    return LMConfig(**kw)
+            d_ff_shared=c.get("shared_expert_intermediate_size", "int", lo=1), shared_gate=True)
+    try:
+        return LMConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{source}: these values give no valid moejax model: {e}") from e
 
 
 def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:

@@ -24,11 +24,17 @@ import numpy as np
 
 from moejax.models import lm
 from moejax.routers import star
+from moejax.validation import ArgumentTypeError, check_range
 
 Array = jax.Array
 
 QDELTA_OF = {"gated_deltanet": "gated_qdelta", "deltanet": "qdelta"}
 _STAR_FIELDS = {f.name for f in dataclasses.fields(star.Config)}
+
+
+def _check_cfg(cfg: object) -> None:
+    if not isinstance(cfg, lm.LMConfig):
+        raise ArgumentTypeError(f"cfg must be an LMConfig, got {type(cfg).__name__}")
 
 
 def _logit(p: float) -> float:
@@ -41,11 +47,12 @@ def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
 
     Raises:
       ValueError: `lam_init` not in (0, 1) (with `allow_neg_eigval`: (0, 2)), or the model has
-        no DeltaNet / Gated DeltaNet layer.
+        no DeltaNet / Gated DeltaNet layer (`ArgumentTypeError` for a non-number `lam_init` or
+        a `cfg` that is not an `LMConfig`).
     """
+    _check_cfg(cfg)
     scale = 2.0 if cfg.allow_neg_eigval else 1.0
-    if not 0.0 < lam_init < scale:
-        raise ValueError(f"lam_init must be in (0, {scale:g}), got {lam_init}")
+    check_range("lam_init", lam_init, 0.0, scale, hi_open=True)
     layers = [i for i, m in enumerate(cfg.mixers) if m in QDELTA_OF]
     if not layers:
         raise ValueError(f"no deltanet / gated_deltanet layer to turn into Q-Delta; this "
@@ -72,11 +79,12 @@ def to_star(params: dict, state: dict, cfg: lm.LMConfig, *, mix_init: float = 0.
     Router options STAR shares (renormalize, load_balance_weight) carry over.
 
     Raises:
-      ValueError: `mix_init` not in (0, 1), the model has no MoE layer, or its router is not
-        "topk".
+      ValueError: `mix_init` not in (0, 1), `eta` not > 0, the model has no MoE layer, or its
+        router is not "topk" (`ArgumentTypeError` for a non-number or a non-`LMConfig` cfg).
     """
-    if not 0.0 < mix_init < 1.0:
-        raise ValueError(f"mix_init must be in (0, 1), got {mix_init}")
+    _check_cfg(cfg)
+    check_range("mix_init", mix_init, 0.0, 1.0, hi_open=True)
+    check_range("eta", eta, 0.0, math.inf, hi_open=True)
     if cfg.moe_config is None:
         raise ValueError("router_override=star needs MoE layers; this model has none")
     if cfg.router != "topk":
@@ -106,8 +114,10 @@ def gha_warmup(params: dict, state: dict, cfg: lm.LMConfig, batches: Iterable[Ar
     Returns:
       the new model state.
     """
+    _check_cfg(cfg)
     if cfg.router != "star":
         raise ValueError(f"gha_warmup needs STAR routers, got {cfg.router!r}")
+    check_range("eta", eta, 0.0, math.inf, hi_open=True)
     warm = dataclasses.replace(
         cfg, router_kwargs=tuple(sorted({**dict(cfg.router_kwargs), "eta": eta}.items())))
 

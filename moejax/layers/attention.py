@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.norms import rms_norm, rms_norm_init
+from moejax.validation import check_array, check_bool, check_int, check_number
 
 Array = jax.Array
 
@@ -40,7 +41,10 @@ class AttentionConfig:
         rotates a quarter of each head.
       qk_norm: RMSNorm over each query and key head before rotary (Qwen3).
       zero_centered_norm: the q/k norms scale by `(1 + w)` (Qwen3-Next) instead of `w`.
-      norm_eps: epsilon of the q/k norms.
+      norm_eps: epsilon of the q/k norms (> 0).
+
+    Raises (on construction):
+      ValueError / ArgumentTypeError (also a `TypeError`): naming the field.
     """
 
     d_model: int
@@ -56,24 +60,23 @@ class AttentionConfig:
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        nkv = self.num_kv_heads
-        if nkv is not None and (isinstance(nkv, bool) or not isinstance(nkv, int) or nkv < 1):
-            raise ValueError(f"num_kv_heads must be a positive int or None, got {nkv!r}")
+            check_int(name, getattr(self, name), lo=1)
+        if self.num_kv_heads is not None:
+            check_int("num_kv_heads", self.num_kv_heads, lo=1)
         if self.num_heads % self.kv_heads:
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must divide "
                              f"num_heads={self.num_heads}")
         rd = self.rotary
-        if (isinstance(rd, bool) or not isinstance(rd, int) or rd < 0 or rd % 2
-                or rd > self.head_dim):
+        check_int("rotary_dim", rd, lo=0, hi=self.head_dim)
+        if rd % 2:
             raise ValueError(f"rotary_dim must be an even int in [0, head_dim={self.head_dim}], "
                              f"got {rd!r}")
-        if not self.rope_theta > 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        for name in ("gated", "qk_norm", "zero_centered_norm"):
+            check_bool(name, getattr(self, name))
+        for name in ("rope_theta", "norm_eps"):
+            check_number(name, getattr(self, name))
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def kv_heads(self) -> int:
@@ -132,6 +135,7 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
     """
+    check_array("x", x)
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
         raise ValueError(f"x must be [B, T, d_model] with d_model={cfg.d_model}, got {x.shape}")
     B, T, _ = x.shape

@@ -29,12 +29,48 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels.delta_rule import delta_rule, delta_rule_step
+from moejax.kernels.delta_rule.ops import IMPL_NAMES
 from moejax.layers.norms import gated_rms_norm, l2_normalize, rms_norm_init
 from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
+from moejax.validation import check_array, check_bool, check_choice, check_int, check_number
 
 Array = jax.Array
 
 MODES = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet")
+
+
+_EXACT = 1e-6  # relative slack when a float product must be an integer (float rounding)
+
+
+def resolve_value_dim(head_dim: int, expand_v: float, value_head_dim: int | None, *,
+                      default_expand_v: float = 2.0) -> tuple[int, float]:
+    """The integer value head dim Dv and the matching `expand_v = Dv / Dk`.
+
+    `value_head_dim`, when given, is Dv; `expand_v` must then agree with it (up to float
+    rounding) or be left at `default_expand_v`. Without it Dv = `expand_v · head_dim`, which must
+    be an integer up to float rounding (so `expand_v = 30 / 22` gives 30, though the float
+    product is 29.999999999999996).
+
+    Raises:
+      ValueError: naming `expand_v` / `value_head_dim` when they give no integer or disagree.
+    """
+    check_number("expand_v", expand_v)
+    if not expand_v > 0:
+        raise ValueError(f"expand_v must be > 0, got {expand_v}")
+    product = expand_v * head_dim
+    if value_head_dim is not None:
+        check_int("value_head_dim", value_head_dim, lo=1)
+        if expand_v != default_expand_v and abs(product - value_head_dim) > _EXACT * value_head_dim:
+            raise ValueError(
+                f"expand_v={expand_v} and value_head_dim={value_head_dim} disagree (expand_v * "
+                f"head_dim = {product:g} with head_dim={head_dim}); give only value_head_dim")
+        return int(value_head_dim), value_head_dim / head_dim
+    dv = round(product)
+    if dv < 1 or abs(product - dv) > _EXACT * max(dv, 1):
+        raise ValueError(
+            f"expand_v must be > 0 with expand_v * head_dim an integer, got expand_v={expand_v}, "
+            f"head_dim={head_dim} (product {product:g}); or give value_head_dim")
+    return dv, float(expand_v)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,14 +82,22 @@ class DeltaMixerConfig:
       num_heads: H, the value heads (one delta-rule state each).
       head_dim: key/query head dim Dk.
       num_key_heads: query/key heads (grouped, must divide H); None = H.
-      expand_v: value head dim Dv = expand_v · Dk (must give an integer).
+      expand_v: value head dim Dv = expand_v · Dk when `value_head_dim` is None (the product
+        must be an integer up to float rounding). With `value_head_dim` it is set to
+        `value_head_dim / head_dim` (a value other than the default must agree with it).
+      value_head_dim: Dv as an integer (exact for any Dk, Dv, e.g. Qwen3-Next's 22 and 30);
+        None = expand_v · Dk.
       mode: one of "qdelta", "gated_qdelta", "deltanet", "gated_deltanet".
       conv_size: short-conv kernel size (≥ 1; 1 disables the temporal mixing of the conv).
       allow_neg_eigval: beta = 2σ(·), lam = 2σ(· − 0.9), so transitions may have negative
         eigenvalues.
       chunk_size: chunk length of the chunkwise path.
-      impl: `delta_rule` implementation ("auto", "chunk", "reference").
-      norm_eps: epsilon of the output RMSNorm.
+      impl: `delta_rule` implementation ("auto", "reference", "chunk", "pallas").
+      norm_eps: epsilon of the output RMSNorm (> 0).
+
+    Raises (on construction):
+      ValueError / ArgumentTypeError: naming the field (a str or None where a number belongs is
+        an `ArgumentTypeError`, also a `TypeError`).
     """
 
     d_model: int
@@ -61,6 +105,7 @@ class DeltaMixerConfig:
     head_dim: int
     num_key_heads: int | None = None
     expand_v: float = 2.0
+    value_head_dim: int | None = None
     mode: str = "qdelta"
     conv_size: int = 4
     allow_neg_eigval: bool = False
@@ -70,26 +115,25 @@ class DeltaMixerConfig:
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim", "conv_size", "chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_int(name, getattr(self, name), lo=1)
         if self.num_key_heads is not None:
-            nk = self.num_key_heads
-            if isinstance(nk, bool) or not isinstance(nk, int) or nk < 1 or self.num_heads % nk:
-                raise ValueError(f"num_key_heads must be a positive int dividing num_heads="
-                                 f"{self.num_heads}, got {nk!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        dv = self.expand_v * self.head_dim
-        if self.expand_v <= 0 or dv != int(dv):
-            raise ValueError(
-                f"expand_v must be > 0 with expand_v * head_dim an integer, got "
-                f"expand_v={self.expand_v}, head_dim={self.head_dim}"
-            )
+            check_int("num_key_heads", self.num_key_heads, lo=1)
+            if self.num_heads % self.num_key_heads:
+                raise ValueError(f"num_key_heads={self.num_key_heads} must divide num_heads="
+                                 f"{self.num_heads}")
+        check_choice("mode", self.mode, MODES)
+        check_choice("impl", self.impl, IMPL_NAMES)
+        check_bool("allow_neg_eigval", self.allow_neg_eigval)
+        check_number("norm_eps", self.norm_eps)
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        _, expand_v = resolve_value_dim(self.head_dim, self.expand_v, self.value_head_dim)
+        object.__setattr__(self, "expand_v", expand_v)
 
     @property
     def value_dim(self) -> int:
-        return int(self.expand_v * self.head_dim)
+        """Dv, the value head dim (an int)."""
+        return resolve_value_dim(self.head_dim, self.expand_v, self.value_head_dim)[0]
 
     @property
     def key_heads(self) -> int:
@@ -187,6 +231,7 @@ def _output(params, x, o, cfg):
 
 def _check_x(x, cfg, *, ndim):
     shape = "[B, T, d_model]" if ndim == 3 else "[B, d_model]"
+    check_array("x" if ndim == 3 else "x_t", x)
     if x.ndim != ndim or x.shape[-1] != cfg.d_model:
         raise ValueError(f"x must be {shape} with d_model={cfg.d_model}, got shape {x.shape}")
 

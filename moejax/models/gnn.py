@@ -50,6 +50,7 @@ import numpy as np
 
 from moejax.data.graphs import GraphBatch
 from moejax.data.pipeline import check_int as _check_int
+from moejax.validation import ArgumentTypeError, check_bool, check_choice
 
 Array = jax.Array
 
@@ -78,6 +79,10 @@ class GNNConfig:
         (e.g. NeighborsMatch trees, edges to the root, every internal node expanded): PANDA then
         skips the top-d selection (a top-k per node and layer, slow on CPU). Check it on the
         host with `has_high_to_low`; a false promise silently drops those messages.
+
+    Raises (on construction):
+      ValueError / ArgumentTypeError (also a `TypeError`): naming the field (ints must be ints,
+        flags bools, `backbone` one of BACKBONES).
     """
 
     in_features: int
@@ -97,8 +102,9 @@ class GNNConfig:
         _check_int("hidden", self.hidden, lo=1)
         _check_int("num_layers", self.num_layers, lo=1)
         _check_int("width_factor", self.width_factor, lo=1)
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        check_choice("backbone", self.backbone, BACKBONES)
+        for name in ("panda", "residual", "layer_norm", "no_high_to_low"):
+            check_bool(name, getattr(self, name))
 
     @property
     def wide(self) -> int:
@@ -154,6 +160,18 @@ def init(key: Array, cfg: GNNConfig) -> dict:
 
 
 # ------------------------------------------------------------------------- message passing
+
+
+def _check_call(graph: object, cfg: object) -> None:
+    if not isinstance(cfg, GNNConfig):
+        raise ArgumentTypeError(f"cfg must be a GNNConfig, got {type(cfg).__name__}")
+    if not isinstance(graph, GraphBatch):
+        raise ArgumentTypeError(f"graph must be a GraphBatch (moejax.data.graphs.pad_graphs), "
+                                f"got {type(graph).__name__}")
+    F = graph.node_features.shape[-1] if hasattr(graph.node_features, "shape") else None
+    if F != cfg.in_features:
+        raise ValueError(f"graph.node_features must be [N, in_features={cfg.in_features}], got "
+                         f"shape {getattr(graph.node_features, 'shape', None)}")
 
 
 def _gcn_coefficients(g: GraphBatch) -> tuple[Array, Array]:
@@ -214,6 +232,7 @@ def _masked(x: Array, keep: Array) -> Array:
 def panda_states(params: dict, graph: GraphBatch, cfg: GNNConfig) -> tuple[Array, Array]:
     """PANDA's final node states: `h_lo` `[N, d]` (zero on expanded nodes) and `h_hi` `[N, D]`
     (zero elsewhere), for `cfg.panda` with `width_factor > 1`."""
+    _check_call(graph, cfg)
     if not cfg.panda or cfg.width_factor == 1:
         raise ValueError("panda_states needs cfg.panda=True and cfg.width_factor > 1")
     coef = _gcn_coefficients(graph) if cfg.backbone == "gcn" else None
@@ -247,7 +266,12 @@ def apply(params: dict, graph: GraphBatch, cfg: GNNConfig) -> Array:
     Example:
       >>> cfg = GNNConfig(in_features=F, num_classes=C, panda=True)
       >>> logits = jax.jit(apply, static_argnames="cfg")(init(key, cfg), batch, cfg=cfg)
+
+    Raises:
+      ArgumentTypeError / ValueError: `graph` not a `GraphBatch`, `cfg` not a `GNNConfig`, or
+        node features of another width than `cfg.in_features`.
     """
+    _check_call(graph, cfg)
     coef = _gcn_coefficients(graph) if cfg.backbone == "gcn" else None
     if not cfg.panda or cfg.width_factor == 1:
         p = params["low"] if cfg.panda else params

@@ -9,22 +9,40 @@
 Pure functions: `init`, `apply`, `loss_fn`, and decoding with `init_cache` / `prefill` /
 `decode_step` / `generate` (KV cache for softmax mixers, recurrent state + conv cache for delta
 mixers). Axis letters: B batch, T time, d width, V vocabulary, L layers, E experts.
+
+Token ids must lie in [0, V). Called eagerly (concrete ids) `apply`, `prefill`, `decode_step`,
+`generate` and `loss_fn` raise `ValueError` naming the argument and the range; under `jit` the
+ids are traced and cannot be checked there, so they are clamped (`embed`: ids < 0 read row 0,
+ids ≥ V row V − 1) — run `checked_apply` / `checked_loss_fn` (`jax.experimental.checkify`) to
+have them reported under `jit` as well.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import checkify
 
+from moejax.kernels.delta_rule import ops as delta_rule_ops
 from moejax.layers import attention, delta_mixer, ffn
 from moejax.layers.norms import rms_norm, rms_norm_init
 from moejax.moe import layer as moe_layer
 from moejax.routers import base as router_base
+from moejax.validation import (
+    ArgumentTypeError,
+    check_array,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_range,
+)
 
 Array = jax.Array
 
@@ -32,6 +50,32 @@ DELTA_MIXERS = delta_mixer.MODES
 MIXERS = (*DELTA_MIXERS, "softmax", "gated_softmax")
 FFNS = ("moe", "dense")
 DTYPES = ("float32", "bfloat16")
+DELTA_IMPLS = delta_rule_ops.IMPL_NAMES
+
+_INT_FIELDS = (("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads", 1),
+               ("head_dim", 1), ("d_ff", 1), ("num_experts", 1), ("top_k", 1),
+               ("num_shared", 0), ("conv_size", 1), ("chunk_size", 1), ("max_seq_len", 1))
+_OPTIONAL_INT_FIELDS = ("dense_d_ff", "d_ff_shared", "num_key_heads", "attn_num_heads",
+                        "attn_head_dim", "num_kv_heads")  # value_head_dim: resolve_value_dim
+_BOOL_FIELDS = ("shared_gate", "allow_neg_eigval", "qk_norm", "zero_centered_norm",
+                "tie_embeddings")
+_POSITIVE_FLOAT_FIELDS = ("capacity_factor", "rope_theta", "norm_eps")
+
+
+def _router_kwargs(kwargs: Any) -> tuple[tuple[str, Any], ...]:
+    """`router_kwargs` as sorted `(name, value)` pairs (a dict or pairs; JSON gives lists)."""
+    pairs = kwargs.items() if isinstance(kwargs, Mapping) else kwargs
+    if isinstance(pairs, str) or not isinstance(pairs, Iterable):
+        raise ArgumentTypeError(f"router_kwargs must be a dict or (name, value) pairs, got "
+                                f"{kwargs!r}")
+    out = []
+    for p in pairs:
+        if isinstance(p, str) or not isinstance(p, Sequence) or len(p) != 2 \
+                or not isinstance(p[0], str):
+            raise ArgumentTypeError(f"router_kwargs must be a dict or (name, value) pairs, got "
+                                    f"the entry {p!r}")
+        out.append(tuple(p))
+    return tuple(sorted(out))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,7 +88,12 @@ class LMConfig:
       num_layers: L.
       num_heads: heads of the mixer (delta mixers: value heads, one state each).
       head_dim: key/query head dim (delta mixers) or head dim (softmax mixers).
-      expand_v: delta mixers' value head dim = expand_v · head_dim.
+      expand_v: delta mixers' value head dim = expand_v · head_dim when `value_head_dim` is None
+        (the product must be an integer up to float rounding). With `value_head_dim` it is set
+        to `value_head_dim / head_dim` (a value other than the default must agree with it).
+      value_head_dim: delta mixers' value head dim as an integer (exact for any pair, e.g.
+        Qwen3-Next's key/value head dims 22 and 30); None = expand_v · head_dim. See
+        `value_dim`.
       mixer: one of MIXERS, used by every layer unless `layer_mixers` is given.
       ffn: "moe" or "dense", used by every layer unless `layer_ffns` is given.
       layer_mixers: per-layer mixers (length L), e.g. Qwen3-Next's three Gated DeltaNet layers
@@ -69,6 +118,12 @@ class LMConfig:
       dtype: compute dtype, "float32" or "bfloat16" (params stay float32; logits and losses are
         float32).
       norm_eps: RMSNorm epsilon.
+
+    Every field is checked on construction, whether or not the model uses it: ints must be ints
+    (Python or NumPy, never bool or str), numbers real and finite, flags bools, names one of
+    their choices. A value of the wrong kind raises `moejax.validation.ArgumentTypeError` (a
+    `TypeError` and a `ValueError`), one out of range a `ValueError`; both name the field.
+    Configs read from JSON go through `from_dict`, which also names unknown keys.
     """
 
     vocab_size: int = 256
@@ -77,6 +132,7 @@ class LMConfig:
     num_heads: int = 4
     head_dim: int = 32
     expand_v: float = 2.0
+    value_head_dim: int | None = None
     mixer: str = "qdelta"
     ffn: str = "moe"
     layer_mixers: tuple[str, ...] = ()
@@ -110,30 +166,75 @@ class LMConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "head_dim", "d_ff",
-                     "max_seq_len"):
-            router_base.check_int(name, getattr(self, name), lo=1)
-        for name in ("dense_d_ff", "attn_num_heads", "attn_head_dim"):
+        for name, lo in _INT_FIELDS:
+            check_int(name, getattr(self, name), lo=lo)
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in _OPTIONAL_INT_FIELDS:
             if getattr(self, name) is not None:
-                router_base.check_int(name, getattr(self, name), lo=1)
+                check_int(name, getattr(self, name), lo=1)
+                object.__setattr__(self, name, int(getattr(self, name)))
+        for name in _BOOL_FIELDS:
+            check_bool(name, getattr(self, name))
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        for name in _POSITIVE_FLOAT_FIELDS:
+            value = getattr(self, name)
+            check_number(name, value)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+            object.__setattr__(self, name, float(value))
+        check_range("rotary_fraction", self.rotary_fraction, 0.0, 1.0, lo_open=False)
+        object.__setattr__(self, "rotary_fraction", float(self.rotary_fraction))
+        _, expand_v = delta_mixer.resolve_value_dim(self.head_dim, self.expand_v,
+                                                    self.value_head_dim)
+        object.__setattr__(self, "expand_v", expand_v)
         # JSON round trips give lists: store tuples so the config stays hashable.
         for name in ("layer_mixers", "layer_ffns"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))
-        kwargs = self.router_kwargs
-        pairs = kwargs.items() if isinstance(kwargs, dict) else kwargs
-        object.__setattr__(self, "router_kwargs", tuple(sorted(tuple(p) for p in pairs)))
+            value = getattr(self, name)
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise ArgumentTypeError(f"{name} must be a list or tuple of names (one per "
+                                        f"layer), got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "router_kwargs", _router_kwargs(self.router_kwargs))
         self._check_choices("mixer", (self.mixer,), MIXERS)
         self._check_choices("ffn", (self.ffn,), FFNS)
         self._check_choices("layer_mixers", self.layer_mixers, MIXERS, per_layer=True)
         self._check_choices("layer_ffns", self.layer_ffns, FFNS, per_layer=True)
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
-        if not 0.0 <= self.rotary_fraction <= 1.0:
-            raise ValueError(f"rotary_fraction must be in [0, 1], got {self.rotary_fraction}")
+        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("delta_impl", self.delta_impl, DELTA_IMPLS)
+        router_base.get_router(self.router)  # an unknown router, even in a dense model
         # Build the sub-configs once: they validate their own fields.
         mixer_cfgs = {m: self._make_mixer_cfg(m) for m in set(self.mixers)}
         object.__setattr__(self, "_mixer_cfgs", mixer_cfgs)
         object.__setattr__(self, "_moe_cfg", self._make_moe_cfg())
+
+    @classmethod
+    def from_dict(cls, fields: Any, *, source: str = "model config") -> LMConfig:
+        """The config of a JSON object (`to_dict`'s output, or an older saved one).
+
+        Configs saved before `value_head_dim` existed (only `expand_v`) load unchanged.
+
+        Args:
+          fields: the parsed JSON object.
+          source: what to name in messages (e.g. the file's path).
+
+        Raises:
+          ValueError / ArgumentTypeError: `fields` is not an object, holds an unknown key, or a
+            field is invalid; the message starts with `source` and names the key.
+        """
+        if not isinstance(fields, Mapping):
+            raise ArgumentTypeError(f"{source}: an LMConfig must be a JSON object of fields, got "
+                                    f"{type(fields).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in fields if k not in known)
+        if unknown:
+            raise ValueError(f"{source}: unknown LMConfig field(s) {', '.join(unknown)}; known "
+                             f"fields: {', '.join(known)}")
+        try:
+            return cls(**fields)
+        except ArgumentTypeError as e:
+            raise ArgumentTypeError(f"{source}: {e}") from e
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from e
 
     def _check_choices(self, name, values, valid, *, per_layer=False):
         if per_layer and values and len(values) != self.num_layers:
@@ -157,7 +258,8 @@ class LMConfig:
         if mixer in DELTA_MIXERS:
             return delta_mixer.DeltaMixerConfig(
                 d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
-                num_key_heads=self.num_key_heads, expand_v=self.expand_v, mode=mixer,
+                num_key_heads=self.num_key_heads, expand_v=self.expand_v,
+                value_head_dim=self.value_dim, mode=mixer,
                 conv_size=self.conv_size, allow_neg_eigval=self.allow_neg_eigval,
                 chunk_size=self.chunk_size, impl=self.delta_impl, norm_eps=self.norm_eps)
         head_dim = self.attn_head_dim or self.head_dim
@@ -182,6 +284,12 @@ class LMConfig:
     def mixer_config(self, layer: int):
         """The `DeltaMixerConfig` or `AttentionConfig` of layer `layer`."""
         return self._mixer_cfgs[self.mixers[layer]]
+
+    @property
+    def value_dim(self) -> int:
+        """Delta mixers' value head dim Dv (an int: `value_head_dim`, or expand_v · head_dim)."""
+        return delta_mixer.resolve_value_dim(self.head_dim, self.expand_v,
+                                             self.value_head_dim)[0]
 
     @property
     def moe_config(self) -> moe_layer.MoEConfig | None:
@@ -269,14 +377,71 @@ def num_params(params) -> int:
 # ----------------------------------------------------------------------------- forward
 
 
-def _check_tokens(tokens: Array, cfg: LMConfig, *, offset: int = 0) -> None:
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, T] integers, got shape {tokens.shape}")
+def _concrete(x: Any) -> bool:
+    """Whether `x`'s values can be read on the host now (not a tracer, fully addressable)."""
+    if isinstance(x, jax.core.Tracer):
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _check_ids(name: str, ids: Any, size: int, what: str) -> None:
+    """Outside jit: raises unless every id of `ids` lies in [0, size) (`what` names `size`)."""
+    if not _concrete(ids) or ids.size == 0:
+        return
+    with jax.ensure_compile_time_eval():  # a concrete constant inside a trace, too
+        lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= size:
+        raise ValueError(f"{name} must be in [0, {what}={size}), got ids from {lo} to {hi}")
+
+
+def check_tokens(tokens: Any, cfg: LMConfig, *, offset: int = 0, name: str = "tokens",
+                  ndim: int = 2) -> None:
+    """Checks token ids for `cfg`: an int array of rank `ndim` (`[B, T]`, or `[B]` for decoding)
+    whose length plus `offset` fits `max_seq_len`; when the values are concrete (outside `jit`,
+    or a constant inside it) also that every id lies in [0, vocab_size).
+
+    Raises:
+      ArgumentTypeError: `tokens` is not an array (None, a list, a str).
+      ValueError: wrong rank, a non-integer dtype, too long, or an id out of range; the message
+        names `name` and the valid range.
+    """
+    check_array(name, tokens)
+    shape = "[B, T]" if ndim == 2 else "[B]"
+    if tokens.ndim != ndim:
+        raise ValueError(f"{name} must be {shape} integers, got shape {tokens.shape}")
     if not jnp.issubdtype(tokens.dtype, jnp.integer):
-        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
-    if tokens.shape[1] + offset > cfg.max_seq_len:
+        raise ValueError(f"{name} must be integers, got dtype {tokens.dtype}")
+    if ndim == 2 and tokens.shape[1] + offset > cfg.max_seq_len:
         raise ValueError(f"sequence length {tokens.shape[1] + offset} exceeds the model's "
                          f"max_seq_len={cfg.max_seq_len}")
+    _check_ids(name, tokens, cfg.vocab_size, "vocab_size")
+
+
+def _check_positions(positions: Any, tokens: Array) -> None:
+    check_array("positions", positions)
+    B, T = tokens.shape
+    if positions.ndim != 2 or positions.shape[0] != B:
+        raise ValueError(f"positions must be [B, P] with B={B}, got shape {positions.shape}")
+    if not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(f"positions must be integers, got dtype {positions.dtype}")
+    _check_ids("positions", positions, T, "T")
+
+
+def _in_range_check(name: str, ids: Array, size: int, what: str) -> None:
+    """A `checkify` check that `ids` lie in [0, size) (only under `checkify.checkify`)."""
+    checkify.check(jnp.all((ids >= 0) & (ids < size)),
+                   f"{name} must be in [0, {what}={size}), got ids from {{lo}} to {{hi}}",
+                   lo=jnp.min(ids), hi=jnp.max(ids))
+
+
+def embed(params: dict, tokens: Array, cfg: LMConfig) -> Array:
+    """Token embeddings `[..., d]` in the compute dtype.
+
+    Out-of-range ids are clamped (explicitly, both sides): an id < 0 reads row 0, an id ≥ V
+    row V − 1. Eager calls of `apply`/`prefill`/`generate` refuse such ids first; under `jit`
+    use `checked_apply` to have them reported.
+    """
+    return jnp.take(params["embed"], tokens, axis=0, mode="clip").astype(cfg.compute_dtype)
 
 
 def norm(params: dict, h: Array, cfg: LMConfig) -> Array:
@@ -301,7 +466,7 @@ def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, laye
 
 def _forward(params, state, tokens, cfg, *, train, rng, caches=None):
     """Runs the blocks; returns (final hidden [B, T, d], new_state, aux, new caches)."""
-    h = params["embed"][tokens].astype(cfg.compute_dtype)
+    h = embed(params, tokens, cfg)
     new_blocks, new_caches, auxes = [], [], []
     for i, block in enumerate(params["blocks"]):
         y, cache = mixer_apply(block["mixer"], norm(block["norm1"], h, cfg), cfg, i,
@@ -345,23 +510,65 @@ def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: boo
 
     Args:
       params, state: from `init` (state: MoE router states).
-      tokens: `[B, T]` int token ids.
+      tokens: `[B, T]` int token ids in [0, vocab_size).
       cfg: model config.
       train: training mode (router noise and router-state updates).
       rng: PRNG key for stochastic routers.
-      positions: optional `[B, P]` indices; logits are then computed only there (`[B, P, V]`),
-        e.g. MQAR answer positions, never materialising `[B, T, V]`.
+      positions: optional `[B, P]` int indices in [0, T); logits are then computed only there
+        (`[B, P, V]`), e.g. MQAR answer positions, never materialising `[B, T, V]`.
 
     Returns:
       `(logits float32 [B, T or P, V], new_state, aux)`; `aux` has `aux_loss` (summed over MoE
       layers), `metrics` (MoE metrics averaged over layers) and, for MoE, `load` `[L, E]` and
       `top1` `[L, B·T]` (each token's top-1 expert per layer, for routing metrics).
+
+    Raises:
+      ValueError / ArgumentTypeError: `tokens` or `positions` not an int array of the right
+        shape, a sequence longer than `max_seq_len`, or, when the values are concrete (called
+        outside `jit`), ids outside [0, vocab_size) / positions outside [0, T).
+
+    Out-of-range values under `jit` (traced, so not checked here): token ids are clamped to
+    [0, V − 1] (see `embed`) and out-of-range positions give NaN logits. `checked_apply`
+    reports both under `jit`.
     """
-    _check_tokens(tokens, cfg)
+    return _apply(params, state, tokens, cfg=cfg, train=train, rng=rng, positions=positions,
+                  check=False)
+
+
+def _apply(params, state, tokens, *, cfg, train, rng, positions, check, name="tokens"):
+    check_tokens(tokens, cfg, name=name)
+    if positions is not None:
+        _check_positions(positions, tokens)
+    if check:
+        _in_range_check(name, tokens, cfg.vocab_size, "vocab_size")
+        if positions is not None:
+            _in_range_check("positions", positions, tokens.shape[1], "T")
     h, new_state, aux, _ = _forward(params, state, tokens, cfg, train=train, rng=rng)
     if positions is not None:
-        h = jnp.take_along_axis(h, positions[..., None], axis=1)
+        T = tokens.shape[1]
+        valid = (positions >= 0) & (positions < T)
+        h = jnp.take_along_axis(h, jnp.where(valid, positions, 0)[..., None], axis=1)
+        h = jnp.where(valid[..., None], h, jnp.nan)
     return logits_from_hidden(params, h, cfg), new_state, aux
+
+
+def checked_apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig,
+                  train: bool = False, rng: Array | None = None,
+                  positions: Array | None = None):
+    """`apply` with `checkify` checks that token ids lie in [0, vocab_size) and positions in
+    [0, T), so out-of-range values are reported under `jit` too (plain `apply` clamps them).
+
+    Returns:
+      `(err, (logits, new_state, aux))`; `err.throw()` raises `checkify.JaxRuntimeError` naming
+      `tokens` (or `positions`), the valid range and the ids seen; `err.get()` is None if none.
+
+    Example:
+      >>> err, (logits, _, _) = jax.jit(functools.partial(checked_apply, cfg=cfg))(
+      ...     params, state, tokens)
+      >>> err.throw()
+    """
+    fn = functools.partial(_apply, cfg=cfg, train=train, check=True)
+    return checkify.checkify(fn)(params, state, tokens, rng=rng, positions=positions)
 
 
 def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: bool,
@@ -375,9 +582,38 @@ def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: boo
       `(loss, (new_state, metrics))`; metrics: `loss`, `ce` (nats/token), `aux_loss`, MoE
       metrics prefixed `moe/`, and `load` `[L, E]` for MoE models.
     """
-    logits, new_state, aux = apply(params, state, batch["inputs"], cfg=cfg, train=train, rng=rng)
+    return _loss_fn(params, state, batch, cfg=cfg, train=train, rng=rng, check=False)
+
+
+def checked_loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: bool,
+                    rng: Array | None = None):
+    """`loss_fn` with `checked_apply`'s range checks on `inputs` and on `targets` (both in
+    [0, vocab_size)), functionalised by `checkify`: returns `(err, (loss, (new_state,
+    metrics)))`. Differentiate inside: `checkify.checkify(jax.grad(...))` or wrap the step."""
+    fn = functools.partial(_loss_fn, cfg=cfg, train=train, check=True)
+    return checkify.checkify(fn)(params, state, batch, rng=rng)
+
+
+def _loss_fn(params, state, batch, *, cfg, train, rng, check):
+    if not isinstance(batch, Mapping) or "inputs" not in batch or "targets" not in batch:
+        raise ValueError(f"batch must be a dict with 'inputs' and 'targets', got "
+                         f"{sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__}")
+    targets = batch["targets"]
+    check_tokens(targets, cfg, name="batch['targets']")
+    if targets.shape != batch["inputs"].shape:
+        raise ValueError(f"batch['targets'] has shape {targets.shape}, batch['inputs'] "
+                         f"{batch['inputs'].shape}; they must match")
+    if check:
+        _in_range_check("batch['targets']", targets, cfg.vocab_size, "vocab_size")
+    logits, new_state, aux = _apply(params, state, batch["inputs"], cfg=cfg, train=train,
+                                    rng=rng, positions=None, check=check, name="batch['inputs']")
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch.get("loss_mask")
+    if mask is not None:
+        check_array("batch['loss_mask']", mask)
+        if mask.shape != targets.shape:
+            raise ValueError(f"batch['loss_mask'] has shape {mask.shape}, batch['targets'] "
+                             f"{targets.shape}; they must match")
     if mask is None:
         ce = jnp.mean(ce)
     else:
@@ -409,8 +645,17 @@ def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMCon
 
     Returns:
       `(logits of the last position [B, V], new_cache)`.
+
+    Raises:
+      ValueError / ArgumentTypeError: as `apply` for `tokens` (ids checked outside `jit` only).
     """
-    _check_tokens(tokens, cfg)
+    check_tokens(tokens, cfg)
+    if tokens.shape[1] == 0:
+        raise ValueError("tokens must hold at least one position, got shape "
+                         f"{tokens.shape}")
+    if not isinstance(cache, list | tuple) or len(cache) != cfg.num_layers:
+        raise ValueError(f"cache must be a list of {cfg.num_layers} per-layer caches (from "
+                         f"init_cache), got {type(cache).__name__}")
     h, _, _, cache = _forward(params, state, tokens, cfg, train=False, rng=None, caches=cache)
     return logits_from_hidden(params, h[:, -1], cfg), cache
 
@@ -420,9 +665,14 @@ def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LM
     """One token per sequence: `token` `[B]` → `(logits [B, V], new_cache)`.
 
     Delta mixers advance with `delta_rule_step` (the recurrent form), softmax mixers append to
-    their KV cache.
+    their KV cache. Token ids are checked as in `apply` (their range only outside `jit`; under
+    `jit` they are clamped, see `embed`).
     """
-    h = params["embed"][token].astype(cfg.compute_dtype)
+    check_tokens(token, cfg, name="token", ndim=1)
+    if not isinstance(cache, list | tuple) or len(cache) != cfg.num_layers:
+        raise ValueError(f"cache must be a list of {cfg.num_layers} per-layer caches (from "
+                         f"init_cache or prefill), got {type(cache).__name__}")
+    h = embed(params, token, cfg)
     new_caches = []
     for i, block in enumerate(params["blocks"]):
         x = norm(block["norm1"], h, cfg)
@@ -442,7 +692,11 @@ def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LM
 
 
 def sample_token(key: Array, logits: Array, *, temperature: float, top_p: float) -> Array:
-    """Samples `[B]` tokens from `logits` `[B, V]`: greedy at temperature 0, else nucleus."""
+    """Samples `[B]` tokens from `logits` `[B, V]`: greedy at temperature 0, else nucleus.
+
+    `temperature` (≥ 0) and `top_p` (in (0, 1]) are Python numbers (static under `jit`).
+    """
+    _check_sampling(temperature, top_p)
     if temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits / temperature
@@ -473,20 +727,32 @@ def _generate(params, state, prompt, key, *, cfg, max_new_tokens, temperature, t
     return jnp.concatenate([prompt, toks.T.astype(prompt.dtype)], axis=1)
 
 
+def _check_sampling(temperature: Any, top_p: Any) -> None:
+    check_number("temperature", temperature)
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_range("top_p", top_p, 0.0, 1.0)
+
+
 def generate(params: dict, state: dict, prompt: Array, *, cfg: LMConfig, key: Array,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> Array:
     """Samples a continuation of `prompt` `[B, T0]`; returns `[B, T0 + max_new_tokens]`.
 
     Args:
-      temperature: ≥ 0; 0 is greedy.
+      prompt: `[B, T0]` int token ids in [0, vocab_size), T0 ≥ 1 (checked when concrete).
+      key: a PRNG key.
+      max_new_tokens: ≥ 1; T0 + max_new_tokens must not exceed `cfg.max_seq_len`.
+      temperature: a number ≥ 0; 0 is greedy.
       top_p: nucleus mass in (0, 1].
+
+    Raises:
+      ValueError / ArgumentTypeError: naming the argument.
     """
-    _check_tokens(prompt, cfg, offset=max_new_tokens)
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    return _generate(params, state, prompt, key, cfg=cfg, max_new_tokens=max_new_tokens,
+    check_int("max_new_tokens", max_new_tokens, lo=1)
+    _check_sampling(temperature, top_p)
+    check_array("key", key)
+    check_tokens(prompt, cfg, offset=max_new_tokens, name="prompt")
+    if prompt.shape[1] == 0:
+        raise ValueError(f"prompt must hold at least one token, got shape {prompt.shape}")
+    return _generate(params, state, prompt, key, cfg=cfg, max_new_tokens=int(max_new_tokens),
                      temperature=float(temperature), top_p=float(top_p))

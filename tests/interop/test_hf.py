@@ -231,3 +231,35 @@ def test_greedy_generation_matches_transformers(hf_models):
         ref = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
                              attention_mask=torch.ones_like(torch.tensor(prompt)))
     np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
+
+
+def test_qwen3_next_with_unequal_odd_head_dims_matches_transformers(tmp_path):
+    """linear_key_head_dim=22, linear_value_head_dim=30: 30/22 is not exact in binary (the
+    float route gave 29.999999999999996 and refused the config); the integer value head dim
+    converts, matches transformers' logits and exports back exactly."""
+    torch.manual_seed(7)
+    hf_cfg = transformers.Qwen3NextConfig(
+        **{**COMMON, "num_hidden_layers": 2}, head_dim=16, intermediate_size=40,
+        moe_intermediate_size=24, shared_expert_intermediate_size=16, num_experts=4,
+        linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=22,
+        linear_value_head_dim=30, layer_types=["linear_attention", "full_attention"])
+    model = transformers.AutoModelForCausalLM.from_config(
+        hf_cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params, state, _ = load_hf(tmp_path / "hf")
+    assert (cfg.head_dim, cfg.value_dim) == (22, 30)
+    toks = _tokens(T=11, seed=4)
+    with torch.no_grad():
+        ref = model(torch.tensor(toks)).logits.numpy()
+    ours, _, _ = lm.apply(params, state, jnp.asarray(toks, jnp.int32), cfg=cfg)
+    _assert_rel(ours, ref)
+    export_hf(params, cfg, tmp_path / "out", model_type="qwen3_next")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())[
+        "linear_value_head_dim"] == 30
+    cfg2, params2, _, _ = load_hf(tmp_path / "out")
+    assert cfg2 == cfg
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 params, params2)

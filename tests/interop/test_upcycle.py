@@ -63,12 +63,12 @@ def _block_input(params, state, toks):
 
 def test_bad_overrides_are_named():
     params, state, _ = _setup()
-    with pytest.raises(ValueError, match=r"lam_init must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"lam_init must be in \(0(\.0)?, 1(\.0)?\)"):
         upcycle.to_qdelta(params, CFG, lam_init=1.0)
     soft = lm.get_preset("tiny", mixer="softmax")
     with pytest.raises(ValueError, match="no deltanet / gated_deltanet layer"):
         upcycle.to_qdelta(lm.init(jax.random.key(0), soft)[0], soft)
-    with pytest.raises(ValueError, match=r"mix_init must be in \(0, 1\)"):
+    with pytest.raises(ValueError, match=r"mix_init must be in \(0(\.0)?, 1(\.0)?\)"):
         upcycle.to_star(params, state, CFG, mix_init=1.0)
     dense = lm.get_preset("tiny", ffn="dense")
     with pytest.raises(ValueError, match="needs MoE layers"):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,7 +146,7 @@ def test_presets_build():
     [
         (lambda: lm.get_preset("huge"), "Unknown preset 'huge'"),
         (lambda: lm.get_preset("tiny", mixer="mamba"), "mixer must be one of"),
-        (lambda: lm.get_preset("tiny", router="nope"), "unknown router 'nope'"),
+        (lambda: lm.get_preset("tiny", router="nope"), "(?i)unknown router 'nope'"),
         (lambda: lm.get_preset("tiny", ffn="conv"), "ffn must be one of"),
         (lambda: lm.get_preset("tiny", dtype="float16"), "dtype must be one of"),
         (lambda: lm.get_preset("tiny", d_model=0), "d_model must be >= 1"),
@@ -151,7 +155,7 @@ def test_presets_build():
         (lambda: lm.get_preset("tiny", layer_ffns=("moe", "conv")), "layer_ffns must be one of"),
         (lambda: lm.get_preset("tiny", mixer="softmax", num_kv_heads=3),
          "num_kv_heads=3 must divide num_heads=2"),
-        (lambda: lm.get_preset("tiny", num_key_heads=3), "num_key_heads must be a positive int"),
+        (lambda: lm.get_preset("tiny", num_key_heads=3), "num_key_heads=3 must divide num_heads=2"),
         (lambda: lm.get_preset("tiny", rotary_fraction=1.5), r"rotary_fraction must be in"),
     ],
 )
@@ -167,3 +171,71 @@ def test_apply_rejects_long_or_float_sequences():
         lm.apply(params, state, _tokens(T=17), cfg=cfg)
     with pytest.raises(ValueError, match="tokens must be integers"):
         lm.apply(params, state, jnp.ones((2, 4)), cfg=cfg)
+
+
+# Key/value head dims whose ratio is not exact in binary: dv / dk * dk != dv in floats.
+ODD_HEAD_DIMS = [(22, 30), (7, 29), (11, 15)]
+
+
+@pytest.mark.parametrize("dk,dv", ODD_HEAD_DIMS, ids=[f"Dk{a}-Dv{b}" for a, b in ODD_HEAD_DIMS])
+def test_value_head_dim_is_exact_for_any_pair(dk, dv):
+    assert (dv / dk) * dk != dv  # the float route alone would not give an integer
+    base = dict(mixer="gated_deltanet", ffn="dense", head_dim=dk, num_key_heads=1)
+    cfg = lm.get_preset("tiny", **base, value_head_dim=dv)
+    assert cfg.value_dim == cfg.mixer_config(0).value_dim == dv
+    assert cfg.expand_v == dv / dk
+    shapes = jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0])
+    assert shapes["blocks"][0]["mixer"]["w_v"].shape == (cfg.d_model, cfg.num_heads * dv)
+    # The ratio alone (how older configs stored it) now rounds to the same integer.
+    old = lm.get_preset("tiny", **base, expand_v=dv / dk)
+    assert old.value_dim == dv
+    # JSON round trip (to_dict -> from_dict) is exact, and an old saved dict without the
+    # value_head_dim key still loads.
+    assert lm.LMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    saved = {k: v for k, v in old.to_dict().items() if k != "value_head_dim"}
+    assert lm.LMConfig.from_dict(saved) == old
+
+
+def test_value_head_dim_disagreeing_with_expand_v_is_refused():
+    with pytest.raises(ValueError, match="expand_v=3.0 and value_head_dim=30 disagree"):
+        lm.get_preset("tiny", head_dim=22, value_head_dim=30, expand_v=3.0)
+    # A changed head_dim with a kept value_head_dim re-derives expand_v only if it agrees.
+    cfg = lm.get_preset("tiny", head_dim=22, value_head_dim=30)
+    with pytest.raises(ValueError, match="disagree"):
+        dataclasses.replace(cfg, head_dim=16)
+    assert dataclasses.replace(cfg, head_dim=16, expand_v=30 / 16).value_dim == 30
+
+
+@pytest.mark.parametrize("bad", [256, -1], ids=["too-large", "negative"])
+def test_out_of_range_tokens(bad):
+    """Eager calls refuse them; under jit `apply` clamps them (documented) and `checked_apply`
+    reports them."""
+    cfg = lm.get_preset("tiny", ffn="dense", mixer="softmax", num_layers=1)
+    params, state = lm.init(jax.random.key(0), cfg)
+    toks = jnp.array([[5, bad, 7]], jnp.int32)
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, vocab_size=256\)"):
+        lm.apply(params, state, toks, cfg=cfg)
+    with pytest.raises(ValueError, match=r"prompt must be in \[0, vocab_size=256\)"):
+        lm.generate(params, state, toks, cfg=cfg, key=jax.random.key(0), max_new_tokens=1)
+    fwd = jax.jit(lambda t: lm.apply(params, state, t, cfg=cfg)[0])
+    clamped = jnp.array([[5, 255 if bad > 0 else 0, 7]], jnp.int32)
+    np.testing.assert_array_equal(np.asarray(fwd(toks)), np.asarray(fwd(clamped)))
+    err, (logits, _, _) = jax.jit(functools.partial(lm.checked_apply, cfg=cfg))(
+        params, state, toks)
+    with pytest.raises(ValueError, match=rf"tokens must be in \[0, vocab_size=256\), got ids "
+                                         rf"from {min(bad, 5)} to {max(bad, 7)}"):
+        err.throw()
+    err, _ = jax.jit(functools.partial(lm.checked_apply, cfg=cfg))(params, state, clamped)
+    assert err.get() is None
+
+
+def test_out_of_range_positions_give_nan_under_jit():
+    cfg = lm.get_preset("tiny", ffn="dense", mixer="softmax", num_layers=1)
+    params, state = lm.init(jax.random.key(0), cfg)
+    toks = _tokens(T=6)
+    pos = jnp.array([[0, 6], [-1, 5]])
+    with pytest.raises(ValueError, match=r"positions must be in \[0, T=6\)"):
+        lm.apply(params, state, toks, cfg=cfg, positions=pos)
+    out = jax.jit(lambda p: lm.apply(params, state, toks, cfg=cfg, positions=p)[0])(pos)
+    finite = np.isfinite(np.asarray(out)).all(-1)
+    np.testing.assert_array_equal(finite, [[True, False], [False, True]])
