@@ -14,6 +14,18 @@ run in a `lax.scan` over chunks, so autodiff keeps one `[Dk, Dv]` state per *chu
 per time step. T is zero-padded to a multiple of C with β = 0 and g = 0 on the padding: those
 steps leave the state untouched, so results do not depend on the chunk size.
 
+Full resets. A step with `exp(g_s) = 0` (g = −inf, or so negative that the exp underflows, as
+in the recurrence) zeroes the state. `G_t − G_j` would then be `−inf − (−inf) = NaN`, so the
+log decays are split: `G` sums only the other steps' g, and a count of resets masks (with
+`where`, before the exp) every factor whose span contains one: `Γ_tj = 0` if a reset lies in
+(j, t], `γ_t = 0` if one lies in [0, t], `exp(G_C − G_t) = 0` if one lies in (t, C−1]. Results
+equal the recurrence's, gradients included.
+
+Non-finite inputs. All masks are `where`s, never multiplications; the products of the chunk
+would still carry a NaN at step s into rows t < s (`0 · NaN`), so `delta_rule_chunk` runs the
+math under `nonfinite.contain`: outputs before s, other sequences and heads, and their
+gradients are unaffected; outputs from s on are NaN.
+
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N number of chunks, C chunk length.
 """
 
@@ -22,6 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.delta_rule.nonfinite import contain
 from moejax.kernels.delta_rule.reference import compute_dtype
 
 Array = jax.Array
@@ -80,8 +93,31 @@ def _unit_lower_inverse_bwd(T, dT):
 unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
+def _gates(g, C):
+    """Decay factors of every chunk from the log decays `g` `[N, B, H, C]`, resets included.
+
+    Returns `(Γ [N, B, H, C, C] (0 above the diagonal), γ [N, B, H, C], exp(G_C − G_t)
+    [N, B, H, C])` (module docstring, "Full resets").
+    """
+    idx = jnp.arange(C)
+    incl = idx[:, None] >= idx[None, :]
+    reset = jnp.exp(g) == 0  # the step zeroes the state, as exp(g) · S does in the recurrence
+    G = jnp.cumsum(jnp.where(reset, 0.0, g), axis=-1)  # finite: resets taken out
+    n = jnp.cumsum(reset, axis=-1, dtype=jnp.int32)  # resets in [0, t]
+    keep = incl & (n[..., :, None] == n[..., None, :])  # j <= t, no reset in (j, t]
+    diff = jnp.where(keep, G[..., :, None] - G[..., None, :], 0.0)
+    Gam = jnp.where(keep, jnp.exp(diff), 0.0)
+    gamma = jnp.where(n == 0, jnp.exp(G), 0.0)
+    decay_out = jnp.where(n == n[..., -1:], jnp.exp(G[..., -1:] - G), 0.0)
+    return Gam, gamma, decay_out
+
+
 def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size):
     """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
+
+    Non-finite inputs are contained (`nonfinite.contain`): a NaN/±inf at step s of a sequence
+    and head leaves its outputs before s, everything of other sequences and heads, and their
+    gradients as they are without it; g = −inf is a full reset, as in the recurrence.
 
     Args:
       q, k: `[B, T, H, Dk]`.
@@ -96,6 +132,12 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
     Returns:
       `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
     """
+    return contain(_delta_rule_chunk, q, k, v, beta, g, lam, initial_state, scale=scale,
+                   chunk_size=chunk_size)
+
+
+def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size):
+    """`delta_rule_chunk` on finite inputs (g may be −inf)."""
     f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
     q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
     B, T, H, Dk = q.shape
@@ -114,22 +156,19 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
     incl = jnp.tril(jnp.ones((C, C), jnp.bool_))
     strict = jnp.tril(jnp.ones((C, C), jnp.bool_), -1)
     if g is None:
-        gamma = gamma_C = decay_out = None
-        Gam = incl.astype(jnp.float32)
+        Gam = gamma = gamma_C = decay_out = None
     else:
-        G = jnp.cumsum(_to_chunks(g, C), axis=-1)  # [N, B, H, C]
-        diff = G[..., :, None] - G[..., None, :]
-        Gam = jnp.where(incl, jnp.exp(jnp.where(incl, diff, 0.0)), 0.0)
-        gamma = jnp.exp(G)
+        Gam, gamma, decay_out = _gates(_to_chunks(g, C), C)  # [N, B, H, C(, C)]
         gamma_C = gamma[..., -1]
-        decay_out = jnp.exp(G[..., -1:] - G)
+    decayed = lambda M: M if Gam is None else M * Gam
 
-    A = jnp.where(strict, b[..., :, None] * _mm("...tk,...jk->...tj", X, K) * Gam, 0.0)
+    # Masks are `where`s: a masked entry is 0 whatever the product held.
+    A = jnp.where(strict, b[..., :, None] * decayed(_mm("...tk,...jk->...tj", X, K)), 0.0)
     wb = b if gamma is None else b * gamma
     Tm = unit_lower_inverse(A)
     W = _mm("...tj,...jk->...tk", Tm, wb[..., None] * X)
     Ut = _mm("...tj,...jv->...tv", Tm, b[..., None] * V)
-    P = _mm("...tk,...jk->...tj", Q, K) * Gam  # Gam is already 0 above the diagonal
+    P = jnp.where(incl, decayed(_mm("...tk,...jk->...tj", Q, K)), 0.0)
     Qd = Q if gamma is None else gamma[..., None] * Q
     Kd = K if decay_out is None else decay_out[..., None] * K
 

@@ -18,6 +18,13 @@ from moejax.kernels.delta_rule.reference import (
     delta_rule_reference,
     recurrent_step,
 )
+from moejax.validation import (
+    check_array,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+)
 
 Array = jax.Array
 
@@ -76,8 +83,27 @@ def _check_float(name: str, a) -> None:
         raise ValueError(f"{name} must be a floating-point array, got dtype {a.dtype}")
 
 
-def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl) -> None:
-    """Checks ranks, shapes, dtypes and static options; raises ValueError naming the argument."""
+def _check_arrays(required, optional) -> None:
+    """Each `(name, value)`: an array (optional ones may be None); else `ArgumentTypeError`."""
+    for name, a in required:
+        check_array(name, a)
+    for name, a in optional:
+        if a is not None:
+            check_array(name, a)
+
+
+def _check_scale(scale) -> None:
+    if scale is not None:
+        check_number("scale", scale)
+
+
+def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl,
+                   return_final_state) -> None:
+    """Checks kinds, ranks, shapes, dtypes and static options; raises `ValueError` (or its
+    subclass `ArgumentTypeError`, also a `TypeError`, for a value of the wrong kind: None, a
+    list, a str where an array belongs) naming the argument."""
+    _check_arrays((("q", q), ("k", k), ("v", v), ("beta", beta)),
+                  (("g", g), ("lam", lam), ("initial_state", initial_state)))
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             raise ValueError(f"{name} must be [B, T, H, D] (4-D), got shape {_shape(a)}")
@@ -103,12 +129,10 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
                     ("initial_state", initial_state)):
         if a is not None:
             _check_float(name, a)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale must be a Python float or None, got {type(scale).__name__}")
-    if impl not in IMPL_NAMES:
-        raise ValueError(f"Unknown impl {impl!r}; expected one of {IMPL_NAMES}")
+    check_int("chunk_size", chunk_size, lo=1)
+    _check_scale(scale)
+    check_choice("impl", impl, IMPL_NAMES)
+    check_bool("return_final_state", return_final_state)
 
 
 @functools.partial(
@@ -142,26 +166,47 @@ def delta_rule(
     `o_t = scale · S_tᵀ q_t`. `g=None` is DeltaNet, `g` alone Gated DeltaNet, `lam` alone Q-Delta,
     both gated Q-Delta.
 
+    Non-finite inputs stay causal. If q, k, v, beta, g (NaN or +inf) or lam holds a
+    non-finite value at step s of sequence b, head h, the outputs of (b, h) before s, all
+    outputs and final states of other sequences and heads are those computed without it.
+    "chunk", "pallas" and "auto" also keep the gradients with respect to those (finite) parts
+    as they are without it, and return NaN for o of (b, h) at every step ≥ s (only at s when
+    the bad value is in q and lam is None: q then only reads the state) and for its final
+    state (`nonfinite.contain`). "reference" propagates IEEE arithmetic through the
+    recurrence: its outputs, and its gradients for other sequences and heads, are just as
+    contained, but its gradients at earlier steps of (b, h) can be NaN (its backward forms
+    0 · NaN). A non-finite initial state makes that (b, h) NaN throughout.
+
     Args:
       q: queries `[B, T, H, Dk]` (float; typically L2-normalised per head).
       k: keys `[B, T, H, Dk]`.
       v: values `[B, T, H, Dv]`.
       beta: write strengths `[B, T, H]`, usually in (0, 1) (or (0, 2) with negative eigenvalues).
-      g: log decays `[B, T, H]` (≤ 0 for a decay), or None.
+      g: log decays `[B, T, H]` (≤ 0 for a decay), or None. `g_t = −inf` (or any g_t whose
+        exp underflows to 0) is a full reset, `S' = 0`; every impl gives the recurrence's
+        (finite) result for it.
       lam: Q-Delta query mixing `[B, T, H]`, or None.
       initial_state: `[B, H, Dk, Dv]`, or None for zeros.
-      scale: readout scale; default `Dk ** -0.5`. `x_t` always uses the unscaled q.
+      scale: readout scale, a finite number; default `Dk ** -0.5`. `x_t` always uses the
+        unscaled q.
       chunk_size: chunk length C of the chunkwise path (any positive int; T need not be a
         multiple of it). Results do not depend on it.
       impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle), "pallas"
         (the Pallas kernels, chosen when lowering: Triton on cuda, Mosaic on tpu, the Triton
         kernel in interpret mode on cpu) or "auto" (pallas on cuda/tpu, chunk elsewhere).
         "pallas" runs chunks of `min(max(16, next_pow2(chunk_size)), 128)` steps.
-      return_final_state: return the final state (else None).
+      return_final_state: return the final state (else None), a bool.
 
     Returns:
       `(o, S)`: `o` `[B, T, H, Dv]` in q's dtype; `S` `[B, H, Dk, Dv]` float32 or None.
-      Computation is float32 whatever the input dtype.
+      Computation is float32 for half and single inputs. float64 inputs (x64 mode) are
+      computed in float64 by "reference" and "chunk" (S float64 then); "pallas" rounds them to
+      float32 (S float32), so "auto" does too on cuda/tpu.
+
+    Raises:
+      ValueError: a shape, dtype or option is wrong; the message names the argument.
+        `ArgumentTypeError` (a `ValueError` and a `TypeError`) when a value is of the wrong
+        kind: None, a list or a str where an array belongs, a float chunk_size, a str scale.
 
     Example:
       >>> B, T, H, Dk, Dv = 1, 100, 2, 16, 32
@@ -176,10 +221,12 @@ def delta_rule(
       ((1, 100, 2, 32), (1, 2, 16, 32))
     """
     _validate_args(q=q, k=k, v=v, beta=beta, g=g, lam=lam, initial_state=initial_state,
-                   scale=scale, chunk_size=chunk_size, impl=impl)
+                   scale=scale, chunk_size=chunk_size, impl=impl,
+                   return_final_state=return_final_state)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _delta_rule(q, k, v, beta, g, lam, initial_state, scale=scale, chunk_size=chunk_size,
-                       impl=impl, return_final_state=return_final_state)
+    return _delta_rule(q, k, v, beta, g, lam, initial_state, scale=scale,
+                       chunk_size=int(chunk_size), impl=impl,
+                       return_final_state=bool(return_final_state))
 
 
 def delta_rule_step(
@@ -205,8 +252,16 @@ def delta_rule_step(
       scale: default `Dk ** -0.5`.
 
     Returns:
-      `(o_t [B, H, Dv] in q_t's dtype, S_t [B, H, Dk, Dv] float32)`.
+      `(o_t [B, H, Dv] in q_t's dtype, S_t [B, H, Dk, Dv] float32)` (float64 for float64
+      inputs). Non-finite inputs propagate as IEEE arithmetic does; `g_t = −inf` resets S.
+
+    Raises:
+      ValueError naming the argument (`ArgumentTypeError`, also a `TypeError`, for a value
+      of the wrong kind, such as None or a list where an array belongs).
     """
+    _check_arrays((("S", S), ("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("beta_t", beta_t)),
+                  (("g_t", g_t), ("lam_t", lam_t)))
+    _check_scale(scale)
     for name, a in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if a.ndim != 3:
             raise ValueError(f"{name} must be [B, H, D] (3-D), got shape {_shape(a)}")

@@ -17,7 +17,9 @@ state untouched, so padding is exact):
 
 The forward rule keeps only the inputs as residuals; the backward re-runs (1) and (2) for W and
 the chunk states (as flash-linear-attention does), then runs (3) and (4).
-The chunk math lives in `pallas_kernel.py`, shared with the TPU kernels.
+The chunk math lives in `pallas_kernel.py`, shared with the TPU kernels. Both run under
+`nonfinite.contain` (NaN/inf at a step never reaches earlier steps' outputs or gradients) and
+handle g = −inf (a full reset) exactly.
 
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N chunks, C chunk length.
 """
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from moejax.kernels.delta_rule import nonfinite
 from moejax.kernels.delta_rule import pallas_kernel as pk
 
 try:  # jax ≥ 0.7 spells it CompilerParams; older releases TritonCompilerParams.
@@ -317,7 +320,12 @@ def intra_bwd(p: Prepared, states, dhs, dO, opts: DeltaRuleOptions):
 
 def make_custom_vjp(intra_fwd_fn, state_fwd_fn, state_bwd_fn, intra_bwd_fn):
     """Builds `f(q, k, v, beta, g, lam, h0, opts) -> (o f32, S_T f32)` with a custom VJP from
-    the four launchers of a backend (the GPU and TPU kernels share this glue)."""
+    the four launchers of a backend (the GPU and TPU kernels share this glue).
+
+    f runs the custom-VJP function under `nonfinite.contain`, so the kernels (forward and
+    backward) only ever see finite inputs (and g = −inf, a reset), and float64 inputs are
+    rounded to float32 first (the kernels compute in float32; Mosaic has no float64).
+    """
 
     def shapes(q, v, opts):
         B, T, H, Dk = q.shape
@@ -357,11 +365,20 @@ def make_custom_vjp(intra_fwd_fn, state_fwd_fn, state_bwd_fn, intra_bwd_fn):
                 cast(dh0.reshape(B, H, Dkp, Dvp)[..., :Dk, :Dv], h0))
 
     f.defvjp(f_fwd, f_bwd)
-    return f
+
+    def contained(q, k, v, beta, g, lam, h0, opts):
+        narrow = lambda a: (a if a is None or jnp.dtype(a.dtype).itemsize <= 4
+                            else a.astype(jnp.float32))
+        return nonfinite.contain(f, *map(narrow, (q, k, v, beta, g, lam, h0)), opts)
+
+    return contained
 
 
 delta_rule_gpu = make_custom_vjp(intra_fwd, state_fwd, state_bwd, intra_bwd)
 delta_rule_gpu.__doc__ = """GPU (Triton) delta rule with custom VJP.
+
+Non-finite inputs are contained as in `nonfinite.contain` (outputs before a bad step, other
+sequences and heads, and their gradients are unaffected); g = −inf is a full reset.
 
 Args:
   q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or None;

@@ -8,6 +8,11 @@ iota, where, exp, sums, 2-D dot_general, fori_loop. Per chunk of C steps (DESIGN
     A  = strict_tril(diag(β) (X Kᵀ ⊙ Γ)),  Tm = (I + A)⁻¹
     W  = Tm diag(βγ) X,  Ũ = Tm diag(β) V,  U = Ũ − W S
     O  = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U),  S' = γ_C S + (diag(d) K)ᵀ U
+
+Full resets (`exp(g_s) = 0`, e.g. g = −inf) are handled as in `chunk.py`: G sums only the other
+steps' g and a running count of resets zeroes (with `where`) every factor whose span contains
+one, so no `−inf − (−inf)` is formed. Masks are `where`s, never multiplications. The kernels
+assume otherwise finite inputs: the launchers run them under `nonfinite.contain`.
 """
 
 from __future__ import annotations
@@ -36,6 +41,12 @@ def dot_nt(a, b):
     """`a @ bᵀ` in float32."""
     return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=_HIGHEST,
                                preferred_element_type=jnp.float32)
+
+
+def _indicator(mask):
+    """1.0 where `mask`, else 0.0, in float32 (Python-float branches would be float64 under
+    x64, which the Triton and Mosaic dots refuse to mix with float32)."""
+    return jnp.where(mask, jnp.float32(1.0), jnp.float32(0.0))
 
 
 def _sum_all(a):
@@ -74,22 +85,37 @@ class Masks:
 
 @dataclasses.dataclass(frozen=True)
 class Gates:
-    """Decay factors of one chunk; all None-free (ones when there is no gate)."""
+    """Decay factors of one chunk (Γ is the causal mask when there is no gate)."""
 
     Gam: jax.Array  # [C, C] Γ on and below the diagonal, 0 above
     gamma: jax.Array | None  # [C, 1] γ_t = exp(G_t), None without g
     dec: jax.Array | None  # [C, 1] exp(G_C − G_t)
     gC: jax.Array | None  # [1, 1] exp(G_C)
+    reset: jax.Array | None = None  # [C, 1] bool, exp(g_t) == 0 (the step zeroes the state)
+
+
+def _cumsum(m: Masks, col):
+    """Inclusive cumulative sum of a `[C, 1]` column (a masked reduction)."""
+    return jnp.sum(jnp.where(m.incl, m.row(col), 0.0), axis=1, keepdims=True)
 
 
 def gates(m: Masks, g):
-    """Γ, γ, d, γ_C from the per-step log decays `g` `[C, 1]` (or None)."""
+    """Γ, γ, d, γ_C from the per-step log decays `g` `[C, 1]` (or None); g may hold −inf."""
     if g is None:
-        return Gates(jnp.where(m.incl, 1.0, 0.0), None, None, None)
-    G = jnp.sum(jnp.where(m.incl, m.row(g), 0.0), axis=1, keepdims=True)  # [C, 1] inclusive cumsum
-    GC = _sum_all(g)  # [1, 1]
-    diff = jnp.where(m.incl, G - m.row(G), 0.0)
-    return Gates(jnp.where(m.incl, jnp.exp(diff), 0.0), jnp.exp(G), jnp.exp(GC - G), jnp.exp(GC))
+        return Gates(_indicator(m.incl), None, None, None)
+    reset = jnp.exp(g) == 0.0  # [C, 1]
+    gf = jnp.where(reset, 0.0, g)  # finite: resets taken out of the log decays
+    G = _cumsum(m, gf)  # [C, 1]
+    GC = _sum_all(gf)  # [1, 1]
+    n = _cumsum(m, _indicator(reset))  # resets in [0, t] (small integers, exact)
+    nC = _sum_all(_indicator(reset))
+    # Γ_tj: j ≤ t and no reset in (j, t], i.e. n_t == n_j.
+    keep = jnp.where(m.incl, n - m.row(n), 1.0) == 0.0
+    Gam = jnp.where(keep, jnp.exp(jnp.where(keep, G - m.row(G), 0.0)), 0.0)
+    gamma = jnp.where(n == 0.0, jnp.exp(G), 0.0)  # 0 after a reset in [0, t]
+    dec = jnp.where(n == nC, jnp.exp(GC - G), 0.0)  # 0 if a reset lies in (t, C−1]
+    gC = jnp.where(nC == 0.0, jnp.exp(GC), 0.0)
+    return Gates(Gam, gamma, dec, gC, reset)
 
 
 def unit_lower_inverse(m: Masks, A):
@@ -105,7 +131,8 @@ def unit_lower_inverse(m: Masks, A):
         t_j = jnp.sum(jnp.where(m.r == j, T, 0.0), axis=0, keepdims=True)  # [1, C] row j
         return T - a_j * t_j
 
-    return jax.lax.fori_loop(0, C, body, jnp.where(m.r == m.c, 1.0, 0.0))
+    # int32 bounds: the loop index stays int32 under x64 (Mosaic cannot narrow an int64 one).
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(C), body, _indicator(m.r == m.c))
 
 
 def _wy(m: Masks, q, k, b, g, lam):
@@ -225,8 +252,9 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale)
         dGC = _sum_all(ddec) + gt.gC * SdS  # [1, 1]
         last = jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0) == C - 1
         dG = dG + dgamma * gt.gamma - ddec + jnp.where(last, dGC, 0.0)
-        # G = cumsum(g): dg_t = Σ_{s ≥ t} dG_s
+        # G = cumsum(g): dg_t = Σ_{s ≥ t} dG_s; 0 at a reset (d exp(g)/dg = exp(g) = 0 there)
         dg = jnp.sum(jnp.where(m.c >= m.r, m.row(dG), 0.0), axis=1, keepdims=True)
+        dg = jnp.where(gt.reset, 0.0, dg)
     return dq, dk, db, dg, dlam
 
 

@@ -9,6 +9,10 @@ DESIGN §3 "Recurrence", per batch b and head h, with state `S` of shape `[Dk, D
 
 Axis letters: B batch, T time, H heads, Dk key/query head dim, Dv value head dim.
 Everything is computed in float32 (float64 for float64 inputs) with full-precision dots.
+`g_t = −inf` is a full reset (`exp(g_t) S = 0`). Non-finite inputs go through plain IEEE
+arithmetic: outputs stay causal (a NaN at step s reaches no output before s, nor other
+sequences or heads), but the backward can form `0 · NaN` at earlier steps of the same
+sequence and head; the chunkwise paths contain that (`nonfinite.py`).
 """
 
 from __future__ import annotations

@@ -83,3 +83,15 @@ def test_auto_is_pallas_on_accelerators(platform):
 def test_auto_is_chunk_on_cpu():
     text = _export(_fwd("auto", 64), "cpu", _structs("qdelta", jnp.float32))
     assert TRITON not in text and MOSAIC not in text
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_pallas_lowers_float64_inputs(platform):
+    """x64 mode: float64 inputs are rounded to float32 before the kernels (Mosaic has no
+    float64), forward and gradient; o comes back in float64 (documented in `delta_rule`)."""
+    with jax.enable_x64(True):
+        args = _structs("gated_qdelta", jnp.float64)
+        for fn in (_fwd("pallas", 64), _grad("pallas", 64)):
+            assert MARKER[platform] in _export(fn, platform, args)
+        o, S = jax.eval_shape(_fwd("pallas", 64), *args)
+    assert o.dtype == jnp.float64 and S.dtype == jnp.float32
