@@ -9,6 +9,11 @@ validation loss and bits per byte. Writes DIR/metrics.jsonl, DIR/checkpoints, DI
 and DIR/*.png; rerunning with the same DIR resumes from the latest checkpoint and continues the
 same trajectory (a DIR holding a run with other settings is refused). Ends by printing a sample.
 
+SIGTERM (what preemptible VMs send) or Ctrl-C: the current step finishes, a checkpoint is
+written, and the script prints the step it stopped at and exits 0; rerun the same command to
+continue. A damaged latest checkpoint is reported and moved to DIR/checkpoints_damaged, and the
+run resumes from the newest intact one.
+
 --init_from=MODEL_DIR fine-tunes a saved model instead of a fresh preset: a directory written by
 `experiments.convert_hf` (a converted Hugging Face checkpoint) or `checkpoint.save_model`; its
 config replaces --preset and the model flags. The data stay byte-level (ids < 256), so the
@@ -57,6 +62,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # progress goes to the bar; keep orbax's INFO quiet
     try:  # every bad flag, and empty or unreadable --data, fails here, before any training
+        checkpoint.check_workdir(_WORKDIR.value, name="--workdir")
         overrides = {f.name: f.value for f in _MODEL_FLAGS if f.value is not None}
         init_params, data_info = None, {}
         if _INIT_FROM.value is not None:
@@ -98,6 +104,10 @@ def main(argv):
     result = loop.run(model_cfg, train_cfg, _WORKDIR.value, train_data=train_data,
                       val_data=lambda: batches("val"),
                       data_info={"corpus": corpus, **data_info}, init_params=init_params)
+    if result.preempted:  # SIGTERM/SIGINT: checkpointed; exit 0 so a VM manager reruns us
+        print(f"\nPreempted: stopped at step {result.step} of {train_cfg.steps}, checkpoint "
+              f"saved. To resume, rerun the same command (--workdir={_WORKDIR.value}).")
+        return
 
     prompt = jnp.asarray(data.encode("def "), jnp.int32)[None]
     new_tokens = min(_SAMPLE_TOKENS.value, model_cfg.max_seq_len - prompt.shape[1])

@@ -6,7 +6,9 @@
   plots       loss curves and expert-load heatmap PNGs from metrics.jsonl
 """
 
+from moejax.train.checkpoint import CheckpointReadError as CheckpointReadError
 from moejax.train.checkpoint import Checkpointer as Checkpointer
+from moejax.train.checkpoint import CheckpointWriteError as CheckpointWriteError
 from moejax.train.logging import read_metrics as read_metrics
 from moejax.train.loop import RunResult as RunResult
 from moejax.train.loop import TrainConfig as TrainConfig
@@ -20,6 +22,8 @@ from moejax.train.loop import train_step as train_step
 from moejax.train.plots import write_plots as write_plots
 
 __all__ = [
+    "CheckpointReadError",
+    "CheckpointWriteError",
     "Checkpointer",
     "RunResult",
     "TrainConfig",

@@ -11,6 +11,8 @@
 Only process 0 writes (`enabled=False` elsewhere). On resume from step k, lines of steps > k
 (written by the interrupted run after its last checkpoint) are dropped before the run recomputes
 them, and TensorBoard is told to purge its events after step k, so neither holds duplicates.
+A `kill -9` can leave at most a torn last line, which `read_metrics` skips and the resume drops;
+`config.json` and the truncated `metrics.jsonl` are replaced atomically (write, then rename).
 
 Axis letters: L layers, E experts.
 """
@@ -20,13 +22,31 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tensorboardX import SummaryWriter
+
+
+def _import_summary_writer() -> type:
+    """tensorboardX's `SummaryWriter`, imported without torch. tensorboardX imports torch when
+    it is installed (seconds, at every start of a run, a restart after preemption included) only
+    to accept torch tensors; moejax logs Python floats."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError while tensorboardX loads
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
+SummaryWriter = _import_summary_writer()
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -66,8 +86,13 @@ def truncate_metrics(path: str | Path, *, last_step: int) -> None:
     if not path.exists():
         return
     kept = [r for r in read_metrics(path) if r.get("step", math.inf) <= last_step]
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    _write_atomically(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replaces `path` by `text` all at once: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
@@ -173,7 +198,7 @@ class MetricsWriter:
         if not self.enabled:
             return
         text = json.dumps(config, indent=2, sort_keys=True)
-        (self.workdir / "config.json").write_text(text + "\n")
+        _write_atomically(self.workdir / "config.json", text + "\n")
         self._tb.add_text("config", f"```\n{text}\n```", 0)
 
     def progress(self, step: int, *, loss: float, tokens_per_s: float | None = None) -> None:

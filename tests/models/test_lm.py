@@ -239,3 +239,21 @@ def test_out_of_range_positions_give_nan_under_jit():
     out = jax.jit(lambda p: lm.apply(params, state, toks, cfg=cfg, positions=p)[0])(pos)
     finite = np.isfinite(np.asarray(out)).all(-1)
     np.testing.assert_array_equal(finite, [[True, False], [False, True]])
+
+
+def test_run_saved_before_value_head_dim_resumes(tmp_path):
+    """A config saved before `value_head_dim` existed (the key absent) compares equal to today's
+    config of the same model, so its run resumes; its model directory loads."""
+    from moejax.train import checkpoint as ckpt_lib
+
+    cfg = lm.get_preset("tiny", mixer="qdelta")
+    saved = ckpt_lib.config_to_json(cfg)
+    saved.pop("value_head_dim")
+    assert ckpt_lib.config_differences(saved, ckpt_lib.config_to_json(cfg)) == []
+    params, state = lm.init(jax.random.key(0), cfg)
+    directory = ckpt_lib.save_model(tmp_path / "m", cfg, params, state)
+    meta = json.loads((directory / ckpt_lib.MODEL_CONFIG).read_text())
+    meta["model"].pop("value_head_dim")
+    (directory / ckpt_lib.MODEL_CONFIG).write_text(json.dumps(meta))
+    got, _, _, _ = ckpt_lib.load_model(directory, lm.LMConfig, lm.init)
+    assert got == cfg

@@ -147,6 +147,11 @@ def test_config_differences_lists_nested_and_missing_fields():
     assert ckpt_lib.config_differences(saved, new) == [
         "model.b: [1, 2] != [1, 3]", "model.c: (absent) != True"
     ]
+    # A field added after the run was saved, left at its None default, is no difference; the
+    # other way round (saved None, now absent) still is.
+    assert ckpt_lib.config_differences({"m": {"a": 1}}, {"m": {"a": 1, "new": None}}) == []
+    assert ckpt_lib.config_differences({"m": {"old": None}}, {"m": {}}) == [
+        "m.old: None != (absent)"]
     assert ckpt_lib.check_config({"train": {"steps": 2}}, {"train": {"steps": 5}},
                                  where="x") == ["train.steps: 2 != 5"]
 

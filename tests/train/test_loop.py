@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 
 import tests.train as stand_in
 from moejax import data
-from moejax.train import Checkpointer, loop, read_metrics
+from moejax.train import Checkpointer, checkpoint, loop, read_metrics
 
 B, T = 8, 32
 CORPUS = data.CorpusConfig(max_bytes=2**17)
@@ -69,6 +69,14 @@ class Poisoned:
 def test_train_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=field):
         loop.TrainConfig(**{field: value})
+
+
+def test_train_config_stores_numpy_scalars_as_python_numbers():
+    cfg = loop.TrainConfig(steps=np.int64(10), lr=np.float32(0.5), clip_norm=np.float64(2.0))
+    assert type(cfg.steps) is int and type(cfg.lr) is float and type(cfg.clip_norm) is float
+    saved = checkpoint.config_to_json(cfg)  # what a checkpoint stores: numbers, not strings
+    assert saved["lr"] == 0.5 and saved["steps"] == 10
+    assert loop.TrainConfig(**saved) == cfg
 
 
 def test_schedule_warms_up_then_decays_to_min_ratio():
