@@ -47,6 +47,7 @@ from moejax.data import corpus
 from moejax.finetune import dars
 from moejax.models import lm
 from moejax.train import loop
+from moejax.train.checkpoint import check_workdir
 
 RESULTS = "results.json"
 PLOT = "dars_finetune.png"
@@ -217,6 +218,7 @@ def cell_key(c: dict) -> tuple:
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
     """Runs the missing cells into `workdir`; returns the results dict."""
+    check_workdir(workdir, name="--workdir")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS)
     results = {"config": dataclasses.asdict(cfg), "cells": []}

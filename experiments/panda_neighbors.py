@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from moejax.data import graphs
 from moejax.models import gnn
+from moejax.train.checkpoint import check_workdir
 
 MODELS = ("gcn", "gin", "panda_gcn", "panda_gin")
 RESULTS = "results.json"
@@ -180,6 +181,7 @@ def summarize(cells: Sequence[dict]) -> dict:
 
 def run(cfg: ExperimentConfig, workdir: str) -> dict:
     """Runs the missing cells of the sweep into `workdir`; returns the results dict."""
+    check_workdir(workdir, name="--workdir")
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS)
     results = {"config": dataclasses.asdict(cfg), "cells": []}

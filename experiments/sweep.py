@@ -19,10 +19,9 @@ import dataclasses
 import json
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
-from moejax.train.checkpoint import config_differences, config_to_json
+from moejax.train.checkpoint import check_workdir, config_differences, config_to_json
 
 RESULTS = "results.json"
 
@@ -49,7 +48,7 @@ class ResultsFile:
     """
 
     def __init__(self, workdir: str | os.PathLike, experiment: str, fixed: Any):
-        self.workdir = Path(workdir)
+        self.workdir = check_workdir(workdir, name="--workdir")
         self.path = self.workdir / RESULTS
         self.experiment = experiment
         self.fixed = config_to_json(fixed)

@@ -28,3 +28,6 @@ def test_refuses_other_experiment_other_settings_and_foreign_dirs(tmp_path):
     (tmp_path / "b" / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="not a toy sweep"):
         ResultsFile(tmp_path / "b", "toy", fixed={})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--workdir=.*is not a directory"):
+        ResultsFile(tmp_path / "file", "toy", fixed={})
