@@ -116,7 +116,8 @@ class MoE(nnx.Module):
 
         Returns:
           `(y, aux)`: `y` like `x`; `aux` as returned by `moe_apply` (aux_loss, metrics, load,
-          top1).
+          top1). A token of `x` holding NaN/Inf is routed nowhere (zero output row), leaves the
+          stored router state untouched, and is counted in `aux["metrics"]["nonfinite_tokens"]`.
         """
         params, state = self.as_pure()
         y, new_state, aux = moe_layer.moe_apply(params, state, x, cfg=self.cfg, train=train,

@@ -68,6 +68,18 @@ def test_star_subspace_updates_only_in_training():
     np.testing.assert_allclose(np.linalg.norm(v1, axis=-1), 1.0, rtol=1e-5)
 
 
+def test_nan_token_leaves_router_state_finite():
+    _, moe = _moe("star")
+    x = _x().at[0, 2, 1].set(jnp.nan)  # one bad token of 10
+    _, aux = moe(x, train=True)
+    v = np.asarray(moe.router_state["router"]["v"].get_value())
+    assert np.all(np.isfinite(v))
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-5)
+    assert float(aux["metrics"]["nonfinite_tokens"]) == 1.0
+    y, _ = moe(_x(seed=2), train=True)  # the next batch is routed as usual
+    assert np.all(np.isfinite(np.asarray(y))) and np.abs(np.asarray(y)).max() > 0
+
+
 def test_aux_free_bias_changes_after_train_call():
     _, moe = _moe("aux_free")
     x = _x((64, D)) + 2.0  # shifted inputs: a skewed load

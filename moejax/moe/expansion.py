@@ -87,8 +87,8 @@ class ExpansionConfig:
     def __post_init__(self):
         for name, lo in (("total_steps", 1), ("k_init", 1), ("k_max", 1), ("removal_patience", 1),
                          ("warm_steps", 0), ("window", 2)):
-            if getattr(self, name) is not None:
-                check_int(name, getattr(self, name), lo=lo)
+            if getattr(self, name) is not None or name not in ("warm_steps", "window"):
+                check_int(name, getattr(self, name), lo=lo)  # None only where documented
         if self.k_init > self.k_max:
             raise ValueError(f"k_init={self.k_init} must be <= k_max={self.k_max}")
         check_range("p_threshold", self.p_threshold, 0.0, 1.0, hi_open=True)

@@ -10,6 +10,15 @@ The router (chosen by name from `moejax.routers`) decides `weights`/`mask`; the 
 (`moejax.moe.experts`) computes. Assignments dropped by the capacity dispatcher contribute
 nothing (the model's residual carries the token); the share dropped is reported.
 
+Non-finite tokens: a token whose row of `x` holds any NaN or Inf is routed to no expert and its
+output row is exactly 0, shared experts included (they run on the zeroed row; having no biases,
+they give 0), so the layer neither spreads the bad values to other tokens (through capacity
+slots, expert choice's or Sinkhorn's coupling of the batch, router state or losses) nor produces
+NaN gradients; the model's residual stream still carries the token as it was. The token counts in
+no expert's load, no loss, no router state statistic (STAR's `V`, aux-free biases, ...) and no
+metric; `aux["metrics"]["nonfinite_tokens"]` is how many there were, and `checked_moe_apply`
+raises on any.
+
 Params: `{"router": router params (top-k style: {"w_g": [E, d]}), "experts": bank,
 "shared": {"bank": ..., "gate": [d]?}}` ("shared" only if `num_shared > 0`).
 State: `{"router": router state}`; MASS expansion may set `state["router"]["active"]` (`<bool>[E]`)
@@ -38,6 +47,7 @@ from jax.experimental import checkify
 from moejax.kernels.gmm import IMPL_NAMES as GMM_IMPL_NAMES
 from moejax.moe import dispatch, experts, metrics
 from moejax.routers import base as router_base
+from moejax.validation import ArgumentTypeError, check_array, check_number
 
 Array = jax.Array
 
@@ -63,9 +73,10 @@ class MoEConfig:
       activation: "swiglu" or "gelu" (all experts).
       gmm_impl: grouped-matmul backend of the dropless dispatcher (`moejax.kernels.gmm`).
       dtype: expert parameter (and expert matmul) dtype; routing is always float32.
-      check_numerics: add a `checkify` check that the router's probabilities hold no NaN (from
-        NaN logits). Run the layer through `checked_moe_apply` (or your own
-        `checkify.checkify`) to get the error; under a plain `jit` leave it off.
+      check_numerics: add `checkify` checks that `x` holds no non-finite token and that the
+        router's probabilities hold no NaN (from NaN router params). Run the layer through
+        `checked_moe_apply` (or your own `checkify.checkify`) to get the error; under a plain
+        `jit` leave it off (non-finite tokens are then only counted in the metrics).
       parallel: None (one device / plain data parallelism) or a
         `moejax.parallel.ExpertParallel` (its mesh): the same `moe_apply` then runs
         expert-parallel — tokens split over the mesh, experts over its expert axis, moved by
@@ -97,40 +108,47 @@ class MoEConfig:
         router_base.check_int("num_shared", self.num_shared, lo=0)
         if self.d_ff_shared is not None:
             router_base.check_int("d_ff_shared", self.d_ff_shared, lo=1)
-        if self.router not in router_base.ROUTER_NAMES:
+        if self.router not in router_base.ROUTER_NAMES:  # None, non-str: "unknown router"
             raise ValueError(f"router: unknown router {self.router!r}; known routers: "
                              f"{', '.join(router_base.ROUTER_NAMES)}")
         if self.dispatcher not in dispatch.DISPATCHERS:
             raise ValueError(f"dispatcher must be one of {dispatch.DISPATCHERS}, "
                              f"got {self.dispatcher!r}")
-        if not isinstance(self.capacity_factor, int | float) or not self.capacity_factor > 0:
+        check_number("capacity_factor", self.capacity_factor)  # a finite number, not a str
+        if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor!r}")
-        if not isinstance(self.shared_gate, bool):
-            raise ValueError(f"shared_gate must be a bool, got {self.shared_gate!r}")
+        router_base.check_bool("shared_gate", self.shared_gate)
+        router_base.check_bool("check_numerics", self.check_numerics)
         experts.check_activation(self.activation)
         if self.gmm_impl not in GMM_IMPL_NAMES:
             raise ValueError(f"gmm_impl must be one of {GMM_IMPL_NAMES}, got {self.gmm_impl!r}")
+        if self.dtype is None:
+            raise ValueError("dtype: not a dtype: None (give e.g. jnp.float32)")
         try:
             object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
         except TypeError as err:
             raise ValueError(f"dtype: not a dtype: {self.dtype!r}") from err
         if not jnp.issubdtype(self.dtype, jnp.floating):
             raise ValueError(f"dtype must be a float dtype, got {self.dtype}")
-        kwargs = self.router_kwargs
-        pairs = tuple(sorted(kwargs.items() if isinstance(kwargs, Mapping) else kwargs))
-        try:
-            hash(pairs)
-        except TypeError as err:
-            raise ValueError(f"router_kwargs values must be hashable, got {pairs!r}") from err
+        pairs = _router_pairs(self.router_kwargs)
         object.__setattr__(self, "router_kwargs", pairs)
+        fields = {f.name for f in dataclasses.fields(router_base.get_router(self.router).Config)}
         for key, _ in pairs:
             if key in ("d_model", "num_experts", "top_k"):
                 raise ValueError(f"router_kwargs: set {key!r} on MoEConfig itself, not here")
+            if key not in fields:
+                own = sorted(fields - {"d_model", "num_experts", "top_k"})
+                raise ValueError(f"router_kwargs: router {self.router!r} has no option {key!r}; "
+                                 f"its options: {', '.join(own) or '(none)'}")
         router_cfg = router_base.make_config(
             self.router, d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k,
             **dict(pairs))
         object.__setattr__(self, "_router_cfg", router_cfg)
         if self.parallel is not None:
+            if not all(hasattr(self.parallel, hook) for hook in _PARALLEL_HOOKS):
+                raise ArgumentTypeError(
+                    f"parallel must be None or a moejax.parallel.ExpertParallel, got "
+                    f"{type(self.parallel).__name__}")
             self.parallel.check_config(self)
 
     @property
@@ -142,6 +160,32 @@ class MoEConfig:
     def max_assignments(self) -> int:
         """The router's static bound on experts per token (k of the dispatchers)."""
         return int(router_base.get_router(self.router).max_assignments(self._router_cfg))
+
+
+_PARALLEL_HOOKS = ("check_config", "shard_tokens", "replicate", "dispatch")
+
+
+def _router_pairs(kwargs: Any) -> tuple[tuple[str, Any], ...]:
+    """`router_kwargs` as a sorted, hashable tuple of `(str, value)` pairs; ValueError if not."""
+    if isinstance(kwargs, Mapping):
+        items = tuple(kwargs.items())
+    elif isinstance(kwargs, tuple | list) and all(
+            isinstance(p, tuple | list) and len(p) == 2 for p in kwargs):
+        items = tuple(tuple(p) for p in kwargs)
+    else:
+        raise ArgumentTypeError(f"router_kwargs must be a mapping or a tuple of (name, value) "
+                                f"pairs, got {kwargs!r}")
+    keys = [key for key, _ in items]
+    if not all(isinstance(key, str) for key in keys):
+        raise ArgumentTypeError(f"router_kwargs names must be str, got {items!r}")
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"router_kwargs names a field twice: {items!r}")
+    pairs = tuple(sorted(items, key=lambda pair: pair[0]))
+    try:
+        hash(pairs)
+    except TypeError as err:
+        raise ValueError(f"router_kwargs values must be hashable, got {pairs!r}") from err
+    return pairs
 
 
 def init(key: Array, cfg: MoEConfig) -> tuple[dict, dict]:
@@ -185,11 +229,24 @@ def _dropless(bank: dict, x: Array, out: router_base.RouterOutput, cfg: MoEConfi
 _DISPATCH = MappingProxyType({"capacity": _capacity, "dropless": _dropless})
 
 
-def _validate(params: dict, x: Array, cfg: MoEConfig) -> None:
+def _validate(params: dict, state: dict, x: Array, cfg: MoEConfig) -> None:
+    if not isinstance(cfg, MoEConfig):
+        raise ArgumentTypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__}")
+    for name, tree, keys in (("params", params, ("router", "experts")),
+                             ("state", state, ("router",))):
+        if not isinstance(tree, Mapping) or any(k not in tree for k in keys):
+            got = sorted(tree) if isinstance(tree, Mapping) else type(tree).__name__
+            raise ArgumentTypeError(f"{name} must be the dict from init(key, cfg) with keys "
+                                    f"{list(keys)}, got {got}")
+    check_array("x", x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ArgumentTypeError(f"x must be a float array, got dtype {x.dtype}")
     if x.ndim < 1 or x.shape[-1] != cfg.d_model:
         raise ValueError(f"x must be [..., d_model] with d_model={cfg.d_model}, got shape "
                          f"{x.shape}")
     want = (cfg.num_experts, cfg.d_model, cfg.d_ff)
+    if not isinstance(params["experts"], Mapping) or "w_up" not in params["experts"]:
+        raise ArgumentTypeError("params['experts'] must be the expert bank from init(key, cfg)")
     got = tuple(params["experts"]["w_up"].shape)
     if got != want:
         raise ValueError(f"params['experts']['w_up'] has shape {got}, but the config "
@@ -203,22 +260,44 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
     Args:
       params: from `init`.
       state: from `init` or the previous call.
-      x: `[..., d]` tokens; leading axes are flattened to N.
+      x: `[..., d]` tokens, a float array; leading axes are flattened to N. A token whose row
+        holds NaN or Inf is routed nowhere and gets a zero output row (module docstring).
       cfg: `MoEConfig` (static).
       train: training mode (passed to the router: noise, state updates).
       rng: PRNG key for stochastic routers.
 
     Returns:
       `(y, new_state, aux)`: `y` like `x`; `aux = {"aux_loss": <float32>[] sum of router
-      losses, "metrics": dict of float32 scalars (the DESIGN §6 suite — cv, max_vio,
-      load_entropy, dead_experts, avg_k, active_experts, dropped_fraction,
-      dropped_token_fraction — plus the router's own metrics prefixed "router/"),
-      "load": <float32>[E] share of assignments, "top1": <int32>[N] top-1 expert}`.
+      losses, "metrics": dict of float32 scalars, "load": <float32>[E] share of assignments,
+      "top1": <int32>[N] top-1 expert (for a non-finite token that of a zero input, which
+      means nothing)}`. The metrics are the
+      DESIGN §6 suite over the finite tokens — `cv`, `max_vio`, `load_entropy`,
+      `dead_experts`, `avg_k` (assignments per finite token), `active_experts`,
+      `dropped_fraction` (share of assignments dropped), `dropped_token_fraction` (share of
+      finite tokens with every assignment dropped) — plus `nonfinite_tokens` (the number of
+      tokens, out of N, whose row of `x` held NaN/Inf) and the router's own metrics prefixed
+      "router/".
+
+    Raises:
+      ArgumentTypeError (a TypeError and a ValueError): `x` not a float array, `params` /
+        `state` not the dicts of `init`.
+      ValueError: `x`'s last axis is not `d_model`, or params do not match `cfg`.
     """
-    _validate(params, x, cfg)
+    _validate(params, state, x, cfg)
     xf = x.reshape(-1, cfg.d_model)
     if cfg.parallel is not None:
         xf = cfg.parallel.shard_tokens(xf)
+    # The routers split off non-finite tokens the same way (`finite_tokens` on the same `xf`;
+    # under jit the two computations are one), and route them nowhere.
+    x_safe, finite = router_base.finite_tokens(xf)
+    num_finite = jnp.sum(finite, dtype=jnp.float32)
+    num_nonfinite = xf.shape[0] - num_finite
+    if cfg.check_numerics:
+        checkify.check(num_nonfinite == 0,
+                       f"moe_apply: {{count}} of the {xf.shape[0]} tokens of x hold NaN or Inf "
+                       f"(metric nonfinite_tokens); they were routed to no expert and their "
+                       f"output rows set to 0",
+                       count=num_nonfinite.astype(jnp.int32))
     route = router_base.get_router(cfg.router).route
     out, router_state = route(params["router"], state["router"], xf, cfg=cfg.router_config,
                               train=train, rng=rng)
@@ -230,15 +309,21 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
                        f"router {cfg.router!r} produced NaN routing logits/probabilities "
                        f"(check the layer input x and params['router'])")
     if cfg.parallel is None:
-        y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], xf, out, cfg)
+        y, dispatch_stats = _DISPATCH[cfg.dispatcher](params["experts"], x_safe, out, cfg)
     else:
-        y, dispatch_stats = cfg.parallel.dispatch(params["experts"], xf, out, cfg)
+        y, dispatch_stats = cfg.parallel.dispatch(params["experts"], x_safe, out, cfg)
         router_state = cfg.parallel.replicate(router_state)
     if "shared" in params:
-        y = y + experts.apply_shared(params["shared"], xf).astype(y.dtype)
+        y = y + experts.apply_shared(params["shared"], x_safe).astype(y.dtype)
+    # A non-finite token's row of y is exactly 0 without a mask: it has no routed weight, and
+    # the shared experts (no biases) map its zeroed row to 0.
     active = router_state.get("active") if isinstance(router_state, dict) else None
-    load, suite = metrics.load_metrics(out.mask, active=active)
+    load, suite = metrics.load_metrics(out.mask, active=active, valid=finite)
     suite.update(dispatch_stats)
+    # The dispatchers divide by all N tokens; the non-finite ones cannot lose an assignment.
+    suite["dropped_token_fraction"] = (dispatch_stats["dropped_token_fraction"] * xf.shape[0]
+                                       / jnp.maximum(num_finite, 1.0))
+    suite["nonfinite_tokens"] = num_nonfinite
     suite.update({f"router/{name}": value for name, value in out.metrics.items()})
     aux = {
         "aux_loss": jnp.asarray(out.aux_loss, jnp.float32),
@@ -251,10 +336,13 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
 
 def checked_moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: bool,
                       rng: Array | None = None):
-    """`moe_apply` with the NaN check on, functionalised by `checkify`.
+    """`moe_apply` with the numerics checks on, functionalised by `checkify`.
 
     Returns:
-      `(err, (y, new_state, aux))`; `err.throw()` raises if the router saw NaN logits.
+      `(err, (y, new_state, aux))`; `err.throw()` raises `checkify.JaxRuntimeError` if tokens
+      of `x` held NaN/Inf (the message gives their number; the outputs are still those of
+      `moe_apply`: those tokens routed nowhere) or, failing that, if the router's
+      probabilities held NaN (NaN router params).
     """
     cfg = dataclasses.replace(cfg, check_numerics=True)
     fn = functools.partial(moe_apply, cfg=cfg, train=train)

@@ -7,8 +7,10 @@ Axis letters: N tokens, E experts, L latent labels.
   max_vio         max_e load_e / mean load − 1 (0 when perfectly balanced)
   load_entropy    H(load) / log E_active, in [0, 1] (1 = uniform)
   dead_experts    number of active experts with load 0
-  avg_k           assignments per token
+  avg_k           assignments per (finite) token
   dropped_*       from the dispatcher (share of assignments / tokens dropped)
+  nonfinite_tokens  from the layer: number of tokens whose input held NaN/Inf (routed nowhere,
+                  left out of every other metric)
   mutual_information(top1, labels)   I(expert; latent) in nats from the joint count table
   flip_rate(prev_top1, top1)         share of probe tokens whose top-1 expert changed
 
@@ -67,10 +69,18 @@ def load_metrics_from_counts(counts: Array, *, num_tokens: Array | int,
     return load, metrics
 
 
-def load_metrics(mask: Array, *, active: Array | None = None) -> tuple[Array, dict]:
-    """The load part of the suite for one batch: `mask: <bool>[N, E]` -> `(load [E], metrics)`."""
-    return load_metrics_from_counts(assignment_counts(mask), num_tokens=mask.shape[0],
-                                    active=active)
+def load_metrics(mask: Array, *, active: Array | None = None,
+                 valid: Array | None = None) -> tuple[Array, dict]:
+    """The load part of the suite for one batch: `mask: <bool>[N, E]` -> `(load [E], metrics)`.
+
+    `valid` (`<bool>[N]`, default all) says which tokens count: the others' mask rows are
+    ignored and they are left out of the token count of `avg_k`.
+    """
+    if valid is None:
+        return load_metrics_from_counts(assignment_counts(mask), num_tokens=mask.shape[0],
+                                        active=active)
+    return load_metrics_from_counts(assignment_counts(mask & valid[:, None]),
+                                    num_tokens=jnp.sum(valid, dtype=jnp.float32), active=active)
 
 
 def top1_expert(weights: Array, mask: Array, probs: Array) -> Array:

@@ -4,7 +4,8 @@ Affinities `s = σ(x W_g^T)`; each token selects the top-k experts of `s + b`, w
 `b ∈ R^E` lives in router state and only steers selection: the combine weights are `s` over the
 selected experts, normalised to sum 1. After each training forward
 `b_e += γ · sign(mean_load − load_e)` with loads counted from this batch's assignments (mean over
-active slots only; inactive slots keep their bias). No auxiliary loss and no gradient into `b`.
+active slots only; inactive slots keep their bias; a token with NaN/Inf input selects nothing, so
+it is in no load). No auxiliary loss and no gradient into `b`.
 Shared (always-on) and fine-grained experts are expert-bank settings, not router ones.
 Under data parallelism the loads must be summed over replicas before the update, so that every
 replica holds the same `b`: set `axis_name` when routing inside `shard_map`/`pmap` (under `jit`
@@ -41,6 +42,7 @@ class Config(base.RouterConfig):
         super().__post_init__()
         base.check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
                          lo_open=False, hi_open=True)
+        base.check_axis_name("axis_name", self.axis_name)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
@@ -68,7 +70,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: `{"bias": <float32>[E]}`, optionally with `"active": <bool>[E]`.
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: when True the returned state carries the updated bias.
       rng: unused.
@@ -81,8 +84,9 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     base.check_input(x, cfg)
     if "bias" not in state:
         raise ValueError("aux_free.route needs state['bias'] of shape [num_experts]; use init()")
+    x, finite = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
-    valid = jnp.isfinite(logits)
+    valid = jnp.isfinite(logits) & finite[:, None]
     bias = jax.lax.stop_gradient(state["bias"].astype(jnp.float32))
     s = jax.nn.sigmoid(logits)  # sigmoid(-inf) = 0 on inactive slots
     mask = base.topk_mask(jnp.where(valid, s + bias, -jnp.inf), cfg.top_k) & valid

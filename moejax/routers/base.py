@@ -7,9 +7,16 @@ Every router module under `moejax.routers` exposes:
   route(params, state, x, *, cfg, train, rng=None) -> (RouterOutput, new_state)
   max_assignments(cfg) -> int  static upper bound on experts per token (dropless buffers)
 
-`x` is `[N, d]`. Routing math runs in float32 whatever the input dtype. `state` is always a dict
-(possibly empty); if it holds `"active"` (`[E]` bool, MASS expansion slots) inactive experts get
-`-inf` logits via `mask_inactive`, so they are never selected and shapes never change.
+`x` is `[N, d]`, any float dtype. Routing math runs in float32 whatever the input dtype. `state`
+is always a dict (possibly empty); if it holds `"active"` (`[E]` bool, MASS expansion slots)
+inactive experts get `-inf` logits via `mask_inactive`, so they are never selected and shapes
+never change.
+
+Non-finite tokens: a row of `x` holding any NaN or Inf is routed to no expert (mask False,
+weight 0) and takes part in no loss, metric or state statistic (loads, Sinkhorn's column sums,
+expert choice's top-C, STAR's GHA sums): every router calls `finite_tokens` first, routes the
+zeroed rows, and masks them out with `where` (never by multiplying), so neither the other tokens'
+routing nor the gradients see a NaN. Their `probs` row is that of a zero input (meaningless).
 Modules are imported lazily by name, so `get_router("star")` loads only `moejax.routers.star`.
 """
 
@@ -23,7 +30,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from moejax.validation import check_int, check_range  # noqa: F401  (re-exported)
+from moejax.validation import (  # noqa: F401  (check_bool, check_int, check_range re-exported)
+    ArgumentTypeError,
+    check_array,
+    check_bool,
+    check_int,
+    check_range,
+)
 
 Array = jax.Array
 
@@ -72,6 +85,12 @@ class RouterConfig:
             )
 
 
+def check_axis_name(name: str, value: Any) -> None:
+    """Raises unless `value` is None, a str or a non-empty tuple of str (mapped axis names)."""
+    names = (value,) if isinstance(value, str) else value
+    if names is not None and not (isinstance(names, tuple) and names
+                                  and all(isinstance(a, str) for a in names)):
+        raise ArgumentTypeError(f"{name} must be a str, a tuple of str or None, got {value!r}")
 
 
 # name -> module path. Adding a router = adding a file and a line here.
@@ -94,7 +113,8 @@ ROUTER_NAMES: tuple[str, ...] = tuple(_ROUTER_MODULES)
 def get_router(name: str) -> ModuleType:
     """Returns the router module registered under `name` (see the module docstring)."""
     if name not in _ROUTER_MODULES:
-        raise ValueError(f"Unknown router {name!r}; known routers: {', '.join(ROUTER_NAMES)}")
+        raise ValueError(f"router: unknown router {name!r}; known routers: "
+                         f"{', '.join(ROUTER_NAMES)}")
     return importlib.import_module(_ROUTER_MODULES[name])
 
 
@@ -135,13 +155,40 @@ def masked_weights(scores: Array, mask: Array, *, renormalize: bool) -> Array:
 
 
 def check_input(x: Array, cfg: RouterConfig) -> None:
-    """Validates router input `x: [N, d]` against the config (static shapes only)."""
+    """Validates router input `x: [N, d]` (a float array) against the config (static only)."""
+    check_array("x", x)
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ArgumentTypeError(f"router input x must be a float array, got dtype {x.dtype}")
     if x.ndim != 2:
         raise ValueError(f"router input x must be [N, d_model], got shape {x.shape}")
     if x.shape[-1] != cfg.d_model:
         raise ValueError(
             f"router input x has d_model={x.shape[-1]}, config d_model={cfg.d_model}"
         )
+
+
+def finite_tokens(x: Array) -> tuple[Array, Array]:
+    """Splits off the non-finite tokens of `x: [N, d]`.
+
+    Returns:
+      `(x_safe, finite)`: `finite` is `<bool>[N]`, True where the row holds no NaN or Inf;
+      `x_safe` is `x` with the other rows set to 0 (same dtype). Route on `x_safe` and mask with
+      `finite`: the zeroed rows keep NaN out of every sum over tokens and out of the gradients
+      (`where` passes a zero cotangent to the bad rows; `0 * NaN` would not).
+    """
+    finite = jnp.all(jnp.isfinite(x), axis=-1)
+    return jnp.where(finite[:, None], x, jnp.zeros((), x.dtype)), finite
+
+
+def valid_mean(values: Array, valid: Array) -> Array:
+    """Mean of `values: [N, ...]` over the tokens where `valid: <bool>[N]` (0 if there are none).
+
+    Returns an array of shape `values.shape[1:]` (float32).
+    """
+    values = values.astype(jnp.float32)
+    keep = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
+    total = jnp.sum(jnp.where(keep, values, 0.0), axis=0)
+    return total / jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
 
 
 def init_gate(key: Array, cfg: RouterConfig) -> Array:

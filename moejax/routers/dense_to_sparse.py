@@ -57,8 +57,7 @@ class Config(base.RouterConfig):
         base.check_range("tau_end", self.tau_end, 0.0, inf, hi_open=True)
         base.check_int("anneal_steps", self.anneal_steps, lo=1)
         base.check_range("threshold", self.threshold, 0.0, 1.0, lo_open=False, hi_open=True)
-        if not isinstance(self.renormalize, bool):
-            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
+        base.check_bool("renormalize", self.renormalize)
         base.check_range("load_balance_weight", self.load_balance_weight, 0.0, inf,
                          lo_open=False, hi_open=True)
 
@@ -81,7 +80,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: `{"step": <int32>[]}` (may also hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: add Gumbel noise and advance the step; at eval the gate is noiseless at the
         current temperature and the state is returned unchanged.
@@ -93,17 +93,19 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     base.check_input(x, cfg)
     if train and rng is None:
         raise ValueError("rng is required when train=True (Gumbel noise)")
+    x, valid = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
     tau = temperature(state["step"], cfg)
     noisy = logits + jax.random.gumbel(rng, logits.shape, jnp.float32) if train else logits
     gate = jax.nn.softmax(noisy / tau, axis=-1)
     argmax = jax.nn.one_hot(jnp.argmax(gate, axis=-1), cfg.num_experts, dtype=jnp.bool_)
-    mask = ((gate >= cfg.threshold) | argmax) & jnp.isfinite(logits)
+    mask = ((gate >= cfg.threshold) | argmax) & jnp.isfinite(logits) & valid[:, None]
     weights = base.masked_weights(gate, mask, renormalize=cfg.renormalize)
     probs = jax.nn.softmax(logits, axis=-1)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
     metrics = {"switch_loss": switch, "tau": tau,
-               "avg_k": jnp.mean(jnp.sum(mask, axis=-1, dtype=jnp.float32))}
+               "avg_k": base.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
     new_state = {**state, "step": state["step"] + 1} if train else state
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), new_state

@@ -4,7 +4,9 @@ Experts pick tokens instead of tokens picking experts: with `probs = softmax(x W
 experts, expert `e` takes the `C` tokens with the largest `probs[:, e]`, where
 `C = ceil(capacity_factor · N · k / E)` clipped to `[1, N]` (`k = top_k`, the average number of
 experts per token). Load is perfectly balanced by construction, so there is no auxiliary loss; a
-token may be taken by 0 … E experts. Axis letters: N tokens, d model width, E experts, C capacity.
+token may be taken by 0 … E experts. A token with NaN/Inf input is no candidate for any expert
+(it ranks below every finite token), so the others compete as if it were absent (C stays that of
+N, a static shape). Axis letters: N tokens, d model width, E experts, C capacity.
 """
 
 from __future__ import annotations
@@ -57,27 +59,31 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: dict, returned unchanged; inactive slots (`state["active"]` False) take no tokens.
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: unused (same behaviour at train and eval; note it depends on the whole batch).
       rng: unused.
 
     Returns:
       `(RouterOutput, state)`; `weights[n, e] = probs[n, e]` where expert e took token n; every
-      column of `mask` holds exactly C Trues for active experts and none for inactive ones.
-      Metrics: `capacity` (C) and `unrouted_fraction` (share of tokens no expert took).
+      column of `mask` holds exactly C Trues for active experts (fewer if fewer than C tokens
+      are finite) and none for inactive ones. Metrics: `capacity` (C) and `unrouted_fraction`
+      (share of the finite tokens that no expert took).
     """
     del train, rng
     base.check_input(x, cfg)
     n, e = x.shape[0], cfg.num_experts
     c = capacity(n, cfg)
+    x, valid = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
-    _, idx = jax.lax.top_k(probs.T, c)  # [E, C] token indices per expert
+    scores = jnp.where(valid[:, None], probs, -1.0)  # probs >= 0: bad tokens rank last
+    _, idx = jax.lax.top_k(scores.T, c)  # [E, C] token indices per expert
     taken = jnp.zeros((e, n), jnp.bool_).at[jnp.arange(e)[:, None], idx].set(True)
-    mask = taken.T & jnp.isfinite(logits)
+    mask = taken.T & jnp.isfinite(logits) & valid[:, None]
     weights = jnp.where(mask, probs, 0.0)
-    unrouted = jnp.mean(jnp.logical_not(jnp.any(mask, axis=-1)).astype(jnp.float32))
+    unrouted = base.valid_mean(jnp.logical_not(jnp.any(mask, axis=-1)), valid)
     metrics = {"capacity": jnp.asarray(c, jnp.float32), "unrouted_fraction": unrouted}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs,
                              aux_loss=jnp.zeros((), jnp.float32), metrics=metrics), state

@@ -34,7 +34,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d], "w_noise": [E, d]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of the losses.
       cfg: `Config`.
       train: add the learned-scale Gaussian noise (requires `rng`).
       rng: PRNG key for ε; required when `train=True`, ignored otherwise.
@@ -43,6 +44,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
       `(RouterOutput, state)`; `probs` is the softmax of the logits that were routed on.
     """
     base.check_input(x, cfg)
+    x, valid = base.finite_tokens(x)
     logits = base.gate_logits(params, x)
     if train:
         if rng is None:
@@ -50,7 +52,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
         noise_std = jax.nn.softplus(base.gate_logits(params, x, name="w_noise"))
         logits = logits + jax.random.normal(rng, logits.shape, logits.dtype) * noise_std
     logits = base.mask_inactive(logits, state)
-    return topk.route_from_logits(logits, cfg=cfg), state
+    return topk.route_from_logits(logits, cfg=cfg, valid=valid), state
 
 
 def max_assignments(cfg: Config) -> int:

@@ -64,7 +64,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d], "w_null": [m, d]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]` for the real experts).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: unused.
       rng: unused.
@@ -77,20 +78,22 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     del train, rng
     base.check_input(x, cfg)
     E = cfg.num_experts
+    x, valid = base.finite_tokens(x)
     real = base.mask_inactive(base.gate_logits(params, x), state)
     null = base.gate_logits(params, x, name="w_null")
     logits = jnp.concatenate([real, null], axis=-1)  # [N, E+m]
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
+    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
     sel = jnp.where(mask, probs, 0.0)
     weights = sel / jnp.maximum(jnp.sum(sel, axis=-1, keepdims=True), 1e-30)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-    real_k = jnp.sum(mask[:, :E], axis=-1, dtype=jnp.float32)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
+    avg_real_k = base.valid_mean(jnp.sum(mask[:, :E], axis=-1, dtype=jnp.float32), valid)
     metrics = {
         "switch_loss": switch,
-        "avg_real_k": jnp.mean(real_k),
-        "null_share": 1.0 - jnp.mean(real_k) / cfg.top_k,
-        "null_weight": jnp.mean(jnp.sum(weights[:, E:], axis=-1)),
+        "avg_real_k": avg_real_k,
+        "null_share": 1.0 - avg_real_k / cfg.top_k,
+        "null_weight": base.valid_mean(jnp.sum(weights[:, E:], axis=-1), valid),
     }
     out = base.RouterOutput(weights=weights[:, :E], mask=mask[:, :E], probs=probs[:, :E],
                             aux_loss=switch, metrics=metrics)

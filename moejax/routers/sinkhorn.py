@@ -8,6 +8,9 @@ under `stop_gradient` (selection is discrete anyway); gradients reach `W_g` thro
 Iterations run in log space (row then column normalisation, as Megatron-LM's `sinkhorn`), so
 `-inf` logits of inactive slots give empty columns without dividing by zero.
 
+A token with NaN/Inf input gets a row of `-inf` before balancing, so it takes no mass from any
+column (as if absent), and it selects nothing.
+
 At eval the balancing is off by default (`balance_at_eval=False`): it couples the tokens of a
 batch, and with a single token (decoding) it would erase all preference. Axis letters: N tokens,
 d model width, E experts.
@@ -43,8 +46,7 @@ class Config(base.RouterConfig):
         super().__post_init__()
         base.check_int("num_iters", self.num_iters, lo=1)
         for name in ("renormalize", "balance_at_eval"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            base.check_bool(name, getattr(self, name))
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
@@ -79,7 +81,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of the balancing.
       cfg: `Config`.
       train: balance the batch (always, or only here unless `cfg.balance_at_eval`).
       rng: unused.
@@ -89,10 +92,14 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del rng
     base.check_input(x, cfg)
+    x, valid = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
-    scores = sinkhorn_log(logits, cfg.num_iters) if (train or cfg.balance_at_eval) else logits
-    mask = base.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits)
+    if train or cfg.balance_at_eval:
+        scores = sinkhorn_log(jnp.where(valid[:, None], logits, -jnp.inf), cfg.num_iters)
+    else:
+        scores = logits
+    mask = base.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
     weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
     return base.RouterOutput(weights=weights, mask=mask, probs=probs,
                              aux_loss=jnp.zeros((), jnp.float32), metrics={}), state

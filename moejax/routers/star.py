@@ -15,7 +15,9 @@ top-k of `softmax(logits)`. `R` is `expm(P − P^T)` (orthogonal by construction
 σ(a) = 0.5. No gradient ever reaches `V`; it is state, not a parameter. Test-time updates
 (`test_time_update`) follow the paper's text; its released code updates only in training. With
 `axis_name` set, the means over N are global (`psum` over that axis), so every data-parallel
-replica holds the same `V`. Axis letters: N tokens, d width, E experts.
+replica holds the same `V`. Tokens with NaN/Inf input are left out of the GHA sums (and of N),
+are routed nowhere and count in no loss, so one bad token cannot poison `V` for the rest of
+training. Axis letters: N tokens, d width, E experts.
 
 Example:
   >>> cfg = Config(d_model=16, num_experts=4, top_k=1)
@@ -67,15 +69,10 @@ class Config(base.RouterConfig):
         super().__post_init__()
         base.check_range("eta", self.eta, 0.0, float("inf"), hi_open=True)
         for name in ("orthogonal_r", "test_time_update", "gha_only", "renormalize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+            base.check_bool(name, getattr(self, name))
         base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
                          lo_open=False, hi_open=True)
-        names = (self.axis_name,) if isinstance(self.axis_name, str) else self.axis_name
-        if names is not None and not (isinstance(names, tuple) and names
-                                      and all(isinstance(a, str) for a in names)):
-            raise ValueError(f"axis_name must be a str, a tuple of str or None, got "
-                             f"{self.axis_name!r}")
+        base.check_axis_name("axis_name", self.axis_name)
 
 
 def _normalise_rows(v: Array) -> Array:
@@ -112,14 +109,16 @@ def gha_step(v: Array, x: Array, *, eta: float,
              axis_name: str | tuple[str, ...] | None = None) -> Array:
     """One Sanger (GHA) step `V ← normalise_rows(V + η ΔV)` on `x: [N, d]` (no gradient).
 
-    With `axis_name`, `y^T x̄`, `y^T y` and N are summed over that mapped axis first.
+    Rows of `x` holding NaN/Inf are left out of the sums, and N counts only the others. With
+    `axis_name`, `y^T x̄`, `y^T y` and N are summed over that mapped axis first.
     """
+    x, valid = base.finite_tokens(x)  # under jit, one computation with `route`'s
     x = jax.lax.stop_gradient(x.astype(jnp.float32))
     v = jax.lax.stop_gradient(v.astype(jnp.float32))
     y = jnp.einsum("nd,ed->ne", x, v, precision=_HI)
     yx = jnp.einsum("ne,nd->ed", y, x, precision=_HI)
     yy = jnp.einsum("ne,nf->ef", y, y, precision=_HI)
-    n = jnp.float32(x.shape[0])
+    n = jnp.sum(valid, dtype=jnp.float32)
     if axis_name is not None:
         yx, yy, n = jax.lax.psum((yx, yy, n), axis_name)
     dv = (yx - jnp.einsum("ef,fd->ed", jnp.tril(yy), v, precision=_HI)) / jnp.maximum(n, 1.0)
@@ -133,7 +132,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d], "p" or "r": [E, E], "a": [E]}`.
       state: `{"v": [E, d]}` (may also hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: take the GHA step (at eval only with `cfg.test_time_update`).
       rng: unused.
@@ -147,6 +147,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     v_old = state["v"].astype(jnp.float32)
     update = train or cfg.test_time_update
     v = gha_step(v_old, x, eta=cfg.eta, axis_name=cfg.axis_name) if update else v_old
+    x, valid = base.finite_tokens(x)
     z = rotation(params, cfg) @ jax.lax.stop_gradient(v)  # [E, d]
     sub = base.gate_logits({"z": z}, x, name="z")
     mix = jax.nn.sigmoid(params["a"].astype(jnp.float32))
@@ -156,9 +157,10 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
         logits = mix * base.gate_logits(params, x) + (1.0 - mix) * sub
     logits = base.mask_inactive(logits, state)
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
+    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
     weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
     metrics = {"switch_loss": switch, "mix_mean": jnp.mean(mix),
                "v_update_norm": jnp.linalg.norm(v - v_old)}
     new_state = {**state, "v": v} if update else state

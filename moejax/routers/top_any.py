@@ -70,7 +70,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d], "thresholds": [E]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: unused (same rule at train and eval).
       rng: unused.
@@ -81,6 +82,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
+    x, valid = base.finite_tokens(x)
     w = params["w_g"].astype(jnp.float32)
     cos = base.gate_logits({"w_g": _unit_rows(w)}, _unit_rows(x.astype(jnp.float32)))
     logits = base.mask_inactive(cos / cfg.tau, state)
@@ -89,14 +91,16 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     argmax = jax.nn.one_hot(jnp.argmax(logits, axis=-1), cfg.num_experts, dtype=jnp.bool_)
     above = margin > 0
     mask = (above | (argmax & ~jnp.any(above, axis=-1, keepdims=True))) & jnp.isfinite(logits)
+    mask = mask & valid[:, None]
     # Straight-through: forward value 1 on the mask, backward d(margin).
     m_st = jnp.where(mask, 1.0 + margin - jax.lax.stop_gradient(margin), 0.0)
     k = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
-    weights = m_st / k
+    weights = m_st / jnp.maximum(k, 1.0)  # k = 0 only for a non-finite token (m_st = 0 there)
     probs = jax.nn.softmax(logits, axis=-1)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-    metrics = {"switch_loss": switch, "avg_k": jnp.mean(k),
-               "no_expert_frac": jnp.mean(~jnp.any(above, axis=-1), dtype=jnp.float32)}
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
+    metrics = {"switch_loss": switch, "avg_k": base.valid_mean(k[:, 0], valid),
+               "no_expert_frac": base.valid_mean(~jnp.any(above, axis=-1), valid)}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), state
 

@@ -76,7 +76,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
       train: unused.
       rng: unused.
@@ -86,12 +87,15 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
+    x, valid = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = top_p_mask(probs, cfg.top_p, cfg.max_k) & jnp.isfinite(logits)
+    mask = top_p_mask(probs, cfg.top_p, cfg.max_k) & jnp.isfinite(logits) & valid[:, None]
     weights = jnp.where(mask, probs, 0.0)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-    metrics = {"switch_loss": switch, "avg_k": jnp.mean(jnp.sum(mask, axis=-1, dtype=jnp.float32))}
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
+    metrics = {"switch_loss": switch,
+               "avg_k": base.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), state
 

@@ -41,8 +41,7 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.renormalize, bool):
-            raise ValueError(f"renormalize must be a bool, got {self.renormalize!r}")
+        base.check_bool("renormalize", self.renormalize)
         for name in ("load_balance_weight", "z_loss_weight"):
             base.check_range(name, getattr(self, name), 0.0, float("inf"), lo_open=False,
                              hi_open=True)
@@ -53,17 +52,22 @@ def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     return {"w_g": base.init_gate(key, cfg)}, {}
 
 
-def route_from_logits(logits: Array, *, cfg: Config) -> base.RouterOutput:
+def route_from_logits(logits: Array, *, cfg: Config, valid: Array | None = None
+                      ) -> base.RouterOutput:
     """Top-k selection, weights and losses from `<float32>[N, E]` logits (inactive slots -inf).
 
     Shared with `noisy_topk`, which routes on perturbed logits. If fewer than `top_k` slots are
-    active, only the active ones are selected.
+    active, only the active ones are selected. Tokens outside `valid` (`<bool>[N]`, default all)
+    select nothing and count in no loss.
     """
     probs = jax.nn.softmax(logits, axis=-1)
     mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
+    if valid is not None:
+        mask = mask & valid[:, None]
     weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
-    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight)
-    z = losses.router_z_loss(logits, weight=cfg.z_loss_weight)
+    switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
+                                             valid=valid)
+    z = losses.router_z_loss(logits, weight=cfg.z_loss_weight, valid=valid)
     return base.RouterOutput(
         weights=weights, mask=mask, probs=probs, aux_loss=switch + z,
         metrics={"switch_loss": switch, "z_loss": z},
@@ -77,7 +81,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     Args:
       params: `{"w_g": [E, d]}`.
       state: dict, returned unchanged (may hold `"active": <bool>[E]`).
-      x: `[N, d]` tokens, any float dtype (routing runs in float32).
+      x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
+        routed nowhere and left out of the losses.
       cfg: `Config`.
       train: unused (top-k behaves the same at train and eval).
       rng: unused.
@@ -87,8 +92,9 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
+    x, valid = base.finite_tokens(x)
     logits = base.mask_inactive(base.gate_logits(params, x), state)
-    return route_from_logits(logits, cfg=cfg), state
+    return route_from_logits(logits, cfg=cfg, valid=valid), state
 
 
 def max_assignments(cfg: Config) -> int:

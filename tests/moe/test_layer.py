@@ -257,10 +257,15 @@ def test_nan_router_logits_are_caught_by_checkify():
 
     cfg = MoEConfig(d_model=8, d_ff=16, num_experts=4, top_k=2)
     params, state = init(jax.random.key(0), cfg)
-    x = jnp.ones((5, 8)).at[2, 3].set(jnp.nan)
-    err, _ = jax.jit(lambda p, s, x: checked_moe_apply(p, s, x, cfg=cfg, train=False))(
-        params, state, x)
+    checked = jax.jit(lambda p, s, x: checked_moe_apply(p, s, x, cfg=cfg, train=False))
+    # A NaN token is reported as such (it is routed nowhere, so the logits stay finite) ...
+    err, _ = checked(params, state, jnp.ones((5, 8)).at[2, 3].set(jnp.nan))
+    with pytest.raises(checkify.JaxRuntimeError, match="1 of the 5 tokens of x hold NaN"):
+        err.throw()
+    # ... NaN router params give NaN logits for finite tokens.
+    bad = {**params, "router": {"w_g": params["router"]["w_g"].at[1, 0].set(jnp.nan)}}
+    err, _ = checked(bad, state, jnp.ones((5, 8)))
     with pytest.raises(checkify.JaxRuntimeError, match="NaN routing logits"):
         err.throw()
-    err, _ = checked_moe_apply(params, state, jnp.ones((5, 8)), cfg=cfg, train=False)
+    err, _ = checked(params, state, jnp.ones((5, 8)))
     err.throw()  # finite input: no error

@@ -71,3 +71,14 @@ def test_flip_rate():
     prev = jnp.array([0, 1, 2, 3])
     assert float(metrics.flip_rate(prev, jnp.array([0, 1, 3, 3]))) == 0.25
     assert float(metrics.flip_rate(prev, prev)) == 0.0
+
+
+def test_valid_tokens_only():
+    # Token 3 is invalid (a non-finite input): counts (3, 2, 1, 0) over 3 tokens, so load
+    # (1/2, 1/3, 1/6, 0) and avg_k = 6/3 = 2; its mask row is ignored even if set.
+    valid = jnp.array([True, True, True, False])
+    load, m = metrics.load_metrics(MASK, valid=valid)
+    np.testing.assert_allclose(load, [0.5, 1 / 3, 1 / 6, 0.0], rtol=1e-6)
+    assert float(m["avg_k"]) == 2.0
+    _, m = metrics.load_metrics(MASK, valid=jnp.zeros(4, bool))  # no valid token: no NaN
+    assert float(m["avg_k"]) == 0.0 and float(m["cv"]) == 0.0

@@ -58,6 +58,10 @@ def test_gha_step_by_hand():
     # Δv_2 = y_2 (x − y_1 v_1 − y_2 v_2) = (0, 0). With η = 0.5, v_1 = (1, 0.5)/√1.25.
     v = jax.jit(star.gha_step, static_argnames="eta")(jnp.eye(2), jnp.ones((1, 2)), eta=0.5)
     np.testing.assert_allclose(v, [[1 / 1.25**0.5, 0.5 / 1.25**0.5], [0.0, 1.0]], rtol=1e-6)
+    # Non-finite tokens are left out of the sums and of N: the same step as above.
+    x = jnp.array([[1.0, 1.0], [jnp.nan, 0.0], [jnp.inf, 1.0]])
+    v = jax.jit(star.gha_step, static_argnames="eta")(jnp.eye(2), x, eta=0.5)
+    np.testing.assert_allclose(v, [[1 / 1.25**0.5, 0.5 / 1.25**0.5], [0.0, 1.0]], rtol=1e-6)
 
 
 def test_gha_converges_to_principal_subspace():

@@ -58,6 +58,35 @@ def test_switch_and_z_loss_by_hand():
     assert float(out.aux_loss) == pytest.approx(0.012, abs=1e-7)
 
 
+def test_losses_over_valid_tokens_by_hand():
+    # Token 1 invalid: the other top-1 choices 0, 0, 2 -> f = (2/3, 0, 1/3);
+    # P = ((0.7 + 0.6 + 0.2)/3, (0.2 + 0.3 + 0.2)/3, (0.1 + 0.1 + 0.6)/3) = (1.5, 0.7, 0.8)/3;
+    # Σ f·P = 1/3 + 0.8/9 = 3.8/9; Switch = 0.01·3·3.8/9 = 0.0114/0.9. z = 1e-3·mean(0, 4, 1).
+    valid = jnp.array([True, False, True, True])
+    mask = np.eye(3, dtype=bool)[[0, 1, 0, 2]]  # the invalid row's choice is ignored
+    logits = np.log(PROBS) + SHIFT[:, None]
+    switch = losses.switch_load_balance_loss(PROBS, mask, weight=1e-2, valid=valid)
+    z = losses.router_z_loss(logits, weight=1e-3, valid=valid)
+    assert float(switch) == pytest.approx(0.0114 / 0.9, abs=1e-7)
+    assert float(z) == pytest.approx(1e-3 * 5 / 3, abs=1e-7)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_token_routed_nowhere(bad):
+    # The same four tokens plus a fifth with a non-finite entry: that one selects nothing, the
+    # others are routed and weighed as before, and the losses are the by-hand ones above.
+    cfg = topk.Config(d_model=3, num_experts=3, top_k=1)
+    logits = np.log(PROBS) + SHIFT[:, None]
+    x = jnp.asarray(np.concatenate([logits, [[0.0, bad, 1.0]]]), jnp.float32)
+    out, _ = helpers.jitted(topk)({"w_g": jnp.eye(3)}, {}, x, cfg=cfg, train=True)
+    np.testing.assert_array_equal(out.mask, np.eye(3, dtype=bool)[[0, 1, 0, 2]].tolist()
+                                  + [[False] * 3])
+    np.testing.assert_array_equal(out.weights[4], 0.0)
+    np.testing.assert_allclose(out.probs[:4], PROBS, rtol=1e-6)
+    assert float(out.metrics["switch_loss"]) == pytest.approx(0.0105, abs=1e-7)
+    assert float(out.metrics["z_loss"]) == pytest.approx(0.0015, abs=1e-7)
+
+
 def test_loss_weights_zero_disable():
     cfg = topk.Config(d_model=3, num_experts=3, top_k=2, load_balance_weight=0.0,
                       z_loss_weight=0.0)
