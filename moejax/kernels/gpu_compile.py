@@ -479,11 +479,20 @@ class Case:
     grad: bool
     dtype: str  # "bfloat16" or "float32"
     dims: tuple[int, ...]  # delta_rule: (B, T, H, Dk, Dv, C); gmm: (M, K, N, G)
+    # float32 dots: "tf32" (jax's default matmul precision) or "tf32x3" (compiled under
+    # `jax.default_matmul_precision("highest")`, the delta-rule kernels' float32-accurate mode).
+    fp32: str = "tf32"
 
     @property
     def id(self) -> str:
-        return f"{self.op}.{'grad' if self.grad else 'fwd'}.{self.dtype}." + "x".join(
-            map(str, self.dims))
+        prec = ".tf32x3" if self.dtype == "float32" and self.fp32 == "tf32x3" else ""
+        return (f"{self.op}.{'grad' if self.grad else 'fwd'}.{self.dtype}{prec}."
+                + "x".join(map(str, self.dims)))
+
+    @property
+    def matmul_precision(self) -> str:
+        """The `jax.default_matmul_precision` the case is traced under."""
+        return "highest" if self.fp32 == "tf32x3" else "tensorfloat32"
 
     def flops_and_bytes(self) -> tuple[float, float]:
         """Model FLOPs and the minimum HBM bytes (inputs read once, outputs written once).
@@ -556,17 +565,21 @@ class Case:
 def cases(*, full: bool) -> list[Case]:
     """The compile matrix. `full=False`: forward kernels at one shape (the CI subset: the
     plainest and the fullest delta-rule mode, gmm up-projection), bf16. `full=True`: every
-    mode × head dims × dtype × forward/gradient, gmm at `GMM_SHAPES` (up and down projections)."""
+    mode × head dims × forward/gradient in bf16, fp32 (TF32 dots) and fp32 at 3×TF32, gmm at
+    `GMM_SHAPES` (up and down projections) in bf16 and fp32."""
     if not full:
         return [Case("delta_rule[deltanet]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
                 Case("delta_rule[gated_qdelta]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
                 Case("gmm[up]", False, "bfloat16", (4096, 2048, 1408, 8))]
     out = []
-    for dtype in ("bfloat16", "float32"):
+    for dtype, fp32 in (("bfloat16", "tf32"), ("float32", "tf32"), ("float32", "tf32x3")):
         for grad in (False, True):
             for mode in DELTA_RULE_MODES:
                 for dk, dv in DELTA_RULE_HEAD_DIMS:
-                    out.append(Case(f"delta_rule[{mode}]", grad, dtype, (2, 256, 4, dk, dv, 64)))
+                    out.append(Case(f"delta_rule[{mode}]", grad, dtype, (2, 256, 4, dk, dv, 64),
+                                    fp32))
+            if fp32 == "tf32x3":  # gmm has no 3×TF32 mode: "highest" means FMA dots there.
+                continue
             for e, d, f in GMM_SHAPES:
                 out.append(Case("gmm[up]", grad, dtype, (4096, d, f, e)))
                 out.append(Case("gmm[down]", grad, dtype, (4096, f, d, e)))
@@ -576,7 +589,11 @@ def cases(*, full: bool) -> list[Case]:
 def compile_case(case: Case, *, cache: dict[str, KernelReport] | None = None
                  ) -> list[KernelReport]:
     """Both routes for one case: route "triton"'s reports, then route "xla"'s."""
-    fn, args = case.build()
-    triton_reports = compile_triton(fn, args, cache=cache)
-    matmul = {r.name: r.matmul for r in triton_reports}
-    return triton_reports + compile_xla(fn, args, kernel_re=r"delta_rule|moejax", matmul=matmul)
+    import jax
+
+    with jax.default_matmul_precision(case.matmul_precision):
+        fn, args = case.build()
+        triton_reports = compile_triton(fn, args, cache=cache)
+        matmul = {r.name: r.matmul for r in triton_reports}
+        return triton_reports + compile_xla(fn, args, kernel_re=r"delta_rule|moejax",
+                                            matmul=matmul)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu
+from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu, triton_chunk
 from moejax.kernels.delta_rule.chunk import delta_rule_chunk
 from moejax.kernels.delta_rule.reference import (
     compute_dtype,
@@ -30,8 +30,9 @@ Array = jax.Array
 
 
 def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, platform):
-    """One backend's Pallas kernel (custom VJP): "cuda"/"rocm" → the Triton kernel, "tpu" → the
-    Mosaic kernel, "cpu" → the Triton kernel in interpret mode."""
+    """One backend's Pallas kernel (custom VJP): "cuda"/"rocm" → the Hopper-built Triton chunk
+    kernels (`triton_chunk.py`), "tpu" → the Mosaic kernel, "cpu" → the Triton kernels in
+    interpret mode."""
     if initial_state is None:
         B, _, H, Dk = q.shape
         initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
@@ -39,7 +40,7 @@ def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, p
     opts = pallas_gpu.DeltaRuleOptions(scale=scale, chunk_size=chunk_size,
                                        interpret=platform == "cpu",
                                        backend="tpu" if tpu else "gpu")
-    kernel = pallas_tpu.delta_rule_tpu if tpu else pallas_gpu.delta_rule_gpu
+    kernel = pallas_tpu.delta_rule_tpu if tpu else triton_chunk.delta_rule_triton
     return kernel(q, k, v, beta, g, lam, initial_state, opts)
 
 
