@@ -6,8 +6,8 @@
   plots       loss curves and expert-load heatmap PNGs from metrics.jsonl
 """
 
-from moejax.train.checkpoint import CheckpointReadError as CheckpointReadError
 from moejax.train.checkpoint import Checkpointer as Checkpointer
+from moejax.train.checkpoint import CheckpointReadError as CheckpointReadError
 from moejax.train.checkpoint import CheckpointWriteError as CheckpointWriteError
 from moejax.train.logging import read_metrics as read_metrics
 from moejax.train.loop import RunResult as RunResult
