@@ -85,15 +85,25 @@ __all__ = ["TritonChunkOptions", "delta_rule_triton", "forward", "backward"]
 def launch(name: str, Dkp: int, Dvp: int, cfg: Cfg, opts: TritonChunkOptions):
     """Triton launch options and Dv tile of one kernel (chosen for zero spills on sm_90a)."""
     wide = cfg.cd == "float32"
-    x3 = wide and cfg.fp == "tf32x3"  # 3 dots per dot: 4 warps (no operand copies per group)
+    x3 = wide and cfg.fp == "tf32x3"  # 3 dots per dot (hi/lo operand splits in registers)
     warps, stages, bv = 4, 2, 64
     if name in ("state_fwd", "state_bwd"):
         bv = 32 if Dkp > (128 if name == "state_fwd" else 64) or wide else 64
-        if x3 and name == "state_bwd":
-            bv = 16
         stages = 1 if Dkp > 128 and (wide or name == "state_bwd") else 2
-    elif name in ("dqkwg", "wy_bwd"):
-        warps = 4 if x3 else 8
+        if wide and (Dkp > 64 or x3 and name == "state_bwd"):  # f32 blocks: 8 warps
+            warps = 8
+            if name == "state_bwd":
+                stages = 1
+            if name == "state_bwd" and x3 or name == "state_fwd" and (Dkp > 128 or x3):
+                bv, stages = 16, 1
+    elif name == "dqkwg":
+        warps = 8
+        if wide:
+            bv, stages = 32, (1 if x3 else 2)
+    elif name == "wy_bwd":
+        warps = 8
+        if wide:
+            bv = 16 if x3 else 32
     elif name in ("solve", "wy_fwd"):
         warps = 4 if cfg.fp == "tf32x3" else 8
     if opts.block_v is not None:
@@ -541,7 +551,8 @@ def dqkwg(cfg, opts, q, k, vn, hs, dhs, dO, dvn, gv):
     """`(dq, dk [B·H, N, C, Dkp] f32, dW [B·H, N, C, Dkp], dG [B·H, N, Dkp/64, C] f32 | None)`."""
     BH, N, C, Dkp = q.shape
     Dvp = dO.shape[-1]
-    bk = min(BK, Dkp)
+    # 3×TF32: Dk tiles of 32 (the epilogue's [C, bk] operands are split hi/lo in registers)
+    bk = min(BK // 2 if cfg.cd == "float32" and cfg.fp == "tf32x3" else BK, Dkp)
     warps, stages, bv = launch("dqkwg", Dkp, Dvp, cfg, opts)
     gins = _gate_ins(gv, "G", "n", "gamma", "dec", "gC")
     ins = [q, k, vn, hs, dhs, dO, dvn, *gins]
@@ -581,8 +592,10 @@ def wy_bwd(cfg, opts, q, k, v, b, gv, lam, Ai, dW, dU):
     if has_g:
         out_shape.append(f32(b))
     at = lambda n, i: (i, n, 0, 0)
-    kernel = functools.partial(_wy_bwd_kernel, cfg=cfg, has_g=has_g, has_lam=has_lam,
-                               bk=min(BK, Dkp), bv=bv)
+    # float32: Dk tiles of 32 (pass 2 is then a loop even at Dk = 64, and its operands halve)
+    bk = min(BK // 2 if cfg.cd == "float32" else BK, Dkp)
+    kernel = functools.partial(_wy_bwd_kernel, cfg=cfg, has_g=has_g, has_lam=has_lam, bk=bk,
+                               bv=bv)
     outs = _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
                  out_specs=_specs(out_shape, at=at), out_shape=out_shape, opts=opts,
                  name="delta_rule_intra_bwd", warps=warps, stages=stages,
