@@ -98,7 +98,11 @@ def _nvcc_dir() -> str | None:
 
 def available() -> bool:
     """True when the CUDA plugin (with its Triton compiler) and ptxas are importable here."""
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None and bool(_nvcc_dir())
+    try:
+        plugin = importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+    except ImportError:  # no `jax_plugins` namespace at all: no jax plugin is installed
+        plugin = False
+    return plugin and bool(_nvcc_dir())
 
 
 def _require() -> str:

@@ -138,8 +138,15 @@ def _dropless(router):
     return (params, state, x, proj, rng), keep, jax.device_get(bad), jax.device_get(ref)
 
 
-@pytest.mark.parametrize("dispatcher", DISPATCHERS)
-@pytest.mark.parametrize("router", ROUTER_NAMES)
+# Every router with dropless dispatch by default; capacity dispatch for four routers of different
+# shapes (token choice, STAR's state, expert choice, Sinkhorn), every router under -m slow.
+_CAPACITY_DEFAULT = ("topk", "star", "expert_choice", "sinkhorn")
+
+
+@pytest.mark.parametrize("router,dispatcher", [
+    pytest.param(r, d, id=f"{r}-{d}", marks=() if d == "dropless" or r in _CAPACITY_DEFAULT
+                 else (pytest.mark.slow,))
+    for r in ROUTER_NAMES for d in DISPATCHERS])
 def test_nonfinite_tokens_are_routed_nowhere(router, dispatcher):
     args, keep, bad, ref = _dropless(router)
     name = f"{router}/{dispatcher}"
