@@ -8,6 +8,7 @@ Each check raises with a message that names the argument and says what was expec
   check_choice(name, value, valid)      one of a fixed set of values
   check_bool(name, value)               a bool (Python or NumPy): not 0/1, not "False", not None
   check_array(name, value)              an array (jax or NumPy), not None, a list or a str
+  as_float_array(name, value)           array-like numbers as a float64 NumPy array
 
 A value of the wrong *kind* (a string where a number belongs, a list where an array belongs)
 raises `ArgumentTypeError`, which is both a `TypeError` and a `ValueError`, so callers may catch
@@ -90,3 +91,15 @@ def check_array(name: str, value: Any) -> None:
             f"{type(value).__name__}" + (": wrap it in jnp.asarray(...)"
                                          if isinstance(value, list | tuple) else "")
         )
+
+
+def as_float_array(name: str, value: Any) -> np.ndarray:
+    """`value` (an array or nested sequence of numbers) as a float64 NumPy array; None, a str or
+    ragged/non-numeric data raise `ArgumentTypeError` naming `name`."""
+    if value is None or isinstance(value, str | bytes):
+        raise ArgumentTypeError(f"{name} must be an array of numbers, got {value!r}")
+    try:
+        return np.asarray(value, np.float64)
+    except (TypeError, ValueError) as e:
+        raise ArgumentTypeError(f"{name} must be an array of numbers, got "
+                                f"{type(value).__name__}: {e}") from e

@@ -13,18 +13,7 @@ from typing import NamedTuple
 import numpy as np
 
 from moejax.data.pipeline import check_int as _check_int
-from moejax.validation import ArgumentTypeError, check_range
-
-
-def _float_array(name: str, value) -> np.ndarray:
-    """`value` as a float64 array; a str, None or ragged/non-numeric data named in the error."""
-    if value is None or isinstance(value, str | bytes):
-        raise ArgumentTypeError(f"{name} must be an array of numbers, got {value!r}")
-    try:
-        return np.asarray(value, np.float64)
-    except (TypeError, ValueError) as e:
-        raise ArgumentTypeError(f"{name} must be an array of numbers, got "
-                                f"{type(value).__name__}: {e}") from e
+from moejax.validation import as_float_array, check_range
 
 
 class Clusters(NamedTuple):
@@ -85,7 +74,7 @@ def make_clusters(
     _check_int("seed", seed, lo=0)
     _check_int("num_points", num_points, lo=1)
     if means is not None:
-        means = _float_array("means", means)
+        means = as_float_array("means", means)
         if means.ndim != 2 or means.shape[0] < 1 or means.shape[1] < 1:
             raise ValueError(f"means must be a non-empty [K, d] array, got shape {means.shape}")
         if not np.all(np.isfinite(means)):
@@ -109,7 +98,7 @@ def make_clusters(
 
     chol = None
     if cov is not None:
-        cov = _float_array("cov", cov)
+        cov = as_float_array("cov", cov)
         if cov.shape == (d, d):
             cov = np.broadcast_to(cov, (K, d, d))
         if cov.shape != (K, d, d):
@@ -130,7 +119,7 @@ def make_clusters(
     if weights is None:
         labels = rng.permutation(np.arange(num_points) % K)
     else:
-        w = _float_array("weights", weights)
+        w = as_float_array("weights", weights)
         if w.shape != (K,) or np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
             raise ValueError(
                 f"weights must be [{K}] non-negative with a positive sum, got {np.asarray(weights)}"

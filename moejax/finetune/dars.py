@@ -41,7 +41,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moejax.validation import ArgumentTypeError, check_choice, check_int, check_range
+from moejax.validation import (
+    ArgumentTypeError,
+    as_float_array,
+    check_choice,
+    check_int,
+    check_range,
+)
 
 Array = jax.Array
 PyTree = Any
@@ -122,14 +128,6 @@ def collect_activations(fn: Callable[[Array], Mapping[Any, Array]], batches: Seq
 # 2-3. Subspace and scores.
 
 
-def _float_array(name: str, value: Any) -> np.ndarray:
-    if value is None or isinstance(value, str | bytes):
-        raise ArgumentTypeError(f"{name} must be an array, got {value!r}")
-    try:
-        return np.asarray(value, np.float64)
-    except (TypeError, ValueError) as e:
-        raise ArgumentTypeError(f"{name} must be an array of numbers, got "
-                                f"{type(value).__name__}: {e}") from e
 
 
 def principal_subspace(acts: Any, rank: int) -> np.ndarray:
@@ -138,7 +136,7 @@ def principal_subspace(acts: Any, rank: int) -> np.ndarray:
     Uncentred (the second-moment matrix `XᵀX/N`, whose eigenvectors are the right singular
     vectors of X): the span a linear layer's gradient columns live in. `r = min(rank, N, d)`.
     """
-    x = _float_array("acts", acts)
+    x = as_float_array("acts", acts)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"acts must be [N, d] with N > 0, got shape {x.shape}")
     check_int("rank", rank, lo=1)
@@ -152,8 +150,8 @@ def channel_scores(grad: Any, u: Any) -> np.ndarray:
 
     Returns `[..., d_out]` scores (flatten for channel indices).
     """
-    g = _float_array("grad", grad)
-    u = _float_array("u", u)
+    g = as_float_array("grad", grad)
+    u = as_float_array("u", u)
     if g.ndim < 2 or u.ndim != 2 or u.shape[0] != g.shape[-2]:
         raise ValueError(f"grad [..., d_in, d_out] and u [d_in, r] disagree: {g.shape}, {u.shape}")
     proj = np.einsum("ir,...ij->...rj", u, g)
