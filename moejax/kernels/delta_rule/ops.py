@@ -6,6 +6,7 @@ Axis letters: B batch, T time, H heads, Dk key/query head dim, Dv value head dim
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -53,16 +54,47 @@ def _dispatch(*args, scale, chunk_size, cpu):
                                       tpu=branch("tpu"), default=cpu)
 
 
+# What the GPU kernels' sm_90a compile check covers (tests/gpu_compile): input dtypes and the
+# largest head dims (the 256/512 of the biggest GPU preset).
+GPU_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+GPU_KERNEL_MAX_DK, GPU_KERNEL_MAX_DV = 256, 512
+
+
+def _gpu_uncovered(q, v) -> str | None:
+    """Why the GPU kernels' compile check does not cover these inputs, or None."""
+    if q.dtype not in GPU_KERNEL_DTYPES:
+        return (f"dtype {q.dtype} (covered: {', '.join(map(str, GPU_KERNEL_DTYPES))})")
+    if q.shape[-1] > GPU_KERNEL_MAX_DK or v.shape[-1] > GPU_KERNEL_MAX_DV:
+        return (f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} (covered: Dk <= "
+                f"{GPU_KERNEL_MAX_DK}, Dv <= {GPU_KERNEL_MAX_DV})")
+    return None
+
+
 def _delta_rule_pallas(*args, scale, chunk_size):
     """cuda → GPU kernel, tpu → TPU kernel, cpu → GPU kernel in interpret mode."""
+    q, v = args[0], args[2]
+    too_wide = q.shape[-1] > GPU_KERNEL_MAX_DK or v.shape[-1] > GPU_KERNEL_MAX_DV
+    if too_wide and jax.default_backend() == "gpu":
+        raise ValueError(f"impl='pallas': the GPU kernels take q/k head dims Dk <= "
+                         f"{GPU_KERNEL_MAX_DK} and v head dims Dv <= {GPU_KERNEL_MAX_DV}, got "
+                         f"q {tuple(q.shape)}, v {tuple(v.shape)}; use impl='auto' or 'chunk'")
     cpu = functools.partial(_pallas_kernel, scale=scale, chunk_size=chunk_size, platform="cpu")
     return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
 
 
 def _delta_rule_auto(*args, scale, chunk_size):
-    """Pallas on cuda/tpu, the jnp chunk path elsewhere (chosen at lowering time)."""
+    """Pallas on cuda/tpu, the jnp chunk path elsewhere (chosen at lowering time). On CUDA the
+    kernel only for inputs the compile check covers; others take the chunk path, with a warning
+    (once per message) when running on a GPU."""
     cpu = functools.partial(delta_rule_chunk, scale=scale, chunk_size=chunk_size)
-    return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
+    why = _gpu_uncovered(args[0], args[2])
+    if why is None:
+        return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
+    if jax.default_backend() == "gpu":
+        warnings.warn(f"delta_rule(impl='auto'): {why} is not covered by the GPU kernels' "
+                      "compile check; using the jnp chunk path", stacklevel=4)
+    tpu = functools.partial(_pallas_kernel, scale=scale, chunk_size=chunk_size, platform="tpu")
+    return jax.lax.platform_dependent(*args, tpu=tpu, default=cpu)
 
 
 # name -> implementation with the signature of `delta_rule_reference` plus `chunk_size`.

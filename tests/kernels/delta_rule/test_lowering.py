@@ -95,3 +95,19 @@ def test_pallas_lowers_float64_inputs(platform):
             assert MARKER[platform] in _export(fn, platform, args)
         o, S = jax.eval_shape(_fwd("pallas", 64), *args)
     assert o.dtype == jnp.float64 and S.dtype == jnp.float32
+
+
+def test_auto_on_cuda_falls_back_outside_the_compile_check():
+    """Head dims past the compile check's 256/512 (or fp16) lower to the jnp chunk path on
+    CUDA under impl="auto"; covered inputs get the Triton kernels."""
+    def export(dk, dv, dtype):
+        S = lambda *s, d=dtype: jax.ShapeDtypeStruct(s, d)  # noqa: E731
+        fn = lambda q, k, v, b: delta_rule(q, k, v, b, impl="auto")[0]  # noqa: E731
+        checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+        return jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+            S(1, 32, 2, dk), S(1, 32, 2, dk), S(1, 32, 2, dv), S(1, 32, 2)).mlir_module()
+
+    assert "triton" in export(64, 128, jnp.bfloat16)
+    assert "triton" not in export(320, 128, jnp.bfloat16)
+    assert "triton" not in export(64, 640, jnp.float32)
+    assert "triton" not in export(64, 128, jnp.float16)
