@@ -213,6 +213,7 @@ def test_a_failed_async_save_names_the_step_and_keeps_the_previous(tmp_path, mon
     assert steps[-1] == 3 and 2 not in steps
 
 
+@pytest.mark.slow  # the injected ENOSPC test covers the write-error path by default
 def test_a_file_size_limit_fails_the_run_with_a_clear_message_and_keeps_the_previous(tmp_path):
     """A real write error from the kernel (EFBIG under RLIMIT_FSIZE, as ENOSPC would be) while
     tensorstore writes the arrays; the limit is far above the logs and metrics written."""
