@@ -471,6 +471,9 @@ def _module_with_entry(dump: str, name: str) -> str:
 DELTA_RULE_MODES = ("deltanet", "gated_deltanet", "qdelta", "gated_qdelta")
 # (Dk, Dv) of the presets that target a GPU: 64/128 (small, demo), 128/256 (340m), 256/512.
 DELTA_RULE_HEAD_DIMS = ((64, 128), (128, 256), (256, 512))
+# What the matrix covers, so what the ops' impl="auto" may send to a GPU kernel.
+COVERED_DTYPES = ("bfloat16", "float32")
+DELTA_RULE_MAX_HEAD_DIMS = tuple(max(d) for d in zip(*DELTA_RULE_HEAD_DIMS, strict=True))
 # gmm: (experts, d_model, d_ff) of the MoE presets that target a GPU.
 GMM_SHAPES = tuple((e, 2048, f) for e in (8, 64) for f in (1408, 5632))
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels import gpu_compile
 from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu, triton_chunk
 from moejax.kernels.delta_rule.chunk import delta_rule_chunk
 from moejax.kernels.delta_rule.reference import (
@@ -56,8 +57,8 @@ def _dispatch(*args, scale, chunk_size, cpu):
 
 # What the GPU kernels' sm_90a compile check covers (tests/gpu_compile): input dtypes and the
 # largest head dims (the 256/512 of the biggest GPU preset).
-GPU_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-GPU_KERNEL_MAX_DK, GPU_KERNEL_MAX_DV = 256, 512
+GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
+GPU_KERNEL_MAX_DK, GPU_KERNEL_MAX_DV = gpu_compile.DELTA_RULE_MAX_HEAD_DIMS
 
 
 def _gpu_uncovered(q, v) -> str | None:

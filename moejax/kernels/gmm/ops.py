@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
+from moejax.kernels import gpu_compile
 from moejax.kernels.gmm import chunk, pallas_gpu, pallas_tpu, reference
 
 Array = jax.Array
@@ -75,7 +76,7 @@ def _pallas_tgmm(lhs, grad, group_sizes):
 
 
 # Input dtypes whose Triton kernels the sm_90a compile check covers (tests/gpu_compile).
-GPU_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
 
 
 def _gpu_kernel_or_fallback(kernel: Callable, fallback: Callable, op: str, *arrays: Array
