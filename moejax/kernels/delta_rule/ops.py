@@ -1,20 +1,31 @@
-"""Public delta-rule ops: argument validation and `impl` dispatch (DESIGN §2, §3).
+"""Public delta-rule ops: argument validation, `impl` dispatch and the Pallas custom VJP.
 
 Axis letters: B batch, T time, H heads, Dk key/query head dim, Dv value head dim.
+
+`impl` (DESIGN §2, §3) resolves through `moejax.kernels.dispatch` when lowering: "reference" and
+"chunk" are the same everywhere; "pallas" is the Triton kernels of `pallas_gpu.py` on cuda/rocm,
+the Mosaic kernels of `pallas_tpu.py` on tpu and the Triton kernels in interpret mode elsewhere;
+"auto" tries the GPU kernels then the jnp chunk path on cuda/rocm (the GPU backend refuses, with
+`NotImplementedError`, inputs its sm_90a compile check does not cover; falling back warns on a
+GPU host), the TPU kernels on tpu, and the chunk path elsewhere.
+
+Both Pallas backends supply only `delta_rule_fwd` / `delta_rule_bwd` launchers; the one custom
+VJP (`_delta_rule_pallas`, static options `pallas_common.DeltaRuleOptions` passed by name) lives
+here; `delta_rule_pallas` runs it under `nonfinite.contain`.
 """
 
 from __future__ import annotations
 
 import functools
-import warnings
-from collections.abc import Callable
+from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
 
-from moejax.kernels import gpu_compile
-from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu, triton_chunk
+from moejax.kernels import dispatch
+from moejax.kernels.delta_rule import nonfinite, pallas_gpu, pallas_tpu
 from moejax.kernels.delta_rule.chunk import delta_rule_chunk
+from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.kernels.delta_rule.reference import (
     compute_dtype,
     delta_rule_reference,
@@ -30,81 +41,105 @@ from moejax.validation import (
 
 Array = jax.Array
 
+# DeltaRuleOptions.backend -> the backend module (`check_supported`, `delta_rule_fwd/_bwd`).
+_BACKENDS = MappingProxyType({"gpu": pallas_gpu, "tpu": pallas_tpu})
 
-def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, platform):
-    """One backend's Pallas kernel (custom VJP): "cuda"/"rocm" → the Hopper-built Triton chunk
-    kernels (`triton_chunk.py`), "tpu" → the Mosaic kernel, "cpu" → the Triton kernels in
-    interpret mode."""
+
+# ------------------------------------------------------------------------------------------
+# The custom VJP of the Pallas kernels (one for both backends).
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts",))
+def _delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
+    return _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, lam, h0, opts)
+
+
+def _delta_rule_fwd_rule(q, k, v, beta, g, lam, h0, opts):
+    # Residuals are the inputs: the backward recomputes W, Ũ and the chunk states.
+    out = _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, lam, h0, opts)
+    return out, (q, k, v, beta, g, lam, h0)
+
+
+def _delta_rule_bwd_rule(opts, residuals, cotangents):
+    do, dhT = cotangents
+    grads = _BACKENDS[opts.backend].delta_rule_bwd(*residuals, do, dhT, opts)
+    cast = lambda d, a: None if a is None else d.astype(a.dtype)
+    return tuple(cast(d, a) for d, a in zip(grads, residuals, strict=True))
+
+
+_delta_rule_pallas.defvjp(_delta_rule_fwd_rule, _delta_rule_bwd_rule)
+
+
+def delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
+    """One backend's Pallas kernels with the custom VJP, for fixed static options.
+
+    What `impl="pallas"` runs (tests and benchmarks call it to pin `block_v`,
+    `fp32_precision` or interpret mode). Runs the custom VJP under `nonfinite.contain`, so the
+    kernels (forward and backward) only see finite inputs (and g = −inf, a reset); float64
+    inputs are rounded to float32 first (the kernels compute in float32; Mosaic has no float64).
+    Does not validate (see `delta_rule`) nor check coverage (`check_supported`).
+
+    Args:
+      q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or None;
+        h0: `[B, H, Dk, Dv]` initial state (zeros for none).
+      opts: `DeltaRuleOptions`; `backend` picks the kernels, an unset `fp32_precision` follows
+        `jax_default_matmul_precision`.
+
+    Returns:
+      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+    """
+    narrow = lambda a: (a if a is None or jnp.dtype(a.dtype).itemsize <= 4
+                        else a.astype(jnp.float32))
+    args = map(narrow, (q, k, v, beta, g, lam, h0))
+    return nonfinite.contain(_delta_rule_pallas, *args, opts.resolved())
+
+
+def _options(scale, chunk_size, backend, interpret) -> DeltaRuleOptions:
+    return DeltaRuleOptions(scale=scale, chunk_size=chunk_size, backend=backend,
+                            interpret=interpret)
+
+
+def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, backend,
+                   interpret):
+    """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`."""
     if initial_state is None:
         B, _, H, Dk = q.shape
         initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
-    tpu = platform == "tpu"
-    opts = pallas_gpu.DeltaRuleOptions(scale=scale, chunk_size=chunk_size,
-                                       interpret=platform == "cpu",
-                                       backend="tpu" if tpu else "gpu")
-    kernel = pallas_tpu.delta_rule_tpu if tpu else triton_chunk.delta_rule_triton
-    return kernel(q, k, v, beta, g, lam, initial_state, opts)
+    return delta_rule_pallas(q, k, v, beta, g, lam, initial_state,
+                             _options(scale, chunk_size, backend, interpret))
 
 
-def _dispatch(*args, scale, chunk_size, cpu):
-    """`jax.lax.platform_dependent` over the kernels: the branch is chosen when lowering, so
-    `jax.export(..., platforms=["cuda"])` on a CPU-only machine yields the real GPU kernel."""
-    branch = lambda platform: functools.partial(_pallas_kernel, scale=scale,
-                                                chunk_size=chunk_size, platform=platform)
-    return jax.lax.platform_dependent(*args, cuda=branch("cuda"), rocm=branch("rocm"),
-                                      tpu=branch("tpu"), default=cpu)
+def _check_pallas(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, backend,
+                  interpret):
+    """The backend's `check_supported`: `NotImplementedError` for inputs it does not cover."""
+    _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, backend, interpret))
 
 
-# What the GPU kernels' sm_90a compile check covers (tests/gpu_compile): input dtypes and the
-# largest head dims (the 256/512 of the biggest GPU preset).
-GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
-GPU_KERNEL_MAX_DK, GPU_KERNEL_MAX_DV = gpu_compile.DELTA_RULE_MAX_HEAD_DIMS
+# ------------------------------------------------------------------------------------------
+# `impl` dispatch.
 
 
-def _gpu_uncovered(q, v) -> str | None:
-    """Why the GPU kernels' compile check does not cover these inputs, or None."""
-    if q.dtype not in GPU_KERNEL_DTYPES:
-        return (f"dtype {q.dtype} (covered: {', '.join(map(str, GPU_KERNEL_DTYPES))})")
-    if q.shape[-1] > GPU_KERNEL_MAX_DK or v.shape[-1] > GPU_KERNEL_MAX_DV:
-        return (f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} (covered: Dk <= "
-                f"{GPU_KERNEL_MAX_DK}, Dv <= {GPU_KERNEL_MAX_DV})")
-    return None
+def _pallas(description, **bound) -> dispatch.Implementation:
+    return dispatch.Implementation(functools.partial(_pallas_kernel, **bound), description,
+                                   check=functools.partial(_check_pallas, **bound))
 
 
-def _delta_rule_pallas(*args, scale, chunk_size):
-    """cuda → GPU kernel, tpu → TPU kernel, cpu → GPU kernel in interpret mode."""
-    q, v = args[0], args[2]
-    too_wide = q.shape[-1] > GPU_KERNEL_MAX_DK or v.shape[-1] > GPU_KERNEL_MAX_DV
-    if too_wide and jax.default_backend() == "gpu":
-        raise ValueError(f"impl='pallas': the GPU kernels take q/k head dims Dk <= "
-                         f"{GPU_KERNEL_MAX_DK} and v head dims Dv <= {GPU_KERNEL_MAX_DV}, got "
-                         f"q {tuple(q.shape)}, v {tuple(v.shape)}; use impl='auto' or 'chunk'")
-    cpu = functools.partial(_pallas_kernel, scale=scale, chunk_size=chunk_size, platform="cpu")
-    return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
+_REFERENCE = dispatch.Implementation(
+    lambda *a, scale, chunk_size: delta_rule_reference(*a, scale=scale),
+    "the lax.scan reference")
+_CHUNK = dispatch.Implementation(delta_rule_chunk, "the jnp chunk path")
+_GPU = _pallas("the GPU kernels", backend="gpu", interpret=False)
+_GPU_INTERPRET = _pallas("the GPU kernels in interpret mode", backend="gpu", interpret=True)
+_TPU = _pallas("the TPU kernels", backend="tpu", interpret=False)
 
-
-def _delta_rule_auto(*args, scale, chunk_size):
-    """Pallas on cuda/tpu, the jnp chunk path elsewhere (chosen at lowering time). On CUDA the
-    kernel only for inputs the compile check covers; others take the chunk path, with a warning
-    (once per message) when running on a GPU."""
-    cpu = functools.partial(delta_rule_chunk, scale=scale, chunk_size=chunk_size)
-    why = _gpu_uncovered(args[0], args[2])
-    if why is None:
-        return _dispatch(*args, scale=scale, chunk_size=chunk_size, cpu=cpu)
-    if jax.default_backend() == "gpu":
-        warnings.warn(f"delta_rule(impl='auto'): {why} is not covered by the GPU kernels' "
-                      "compile check; using the jnp chunk path", stacklevel=4)
-    tpu = functools.partial(_pallas_kernel, scale=scale, chunk_size=chunk_size, platform="tpu")
-    return jax.lax.platform_dependent(*args, tpu=tpu, default=cpu)
-
-
-# name -> implementation with the signature of `delta_rule_reference` plus `chunk_size`.
-_IMPLS: dict[str, Callable] = {
-    "reference": lambda *a, scale, chunk_size: delta_rule_reference(*a, scale=scale),
-    "chunk": delta_rule_chunk,
-    "pallas": _delta_rule_pallas,
-    "auto": _delta_rule_auto,
-}
+# name -> platform -> implementations (signature of `delta_rule_reference` plus `chunk_size`).
+_IMPLS: dispatch.Table = MappingProxyType({
+    "reference": {"default": (_REFERENCE,)},
+    "chunk": {"default": (_CHUNK,)},
+    "pallas": {"cuda": (_GPU,), "rocm": (_GPU,), "tpu": (_TPU,), "default": (_GPU_INTERPRET,)},
+    "auto": {"cuda": (_GPU, _CHUNK), "rocm": (_GPU, _CHUNK), "tpu": (_TPU,),
+             "default": (_CHUNK,)},
+})
 IMPL_NAMES = ("auto", "reference", "chunk", "pallas")
 
 
@@ -174,8 +209,8 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
 )
 def _delta_rule(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, impl,
                 return_final_state):
-    fn = _IMPLS[impl]
-    o, S = fn(q, k, v, beta, g, lam, initial_state, scale=scale, chunk_size=chunk_size)
+    o, S = dispatch.dispatch("delta_rule", impl, _IMPLS, q, k, v, beta, g, lam, initial_state,
+                             scale=scale, chunk_size=chunk_size)
     return o.astype(q.dtype), (S if return_final_state else None)
 
 
@@ -226,9 +261,12 @@ def delta_rule(
       chunk_size: chunk length C of the chunkwise path (any positive int; T need not be a
         multiple of it). Results do not depend on it.
       impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle), "pallas"
-        (the Pallas kernels, chosen when lowering: Triton on cuda, Mosaic on tpu, the Triton
-        kernel in interpret mode on cpu) or "auto" (pallas on cuda/tpu, chunk elsewhere).
-        "pallas" runs chunks of `min(max(16, next_pow2(chunk_size)), 128)` steps.
+        (the Pallas kernels, chosen when lowering: Triton on cuda/rocm, Mosaic on tpu, the
+        Triton kernels in interpret mode on cpu) or "auto" (pallas on cuda/rocm/tpu, chunk
+        elsewhere; on cuda/rocm only for inputs the GPU kernels' compile check covers —
+        bfloat16/float32 (float64 counts as float32), Dk ≤ 256, Dv ≤ 512 — others take the
+        chunk path, with a warning on a GPU host). "pallas" runs chunks of
+        `max(16, next_pow2(chunk_size))` steps, at most 64 (GPU) or 128 (TPU).
       return_final_state: return the final state (else None), a bool.
 
     Returns:
@@ -241,6 +279,8 @@ def delta_rule(
       ValueError: a shape, dtype or option is wrong; the message names the argument.
         `ArgumentTypeError` (a `ValueError` and a `TypeError`) when a value is of the wrong
         kind: None, a list or a str where an array belongs, a float chunk_size, a str scale.
+        `dispatch.KernelUnavailableError` (a `ValueError` and a `NotImplementedError`) for
+        impl="pallas" on a GPU host with inputs outside the GPU kernels' compile check.
 
     Example:
       >>> B, T, H, Dk, Dv = 1, 100, 2, 16, 32

@@ -1,25 +1,40 @@
-"""Pallas (Triton lowering) delta-rule kernels for GPU, forward and backward, with a custom VJP.
+"""Delta-rule chunk kernels for Hopper GPUs (Pallas → Triton): the forward and backward launchers.
 
-The op runs as pallas_calls over a `[B·H, N, C, D]` layout (N chunks of C steps, head dims
-zero-padded to powers of two ≥ 16, T zero-padded to N·C with β = 0 and g = 0, which leaves the
-state untouched, so padding is exact):
+The design of flash-linear-attention's chunk kernels, for the four modes of DESIGN §3 (DeltaNet,
+Gated DeltaNet, Q-Delta, gated Q-Delta; `x_t = k_t + λ_t q_t` on the prediction side: `A` pairs
+the row's x with the column's k). Layout `[B·H, N, C, D]` (N chunks of C steps; head dims padded
+to powers of two ≥ 16; T padded with β = 0, g = 0, which leaves the state untouched, so padding
+is exact). Every kernel tiles Dk by 64 (`BK`) and Dv by `bv`, so none holds more than four
+`[64, bv]` float32 blocks of state, whatever Dk ≤ 256 and Dv.
 
-1. `pallas_kernel.intra_fwd_kernel`, grid `(B·H, N)`: per chunk, `Tm = (I + A)⁻¹` by forward
-   substitution, `W = Tm diag(βγ) X` and `Ũ = Tm diag(β) V` (chunk-parallel).
-2. `_state_fwd_kernel`, grid `(B·H, Dv/block_v)`: a loop over the N chunks carrying the
-   `[Dk, block_v]` float32 state in registers; writes O, the final state and (for the backward)
-   every chunk's start state. State columns are independent, so Dv is split across programs.
-3. `_state_bwd_kernel`, same grid, chunks in reverse: carries `dS`, writes every chunk's
-   end-state gradient and `d initial_state`.
-4. `pallas_kernel.intra_bwd_kernel`, grid `(B·H, N)`: with the chunk's start state and
-   end-state gradient, recomputes `Tm, W, Ũ, U` and returns dq, dk, dv, dβ, dg, dλ
-   (chunk-parallel).
+Forward (`delta_rule_fwd`; the kernel bodies live in `pallas_gpu_kernel.py`):
+1. `solve_kernel` then `wy_fwd_kernel`, grid `(N, B·H)`: per chunk,
+   `A = strict(diag(β)(X Kᵀ ⊙ Γ))` over Dk tiles, `Ai = (I + A)⁻¹` blockwise (16×16
+   substitution, matmul merges; `solve_unit_lower`), then `W = Ai diag(βγ) X` and
+   `Ũ = Ai diag(β) V` tile by tile (fla: chunk_scaled_dot_kkt + solve_tril, recompute_w_u).
+2. `state_fwd_kernel`, grid `(Dv/bv, B·H)`: the only sequential kernel; a loop over chunks
+   carrying the `[Dk, bv]` state as ≤ 4 float32 `[64, bv]` blocks; stores every chunk's start
+   state and `U = Ũ − W S` (fla: chunk_delta_h), and the final state.
+3. `out_kernel`, grid `(Dv/bv, N, B·H)`: `O = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U)`,
+   chunk-parallel (fla: chunk_fwd_o).
 
-The forward rule keeps only the inputs as residuals; the backward re-runs (1) and (2) for W and
-the chunk states (as flash-linear-attention does), then runs (3) and (4).
-The chunk math lives in `pallas_kernel.py`, shared with the TPU kernels. Both run under
-`nonfinite.contain` (NaN/inf at a step never reaches earlier steps' outputs or gradients) and
-handle g = −inf (a full reset) exactly.
+Backward (`delta_rule_bwd`; W/Ũ/Ai and the states are recomputed by 1 and 2):
+4. `dv_local_kernel`, grid `(N, B·H)`: `dU_local = scale (Q Kᵀ ⊙ Γ)ᵀ dO`.
+5. `state_bwd_kernel`, grid `(Dv/bv, B·H)`, chunks in reverse: carries `dS`, stores every chunk's
+   end-state gradient and the full `dU = dU_local + diag(d) K dS`; returns `d initial_state`
+   (fla: bwd_dhu).
+6. `dqkwg_kernel`, grid `(Dk/64, N, B·H)`: dq, dk from O and S', `dW = −dU Sᵀ`, and the
+   gate-gradient terms of O and S' (fla: chunk_bwd_dqkwg).
+7. `wy_bwd_kernel`, grid `(N, B·H)`: back through `W`, `Ũ`, `Ai = (I + A)⁻¹` and `A`: dq (via λ),
+   dk, dv, dβ, dλ and the gate terms of W and A (fla: prepare_wy_repr_bwd).
+The gate gradient is finished in jnp: a reverse cumsum within each chunk, 0 at resets.
+
+All masks are `where`s (a masked entry is 0 whatever the product held) and decays are formed
+in log space with the argument masked before the exp, so g = −inf (a full reset) is exact.
+`ops.py` wraps the two launchers in the custom VJP and runs it under `nonfinite.contain`, so the
+kernels see only finite values (and −inf g). `check_supported` raises `NotImplementedError` for
+inputs outside the sm_90a compile check (`moejax.kernels.gpu_compile`), so `impl="auto"` can
+fall back.
 
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N chunks, C chunk length.
 """
@@ -33,8 +48,24 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from moejax.kernels.delta_rule import nonfinite
-from moejax.kernels.delta_rule import pallas_kernel as pk
+from moejax.kernels.delta_rule import pallas_gpu_kernel as pk
+from moejax.kernels.delta_rule.pallas_common import (
+    F32,
+    GPU_KERNEL_DTYPES,
+    GPU_KERNEL_MAX_DK,
+    GPU_KERNEL_MAX_DV,
+    MIN_BLOCK,
+    SQUEEZED,
+    DeltaRuleOptions,
+    clamp_chunk,
+    from_chunks,
+    nbytes,
+    next_pow2,
+    pad_state,
+    pallas_call,
+    to_chunks,
+    unpad_state,
+)
 
 try:  # jax ≥ 0.7 spells it CompilerParams; older releases TritonCompilerParams.
     from jax.experimental.pallas import triton as _plgpu
@@ -44,346 +75,386 @@ except (ImportError, AttributeError):  # pragma: no cover - the Triton plugin is
     _TritonParams = None
 
 Array = jax.Array
-# A squeezed block dim: `pl.squeezed` on current jax, `None` on releases before it existed.
-SQUEEZED = getattr(pl, "squeezed", None)
+BK = pk.BK
+SQ = SQUEEZED
+
+__all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
+def pad_dim(d: int) -> int:
+    """Head dims are padded to powers of two ≥ 16 (Triton tensors, dots need ≥ 16)."""
+    return max(MIN_BLOCK, next_pow2(d))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class DeltaRuleOptions:
-    """Static options of the Pallas delta-rule kernels (the custom VJP's one static argument).
+def kernel_chunk(opts: DeltaRuleOptions, T: int) -> int:
+    """Steps per chunk: a power of two in [16, 64] (results do not depend on it)."""
+    return clamp_chunk(opts, T, largest=64)
 
-    Attributes:
-      scale: readout scale.
-      chunk_size: requested chunk length; the kernel uses `kernel_chunk(T)` (a power of two in
-        [16, 128], results do not depend on it).
-      block_v: Dv tile of the state kernels (None: min(padded Dv, 64 on GPU, 128 on TPU)).
-      interpret: run the kernels in Pallas interpret mode (CPU).
-      num_warps: Triton warps per program (GPU only).
-      backend: "gpu" (Triton; head dims padded to powers of two ≥ 16) or "tpu" (Mosaic; head
-        dims padded to multiples of 128, the lane width). Interpret mode follows it: GPU
-        semantics (`interpret=True`) or `pltpu.InterpretParams()`.
-    """
 
-    scale: float
-    chunk_size: int = 64
-    block_v: int | None = None
-    interpret: bool = False
-    num_warps: int = 4
-    backend: str = "gpu"
-
-    def __post_init__(self):
-        if self.backend not in ("gpu", "tpu"):
-            raise ValueError(f"backend must be 'gpu' or 'tpu', got {self.backend!r}")
-
-    def pad_dim(self, d: int) -> int:
-        """Padded head dim: Triton needs powers of two (≥ 16 for dots); TPU lanes are 128."""
-        if self.backend == "tpu":
-            return -(-d // 128) * 128
-        return max(16, _next_pow2(d))
-
-    def default_block_v(self, Dvp: int) -> int:
-        bv = (128 if self.backend == "tpu" else 64) if self.block_v is None else self.block_v
-        bv = min(bv, Dvp)
-        if Dvp % bv:
-            raise ValueError(f"padded Dv={Dvp} must be a multiple of block_v={bv}")
-        return bv
-
-    def kernel_chunk(self, T: int) -> int:
-        C = min(max(16, _next_pow2(self.chunk_size)), 128)
-        return min(C, max(16, _next_pow2(T)))
+def check_supported(q, v, opts: DeltaRuleOptions) -> None:
+    """Raises `NotImplementedError` when the compiled kernels (not interpret mode) would run
+    inputs the sm_90a compile check does not cover: an input dtype other than bfloat16/float32
+    (float64 counts as the float32 it is rounded to) or head dims past `Dk <= 256`,
+    `Dv <= 512`."""
+    if opts.interpret:
+        return
+    dtype = jnp.dtype(q.dtype)
+    if dtype == jnp.float64:
+        dtype = jnp.dtype(jnp.float32)
+    if dtype not in GPU_KERNEL_DTYPES:
+        raise NotImplementedError(
+            f"dtype {q.dtype} (covered: {', '.join(map(str, GPU_KERNEL_DTYPES))}) is not "
+            "covered by the GPU kernels' compile check")
+    if q.shape[-1] > GPU_KERNEL_MAX_DK or v.shape[-1] > GPU_KERNEL_MAX_DV:
+        raise NotImplementedError(
+            f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} (covered: Dk <= {GPU_KERNEL_MAX_DK}, "
+            f"Dv <= {GPU_KERNEL_MAX_DV}) is not covered by the GPU kernels' compile check")
 
 
 # ------------------------------------------------------------------------------------------
-# Layout helpers (shared with pallas_tpu.py).
+# Launch table: (num_warps, num_stages, bv) per kernel, padded head dims and dot dtype.
 
 
-def to_chunks(a, C, D=None, dtype=None):
-    """`[B, T, H, (D)]` → `[B·H, N, C, D or 1]`, zero-padded in T (and D)."""
-    B, T, H = a.shape[:3]
+def _launch(name: str, Dkp: int, Dvp: int, cfg: pk.Cfg, opts: DeltaRuleOptions):
+    """Triton launch options and Dv tile of one kernel (chosen for zero spills on sm_90a)."""
+    wide = cfg.cd == "float32"
+    x3 = wide and cfg.fp == "tf32x3"  # 3 dots per dot (hi/lo operand splits in registers)
+    warps, stages, bv = 4, 2, 64
+    if name in ("state_fwd", "state_bwd"):
+        bv = 32 if Dkp > (128 if name == "state_fwd" else 64) or wide else 64
+        stages = 1 if Dkp > 128 and (wide or name == "state_bwd") else 2
+        if wide and (Dkp > 64 or x3 and name == "state_bwd"):  # f32 blocks: 8 warps
+            warps = 8
+            if name == "state_bwd":
+                stages = 1
+            if name == "state_bwd" and x3 or name == "state_fwd" and (Dkp > 128 or x3):
+                bv, stages = 16, 1
+    elif name == "dqkwg":
+        warps = 8
+        if wide:
+            bv, stages = 32, (1 if x3 else 2)
+    elif name == "wy_bwd":
+        warps = 8
+        if wide:
+            bv = 16 if x3 else 32
+    elif name in ("solve", "wy_fwd"):
+        warps = 4 if cfg.fp == "tf32x3" else 8
+    if opts.block_v is not None:
+        bv = opts.block_v
+    return warps, stages, min(bv, Dvp)
+
+
+def _call(kernel, *, opts, warps, stages, **kw):
+    params = None
+    if _TritonParams is not None and not opts.interpret:
+        params = _TritonParams(num_warps=warps, num_stages=stages)
+    return pallas_call(kernel, compiler_params=params, interpret=opts.interpret, **kw)
+
+
+# BlockSpecs. "chunk": one chunk `[C, D]` (or `[C]`) of `[B·H, N, C, (D)]`; "seq": a whole
+# sequence (the sequential kernels); `at` maps the grid indices to (bh, n, d-block).
+
+
+def _chunk(a, width=None, at=lambda *g: g):
     if a.ndim == 3:
-        a = a[..., None]
-    D = a.shape[-1] if D is None else D
-    Tp = -(-T // C) * C
-    a = jnp.pad(a, ((0, 0), (0, Tp - T), (0, 0), (0, D - a.shape[-1])))
-    a = a.transpose(0, 2, 1, 3).reshape(B * H, Tp // C, C, D)
-    return a if dtype is None else a.astype(dtype)
+        return pl.BlockSpec((SQ, SQ, a.shape[2]), lambda *g: (*at(*g)[:2], 0))
+    w = a.shape[3] if width is None else width
+    return pl.BlockSpec((SQ, SQ, a.shape[2], w), lambda *g: at(*g))
 
 
-def from_chunks(a, B, T, H, D=None):
-    """`[B·H, N, C, Dp]` → `[B, T, H, D]` (or `[B, T, H]` when D is None)."""
-    BH, N, C, Dp = a.shape
-    a = a.reshape(B, H, N * C, Dp).transpose(0, 2, 1, 3)[:, :T]
-    return a[..., 0] if D is None else a[..., :D]
+def _seq(a, width=None):
+    """Grid `(Dv tiles, B·H)`; width tiles the last dim by the first grid index."""
+    if a.ndim == 3:
+        return pl.BlockSpec((SQ, *a.shape[1:]), lambda j, i: (i, 0, 0))
+    if width is None:
+        return pl.BlockSpec((SQ, *a.shape[1:]), lambda j, i: (i, 0, 0, 0))
+    return pl.BlockSpec((SQ, *a.shape[1:3], width), lambda j, i: (i, 0, 0, j))
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# Gate factors (plain jnp, outside the kernels).
 
 
 @dataclasses.dataclass(frozen=True)
-class Prepared:
-    """Inputs in kernel layout; `g`/`lam` None when absent."""
+class _GateVectors:
+    """Per-step gate factors `[B·H, N, C]` float32 (the math of `pallas_gpu_kernel.py`)."""
 
-    q: Array
-    k: Array
-    v: Array
-    b: Array
-    g: Array | None
-    lam: Array | None
-    h0: Array  # [B·H, Dkp, Dvp] float32
+    G: Array  # reset-free cumulative log decay
+    n: Array  # resets in [0, t] (small integers as float32)
+    gamma: Array  # γ_t = exp(G_t), 0 after a reset in [0, t]
+    dec: Array  # exp(G_C − G_t), 0 if a reset lies in (t, C−1]
+    gC: Array  # γ_C = exp(G_C) (0 after any reset), replicated over the C steps
+    reset: Array  # bool, exp(g_t) == 0
 
 
-def prepare(q, k, v, beta, g, lam, h0, C, Dkp, Dvp):
+def _gate_vectors(g) -> _GateVectors:
+    """From the chunked log decays `[B·H, N, C]` (g may hold −inf: a full reset)."""
+    reset = jnp.exp(g) == 0.0
+    G = jnp.cumsum(jnp.where(reset, 0.0, g), axis=-1)
+    n = jnp.cumsum(reset.astype(F32), axis=-1)
+    nC, GC = n[..., -1:], G[..., -1:]
+    gamma = jnp.where(n == 0.0, jnp.exp(G), 0.0)
+    dec = jnp.where(n == nC, jnp.exp(jnp.where(n == nC, GC - G, 0.0)), 0.0)
+    gC = jnp.broadcast_to(jnp.where(nC == 0.0, jnp.exp(GC), 0.0), g.shape)
+    return _GateVectors(G, n, gamma, dec, gC, reset)
+
+
+def _gate_grad(gv: _GateVectors, dG):
+    """`dg` `[B·H, N, C]` from the gradient w.r.t. the cumulative G: a reverse cumsum within the
+    chunk (`G_t = Σ_{s≤t} g_s`), 0 at a reset (`d exp(g)/dg = exp(g) = 0` there)."""
+    dg = jnp.flip(jnp.cumsum(jnp.flip(dG, -1), axis=-1), -1)
+    return jnp.where(gv.reset, 0.0, dg)
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers. Inputs in kernel layout: q, k `[B·H, N, C, Dkp]`, v `[B·H, N, C, Dvp]` (input
+# dtype), β, λ `[B·H, N, C]` float32, gates a `_GateVectors` or None.
+
+
+def _gate_ins(gv: _GateVectors | None, *names):
+    return [] if gv is None else [getattr(gv, n) for n in names]
+
+
+def _specs(arrs, **kw):
+    return [_chunk(a, **kw) for a in arrs]
+
+
+def _solve(cfg, opts, q, k, b, gv, lam):
+    """`Ai = (I + A)⁻¹` `[B·H, N, C, C]` (float32 for float32 inputs, else the dot dtype)."""
+    BH, N, C, Dkp = q.shape
+    warps, stages, _ = _launch("solve", Dkp, C, cfg, opts)
+    ins = [q, k, b, *_gate_ins(gv, "G", "n")] + ([lam] if lam is not None else [])
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, C), cfg.store)
+    at = lambda n, i: (i, n, 0, 0)
+    kernel = functools.partial(pk.solve_kernel, cfg=cfg, has_g=gv is not None,
+                               has_lam=lam is not None, bk=min(BK, Dkp))
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_chunk(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_solve", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * (Dkp + 2 * C),
+                 transcendentals=BH * N * C * C if gv is not None else 0,
+                 nbytes=nbytes(*ins) + BH * N * C * C * cfg.store.itemsize)(*ins)
+
+
+def _wy_fwd(cfg, opts, q, k, v, b, gv, lam, Ai):
+    """`(W [B·H, N, C, Dkp] (dot dtype), Ũ [B·H, N, C, Dvp] float32)`."""
+    BH, N, C, Dkp = q.shape
+    Dvp = v.shape[-1]
+    warps, stages, bv = _launch("wy_fwd", Dkp, Dvp, cfg, opts)
+    ins = ([q, k, v, b, *_gate_ins(gv, "gamma")] + ([lam] if lam is not None else []) + [Ai])
+    out_shape = [jax.ShapeDtypeStruct((BH, N, C, Dkp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, N, C, Dvp), F32)]
+    at = lambda n, i: (i, n, 0, 0)
+    kernel = functools.partial(pk.wy_fwd_kernel, cfg=cfg, has_g=gv is not None,
+                               has_lam=lam is not None, bk=min(BK, Dkp), bv=bv)
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_specs(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_intra_fwd", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * (Dkp + Dvp),
+                 nbytes=nbytes(*ins) + BH * N * C * (Dkp * cfg.store.itemsize + 4 * Dvp))(*ins)
+
+
+def _state_fwd(cfg, opts, k, W, Ut, gv, h0):
+    """`(chunk start states [B·H, N, Dkp, Dvp], U [B·H, N, C, Dvp], S_T [B·H, Dkp, Dvp] f32)`."""
+    BH, N, C, Dkp = k.shape
+    Dvp = Ut.shape[-1]
+    warps, stages, bv = _launch("state_fwd", Dkp, Dvp, cfg, opts)
+    ins = [k, W, Ut, *_gate_ins(gv, "dec", "gC"), h0]
+    in_specs = [_seq(k), _seq(W), _seq(Ut, bv), *(_seq(a) for a in _gate_ins(gv, "dec", "gC")),
+                pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))]
+    out_shape = [jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, N, C, Dvp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, Dkp, Dvp), F32)]
+    out_specs = [pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j)),
+                 _seq(out_shape[1], bv), in_specs[-1]]
+    kernel = functools.partial(pk.state_fwd_kernel, cfg=cfg, has_g=gv is not None,
+                               bk=min(BK, Dkp))
+    return _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, opts=opts, name="delta_rule_state_fwd", warps=warps,
+                 stages=stages, flops=BH * N * 4 * C * Dkp * Dvp,
+                 nbytes=nbytes(*ins) + BH * N * (Dkp + C) * Dvp * cfg.store.itemsize)(*ins)
+
+
+def _out_fwd(cfg, opts, q, k, vn, hs, gv):
+    """`O [B·H, N, C, Dvp]` float32."""
+    BH, N, C, Dkp = q.shape
+    Dvp = vn.shape[-1]
+    warps, stages, bv = _launch("out", Dkp, Dvp, cfg, opts)
+    ins = [q, k, vn, hs, *_gate_ins(gv, "G", "n", "gamma")]
+    at = lambda j, n, i: (i, n, 0, j)
+    full = lambda j, n, i: (i, n, 0, 0)
+    in_specs = [_chunk(q, at=full), _chunk(k, at=full), _chunk(vn, bv, at=at),
+                pl.BlockSpec((SQ, SQ, Dkp, bv), at),
+                *(_chunk(a, at=at) for a in _gate_ins(gv, "G", "n", "gamma"))]
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, Dvp), F32)
+    kernel = functools.partial(pk.out_kernel, cfg=cfg, has_g=gv is not None, bk=min(BK, Dkp))
+    return _call(kernel, grid=(Dvp // bv, N, BH), in_specs=in_specs,
+                 out_specs=_chunk(out_shape, bv, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_out", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * Dvp * (Dkp + C) + BH * N * 2 * C * C * Dkp * Dvp // bv,
+                 nbytes=nbytes(*ins) + 4 * BH * N * C * Dvp)(*ins)
+
+
+def _dv_local(cfg, opts, q, k, dO, gv):
+    """`scale (Q Kᵀ ⊙ Γ)ᵀ dO` `[B·H, N, C, Dvp]` float32."""
+    BH, N, C, Dkp = q.shape
+    Dvp = dO.shape[-1]
+    warps, stages, bv = _launch("dv_local", Dkp, Dvp, cfg, opts)
+    ins = [q, k, dO, *_gate_ins(gv, "G", "n")]
+    at = lambda n, i: (i, n, 0, 0)
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, Dvp), F32)
+    kernel = functools.partial(pk.dv_local_kernel, cfg=cfg, has_g=gv is not None, bk=min(BK, Dkp),
+                               bv=bv)
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_chunk(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_dv_local", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * (Dkp + Dvp), nbytes=nbytes(*ins) + 4 * dO.size)(*ins)
+
+
+def _state_bwd(cfg, opts, q, k, W, dO, dvl, gv, dhT):
+    """`(end-state grads [B·H, N, Dkp, Dvp], dU [B·H, N, C, Dvp], d S_0 [B·H, Dkp, Dvp] f32)`."""
+    BH, N, C, Dkp = q.shape
+    Dvp = dO.shape[-1]
+    warps, stages, bv = _launch("state_bwd", Dkp, Dvp, cfg, opts)
+    gins = _gate_ins(gv, "gamma", "dec", "gC")
+    ins = [q, k, W, dO, dvl, *gins, dhT]
+    state_spec = pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))
+    in_specs = [_seq(q), _seq(k), _seq(W), _seq(dO, bv), _seq(dvl, bv),
+                *(_seq(a) for a in gins), state_spec]
+    out_shape = [jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, N, C, Dvp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, Dkp, Dvp), F32)]
+    out_specs = [pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j)),
+                 _seq(out_shape[1], bv), state_spec]
+    kernel = functools.partial(pk.state_bwd_kernel, cfg=cfg, has_g=gv is not None,
+                               bk=min(BK, Dkp))
+    return _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, opts=opts, name="delta_rule_state_bwd", warps=warps,
+                 stages=stages, flops=BH * N * 6 * C * Dkp * Dvp,
+                 nbytes=nbytes(*ins) + BH * N * (Dkp + C) * Dvp * cfg.store.itemsize)(*ins)
+
+
+def _dqkwg(cfg, opts, q, k, vn, hs, dhs, dO, dvn, gv):
+    """`(dq, dk [B·H, N, C, Dkp] f32, dW [B·H, N, C, Dkp], dG [B·H, N, Dkp/64, C] f32 | None)`."""
+    BH, N, C, Dkp = q.shape
+    Dvp = dO.shape[-1]
+    # 3×TF32: Dk tiles of 32 (the epilogue's [C, bk] operands are split hi/lo in registers)
+    bk = min(BK // 2 if cfg.cd == "float32" and cfg.fp == "tf32x3" else BK, Dkp)
+    warps, stages, bv = _launch("dqkwg", Dkp, Dvp, cfg, opts)
+    gins = _gate_ins(gv, "G", "n", "gamma", "dec", "gC")
+    ins = [q, k, vn, hs, dhs, dO, dvn, *gins]
+    kt = lambda kb, n, i: (i, n, 0, kb)
+    full = lambda kb, n, i: (i, n, 0, 0)
+    st = lambda kb, n, i: (i, n, kb, 0)
+    in_specs = [_chunk(q, bk, at=kt), _chunk(k, bk, at=kt), _chunk(vn, at=full),
+                pl.BlockSpec((SQ, SQ, bk, Dvp), st), pl.BlockSpec((SQ, SQ, bk, Dvp), st),
+                _chunk(dO, at=full), _chunk(dvn, at=full), *(_chunk(a, at=full) for a in gins)]
+    out_shape = [jax.ShapeDtypeStruct((BH, N, C, Dkp), F32),
+                 jax.ShapeDtypeStruct((BH, N, C, Dkp), F32),
+                 jax.ShapeDtypeStruct((BH, N, C, Dkp), cfg.store)]
+    out_specs = [_chunk(a, bk, at=kt) for a in out_shape]
+    if gv is not None:
+        out_shape.append(jax.ShapeDtypeStruct((BH, N, Dkp // bk, C), F32))
+        out_specs.append(pl.BlockSpec((SQ, SQ, SQ, C), lambda kb, n, i: (i, n, kb, 0)))
+    kernel = functools.partial(pk.dqkwg_kernel, cfg=cfg, has_g=gv is not None, bv=bv)
+    outs = _call(kernel, grid=(Dkp // bk, N, BH), in_specs=in_specs, out_specs=out_specs,
+                 out_shape=out_shape, opts=opts, name="delta_rule_dqkwg", warps=warps,
+                 stages=stages, flops=BH * N * 2 * C * (4 * Dkp * Dvp + 3 * C * Dkp),
+                 nbytes=nbytes(*ins) + 12 * BH * N * C * Dkp)(*ins)
+    return outs[0], outs[1], outs[2], (outs[3] if gv is not None else None)
+
+
+def _wy_bwd(cfg, opts, q, k, v, b, gv, lam, Ai, dW, dU):
+    """`(dk, dv, dβ, dq | None, dλ | None, dG | None)` of the WY step, float32."""
+    BH, N, C, Dkp = q.shape
+    Dvp = v.shape[-1]
+    warps, stages, bv = _launch("wy_bwd", Dkp, Dvp, cfg, opts)
+    has_g, has_lam = gv is not None, lam is not None
+    ins = ([q, k, v, b, *_gate_ins(gv, "G", "n", "gamma")] + ([lam] if has_lam else [])
+           + [Ai, dW, dU])
+    f32 = lambda a: jax.ShapeDtypeStruct(a.shape, F32)
+    out_shape = [f32(k), f32(v), f32(b)]
+    if has_lam:
+        out_shape += [f32(q), f32(b)]
+    if has_g:
+        out_shape.append(f32(b))
+    at = lambda n, i: (i, n, 0, 0)
+    # float32: Dk tiles of 32 (pass 2 is then a loop even at Dk = 64, and its operands halve)
+    bk = min(BK // 2 if cfg.cd == "float32" else BK, Dkp)
+    kernel = functools.partial(pk.wy_bwd_kernel, cfg=cfg, has_g=has_g, has_lam=has_lam, bk=bk,
+                               bv=bv)
+    outs = _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_specs(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_intra_bwd", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * (4 * Dkp + 3 * Dvp + 2 * C),
+                 transcendentals=BH * N * C * C if has_g else 0,
+                 nbytes=nbytes(*ins) + 4 * BH * N * C * (2 * Dkp + Dvp))(*ins)
+    dk, dv, db, *rest = outs
+    dq = rest.pop(0) if has_lam else None
+    dl = rest.pop(0) if has_lam else None
+    dG = rest.pop(0) if has_g else None
+    return dk, dv, db, dq, dl, dG
+
+
+
+
+# ------------------------------------------------------------------------------------------
+# Forward and backward launchers (the custom VJP in `ops.py` calls these two).
+
+
+def _prepare(q, k, v, beta, g, lam, h0, C):
+    Dkp, Dvp = pad_dim(q.shape[-1]), pad_dim(v.shape[-1])
+    vec = lambda a: None if a is None else to_chunks(a.astype(F32), C)
+    gv = None if g is None else _gate_vectors(vec(g))
+    return (to_chunks(q, C, Dkp), to_chunks(k, C, Dkp), to_chunks(v, C, Dvp), vec(beta), gv,
+            vec(lam), pad_state(h0, Dkp, Dvp))
+
+
+def delta_rule_fwd(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
+    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32)`.
+
+    Args:
+      q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or
+        None; h0: `[B, H, Dk, Dv]` initial state. Finite (g may hold −inf), at most 32-bit.
+      opts: `DeltaRuleOptions` with `fp32_precision` resolved (`opts.resolved()`).
+    """
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    f32 = jnp.float32
-    vec = lambda a: None if a is None else to_chunks(a, C, dtype=f32)
-    h = jnp.pad(h0.astype(f32), ((0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)))
-    return Prepared(to_chunks(q, C, Dkp), to_chunks(k, C, Dkp), to_chunks(v, C, Dvp), vec(beta),
-                    vec(g), vec(lam), h.reshape(B * H, Dkp, Dvp))
+    cfg = pk.Cfg.make(q.dtype, opts)
+    qc, kc, vc, b, gv, lc, h = _prepare(q, k, v, beta, g, lam, h0, kernel_chunk(opts, T))
+    Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
+    W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
+    hs, vn, hT = _state_fwd(cfg, opts, kc, W, Ut, gv, h)
+    O = _out_fwd(cfg, opts, qc, kc, vn, hs, gv)
+    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv)
 
 
-# ------------------------------------------------------------------------------------------
-# State kernels (grid `(B·H, Dv tiles)`, a loop over the chunks inside). Refs arrive in the
-# order of the launchers' `ins`; the g ref is present only when the mode uses it (static
-# specialisation of the four modes).
+def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
+    """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
+    `dhT [B, H, Dk, Dv]`: `(dq, dk, dv, dβ, dg, dλ, dh0)` in float32 (dg/dλ None when g/λ
+    are). W, Ũ, Ai and the chunk states are recomputed (forward passes 1 and 2)."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    cfg = pk.Cfg.make(q.dtype, opts)
+    C = kernel_chunk(opts, T)
+    qc, kc, vc, b, gv, lc, h = _prepare(q, k, v, beta, g, lam, h0, C)
+    Dkp, Dvp = h.shape[1:]
+    Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
+    W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
+    hs, vn, _ = _state_fwd(cfg, opts, kc, W, Ut, gv, h)
+    dO = to_chunks(do.astype(F32), C, Dvp, dtype=cfg.store)
+    dvl = _dv_local(cfg, opts, qc, kc, dO, gv)
+    dhs, dU, dh0 = _state_bwd(cfg, opts, qc, kc, W, dO, dvl, gv, pad_state(dhT, Dkp, Dvp))
+    dq, dk, dW, dG1 = _dqkwg(cfg, opts, qc, kc, vn, hs, dhs, dO, dU, gv)
+    dk2, dv, db, dq2, dl, dG2 = _wy_bwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai, dW, dU)
+    dk = dk + dk2
+    if dq2 is not None:
+        dq = dq + dq2
+    dg = None if gv is None else _gate_grad(gv, jnp.sum(dG1, axis=2) + dG2)
+    vec = lambda a: None if a is None else from_chunks(a, B, T, H)
+    return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
+            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), vec(dl),
+            unpad_state(dh0, B, H, Dk, Dv))
 
-
-def _state_fwd_kernel(*refs, has_g, scale, store_states):
-    q_ref, k_ref, w_ref, u_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    h0_ref, o_ref, hT_ref, *states = rest
-    N, C = q_ref.shape[:2]
-    m = pk.Masks.make(C)
-
-    def body(n, S):
-        if store_states:
-            states[0][n] = S
-        gt = pk.gates(m, None if g_ref is None else pk.load_f32(g_ref, n))
-        q, k = pk.load_f32(q_ref, n), pk.load_f32(k_ref, n)
-        O, S = pk.chunk_out(m, gt, q, k, w_ref[n], u_ref[n], S, scale)
-        o_ref[n] = O
-        return S
-
-    hT_ref[...] = jax.lax.fori_loop(0, N, body, h0_ref[...])
-
-
-def _state_bwd_kernel(*refs, has_g, scale):
-    q_ref, k_ref, w_ref, do_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    dhT_ref, dh0_ref, dhs_ref = rest
-    N, C = q_ref.shape[:2]
-    m = pk.Masks.make(C)
-
-    def body(i, dS):
-        n = N - 1 - i
-        dhs_ref[n] = dS
-        gt = pk.gates(m, None if g_ref is None else pk.load_f32(g_ref, n))
-        return pk.chunk_state_bwd(m, gt, pk.load_f32(q_ref, n), pk.load_f32(k_ref, n), w_ref[n],
-                                  pk.load_f32(do_ref, n), dS, scale)
-
-    dh0_ref[...] = jax.lax.fori_loop(0, N, body, dhT_ref[...])
-
-
-# ------------------------------------------------------------------------------------------
-# Launchers.
-
-
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, opts, cost, name, num_warps=None,
-          **kw):
-    """`pl.pallas_call` with the backend's compiler params and interpret flavour."""
-    if opts.backend == "tpu":
-        from moejax.kernels.delta_rule import pallas_tpu  # the TPU module imports this one
-
-        params, interpret = pallas_tpu.compiler_params(len(grid), opts)
-    else:
-        params, interpret = None, opts.interpret
-        if _TritonParams is not None and not opts.interpret:
-            params = _TritonParams(num_warps=num_warps or opts.num_warps, num_stages=2)
-    return pl.pallas_call(
-        kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-        interpret=interpret, compiler_params=params, name=name,
-        cost_estimate=pl.CostEstimate(**{k: int(v) for k, v in cost.items()}), **kw,
-    )
-
-
-def _nbytes(*arrays):
-    return sum(a.size * a.dtype.itemsize for a in arrays if a is not None)
-
-
-def _chunk_spec(a):
-    """Block = one chunk `[C, D]` of `[B·H, N, C, D]`, grid `(B·H, N)`."""
-    return pl.BlockSpec((SQUEEZED, SQUEEZED, *a.shape[2:]), lambda i, n: (i, n, 0, 0))
-
-
-def _seq_spec(a, bv=None):
-    """Block = a whole sequence `[N, C, D]` (or a Dv tile of it), grid `(B·H, Dv tiles)`."""
-    if bv is None:
-        return pl.BlockSpec((SQUEEZED, *a.shape[1:]), lambda i, j: (i, 0, 0, 0))
-    return pl.BlockSpec((SQUEEZED, *a.shape[1:3], bv), lambda i, j: (i, 0, 0, j))
-
-
-def intra_fwd(p: Prepared, opts: DeltaRuleOptions):
-    """`W [B·H, N, C, Dkp]`, `Ũ [B·H, N, C, Dvp]` in float32."""
-    BH, N, C, Dkp = p.q.shape
-    Dvp = p.v.shape[-1]
-    ins = [a for a in (p.q, p.k, p.v, p.b, p.g, p.lam) if a is not None]
-    out_shape = (jax.ShapeDtypeStruct((BH, N, C, Dkp), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, N, C, Dvp), jnp.float32))
-    flops = BH * N * (2 * C * C * Dkp + C**3 + 2 * C * C * (Dkp + Dvp))
-    kernel = functools.partial(pk.intra_fwd_kernel, has_g=p.g is not None,
-                               has_lam=p.lam is not None)
-    return _call(kernel, grid=(BH, N), in_specs=[_chunk_spec(a) for a in ins],
-                 out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
-                 cost=dict(flops=flops, transcendentals=BH * N * C * C if p.g is not None else 0,
-                           bytes_accessed=_nbytes(*ins) + 4 * BH * N * C * (Dkp + Dvp)),
-                 name="delta_rule_intra_fwd")(*ins)
-
-
-def state_fwd(p: Prepared, W, Ut, opts: DeltaRuleOptions, *, store_states: bool):
-    """`(O [B·H, N, C, Dvp], S_T [B·H, Dkp, Dvp], chunk start states [B·H, N, Dkp, Dvp] | None)`."""
-    BH, N, C, Dkp = p.q.shape
-    Dvp = p.v.shape[-1]
-    bv = opts.default_block_v(Dvp)
-    ins = [p.q, p.k, W, Ut] + ([p.g] if p.g is not None else []) + [p.h0]
-    in_specs = [_seq_spec(p.q), _seq_spec(p.k), _seq_spec(W), _seq_spec(Ut, bv)]
-    if p.g is not None:
-        in_specs.append(_seq_spec(p.g))
-    in_specs.append(pl.BlockSpec((SQUEEZED, Dkp, bv), lambda i, j: (i, 0, j)))
-    out_shape = [jax.ShapeDtypeStruct((BH, N, C, Dvp), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, Dkp, Dvp), jnp.float32)]
-    out_specs = [_seq_spec(out_shape[0], bv), in_specs[-1]]
-    if store_states:
-        out_shape.append(jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), jnp.float32))
-        out_specs.append(pl.BlockSpec((SQUEEZED, N, Dkp, bv), lambda i, j: (i, 0, 0, j)))
-    flops = BH * N * (2 * C * C * Dkp + 2 * C * Dvp * (3 * Dkp + C))
-    kernel = functools.partial(_state_fwd_kernel, has_g=p.g is not None, scale=opts.scale,
-                               store_states=store_states)
-    outs = _call(kernel, grid=(BH, Dvp // bv), in_specs=in_specs, out_specs=out_specs,
-                 out_shape=out_shape, opts=opts,
-                 cost=dict(flops=flops, transcendentals=0,
-                           bytes_accessed=_nbytes(*ins) + 4 * BH * N * C * Dvp),
-                 name="delta_rule_state_fwd")(*ins)
-    return outs[0], outs[1], (outs[2] if store_states else None)
-
-
-def state_bwd(p: Prepared, W, dO, dhT, opts: DeltaRuleOptions):
-    """`(d S_0 [B·H, Dkp, Dvp], end-state grads of every chunk [B·H, N, Dkp, Dvp])`."""
-    BH, N, C, Dkp = p.q.shape
-    Dvp = p.v.shape[-1]
-    bv = opts.default_block_v(Dvp)
-    ins = [p.q, p.k, W, dO] + ([p.g] if p.g is not None else []) + [dhT]
-    in_specs = [_seq_spec(p.q), _seq_spec(p.k), _seq_spec(W), _seq_spec(dO, bv)]
-    if p.g is not None:
-        in_specs.append(_seq_spec(p.g))
-    state_spec = pl.BlockSpec((SQUEEZED, Dkp, bv), lambda i, j: (i, 0, j))
-    in_specs.append(state_spec)
-    out_shape = (jax.ShapeDtypeStruct((BH, Dkp, Dvp), jnp.float32),
-                 jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), jnp.float32))
-    out_specs = (state_spec, pl.BlockSpec((SQUEEZED, N, Dkp, bv), lambda i, j: (i, 0, 0, j)))
-    flops = BH * N * (2 * C * C * Dkp + 2 * C * Dvp * (3 * Dkp + C))
-    kernel = functools.partial(_state_bwd_kernel, has_g=p.g is not None, scale=opts.scale)
-    return _call(kernel, grid=(BH, Dvp // bv), in_specs=in_specs, out_specs=out_specs,
-                 out_shape=out_shape, opts=opts,
-                 cost=dict(flops=flops, transcendentals=0,
-                           bytes_accessed=_nbytes(*ins) + 4 * BH * N * Dkp * Dvp),
-                 name="delta_rule_state_bwd")(*ins)
-
-
-def intra_bwd(p: Prepared, states, dhs, dO, opts: DeltaRuleOptions):
-    """Per-chunk gradients in kernel layout: `(dq, dk, dv, dβ, dg | None, dλ | None)`."""
-    BH, N, C, Dkp = p.q.shape
-    Dvp = p.v.shape[-1]
-    has_g, has_lam = p.g is not None, p.lam is not None
-    ins = [a for a in (p.q, p.k, p.v, p.b, p.g, p.lam) if a is not None] + [states, dhs, dO]
-    in_specs = [_chunk_spec(a) for a in ins]
-    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
-    out_shape = [f32(p.q.shape), f32(p.k.shape), f32(p.v.shape), f32(p.b.shape)]
-    out_shape += [f32(p.b.shape)] * (int(has_g) + int(has_lam))
-    flops = BH * N * (C**3 + 2 * C * Dkp * Dvp * 4 + 2 * C * C * (8 * Dkp + 4 * Dvp) + 6 * C**3)
-    kernel = functools.partial(pk.intra_bwd_kernel, has_g=has_g, has_lam=has_lam, scale=opts.scale,
-                               block_v=opts.default_block_v(Dvp))
-    outs = _call(kernel, grid=(BH, N), in_specs=in_specs,
-                 out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
-                 cost=dict(flops=flops, transcendentals=BH * N * C * C if has_g else 0,
-                           bytes_accessed=_nbytes(*ins) + 4 * BH * N * C * (2 * Dkp + Dvp)),
-                 name="delta_rule_intra_bwd", num_warps=2 * opts.num_warps)(*ins)
-    dq, dk, dv, db, *rest = outs
-    dg = rest.pop(0) if has_g else None
-    dl = rest.pop(0) if has_lam else None
-    return dq, dk, dv, db, dg, dl
-
-
-# ------------------------------------------------------------------------------------------
-# Forward / backward launchers and the custom VJP.
-
-
-def make_custom_vjp(intra_fwd_fn, state_fwd_fn, state_bwd_fn, intra_bwd_fn):
-    """Builds `f(q, k, v, beta, g, lam, h0, opts) -> (o f32, S_T f32)` with a custom VJP from
-    the four launchers of a backend (the GPU and TPU kernels share this glue).
-
-    f runs the custom-VJP function under `nonfinite.contain`, so the kernels (forward and
-    backward) only ever see finite inputs (and g = −inf, a reset), and float64 inputs are
-    rounded to float32 first (the kernels compute in float32; Mosaic has no float64).
-    """
-
-    def shapes(q, v, opts):
-        B, T, H, Dk = q.shape
-        Dv = v.shape[-1]
-        return B, T, H, Dk, Dv, opts.kernel_chunk(T), opts.pad_dim(Dk), opts.pad_dim(Dv)
-
-    def fwd(q, k, v, beta, g, lam, h0, opts):
-        B, T, H, Dk, Dv, C, Dkp, Dvp = shapes(q, v, opts)
-        p = prepare(q, k, v, beta, g, lam, h0, C, Dkp, Dvp)
-        W, Ut = intra_fwd_fn(p, opts)
-        O, hT, _ = state_fwd_fn(p, W, Ut, opts, store_states=False)
-        return from_chunks(O, B, T, H, Dv), hT.reshape(B, H, Dkp, Dvp)[..., :Dk, :Dv]
-
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-    def f(q, k, v, beta, g, lam, h0, opts):
-        return fwd(q, k, v, beta, g, lam, h0, opts)
-
-    def f_fwd(q, k, v, beta, g, lam, h0, opts):
-        return fwd(q, k, v, beta, g, lam, h0, opts), (q, k, v, beta, g, lam, h0)
-
-    def f_bwd(opts, res, cts):
-        q, k, v, beta, g, lam, h0 = res
-        do, dhT = cts
-        B, T, H, Dk, Dv, C, Dkp, Dvp = shapes(q, v, opts)
-        p = prepare(q, k, v, beta, g, lam, h0, C, Dkp, Dvp)
-        W, Ut = intra_fwd_fn(p, opts)
-        _, _, states = state_fwd_fn(p, W, Ut, opts, store_states=True)
-        dO = to_chunks(do.astype(jnp.float32), C, Dvp)
-        dhT = jnp.pad(dhT.astype(jnp.float32), ((0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)))
-        dh0, dhs = state_bwd_fn(p, W, dO, dhT.reshape(B * H, Dkp, Dvp), opts)
-        dq, dk, dv, db, dg, dl = intra_bwd_fn(p, states, dhs, dO, opts)
-        cast = lambda d, a: None if a is None else d.astype(a.dtype)
-        return (cast(from_chunks(dq, B, T, H, Dk), q), cast(from_chunks(dk, B, T, H, Dk), k),
-                cast(from_chunks(dv, B, T, H, Dv), v), cast(from_chunks(db, B, T, H), beta),
-                None if g is None else cast(from_chunks(dg, B, T, H), g),
-                None if lam is None else cast(from_chunks(dl, B, T, H), lam),
-                cast(dh0.reshape(B, H, Dkp, Dvp)[..., :Dk, :Dv], h0))
-
-    f.defvjp(f_fwd, f_bwd)
-
-    def contained(q, k, v, beta, g, lam, h0, opts):
-        narrow = lambda a: (a if a is None or jnp.dtype(a.dtype).itemsize <= 4
-                            else a.astype(jnp.float32))
-        return nonfinite.contain(f, *map(narrow, (q, k, v, beta, g, lam, h0)), opts)
-
-    return contained
-
-
-delta_rule_gpu = make_custom_vjp(intra_fwd, state_fwd, state_bwd, intra_bwd)
-delta_rule_gpu.__doc__ = """GPU (Triton) delta rule with custom VJP.
-
-Non-finite inputs are contained as in `nonfinite.contain` (outputs before a bad step, other
-sequences and heads, and their gradients are unaffected); g = −inf is a full reset.
-
-Args:
-  q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or None;
-  h0: `[B, H, Dk, Dv]` initial state (zeros for none); opts: `DeltaRuleOptions`.
-
-Returns:
-  `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
-"""

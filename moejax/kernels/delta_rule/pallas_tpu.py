@@ -1,23 +1,34 @@
-"""Pallas (Mosaic) delta-rule kernels for TPU, forward and backward, with a custom VJP.
+"""Pallas (Mosaic) delta-rule kernels for TPU: the forward and backward launchers.
 
-Same four passes as `pallas_gpu.py` (chunk math in `pallas_kernel.py`), laid out for TPU:
+Four passes over the `[B·H, N, C, D]` layout of `pallas_common.py` (kernel bodies and chunk
+math in `pallas_tpu_kernel.py`):
 
-- Head dims are zero-padded to multiples of 128 (the lane width), T to N·C (β = 0, g = 0 on the
-  padding, which is exact). Every block's last two dims are `(C, D)`, `(C, 1)` or `(Dk, block_v)`:
-  multiples of (8, 128) or full, as Mosaic requires.
-- The chunk-parallel passes (`intra_fwd`, `intra_bwd`) reuse the GPU launchers with TPU compiler
-  params (both grid axes "parallel").
-- The state passes run on grid `(B·H, Dv/block_v, N)` with the chunk axis innermost and
-  "arbitrary": the `[Dk, block_v]` float32 state lives in a VMEM scratch buffer across the
-  sequential chunk steps, and Pallas pipelines one chunk of q/k/W/Ũ at a time through VMEM
-  (so VMEM use does not grow with T). The backward state pass walks the chunks in reverse through
-  its index maps.
+1. `intra_fwd_kernel`, grid `(B·H, N)`, both axes "parallel": per chunk, `Tm = (I + A)⁻¹` by
+   forward substitution, `W = Tm diag(βγ) X` and `Ũ = Tm diag(β) V`.
+2. `state_fwd_kernel`, grid `(B·H, Dv/block_v, N)` with the chunk axis innermost and
+   "arbitrary": the `[Dk, block_v]` float32 state lives in a VMEM scratch buffer across the
+   sequential chunk steps, and Pallas pipelines one chunk of q/k/W/Ũ at a time through VMEM (so
+   VMEM use does not grow with T); writes O, the final state and (for the backward) every
+   chunk's start state.
+3. `state_bwd_kernel`, same grid, chunks in reverse through its index maps: carries `dS`,
+   writes every chunk's end-state gradient and `d initial_state`.
+4. `intra_bwd_kernel`, grid `(B·H, N)`: with the chunk's start state and end-state gradient,
+   recomputes `Tm, W, Ũ, U` and returns dq, dk, dv, dβ, dg, dλ.
+
+Head dims are zero-padded to multiples of 128 (the lane width), T to N·C (β = 0, g = 0 on the
+padding, which is exact). Every block's last two dims are `(C, D)`, `(C, 1)` or
+`(Dk, block_v)`: multiples of (8, 128) or full, as Mosaic requires. The backward keeps only the
+inputs as residuals and re-runs (1) and (2) for W and the chunk states (as
+flash-linear-attention does), then runs (3) and (4). `ops.py` wraps `delta_rule_fwd` /
+`delta_rule_bwd` in the custom VJP and runs it under `nonfinite.contain`; g = −inf (a full
+reset) is exact.
 
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N chunks, C chunk length.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,16 +36,53 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels.delta_rule import pallas_gpu
-from moejax.kernels.delta_rule import pallas_kernel as pk
-from moejax.kernels.delta_rule.pallas_gpu import SQUEEZED, DeltaRuleOptions, Prepared
+from moejax.kernels.delta_rule import pallas_tpu_kernel as pk
+from moejax.kernels.delta_rule.pallas_common import (
+    F32,
+    SQUEEZED,
+    DeltaRuleOptions,
+    clamp_chunk,
+    from_chunks,
+    nbytes,
+    pad_state,
+    pallas_call,
+    to_chunks,
+    unpad_state,
+)
 
+Array = jax.Array
+LANES = 128
 _PARALLEL = getattr(pltpu, "PARALLEL", "parallel")
 _ARBITRARY = getattr(pltpu, "ARBITRARY", "arbitrary")
 _CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
 
+__all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
-def compiler_params(ndim: int, opts: DeltaRuleOptions, sequential_last: bool = False):
+
+def pad_dim(d: int) -> int:
+    """Head dims are padded to multiples of 128, the lane width."""
+    return -(-d // LANES) * LANES
+
+
+def kernel_chunk(opts: DeltaRuleOptions, T: int) -> int:
+    """Steps per chunk: a power of two in [16, 128] (results do not depend on it)."""
+    return clamp_chunk(opts, T, largest=128)
+
+
+def check_supported(q, v, opts: DeltaRuleOptions) -> None:
+    """The Mosaic kernels take every input `delta_rule` accepts (float64 is rounded to float32
+    first, any head dim is padded to lanes): never raises."""
+    del q, v, opts
+
+
+def _block_v(opts: DeltaRuleOptions, Dvp: int) -> int:
+    bv = min(LANES if opts.block_v is None else opts.block_v, Dvp)
+    if Dvp % bv:
+        raise ValueError(f"padded Dv={Dvp} must be a multiple of block_v={bv}")
+    return bv
+
+
+def _compiler_params(ndim: int, opts: DeltaRuleOptions, sequential_last: bool = False):
     """`(compiler_params, interpret)` for a grid of `ndim` axes."""
     sem = [_PARALLEL] * ndim
     if sequential_last:
@@ -43,57 +91,93 @@ def compiler_params(ndim: int, opts: DeltaRuleOptions, sequential_last: bool = F
     return _CompilerParams(dimension_semantics=tuple(sem)), interpret
 
 
-def _state_fwd_kernel(*refs, has_g, scale, store_states):
-    q_ref, k_ref, w_ref, u_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    h0_ref, o_ref, hT_ref, *rest = rest
-    st_ref = rest.pop(0) if store_states else None
-    (s_ref,) = rest
-    n, N = pl.program_id(2), pl.num_programs(2)
-
-    @pl.when(n == 0)
-    def _():
-        s_ref[...] = h0_ref[...]
-
-    S = s_ref[...]
-    if st_ref is not None:
-        st_ref[...] = S
-    m = pk.Masks.make(q_ref.shape[0])
-    gt = pk.gates(m, None if g_ref is None else pk.load_f32(g_ref))
-    O, S = pk.chunk_out(m, gt, pk.load_f32(q_ref), pk.load_f32(k_ref), w_ref[...], u_ref[...],
-                        S, scale)
-    o_ref[...] = O
-    s_ref[...] = S
-
-    @pl.when(n == N - 1)
-    def _():
-        hT_ref[...] = S
+def _call(kernel, *, grid, opts, cost, **kw):
+    """`pallas_call` over an all-"parallel" grid (the chunk-parallel passes)."""
+    params, interpret = _compiler_params(len(grid), opts)
+    return pallas_call(kernel, grid=grid, compiler_params=params, interpret=interpret,
+                       flops=cost["flops"], transcendentals=cost["transcendentals"],
+                       nbytes=cost["bytes_accessed"], **kw)
 
 
-def _state_bwd_kernel(*refs, has_g, scale):
-    q_ref, k_ref, w_ref, do_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    dhT_ref, dh0_ref, dhs_ref, s_ref = rest
-    i, N = pl.program_id(2), pl.num_programs(2)
-
-    @pl.when(i == 0)
-    def _():
-        s_ref[...] = dhT_ref[...]
-
-    dS = s_ref[...]
-    dhs_ref[...] = dS
-    m = pk.Masks.make(q_ref.shape[0])
-    gt = pk.gates(m, None if g_ref is None else pk.load_f32(g_ref))
-    dS = pk.chunk_state_bwd(m, gt, pk.load_f32(q_ref), pk.load_f32(k_ref), w_ref[...],
-                            pk.load_f32(do_ref), dS, scale)
-    s_ref[...] = dS
-
-    @pl.when(i == N - 1)
-    def _():
-        dh0_ref[...] = dS
+# ------------------------------------------------------------------------------------------
+# Layout.
 
 
-def _specs(p: Prepared, bv, reverse=False):
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """Inputs in kernel layout (vectors as `[B·H, N, C, 1]`); `g`/`lam` None when absent."""
+
+    q: Array
+    k: Array
+    v: Array
+    b: Array
+    g: Array | None
+    lam: Array | None
+    h0: Array  # [B·H, Dkp, Dvp] float32
+
+
+def _prepare(q, k, v, beta, g, lam, h0, C):
+    Dkp, Dvp = pad_dim(q.shape[-1]), pad_dim(v.shape[-1])
+    vec = lambda a: None if a is None else to_chunks(a[..., None], C, dtype=F32)
+    return _Prepared(to_chunks(q, C, Dkp), to_chunks(k, C, Dkp), to_chunks(v, C, Dvp),
+                     vec(beta), vec(g), vec(lam), pad_state(h0, Dkp, Dvp))
+
+
+def _chunk_spec(a):
+    """Block = one chunk `[C, D]` of `[B·H, N, C, D]`, grid `(B·H, N)`."""
+    return pl.BlockSpec((SQUEEZED, SQUEEZED, *a.shape[2:]), lambda i, n: (i, n, 0, 0))
+
+
+# ------------------------------------------------------------------------------------------
+# Launchers of the four passes.
+
+
+def _intra_fwd(p: _Prepared, opts: DeltaRuleOptions):
+    """`W [B·H, N, C, Dkp]`, `Ũ [B·H, N, C, Dvp]` in float32."""
+    BH, N, C, Dkp = p.q.shape
+    Dvp = p.v.shape[-1]
+    ins = [a for a in (p.q, p.k, p.v, p.b, p.g, p.lam) if a is not None]
+    out_shape = (jax.ShapeDtypeStruct((BH, N, C, Dkp), jnp.float32),
+                 jax.ShapeDtypeStruct((BH, N, C, Dvp), jnp.float32))
+    flops = BH * N * (2 * C * C * Dkp + C**3 + 2 * C * C * (Dkp + Dvp))
+    kernel = functools.partial(pk.intra_fwd_kernel, has_g=p.g is not None,
+                               has_lam=p.lam is not None)
+    return _call(kernel, grid=(BH, N), in_specs=[_chunk_spec(a) for a in ins],
+                 out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
+                 cost=dict(flops=flops, transcendentals=BH * N * C * C if p.g is not None else 0,
+                           bytes_accessed=nbytes(*ins) + 4 * BH * N * C * (Dkp + Dvp)),
+                 name="delta_rule_intra_fwd")(*ins)
+
+
+
+
+def _intra_bwd(p: _Prepared, states, dhs, dO, opts: DeltaRuleOptions):
+    """Per-chunk gradients in kernel layout: `(dq, dk, dv, dβ, dg | None, dλ | None)`."""
+    BH, N, C, Dkp = p.q.shape
+    Dvp = p.v.shape[-1]
+    has_g, has_lam = p.g is not None, p.lam is not None
+    ins = [a for a in (p.q, p.k, p.v, p.b, p.g, p.lam) if a is not None] + [states, dhs, dO]
+    in_specs = [_chunk_spec(a) for a in ins]
+    f32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32)
+    out_shape = [f32(p.q.shape), f32(p.k.shape), f32(p.v.shape), f32(p.b.shape)]
+    out_shape += [f32(p.b.shape)] * (int(has_g) + int(has_lam))
+    flops = BH * N * (C**3 + 2 * C * Dkp * Dvp * 4 + 2 * C * C * (8 * Dkp + 4 * Dvp) + 6 * C**3)
+    kernel = functools.partial(pk.intra_bwd_kernel, has_g=has_g, has_lam=has_lam, scale=opts.scale,
+                               block_v=_block_v(opts, Dvp))
+    outs = _call(kernel, grid=(BH, N), in_specs=in_specs,
+                 out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
+                 cost=dict(flops=flops, transcendentals=BH * N * C * C if has_g else 0,
+                           bytes_accessed=nbytes(*ins) + 4 * BH * N * C * (2 * Dkp + Dvp)),
+                 name="delta_rule_intra_bwd")(*ins)
+    dq, dk, dv, db, *rest = outs
+    dg = rest.pop(0) if has_g else None
+    dl = rest.pop(0) if has_lam else None
+    return dq, dk, dv, db, dg, dl
+
+
+
+
+def _specs(p: _Prepared, bv, reverse=False):
     """Block specs over grid `(B·H, Dv tiles, N)`; chunk n is `N−1−n` when `reverse`."""
     N = p.q.shape[1]
     at = (lambda n: N - 1 - n) if reverse else (lambda n: n)
@@ -105,11 +189,11 @@ def _specs(p: Prepared, bv, reverse=False):
     return full, tile, state, chunk_state
 
 
-def state_fwd(p: Prepared, W, Ut, opts: DeltaRuleOptions, *, store_states: bool):
-    """TPU twin of `pallas_gpu.state_fwd` (same outputs)."""
+def _state_fwd(p: _Prepared, W, Ut, opts: DeltaRuleOptions, *, store_states: bool):
+    """`(O [B·H, N, C, Dvp], S_T [B·H, Dkp, Dvp], chunk start states [B·H, N, Dkp, Dvp] | None)`."""
     BH, N, C, Dkp = p.q.shape
     Dvp = p.v.shape[-1]
-    bv = opts.default_block_v(Dvp)
+    bv = _block_v(opts, Dvp)
     full, tile, state, chunk_state = _specs(p, bv)
     ins = [p.q, p.k, W, Ut] + ([p.g] if p.g is not None else []) + [p.h0]
     in_specs = [full(Dkp), full(Dkp), full(Dkp), tile] + ([full(1)] if p.g is not None else [])
@@ -120,8 +204,8 @@ def state_fwd(p: Prepared, W, Ut, opts: DeltaRuleOptions, *, store_states: bool)
     if store_states:
         out_shape.append(jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), jnp.float32))
         out_specs.append(chunk_state)
-    params, interpret = compiler_params(3, opts, sequential_last=True)
-    kernel = functools.partial(_state_fwd_kernel, has_g=p.g is not None, scale=opts.scale,
+    params, interpret = _compiler_params(3, opts, sequential_last=True)
+    kernel = functools.partial(pk.state_fwd_kernel, has_g=p.g is not None, scale=opts.scale,
                                store_states=store_states)
     flops = BH * N * (2 * C * C * Dkp + 2 * C * Dvp * (3 * Dkp + C))
     outs = pl.pallas_call(
@@ -130,24 +214,24 @@ def state_fwd(p: Prepared, W, Ut, opts: DeltaRuleOptions, *, store_states: bool)
         compiler_params=params, interpret=interpret, name="delta_rule_state_fwd",
         cost_estimate=pl.CostEstimate(
             flops=int(flops), transcendentals=0,
-            bytes_accessed=int(pallas_gpu._nbytes(*ins) + 4 * BH * N * C * Dvp)),
+            bytes_accessed=int(nbytes(*ins) + 4 * BH * N * C * Dvp)),
     )(*ins)
     return outs[0], outs[1], (outs[2] if store_states else None)
 
 
-def state_bwd(p: Prepared, W, dO, dhT, opts: DeltaRuleOptions):
-    """TPU twin of `pallas_gpu.state_bwd`."""
+def _state_bwd(p: _Prepared, W, dO, dhT, opts: DeltaRuleOptions):
+    """`(d S_0 [B·H, Dkp, Dvp], end-state grads of every chunk [B·H, N, Dkp, Dvp])`."""
     BH, N, C, Dkp = p.q.shape
     Dvp = p.v.shape[-1]
-    bv = opts.default_block_v(Dvp)
+    bv = _block_v(opts, Dvp)
     full, tile, state, chunk_state = _specs(p, bv, reverse=True)
     ins = [p.q, p.k, W, dO] + ([p.g] if p.g is not None else []) + [dhT]
     in_specs = [full(Dkp), full(Dkp), full(Dkp), tile] + ([full(1)] if p.g is not None else [])
     in_specs.append(state)
     out_shape = (jax.ShapeDtypeStruct((BH, Dkp, Dvp), jnp.float32),
                  jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), jnp.float32))
-    params, interpret = compiler_params(3, opts, sequential_last=True)
-    kernel = functools.partial(_state_bwd_kernel, has_g=p.g is not None, scale=opts.scale)
+    params, interpret = _compiler_params(3, opts, sequential_last=True)
+    kernel = functools.partial(pk.state_bwd_kernel, has_g=p.g is not None, scale=opts.scale)
     flops = BH * N * (2 * C * C * Dkp + 2 * C * Dvp * (3 * Dkp + C))
     return pl.pallas_call(
         kernel, grid=(BH, Dvp // bv, N), in_specs=in_specs, out_specs=(state, chunk_state),
@@ -155,13 +239,45 @@ def state_bwd(p: Prepared, W, dO, dhT, opts: DeltaRuleOptions):
         compiler_params=params, interpret=interpret, name="delta_rule_state_bwd",
         cost_estimate=pl.CostEstimate(
             flops=int(flops), transcendentals=0,
-            bytes_accessed=int(pallas_gpu._nbytes(*ins) + 4 * BH * N * Dkp * Dvp)),
+            bytes_accessed=int(nbytes(*ins) + 4 * BH * N * Dkp * Dvp)),
     )(*ins)
 
 
-delta_rule_tpu = pallas_gpu.make_custom_vjp(pallas_gpu.intra_fwd, state_fwd, state_bwd,
-                                            pallas_gpu.intra_bwd)
-delta_rule_tpu.__doc__ = """TPU (Mosaic) delta rule with custom VJP; `opts.backend` must be "tpu".
+# ------------------------------------------------------------------------------------------
+# Forward and backward launchers (the custom VJP in `ops.py` calls these two).
 
-Args and returns as `pallas_gpu.delta_rule_gpu`.
-"""
+
+def delta_rule_fwd(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
+    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32)`.
+
+    Args:
+      q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or
+        None; h0: `[B, H, Dk, Dv]` initial state. Finite (g may hold −inf), at most 32-bit.
+      opts: `DeltaRuleOptions` with `backend="tpu"`.
+    """
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    p = _prepare(q, k, v, beta, g, lam, h0, kernel_chunk(opts, T))
+    W, Ut = _intra_fwd(p, opts)
+    O, hT, _ = _state_fwd(p, W, Ut, opts, store_states=False)
+    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv)
+
+
+def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
+    """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
+    `dhT [B, H, Dk, Dv]`: `(dq, dk, dv, dβ, dg, dλ, dh0)` in float32 (dg/dλ None when g/λ
+    are). W, Ũ and the chunk states are recomputed (passes 1 and 2)."""
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    C = kernel_chunk(opts, T)
+    p = _prepare(q, k, v, beta, g, lam, h0, C)
+    Dkp, Dvp = p.h0.shape[1:]
+    W, Ut = _intra_fwd(p, opts)
+    _, _, states = _state_fwd(p, W, Ut, opts, store_states=True)
+    dO = to_chunks(do.astype(F32), C, Dvp)
+    dh0, dhs = _state_bwd(p, W, dO, pad_state(dhT, Dkp, Dvp), opts)
+    dq, dk, dv, db, dg, dl = _intra_bwd(p, states, dhs, dO, opts)
+    vec = lambda a: None if a is None else from_chunks(a[..., 0], B, T, H)
+    return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
+            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), vec(dl),
+            unpad_state(dh0, B, H, Dk, Dv))

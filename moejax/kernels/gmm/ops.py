@@ -4,19 +4,21 @@ Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), K contrac
 N output width, G groups.
 
 Backends (`impl`): "reference" (`jax.lax.ragged_dot`), "chunk" (plain-JAX tile scan, flat in G
-on CPU), "pallas" (Pallas kernels chosen at lowering time with `jax.lax.platform_dependent`: the
+on CPU), "pallas" (Pallas kernels chosen at lowering time through `moejax.kernels.dispatch`: the
 Triton kernel of `pallas_gpu.py` on CUDA, the Mosaic kernel of `pallas_tpu.py` on TPU, the
 Triton kernel in interpret mode on CPU, `ragged_dot` elsewhere) and "auto" (lowering-time
-choice: the Pallas kernel on CUDA/TPU, chunk on CPU, reference elsewhere). On CUDA, "auto" takes
-the Triton kernel only for the dtypes the deviceless sm_90a compile check covers
-(`GPU_KERNEL_DTYPES`, see `moejax.kernels.gpu_compile`); any other dtype falls back to
-`ragged_dot` and says so once (a `UserWarning` naming the dtype and shapes).
+choice: the Pallas kernel on CUDA/TPU, chunk on CPU, reference elsewhere). A sequence of names
+is tried in order. On CUDA the Triton kernel refuses (`pallas_gpu.check_supported`,
+`NotImplementedError`) the dtypes the deviceless sm_90a compile check does not cover
+(`pallas_common.GPU_KERNEL_DTYPES`, see `moejax.kernels.gpu_compile`); "auto" then falls back to
+`ragged_dot` and says so once on a GPU host (a `UserWarning` naming the dtype and shapes).
 
 The backward passes are built from the forward ops (megablox): for `out = gmm(lhs, rhs)`,
 `dlhs = gmm(dout, rhs, transpose_rhs=True)` and `drhs = tgmm(lhs, dout)`; for
 `out = tgmm(lhs, grad)`, `dlhs = gmm(grad, dout, transpose_rhs=True)` and
 `dgrad = gmm(lhs, dout)`. A backend therefore only supplies forward `gmm` and `tgmm`; the
-Pallas kernels plug into `_BACKENDS` without a backward of their own.
+Pallas kernels plug into `_GMM_IMPLS` / `_TGMM_IMPLS` without a backward of their own. Both
+custom VJPs take one static `_Options` (the `impl` and `transpose_rhs`), by name.
 
 Data-dependent checks (negative group sizes, `sum(group_sizes) > M`) cannot raise inside `jit`;
 `checked_gmm` / `checked_tgmm` run them through `jax.experimental.checkify`, and
@@ -27,125 +29,67 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from types import MappingProxyType
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-from moejax.kernels import gpu_compile
+from moejax.kernels import dispatch
 from moejax.kernels.gmm import chunk, pallas_gpu, pallas_tpu, reference
 
 Array = jax.Array
 
 IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "chunk", "pallas")
 
-
-class GmmImplUnavailableError(NotImplementedError, ValueError):
-    """A requested gmm backend does not exist yet (or cannot run these arguments).
-
-    Subclasses both `NotImplementedError` (so `impl` sequences fall back, STYLE §6.6) and
-    `ValueError` (it is a bad argument value from the caller's point of view).
-    """
+# A requested gmm backend cannot run these arguments: both a `NotImplementedError` (so `impl`
+# sequences fall back, STYLE §6.6) and a `ValueError` (a bad argument value from the caller's
+# point of view). Kept under its old name.
+GmmImplUnavailableError = dispatch.KernelUnavailableError
 
 
-class _Backend(NamedTuple):
-    gmm: Callable[..., Array]  # (lhs, rhs, group_sizes, *, transpose_rhs) -> [M, N]
-    tgmm: Callable[..., Array]  # (lhs, grad, group_sizes) -> [G, K, N]
+def _table(ref, chk, gpu, tpu, op: str) -> dispatch.Table:
+    """name -> platform -> implementations, for the forward op `op` ("gmm" or "tgmm")."""
+    impl = dispatch.Implementation
+    ref = impl(ref, "jax.lax.ragged_dot")
+    gpu_kernel = impl(gpu, "the GPU kernel", check=functools.partial(pallas_gpu.check_supported,
+                                                                     op))
+    return MappingProxyType({
+        "reference": {"default": (ref,)},
+        "chunk": {"default": (impl(chk, "the plain-JAX tile scan"),)},
+        "pallas": {"cpu": (impl(functools.partial(gpu, interpret=True),
+                                "the GPU kernel in interpret mode"),),
+                   "cuda": (gpu_kernel,), "tpu": (impl(tpu, "the TPU kernel"),),
+                   "default": (ref,)},
+        "auto": {"cpu": (impl(chk, "the plain-JAX tile scan"),), "cuda": (gpu_kernel, ref),
+                 "tpu": (impl(tpu, "the TPU kernel"),), "default": (ref,)},
+    })
 
 
-def _pallas_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
-    # Chosen at lowering time, so jax.export(platforms=["cuda"]) on a CPU host gets the Triton
-    # kernel and platforms=["tpu"] the Mosaic one; on CPU the Triton kernel is interpreted.
-    part = functools.partial
-    return jax.lax.platform_dependent(
-        lhs, rhs, group_sizes,
-        cpu=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs, interpret=True),
-        cuda=part(pallas_gpu.gmm, transpose_rhs=transpose_rhs),
-        tpu=part(pallas_tpu.gmm, transpose_rhs=transpose_rhs),
-        default=part(reference.gmm, transpose_rhs=transpose_rhs))
-
-
-def _pallas_tgmm(lhs, grad, group_sizes):
-    return jax.lax.platform_dependent(
-        lhs, grad, group_sizes, cpu=functools.partial(pallas_gpu.tgmm, interpret=True),
-        cuda=pallas_gpu.tgmm, tpu=pallas_tpu.tgmm, default=reference.tgmm)
-
-
-# Input dtypes whose Triton kernels the sm_90a compile check covers (tests/gpu_compile).
-GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
-
-
-def _gpu_kernel_or_fallback(kernel: Callable, fallback: Callable, op: str, *arrays: Array
-                            ) -> Callable:
-    """`kernel` when the compile check covers these inputs, else `fallback` (with a warning when
-    running on a GPU, where the choice matters)."""
-    if arrays[0].dtype in GPU_KERNEL_DTYPES:
-        return kernel
-    if jax.default_backend() == "gpu":
-        shapes = ", ".join(f"{tuple(a.shape)}" for a in arrays)
-        warnings.warn(f"{op}(impl='auto'): dtype {arrays[0].dtype} (shapes {shapes}) is not "
-                      f"covered by the GPU kernel's compile check (covered: "
-                      f"{', '.join(map(str, GPU_KERNEL_DTYPES))}); using jax.lax.ragged_dot",
-                      stacklevel=3)
-    return fallback
-
-
-def _auto_gmm(lhs, rhs, group_sizes, *, transpose_rhs=False):
-    # Chosen at lowering time, so jax.export(platforms=[...]) picks per platform.
-    part = functools.partial
-    cuda = _gpu_kernel_or_fallback(pallas_gpu.gmm, reference.gmm, "gmm", lhs, rhs)
-    return jax.lax.platform_dependent(
-        lhs, rhs, group_sizes,
-        cpu=part(chunk.gmm, transpose_rhs=transpose_rhs),
-        cuda=part(cuda, transpose_rhs=transpose_rhs),
-        tpu=part(pallas_tpu.gmm, transpose_rhs=transpose_rhs),
-        default=part(reference.gmm, transpose_rhs=transpose_rhs))
-
-
-def _auto_tgmm(lhs, grad, group_sizes):
-    cuda = _gpu_kernel_or_fallback(pallas_gpu.tgmm, reference.tgmm, "tgmm", lhs, grad)
-    return jax.lax.platform_dependent(lhs, grad, group_sizes, cpu=chunk.tgmm, cuda=cuda,
-                                      tpu=pallas_tpu.tgmm, default=reference.tgmm)
-
-
-_BACKENDS = MappingProxyType({
-    "reference": _Backend(gmm=reference.gmm, tgmm=reference.tgmm),
-    "chunk": _Backend(gmm=chunk.gmm, tgmm=chunk.tgmm),
-    "pallas": _Backend(gmm=_pallas_gmm, tgmm=_pallas_tgmm),
-    "auto": _Backend(gmm=_auto_gmm, tgmm=_auto_tgmm),
-})
+# gmm implementations: (lhs, rhs, group_sizes, *, transpose_rhs) -> [M, N].
+_GMM_IMPLS = _table(reference.gmm, chunk.gmm, pallas_gpu.gmm, pallas_tpu.gmm, "gmm")
+# tgmm implementations: (lhs, grad, group_sizes) -> [G, K, N].
+_TGMM_IMPLS = _table(reference.tgmm, chunk.tgmm, pallas_gpu.tgmm, pallas_tpu.tgmm, "tgmm")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class _Options:
-    """Static options: the single non-differentiable argument of the custom VJPs."""
+    """Static options: the single non-differentiable argument of the custom VJPs.
 
-    backend: str
+    Attributes:
+      impl: the `impl` name, or a tuple of names tried in order (validated).
+      transpose_rhs: gmm multiplies by `rhs[g]^T` (rhs `[G, N, K]`); unused by tgmm.
+    """
+
+    impl: str | tuple[str, ...]
     transpose_rhs: bool = False
 
 
-def _resolve_impl(impl: str | Sequence[str]) -> str:
-    """Maps `impl` (a name or a sequence tried in order) to a key of `_BACKENDS`."""
-    names = (impl,) if isinstance(impl, str) else tuple(impl)
-    if not names:
-        raise ValueError(f"impl must name at least one of {IMPL_NAMES}, got {impl!r}")
-    errors = []
-    for name in names:
-        if name not in IMPL_NAMES:
-            raise ValueError(f"Unknown gmm impl {name!r}; valid: {', '.join(IMPL_NAMES)}")
-        if name not in _BACKENDS:  # named in IMPL_NAMES but not registered (yet).
-            errors.append(GmmImplUnavailableError(
-                f"impl={name!r}: this gmm backend is not available; use impl='reference' or "
-                f"impl='auto'"))
-            continue
-        return name
-    if len(errors) == 1:
-        raise errors[0]
-    raise ExceptionGroup(f"no gmm impl in {names} can run", errors)
+def _options(impl: str | Sequence[str]) -> _Options:
+    """Validates `impl` (a name or a sequence tried in order) into `_Options`."""
+    names = dispatch.impl_names("gmm", impl, IMPL_NAMES)
+    return _Options(impl=impl if isinstance(impl, str) else names)
 
 
 def _validate_args(*, lhs: Array, other: Array, group_sizes: Array, other_name: str,
@@ -173,25 +117,26 @@ def _validate_args(*, lhs: Array, other: Array, group_sizes: Array, other_name: 
 # ------------------------------------------------------------------------------------- gmm
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _gmm(opts: _Options, lhs: Array, rhs: Array, group_sizes: Array) -> Array:
-    return _BACKENDS[opts.backend].gmm(lhs, rhs, group_sizes, transpose_rhs=opts.transpose_rhs)
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts",))
+def _gmm(lhs: Array, rhs: Array, group_sizes: Array, opts: _Options) -> Array:
+    return dispatch.dispatch("gmm", opts.impl, _GMM_IMPLS, lhs, rhs, group_sizes,
+                             transpose_rhs=opts.transpose_rhs)
 
 
-def _gmm_fwd_rule(opts, lhs, rhs, group_sizes):
-    return _gmm(opts, lhs, rhs, group_sizes), (lhs, rhs, group_sizes)
+def _gmm_fwd_rule(lhs, rhs, group_sizes, opts):
+    return _gmm(lhs, rhs, group_sizes, opts), (lhs, rhs, group_sizes)
 
 
 def _gmm_bwd_rule(opts, residuals, dout):
     lhs, rhs, group_sizes = residuals
     dout = dout.astype(lhs.dtype)
     flipped = dataclasses.replace(opts, transpose_rhs=not opts.transpose_rhs)
-    dlhs = _gmm(flipped, dout, rhs, group_sizes)
-    plain = _Options(backend=opts.backend)
+    dlhs = _gmm(dout, rhs, group_sizes, flipped)
+    plain = _Options(impl=opts.impl)
     if opts.transpose_rhs:  # out = lhs @ rhs[g]^T, rhs [G, N, K]: drhs[g] = dout_g^T lhs_g.
-        drhs = _tgmm(plain, dout, lhs, group_sizes)
+        drhs = _tgmm(dout, lhs, group_sizes, plain)
     else:
-        drhs = _tgmm(plain, lhs, dout, group_sizes)
+        drhs = _tgmm(lhs, dout, group_sizes, plain)
     return dlhs, drhs.astype(rhs.dtype), None
 
 
@@ -211,7 +156,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
         the Pallas kernel on CUDA and TPU, "chunk" on CPU, "reference" elsewhere), "reference"
         (`jax.lax.ragged_dot`; on CPU its cost grows linearly with G), "chunk" (`lax.scan`
         over row tiles, flat in G), "pallas" (Triton kernel on CUDA, Mosaic kernel on TPU, the
-        Triton kernel in interpret mode on CPU — slow, for tests), or a sequence tried in order.
+        Triton kernel in interpret mode on CPU — slow, for tests), or a sequence tried in order
+        (a name whose kernel refuses the inputs, e.g. "pallas" for float16 on CUDA, passes to
+        the next; if none can run, `GmmImplUnavailableError`).
 
     Returns:
       `[M, N]` of `lhs.dtype` (float32 accumulation); rows past `sum(group_sizes)` are zero.
@@ -229,27 +176,26 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *,
     if group_sizes.shape[0] != rhs.shape[0]:
         raise ValueError(f"'group_sizes' has {group_sizes.shape[0]} entries but 'rhs' has "
                          f"G={rhs.shape[0]} groups")
-    opts = _Options(backend=_resolve_impl(impl))
-    return _gmm(opts, lhs, rhs, group_sizes.astype(jnp.int32))
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), _options(impl))
 
 
 # ------------------------------------------------------------------------------------ tgmm
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _tgmm(opts: _Options, lhs: Array, grad: Array, group_sizes: Array) -> Array:
-    return _BACKENDS[opts.backend].tgmm(lhs, grad, group_sizes)
+@functools.partial(jax.custom_vjp, nondiff_argnames=("opts",))
+def _tgmm(lhs: Array, grad: Array, group_sizes: Array, opts: _Options) -> Array:
+    return dispatch.dispatch("tgmm", opts.impl, _TGMM_IMPLS, lhs, grad, group_sizes)
 
 
-def _tgmm_fwd_rule(opts, lhs, grad, group_sizes):
-    return _tgmm(opts, lhs, grad, group_sizes), (lhs, grad, group_sizes)
+def _tgmm_fwd_rule(lhs, grad, group_sizes, opts):
+    return _tgmm(lhs, grad, group_sizes, opts), (lhs, grad, group_sizes)
 
 
 def _tgmm_bwd_rule(opts, residuals, dout):
     lhs, grad, group_sizes = residuals
     dout = dout.astype(lhs.dtype)  # [G, K, N]
-    dlhs = _gmm(_Options(backend=opts.backend, transpose_rhs=True), grad, dout, group_sizes)
-    dgrad = _gmm(_Options(backend=opts.backend), lhs, dout, group_sizes)
+    dlhs = _gmm(grad, dout, group_sizes, _Options(impl=opts.impl, transpose_rhs=True))
+    dgrad = _gmm(lhs, dout, group_sizes, _Options(impl=opts.impl))
     return dlhs, dgrad, None
 
 
@@ -279,8 +225,7 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *,
     if lhs.shape[0] != grad.shape[0]:
         raise ValueError(f"'lhs' [M, K] and 'grad' [M, N] disagree on M: lhs {lhs.shape}, "
                          f"grad {grad.shape}")
-    opts = _Options(backend=_resolve_impl(impl))
-    return _tgmm(opts, lhs, grad, group_sizes.astype(jnp.int32))
+    return _tgmm(lhs, grad, group_sizes.astype(jnp.int32), _options(impl))
 
 
 # ------------------------------------------------------------------------ checkify wrappers

@@ -1,7 +1,7 @@
 """Grouped matmuls as Pallas kernels for GPU (Triton lowering).
 
 Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), K contracting width,
-N output width, G groups, V visits (see `metadata.py`); tm, tk, tn block sizes.
+N output width, G groups, V visits (see `pallas_common.py`); tm, tk, tn block sizes.
 
 `gmm`: the grid is `(⌈N/tn⌉, V)`. Program `(j, v)` reads its visit `(tile, group, lo, hi)` from
 the schedule (computed outside the kernel in plain XLA), loops over K in blocks of `tk`
@@ -19,8 +19,10 @@ The first grid dimension (CUDA's fastest-launched) is the N block, so programs r
 share one lhs row tile (gmm) or one lhs row slab (tgmm) in L2 while they sweep N.
 
 Triton needs power-of-two block shapes of at least 16; `BlockSizes` holds the requested sizes
-and `pow2_block` shrinks them for small dimensions. bf16 (or fp32) in, fp32 accumulation, output
-in `out_dtype` (default `lhs.dtype`). On CPU, pass `interpret=True` (GPU semantics).
+and `pallas_common.pow2_block` shrinks them for small dimensions. bf16 (or fp32) in, fp32
+accumulation, output in `out_dtype` (default `lhs.dtype`). On CPU, pass `interpret=True` (GPU
+semantics). `check_supported` raises `NotImplementedError` for dtypes outside the sm_90a compile
+check, so `ops.py`'s `impl="auto"` falls back (the kernels themselves do not check).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from moejax.kernels.gmm import metadata as md
+from moejax.kernels.gmm import pallas_common as pc
 
 Array = jax.Array
 
@@ -72,11 +74,21 @@ class BlockSizes:
         return cls()
 
 
-def _cost(flops: int, *arrays_and_out) -> pl.CostEstimate | None:
-    if not hasattr(pl, "CostEstimate"):
-        return None
-    nbytes = sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays_and_out)
-    return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=int(nbytes))
+def check_supported(op: str, lhs: Array, other: Array, *_, **__) -> None:
+    """Raises `NotImplementedError` for input dtypes the kernels' sm_90a compile check does not
+    cover (`pallas_common.GPU_KERNEL_DTYPES`: bfloat16, float32), naming dtype and shapes.
+
+    Args:
+      op: "gmm" or "tgmm" (unused: the dispatcher's message names the op).
+      lhs, other: the two matrix operands (`rhs` or `grad`); further arguments are ignored.
+    """
+    del op
+    if lhs.dtype in pc.GPU_KERNEL_DTYPES:
+        return
+    shapes = ", ".join(f"{tuple(a.shape)}" for a in (lhs, other))
+    raise NotImplementedError(
+        f"dtype {lhs.dtype} (shapes {shapes}) is not covered by the GPU kernel's compile check "
+        f"(covered: {', '.join(map(str, pc.GPU_KERNEL_DTYPES))})")
 
 
 # ------------------------------------------------------------------------------------- gmm
@@ -143,9 +155,9 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = Fal
         return jnp.zeros((m, n), out_dtype)
     if k == 0:
         return jnp.zeros((m, n), out_dtype)
-    tm, tk, tn = (md.pow2_block(m, bs.block_m), md.pow2_block(k, bs.block_k),
-                  md.pow2_block(n, bs.block_n))
-    meta = md.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=False)
+    tm, tk, tn = (pc.pow2_block(m, bs.block_m), pc.pow2_block(k, bs.block_k),
+                  pc.pow2_block(n, bs.block_n))
+    meta = pc.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=False)
     num_v = meta.tile.shape[0]
     kernel = functools.partial(_gmm_fwd_kernel, tm=tm, tk=tk, tn=tn, k=k, n=n,
                                transpose_rhs=transpose_rhs)
@@ -156,7 +168,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = Fal
         grid=(pl.cdiv(n, tn), num_v),
         compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        cost_estimate=_cost(2 * m * k * n, lhs, rhs, out_shape),
+        cost_estimate=pc.cost_estimate(2 * m * k * n, lhs, rhs, out_shape),
         name="moejax_gmm",
     )(meta.tile, meta.group, meta.lo, meta.hi, meta.compute, lhs, rhs)
 
@@ -207,8 +219,8 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *, out_dtype=None,
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     if m == 0 or num_groups == 0 or k == 0 or n == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    tm, tk, tn = (md.pow2_block(m, bs.block_m), md.pow2_block(k, bs.block_k),
-                  md.pow2_block(n, bs.block_n))
+    tm, tk, tn = (pc.pow2_block(m, bs.block_m), pc.pow2_block(k, bs.block_k),
+                  pc.pow2_block(n, bs.block_n))
     ends = jnp.minimum(jnp.cumsum(jnp.maximum(group_sizes.astype(jnp.int32), 0)), m)
     offsets = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends.astype(jnp.int32)])
     kernel = functools.partial(_tgmm_fwd_kernel, tm=tm, tk=tk, tn=tn, k=k, n=n)
@@ -219,6 +231,6 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *, out_dtype=None,
         grid=(pl.cdiv(n, tn), pl.cdiv(k, tk), num_groups),
         compiler_params=_CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         interpret=interpret,
-        cost_estimate=_cost(2 * m * k * n, lhs, grad, out_shape),
+        cost_estimate=pc.cost_estimate(2 * m * k * n, lhs, grad, out_shape),
         name="moejax_tgmm",
     )(offsets, lhs, grad)

@@ -1,9 +1,9 @@
 """Grouped matmuls as Pallas kernels for TPU (Mosaic lowering).
 
 Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), K contracting width,
-N output width, G groups, V visits (see `metadata.py`); tm, tk, tn block sizes.
+N output width, G groups, V visits (see `pallas_common.py`); tm, tk, tn block sizes.
 
-The visit schedule (`metadata.make_group_metadata`) is passed as scalar-prefetch operands
+The visit schedule (`pallas_common.make_group_metadata`) is passed as scalar-prefetch operands
 (`PrefetchScalarGridSpec`): it lives in SMEM and drives the BlockSpec index maps, so the
 pipeline DMAs exactly the lhs/rhs blocks each visit needs.
 
@@ -18,7 +18,7 @@ group's visits run; rows outside the group are masked to zero before `lhs_tileáµ
 the block is written at the group's last visit (empty groups: zeros).
 
 Blocks follow the TPU layout: the last two block dims are multiples of (8, 128) or span the
-whole dimension (`BlockSizes` checks the former, `fit_block` picks the latter for small
+whole dimension (`BlockSizes` checks the former, `pallas_common.fit_block` the latter for small
 dimensions). M, K, N need not be multiples of their blocks: edge blocks are masked in-kernel
 (K) or clipped on write-back (M, N). bf16 (or fp32) in, fp32 accumulation.
 """
@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.kernels.gmm import metadata as md
+from moejax.kernels.gmm import pallas_common as pc
 
 Array = jax.Array
 
@@ -70,14 +70,7 @@ class BlockSizes:
         return cls()
 
 
-def _cost(flops: int, *arrays_and_out) -> pl.CostEstimate | None:
-    if not hasattr(pl, "CostEstimate"):
-        return None
-    nbytes = sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays_and_out)
-    return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=int(nbytes))
-
-
-def _row_mask(meta: md.GroupMetadata, v, tm: int, width: int):
+def _row_mask(meta: pc.GroupMetadata, v, tm: int, width: int):
     rows = meta.tile[v] * tm + lax.broadcasted_iota(jnp.int32, (tm, width), 0)
     return (rows >= meta.lo[v]) & (rows < meta.hi[v])
 
@@ -146,10 +139,10 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = Fal
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     if m == 0 or num_groups == 0 or n == 0 or k == 0:
         return jnp.zeros((m, n), out_dtype)
-    tm, tk, tn = md.fit_block(m, bs.block_m), md.fit_block(k, bs.block_k), md.fit_block(n,
+    tm, tk, tn = pc.fit_block(m, bs.block_m), pc.fit_block(k, bs.block_k), pc.fit_block(n,
                                                                                      bs.block_n)
     tiles_k, tiles_n = pl.cdiv(k, tk), pl.cdiv(n, tn)
-    meta = md.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=False)
+    meta = pc.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=False)
 
     def k_index(v, kk, meta):  # visits without a matmul keep the last K block: no new DMA.
         return jnp.where(meta.compute[v] > 0, kk, tiles_k - 1)
@@ -181,7 +174,7 @@ def gmm(lhs: Array, rhs: Array, group_sizes: Array, *, transpose_rhs: bool = Fal
         compiler_params=_CompilerParams(
             dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         interpret=interpret,
-        cost_estimate=_cost(2 * m * k * n, lhs, rhs, out_shape),
+        cost_estimate=pc.cost_estimate(2 * m * k * n, lhs, rhs, out_shape),
         name="moejax_gmm",
     )(meta, lhs, rhs)
 
@@ -231,9 +224,9 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *, out_dtype=None,
     out_dtype = jnp.dtype(out_dtype or lhs.dtype)
     if m == 0 or num_groups == 0 or k == 0 or n == 0:
         return jnp.zeros((num_groups, k, n), out_dtype)
-    tm, tk, tn = md.fit_block(m, bs.block_m), md.fit_block(k, bs.block_k), md.fit_block(n,
+    tm, tk, tn = pc.fit_block(m, bs.block_m), pc.fit_block(k, bs.block_k), pc.fit_block(n,
                                                                                      bs.block_n)
-    meta = md.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=True)
+    meta = pc.make_group_metadata(group_sizes, m=m, tm=tm, for_tgmm=True)
 
     def lhs_map(i, j, v, meta):
         return meta.tile[v], i
@@ -259,6 +252,6 @@ def tgmm(lhs: Array, grad: Array, group_sizes: Array, *, out_dtype=None,
         compiler_params=_CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-        cost_estimate=_cost(2 * m * k * n, lhs, grad, out_shape),
+        cost_estimate=pc.cost_estimate(2 * m * k * n, lhs, grad, out_shape),
         name="moejax_tgmm",
     )(meta, lhs, grad)

@@ -1,8 +1,9 @@
 """The Pallas TPU (Mosaic) kernel in TPU interpret mode on CPU against the oracle.
 
-`impl="pallas"` on CPU runs the GPU kernel, so these tests call the TPU kernel directly
-(`pallas_tpu.delta_rule_tpu` with `interpret=True`, i.e. `pltpu.InterpretParams()`), with the
-shared oracle and cotangents of `test_base`. Full matrix behind `-m slow`.
+`impl="pallas"` on CPU runs the GPU kernels, so these tests call the TPU kernels directly
+(`ops.delta_rule_pallas` with `backend="tpu"`, `interpret=True`, i.e.
+`pltpu.InterpretParams()`), with the shared oracle and cotangents of `test_base`. Full matrix
+behind `-m slow`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from moejax.kernels.delta_rule import pallas_gpu, pallas_tpu
+from moejax.kernels.delta_rule.ops import delta_rule_pallas
+from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.testing import RATIO_F32, assert_close
 from tests.kernels.delta_rule.inputs import MODES, make_inputs
 from tests.kernels.delta_rule.test_base import CHUNKS, GRAD_NAMES, _oracle
@@ -25,16 +27,16 @@ FULL_CASES = [(m, c, t) for m in MODES for c in CHUNKS for t in PALLAS_T
 
 
 def _opts(Dk, chunk_size, **kw):
-    return pallas_gpu.DeltaRuleOptions(scale=Dk**-0.5, chunk_size=chunk_size, interpret=True,
-                                       backend="tpu", **kw)
+    return DeltaRuleOptions(scale=Dk**-0.5, chunk_size=chunk_size, interpret=True, backend="tpu",
+                            **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",))
 def _value_and_grads(args, do, dS, *, opts):
     def loss(args):
         h0 = args["initial_state"]
-        o, S = pallas_tpu.delta_rule_tpu(args["q"], args["k"], args["v"], args["beta"],
-                                         args["g"], args["lam"], h0, opts)
+        o, S = delta_rule_pallas(args["q"], args["k"], args["v"], args["beta"], args["g"],
+                                 args["lam"], h0, opts)
         return jnp.sum(o * do) + jnp.sum(S * dS), (o, S)
 
     (_, (o, S)), grads = jax.value_and_grad(loss, has_aux=True)(args)
@@ -84,12 +86,12 @@ def test_bf16_and_block_v_tiles():
 
 
 def test_matches_gpu_kernel_forward():
+    """The TPU kernels' forward equals the GPU kernels' (both interpreted)."""
     a = make_inputs("gated_qdelta", B=1, T=33, H=1, Dk=8, Dv=8)
     args = [a[n] for n in GRAD_NAMES]
-    gpu = jax.jit(pallas_gpu.delta_rule_gpu, static_argnums=7)(
-        *args, pallas_gpu.DeltaRuleOptions(scale=0.3, chunk_size=16, interpret=True))
-    tpu = jax.jit(pallas_tpu.delta_rule_tpu, static_argnums=7)(
-        *args, pallas_gpu.DeltaRuleOptions(scale=0.3, chunk_size=16, interpret=True,
+    run = jax.jit(delta_rule_pallas, static_argnames="opts")
+    gpu = run(*args, opts=DeltaRuleOptions(scale=0.3, chunk_size=16, interpret=True))
+    tpu = run(*args, opts=DeltaRuleOptions(scale=0.3, chunk_size=16, interpret=True,
                                            backend="tpu"))
     for name, x, y in zip(("o", "S"), gpu, tpu, strict=True):
         assert_close(name, x, y, ratio=RATIO_F32)

@@ -1,7 +1,10 @@
-"""Tile→group schedule shared by the Pallas gmm/tgmm kernels (GPU and TPU).
+"""What the Pallas gmm backends share: the tile→group visit schedule, block helpers, costs.
 
-Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), G groups, tm rows per
-tile, V visits (the static length of the schedule).
+Backend-neutral (no backend import): `pallas_gpu.py` (Triton) and `pallas_tpu.py` (Mosaic)
+import this file, never each other.
+
+Axis letters: M rows of `lhs` (grouped contiguously by `group_sizes`), K contracting width,
+N output width, G groups, tm rows per tile, V visits (the static length of the schedule).
 
 The rows are cut into `⌈M/tm⌉` tiles. A *visit* is one (row tile, group) pair: a group touches
 every tile its rows overlap, so a tile that straddles a group boundary is visited once per group
@@ -29,8 +32,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from moejax.kernels import gpu_compile
 
 Array = jax.Array
+
+# Input dtypes whose Triton kernels the sm_90a compile check covers (tests/gpu_compile).
+GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
 
 
 class GroupMetadata(NamedTuple):
@@ -106,3 +115,11 @@ def fit_block(dim: int, block: int) -> int:
 def pow2_block(dim: int, block: int, *, minimum: int = 16) -> int:
     """Power-of-two block for Triton: `block`, shrunk to the next power of two ≥ `dim`."""
     return max(minimum, min(block, 1 << max(dim - 1, 0).bit_length()))
+
+
+def cost_estimate(flops: int, *arrays_and_out) -> pl.CostEstimate | None:
+    """`pl.CostEstimate` of a kernel reading/writing these arrays (or shape structs)."""
+    if not hasattr(pl, "CostEstimate"):
+        return None
+    nbytes = sum(int(a.size) * jnp.dtype(a.dtype).itemsize for a in arrays_and_out)
+    return pl.CostEstimate(flops=int(flops), transcendentals=0, bytes_accessed=int(nbytes))

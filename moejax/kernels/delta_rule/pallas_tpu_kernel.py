@@ -1,7 +1,8 @@
-"""Chunk math shared by the Pallas delta-rule kernels (GPU/Triton and TPU/Mosaic bodies).
+"""Kernel bodies and chunk math of the TPU (Mosaic) delta-rule kernels.
 
-Every helper works on 2-D values only (vectors are columns `[C, 1]` or rows `[1, C]`, reductions
-keep their dims) and uses only primitives that both the Triton and the Mosaic lowerings accept:
+Private to `pallas_tpu.py`, which holds the launchers. Every helper works on 2-D values only
+(vectors are columns `[C, 1]` or rows `[1, C]`, reductions keep their dims) and uses only
+primitives the Mosaic lowering accepts (and the Triton one, should a GPU variant reuse them):
 iota, where, exp, sums, 2-D dot_general, fori_loop. Per chunk of C steps (DESIGN §3):
 
     G = cumsum(g),  γ = exp(G),  Γ_tj = exp(G_t − G_j) (j ≤ t),  d_t = exp(G_C − G_t)
@@ -12,7 +13,11 @@ iota, where, exp, sums, 2-D dot_general, fori_loop. Per chunk of C steps (DESIGN
 Full resets (`exp(g_s) = 0`, e.g. g = −inf) are handled as in `chunk.py`: G sums only the other
 steps' g and a running count of resets zeroes (with `where`) every factor whose span contains
 one, so no `−inf − (−inf)` is formed. Masks are `where`s, never multiplications. The kernels
-assume otherwise finite inputs: the launchers run them under `nonfinite.contain`.
+assume otherwise finite inputs: `ops.py` runs them under `nonfinite.contain`.
+
+Kernel bodies: `intra_fwd_kernel` / `intra_bwd_kernel` (grid `(B·H, N)`, one chunk per
+program) and `state_fwd_kernel` / `state_bwd_kernel` (grid `(B·H, Dv tiles, N)`, the chunk
+axis sequential, the state in a VMEM scratch).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -258,8 +264,8 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale)
     return dq, dk, db, dg, dlam
 
 
-# Kernel bodies of the chunk-parallel passes (grid `(B·H, N)`, one chunk per program), the
-# same on GPU and TPU. Refs: q, k, v, β, [g], [λ] (optional refs present only when used).
+# Kernel bodies of the chunk-parallel passes (grid `(B·H, N)`, one chunk per program).
+# Refs: q, k, v, β, [g], [λ] (optional refs present only when used).
 
 
 def load_f32(ref, idx=...):
@@ -310,3 +316,58 @@ def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v):
         dg_ref[...] = dg
     if dl_ref is not None:
         dl_ref[...] = dl
+
+
+# State kernels (grid `(B·H, Dv tiles, N)`, chunk axis innermost and sequential): the
+# `[Dk, block_v]` float32 state lives in the VMEM scratch `s_ref` across the chunk steps. Refs
+# arrive in the launchers' order; the g ref only when the mode uses it.
+
+
+def state_fwd_kernel(*refs, has_g, scale, store_states):
+    q_ref, k_ref, w_ref, u_ref, *rest = refs
+    g_ref = rest.pop(0) if has_g else None
+    h0_ref, o_ref, hT_ref, *rest = rest
+    st_ref = rest.pop(0) if store_states else None
+    (s_ref,) = rest
+    n, N = pl.program_id(2), pl.num_programs(2)
+
+    @pl.when(n == 0)
+    def _():
+        s_ref[...] = h0_ref[...]
+
+    S = s_ref[...]
+    if st_ref is not None:
+        st_ref[...] = S
+    m = Masks.make(q_ref.shape[0])
+    gt = gates(m, None if g_ref is None else load_f32(g_ref))
+    O, S = chunk_out(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...], u_ref[...],
+                        S, scale)
+    o_ref[...] = O
+    s_ref[...] = S
+
+    @pl.when(n == N - 1)
+    def _():
+        hT_ref[...] = S
+
+
+def state_bwd_kernel(*refs, has_g, scale):
+    q_ref, k_ref, w_ref, do_ref, *rest = refs
+    g_ref = rest.pop(0) if has_g else None
+    dhT_ref, dh0_ref, dhs_ref, s_ref = rest
+    i, N = pl.program_id(2), pl.num_programs(2)
+
+    @pl.when(i == 0)
+    def _():
+        s_ref[...] = dhT_ref[...]
+
+    dS = s_ref[...]
+    dhs_ref[...] = dS
+    m = Masks.make(q_ref.shape[0])
+    gt = gates(m, None if g_ref is None else load_f32(g_ref))
+    dS = chunk_state_bwd(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...],
+                            load_f32(do_ref), dS, scale)
+    s_ref[...] = dS
+
+    @pl.when(i == N - 1)
+    def _():
+        dh0_ref[...] = dS

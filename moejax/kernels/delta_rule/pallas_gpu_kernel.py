@@ -1,0 +1,417 @@
+"""Kernel bodies and in-kernel math of the Hopper (Triton) delta-rule kernels.
+
+Private to `pallas_gpu.py`, which holds the launchers (DESIGN §3, "Chunkwise form"). Per chunk
+of C steps:
+
+    G = cumsum(g),  γ = exp(G),  Γ_tj = exp(G_t − G_j) (j ≤ t),  d_t = exp(G_C − G_t)
+    A  = strict_tril(diag(β) (X Kᵀ ⊙ Γ)),  Ai = (I + A)⁻¹,  x_t = k_t + λ_t q_t
+    W  = Ai diag(βγ) X,  Ũ = Ai diag(β) V,  U = Ũ − W S
+    O  = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U),  S' = γ_C S + (diag(d) K)ᵀ U
+
+Full resets (`exp(g_s) = 0`, e.g. g = −inf) are handled as in `chunk.py`: `G` sums only the
+other steps' g, and a running count `n` of resets masks (with `where`, before the exp) every
+factor whose span contains one. The per-step factors (`G`, `n`, `γ`, `d`, `γ_C`) arrive from
+the launchers (`pallas_gpu.gate_vectors`), the `[C, C]` Γ is formed here (`decay_matrix`).
+
+Dots (`mm`): for bf16/f16 inputs the operands are cast to that dtype and accumulated in float32
+(tensor-core bf16 MMA); for float32 inputs they stay float32 and run as TF32, or as 3×TF32
+(`tf32x3`, float32-level accuracy on tensor cores) when full precision is asked for; interpret
+mode (CPU) computes float32 dots at HIGHEST precision.
+
+Axis letters: B batch, T time, H heads, Dk/Dv head dims, N chunks, C chunk length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from moejax.kernels.delta_rule.pallas_common import F32, MIN_BLOCK, DeltaRuleOptions
+
+BK = 64  # Dk tile of every kernel (the state is kept as ≤ 4 [64, BV] float32 blocks)
+SUB = MIN_BLOCK  # diagonal block of the triangular solve
+
+
+def _i32(x: int):
+    """An int32 constant: Python ints become int64 under `jax_enable_x64`, which Triton's loop
+    bounds and integer ops refuse."""
+    return jnp.int32(x)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cfg:
+    """What a kernel body needs to know statically: dot dtype and float32 dot precision."""
+
+    cd: str  # dot operand dtype: "bfloat16", "float16" or "float32"
+    fp: str  # precision of float32 dots: "ieee", "tf32", "tf32x3"
+    scale: float
+
+    @classmethod
+    def make(cls, dtype, opts: DeltaRuleOptions) -> Cfg:
+        dt = jnp.dtype(dtype)
+        cd = dt.name if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else "float32"
+        fp = "ieee" if opts.interpret else opts.fp32_precision
+        if cd != "float32" and fp == "tf32x3":
+            fp = "tf32"  # the solve's float32 dots: TF32 is far below bf16/f16 rounding
+        return cls(cd, fp, float(opts.scale))
+
+    @property
+    def store(self):
+        """dtype of stored intermediates that are only ever dot operands (W, Ai, states, U)."""
+        return jnp.dtype(self.cd)
+
+
+def mm(cfg: Cfg, a, b, *, ta=False, tb=False, f32=False):
+    """`op(a) @ op(b)` accumulated in float32 (op = transpose when ta / tb).
+
+    f32=True keeps float32 operands whatever the input dtype (the triangular solve and its
+    gradient), at `cfg.fp` precision.
+    """
+    if f32 or cfg.cd == "float32":
+        a, b = a.astype(F32), b.astype(F32)
+        prec = {"ieee": jax.lax.Precision.HIGHEST,
+                "tf32": (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT),
+                "tf32x3": jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3}[cfg.fp]
+    else:
+        a, b = a.astype(cfg.cd), b.astype(cfg.cd)
+        prec = (jax.lax.Precision.DEFAULT, jax.lax.Precision.DEFAULT)
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=prec, preferred_element_type=F32)
+
+
+def tile(i, n: int):
+    """Tile i (a Python int or a traced loop index) of width n."""
+    if isinstance(i, int):
+        return pl.ds(i * n, n)
+    return pl.ds(pl.multiple_of(i * n, n), n)
+
+
+def loop(n: int, body, init):
+    """`body(i, carry)` for i < n: inline for one tile, else a `fori_loop` (an scf.for, so the
+    tiles of separate passes are not merged into one long-lived set of registers)."""
+    if n == 1:
+        return body(0, init)
+    return jax.lax.fori_loop(_i32(0), _i32(n), body, init)
+
+
+def iotas(C: int):
+    """Row `[C, 1]` and column `[1, C]` indices of a `[C, C]` chunk (masks broadcast them where
+    used, so no `[C, C]` integer grid stays live in registers)."""
+    return (jax.lax.broadcasted_iota(jnp.int32, (C, 1), 0),
+            jax.lax.broadcasted_iota(jnp.int32, (1, C), 1))
+
+
+def decay_matrix(r, c, G, n):
+    """Γ `[C, C]` from the reset-free log decays G and reset counts n `[C]`: `exp(G_t − G_j)`
+    where j ≤ t and no reset lies in (j, t], else 0; the exp argument is masked first. Without
+    gates (G None) the inclusive causal mask as 0/1."""
+    if G is None:
+        return jnp.where(r >= c, 1.0, 0.0)
+    keep = (r >= c) & (n[:, None] == n[None, :])
+    return jnp.where(keep, jnp.exp(jnp.where(keep, G[:, None] - G[None, :], 0.0)), 0.0)
+
+
+def solve_unit_lower(cfg: Cfg, A, r, c):
+    """`(I + A)⁻¹` of a strictly lower-triangular `[C, C]` A (C ∈ {16, 32, 64}), float32.
+
+    The 16×16 diagonal blocks are inverted together by forward substitution in float32 (row i of
+    every block at once: `T_i = −A_i − A_i T`, masked reductions, no dynamic indexing), then
+    merged with matmuls as fla's solve_tril does, 16 → 32 → 64: for a block lower-triangular
+    `[[M11, 0], [M21, M22]]` with X = diag(M11⁻¹, M22⁻¹), the inverse is `X − X M21 X`.
+    """
+    C = A.shape[0]
+    rb, cb = jax.lax.div(r, _i32(SUB)), jax.lax.div(c, _i32(SUB))
+    ri = jax.lax.rem(r, _i32(SUB))
+    same = rb == cb
+    Ad = jnp.where(same, A, 0.0)
+
+    def row(i, T):
+        a = jnp.sum(jnp.where(ri == i, Ad, 0.0), axis=0)  # [C]: a[k] = A[row_i(k), k]
+        new = -(a + jnp.sum(a[:, None] * T, axis=0))  # [C] over columns j
+        return jnp.where((ri == i) & same, new[None, :], T)
+
+    T = jax.lax.fori_loop(_i32(1), _i32(min(SUB, C)), row, jnp.zeros_like(A))
+    Ai = jnp.where(r == c, 1.0, T)
+    width = SUB
+    while width < C:  # merge blocks of `width` into blocks of 2·width
+        rw, cw = jax.lax.div(r, _i32(2 * width)), jax.lax.div(c, _i32(2 * width))
+        lower = (rw == cw) & (jax.lax.div(r, _i32(width)) > jax.lax.div(c, _i32(width)))
+        M21 = jnp.where(lower, A, 0.0)
+        Ai = Ai - mm(cfg, mm(cfg, Ai, M21, f32=True), Ai, f32=True)
+        width *= 2
+    return Ai
+
+
+# ------------------------------------------------------------------------------------------
+# Kernel bodies. Refs arrive in the launchers' order; optional refs only when the mode uses
+# them (g: G, n, γ / d, γ_C; λ).
+
+
+def _x_tile(q_ref, k_ref, lam, kb, bk):
+    """Tile kb of `(q, k, x = k + λ q)` in float32."""
+    q = q_ref[:, tile(kb, bk)].astype(F32)
+    k = k_ref[:, tile(kb, bk)].astype(F32)
+    return q, k, (k if lam is None else k + lam[:, None] * q)
+
+
+def solve_kernel(*refs, cfg, has_g, has_lam, bk):
+    """Ai = (I + A)⁻¹ with A = strict(diag(β)(X Kᵀ ⊙ Γ)) (fla: scaled_dot_kkt + solve_tril)."""
+    it = iter(refs)
+    q_ref, k_ref, b_ref = next(it), next(it), next(it)
+    G_ref, n_ref = (next(it), next(it)) if has_g else (None, None)
+    l_ref = next(it) if has_lam else None
+    ai_ref = next(it)
+    C, Dkp = q_ref.shape
+    r, c = iotas(C)
+    lam = None if l_ref is None else l_ref[...]
+
+    def xk(kb, XK):
+        _, k, x = _x_tile(q_ref, k_ref, lam, kb, bk)
+        return XK + mm(cfg, x, k, tb=True)
+
+    XK = loop(Dkp // bk, xk, jnp.zeros((C, C), F32))
+    Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
+    A = jnp.where(r > c, b_ref[...][:, None] * XK * Gam, 0.0)
+    ai_ref[...] = solve_unit_lower(cfg, A, r, c).astype(ai_ref.dtype)
+
+
+def wy_fwd_kernel(*refs, cfg, has_g, has_lam, bk, bv):
+    """W = Ai diag(βγ) X, Ũ = Ai diag(β) V (fla: recompute_w_u)."""
+    it = iter(refs)
+    q_ref, k_ref, v_ref, b_ref = (next(it) for _ in range(4))
+    gam_ref = next(it) if has_g else None
+    l_ref = next(it) if has_lam else None
+    ai_ref, w_ref, u_ref = next(it), next(it), next(it)
+    Dkp = q_ref.shape[1]
+    b = b_ref[...]
+    lam = None if l_ref is None else l_ref[...]
+    Ai = ai_ref[...]
+    bw = b * gam_ref[...] if has_g else b
+
+    def w_tile(kb, carry):
+        _, _, x = _x_tile(q_ref, k_ref, lam, kb, bk)
+        w_ref[:, tile(kb, bk)] = mm(cfg, Ai, bw[:, None] * x).astype(w_ref.dtype)
+        return carry
+
+    def u_tile(vb, carry):
+        v = v_ref[:, tile(vb, bv)].astype(F32)
+        u_ref[:, tile(vb, bv)] = mm(cfg, Ai, b[:, None] * v)
+        return carry
+
+    loop(Dkp // bk, w_tile, 0)
+    loop(v_ref.shape[1] // bv, u_tile, 0)
+
+
+def state_fwd_kernel(*refs, cfg, has_g, bk):
+    it = iter(refs)
+    k_ref, w_ref, u_ref = next(it), next(it), next(it)
+    dec_ref, gc_ref = (next(it), next(it)) if has_g else (None, None)
+    h0_ref, hs_ref, vn_ref, hT_ref = (next(it) for _ in range(4))
+    N, _, Dkp = k_ref.shape
+    nk = Dkp // bk
+
+    def body(n, hk):
+        for i in range(nk):
+            hs_ref[n, tile(i, bk), :] = hk[i].astype(hs_ref.dtype)
+        vn = u_ref[n]
+        for i in range(nk):
+            vn = vn - mm(cfg, w_ref[n, :, tile(i, bk)], hk[i])
+        vn_ref[n] = vn.astype(vn_ref.dtype)
+        if has_g:
+            vn = dec_ref[n][:, None] * vn
+            gc = jnp.max(gc_ref[n])
+            hk = [gc * h for h in hk]
+        return [hk[i] + mm(cfg, k_ref[n, :, tile(i, bk)], vn, ta=True) for i in range(nk)]
+
+    hk = [h0_ref[tile(i, bk), :] for i in range(nk)]
+    hk = jax.lax.fori_loop(jnp.int32(0), jnp.int32(N), body, hk)
+    for i in range(nk):
+        hT_ref[tile(i, bk), :] = hk[i]
+
+
+def out_kernel(*refs, cfg, has_g, bk):
+    it = iter(refs)
+    q_ref, k_ref, vn_ref, h_ref = (next(it) for _ in range(4))
+    G_ref, n_ref, gam_ref = (next(it) for _ in range(3)) if has_g else (None,) * 3
+    o_ref = next(it)
+    C, Dkp = q_ref.shape
+    r, c = iotas(C)
+    QS = jnp.zeros(o_ref.shape, F32)
+    QK = jnp.zeros((C, C), F32)
+    for kb in range(Dkp // bk):
+        q = q_ref[:, tile(kb, bk)]
+        QS = QS + mm(cfg, q, h_ref[tile(kb, bk), :])
+        QK = QK + mm(cfg, q, k_ref[:, tile(kb, bk)], tb=True)
+    Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
+    P = jnp.where(r >= c, QK * Gam, 0.0)
+    if has_g:
+        QS = gam_ref[...][:, None] * QS
+    o_ref[...] = cfg.scale * (QS + mm(cfg, P, vn_ref[...]))
+
+
+def dv_local_kernel(*refs, cfg, has_g, bk, bv):
+    it = iter(refs)
+    q_ref, k_ref, do_ref = next(it), next(it), next(it)
+    G_ref, n_ref = (next(it), next(it)) if has_g else (None, None)
+    dv_ref = next(it)
+    C, Dkp = q_ref.shape
+    r, c = iotas(C)
+    QK = jnp.zeros((C, C), F32)
+    for kb in range(Dkp // bk):
+        QK = QK + mm(cfg, q_ref[:, tile(kb, bk)], k_ref[:, tile(kb, bk)], tb=True)
+    Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
+    P = jnp.where(r >= c, QK * Gam, 0.0)
+    for vb in range(do_ref.shape[1] // bv):
+        dv_ref[:, tile(vb, bv)] = cfg.scale * mm(cfg, P, do_ref[:, tile(vb, bv)], ta=True)
+
+
+def state_bwd_kernel(*refs, cfg, has_g, bk):
+    it = iter(refs)
+    q_ref, k_ref, w_ref, do_ref, dvl_ref = (next(it) for _ in range(5))
+    gam_ref, dec_ref, gc_ref = (next(it) for _ in range(3)) if has_g else (None,) * 3
+    dhT_ref, dhs_ref, dvn_ref, dh0_ref = (next(it) for _ in range(4))
+    N, _, Dkp = k_ref.shape
+    nk = Dkp // bk
+
+    def body(j, dh):
+        n = N - 1 - j
+        for i in range(nk):
+            dhs_ref[n, tile(i, bk), :] = dh[i].astype(dhs_ref.dtype)
+        kdh = mm(cfg, k_ref[n, :, tile(0, bk)], dh[0])
+        for i in range(1, nk):
+            kdh = kdh + mm(cfg, k_ref[n, :, tile(i, bk)], dh[i])
+        dv = dvl_ref[n] + (dec_ref[n][:, None] * kdh if has_g else kdh)
+        dvn_ref[n] = dv.astype(dvn_ref.dtype)
+        do = do_ref[n].astype(F32)
+        if has_g:
+            do = gam_ref[n][:, None] * do
+            gc = jnp.max(gc_ref[n])
+            dh = [gc * d for d in dh]
+        return [dh[i] + cfg.scale * mm(cfg, q_ref[n, :, tile(i, bk)], do, ta=True)
+                - mm(cfg, w_ref[n, :, tile(i, bk)], dv, ta=True) for i in range(nk)]
+
+    dh = [dhT_ref[tile(i, bk), :] for i in range(nk)]
+    dh = jax.lax.fori_loop(jnp.int32(0), jnp.int32(N), body, dh)
+    for i in range(nk):
+        dh0_ref[tile(i, bk), :] = dh[i]
+
+
+def dqkwg_kernel(*refs, cfg, has_g, bv):
+    it = iter(refs)
+    q_ref, k_ref, vn_ref, h_ref, dh_ref, do_ref, dvn_ref = (next(it) for _ in range(7))
+    if has_g:
+        G_ref, n_ref, gam_ref, dec_ref, gc_ref = (next(it) for _ in range(5))
+    dq_ref, dk_ref, dw_ref = next(it), next(it), next(it)
+    dG_ref = next(it) if has_g else None
+    C, bk = q_ref.shape
+    r, c = iotas(C)
+
+    def acc(vb, carry):  # a fori_loop over Dv tiles: one tile's operands live at a time
+        dOS, UdS, dUS, dOU, SdS = carry
+        h = h_ref[:, tile(vb, bv)]
+        dh = dh_ref[:, tile(vb, bv)]
+        do = do_ref[:, tile(vb, bv)]
+        vn = vn_ref[:, tile(vb, bv)]
+        dOS = dOS + mm(cfg, do, h, tb=True)  # Σ_v dO Sᵀ
+        dOU = dOU + mm(cfg, do, vn, tb=True)  # Σ_v dO Uᵀ
+        UdS = UdS + mm(cfg, vn, dh, tb=True)  # Σ_v U dSᵀ
+        dUS = dUS + mm(cfg, dvn_ref[:, tile(vb, bv)], h, tb=True)  # Σ_v dU Sᵀ
+        if has_g:
+            SdS = SdS + jnp.sum(h.astype(F32) * dh.astype(F32))
+        return dOS, UdS, dUS, dOU, SdS
+
+    z = jnp.zeros((C, bk), F32)
+    dOS, UdS, dUS, dOU, SdS = loop(do_ref.shape[1] // bv, acc,
+                                   (z, z, z, jnp.zeros((C, C), F32), jnp.zeros((), F32)))
+    dw_ref[...] = (-dUS).astype(dw_ref.dtype)
+    q, k = q_ref[...].astype(F32), k_ref[...].astype(F32)
+    G = n = None
+    if has_g:
+        G, n, gam, dec = G_ref[...], n_ref[...], gam_ref[...], dec_ref[...]
+        qdOS = cfg.scale * gam * jnp.sum(q * dOS, axis=1)
+        ddec = dec * jnp.sum(k * UdS, axis=1)
+    Gam = decay_matrix(r, c, G, n)
+    dPG = jnp.where(r >= c, cfg.scale * dOU * Gam, 0.0)  # d(QKᵀ) of O's intra-chunk term
+    dq_in = mm(cfg, dPG, k)
+    dq_ref[...] = cfg.scale * (gam[:, None] * dOS if has_g else dOS) + dq_in
+    dk_in = mm(cfg, dPG, q, ta=True)
+    dk_ref[...] = (dec[:, None] * UdS if has_g else UdS) + dk_in
+    if has_g:
+        # dΓ ⊙ Γ of O's intra-chunk term is E = dPG ⊙ Q Kᵀ (this Dk tile); its row sums are
+        # q · (dPG K) and its column sums k · (dPGᵀ Q), so no [C, C] Q Kᵀ is formed.
+        last = jax.lax.broadcasted_iota(jnp.int32, (C,), 0) == C - 1
+        dGC = jnp.sum(ddec) + jnp.max(gc_ref[...]) * SdS
+        dG_ref[...] = (jnp.sum(q * dq_in, axis=1) - jnp.sum(k * dk_in, axis=1) + qdOS - ddec
+                       + jnp.where(last, dGC, 0.0))
+
+
+def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv):
+    it = iter(refs)
+    q_ref, k_ref, v_ref, b_ref = (next(it) for _ in range(4))
+    G_ref, n_ref, gam_ref = (next(it) for _ in range(3)) if has_g else (None,) * 3
+    l_ref = next(it) if has_lam else None
+    ai_ref, dw_ref, du_ref = next(it), next(it), next(it)
+    dk_ref, dv_ref, db_ref = next(it), next(it), next(it)
+    dq_ref = next(it) if has_lam else None
+    dl_ref = next(it) if has_lam else None
+    dG_ref = next(it) if has_g else None
+    C, Dkp = q_ref.shape
+    r, c = iotas(C)
+    b = b_ref[...]
+    lam = None if l_ref is None else l_ref[...]
+    gam = gam_ref[...] if has_g else None
+    bw = b * gam if has_g else b
+    Ai = ai_ref[...]
+    # Pass 1: dAi = dW (βγX)ᵀ + dŨ (βV)ᵀ; dv and the V part of dβ.
+    def pass1_k(kb, dAi):
+        _, _, x = _x_tile(q_ref, k_ref, lam, kb, bk)
+        return dAi + mm(cfg, dw_ref[:, tile(kb, bk)], bw[:, None] * x, tb=True)
+
+    def pass1_v(vb, carry):
+        dAi, db = carry
+        v = v_ref[:, tile(vb, bv)].astype(F32)
+        du = du_ref[:, tile(vb, bv)]
+        t = mm(cfg, Ai, du, ta=True)  # Aiᵀ dŨ
+        dv_ref[:, tile(vb, bv)] = b[:, None] * t
+        return dAi + mm(cfg, du, b[:, None] * v, tb=True), db + jnp.sum(v * t, axis=1)
+
+    dAi = loop(Dkp // bk, pass1_k, jnp.zeros((C, C), F32))
+    dAi, db = loop(v_ref.shape[1] // bv, pass1_v, (dAi, jnp.zeros((C,), F32)))
+    # Ai = (I + A)⁻¹: dA = −Aiᵀ dAi Aiᵀ (strict lower part); A = diag(β)(X Kᵀ ⊙ Γ), so
+    # d(X Kᵀ) = diag(β) dA ⊙ Γ. D = dA ⊙ Γ is all that pass 2 keeps besides Ai.
+    dA = -mm(cfg, mm(cfg, Ai, dAi, ta=True, f32=True), Ai, tb=True, f32=True)
+    Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
+    D = jnp.where(r > c, dA * Gam, 0.0)
+
+    # Pass 2 (per Dk tile): dx = βγ ⊙ Aiᵀ dW + dXK K, dk = dXKᵀ X + dx, dq = λ dx,
+    # dλ = Σ dx ⊙ q; the A terms of dβ and dG, Σ over tiles of (D ⊙ X Kᵀ), by linearity.
+    def pass2(kb, carry):
+        db, dG, dl = carry
+        q, k, x = _x_tile(q_ref, k_ref, lam, kb, bk)
+        t = mm(cfg, Ai, dw_ref[:, tile(kb, bk)], ta=True)  # Aiᵀ dW
+        DK = mm(cfg, D, k)
+        dx = bw[:, None] * t + b[:, None] * DK  # dXK K = diag(β) D K
+        xt = jnp.sum(x * t, axis=1)
+        # D ⊙ X Kᵀ by its row sums x · (D K) (and E = diag(β) D ⊙ X Kᵀ, dΓ ⊙ Γ of A, by its
+        # row sums β x · (D K) and column sums k · (dXKᵀ X)): no [C, C] X Kᵀ is formed.
+        DXr = jnp.sum(x * DK, axis=1)
+        db = db + DXr + (gam * xt if has_g else xt)
+        dkx = mm(cfg, D, b[:, None] * x, ta=True)  # dXKᵀ X
+        if has_g:
+            dG = dG + bw * xt + b * DXr - jnp.sum(k * dkx, axis=1)
+        dk_ref[:, tile(kb, bk)] = dkx + dx
+        if has_lam:
+            dq_ref[:, tile(kb, bk)] = lam[:, None] * dx
+            dl = dl + jnp.sum(dx * q, axis=1)
+        return db, dG, dl
+
+    zero = jnp.zeros((C,), F32)
+    db, dG, dl = loop(Dkp // bk, pass2, (db, zero, zero))
+    db_ref[...] = db
+    if has_lam:
+        dl_ref[...] = dl
+    if has_g:
+        dG_ref[...] = dG
