@@ -8,6 +8,7 @@ Each check raises with a message that names the argument and says what was expec
   check_choice(name, value, valid)      one of a fixed set of values
   check_bool(name, value)               a bool (Python or NumPy): not 0/1, not "False", not None
   check_array(name, value)              an array (jax or NumPy), not None, a list or a str
+  check_axis_name(name, value)          a mapped axis name: None, a str or a tuple of str
   as_float_array(name, value)           array-like numbers as a float64 NumPy array
 
 A value of the wrong *kind* (a string where a number belongs, a list where an array belongs)
@@ -91,6 +92,14 @@ def check_array(name: str, value: Any) -> None:
             f"{type(value).__name__}" + (": wrap it in jnp.asarray(...)"
                                          if isinstance(value, list | tuple) else "")
         )
+
+
+def check_axis_name(name: str, value: Any) -> None:
+    """Raises unless `value` is None, a str or a non-empty tuple of str (mapped axis names)."""
+    names = (value,) if isinstance(value, str) else value
+    if names is not None and not (isinstance(names, tuple) and names
+                                  and all(isinstance(a, str) for a in names)):
+        raise ArgumentTypeError(f"{name} must be a str, a tuple of str or None, got {value!r}")
 
 
 def as_float_array(name: str, value: Any) -> np.ndarray:

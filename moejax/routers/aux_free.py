@@ -20,7 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.routers import base
+from moejax.routers import base, common
+from moejax.validation import check_axis_name, check_range
 
 Array = jax.Array
 
@@ -40,14 +41,14 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
-                         lo_open=False, hi_open=True)
-        base.check_axis_name("axis_name", self.axis_name)
+        check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
+        check_axis_name("axis_name", self.axis_name)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {"bias": <float32>[E] zeros})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {"bias": jnp.zeros((cfg.num_experts,), jnp.float32)}
+    return {"w_g": common.init_gate(key, cfg)}, {"bias": jnp.zeros((cfg.num_experts,), jnp.float32)}
 
 
 def update_bias(bias: Array, mask: Array, active: Array, rate: float,
@@ -84,12 +85,12 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     base.check_input(x, cfg)
     if "bias" not in state:
         raise ValueError("aux_free.route needs state['bias'] of shape [num_experts]; use init()")
-    x, finite = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, finite = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     valid = jnp.isfinite(logits) & finite[:, None]
     bias = jax.lax.stop_gradient(state["bias"].astype(jnp.float32))
     s = jax.nn.sigmoid(logits)  # sigmoid(-inf) = 0 on inactive slots
-    mask = base.topk_mask(jnp.where(valid, s + bias, -jnp.inf), cfg.top_k) & valid
+    mask = common.topk_mask(jnp.where(valid, s + bias, -jnp.inf), cfg.top_k) & valid
     selected = jnp.where(mask, s, 0.0)
     weights = selected / jnp.maximum(jnp.sum(selected, axis=-1, keepdims=True), 1e-30)
     probs = s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-30)

@@ -1,4 +1,5 @@
-"""Shared router contract: `RouterOutput`, the base config, and the name → router registry.
+"""The router contract: `RouterOutput`, the base config, the input check and the name → router
+registry. The gate helpers the routers share live in `moejax.routers.common`.
 
 Every router module under `moejax.routers` exposes:
 
@@ -9,14 +10,15 @@ Every router module under `moejax.routers` exposes:
 
 `x` is `[N, d]`, any float dtype. Routing math runs in float32 whatever the input dtype. `state`
 is always a dict (possibly empty); if it holds `"active"` (`[E]` bool, MASS expansion slots)
-inactive experts get `-inf` logits via `mask_inactive`, so they are never selected and shapes
-never change.
+inactive experts get `-inf` logits via `common.mask_inactive`, so they are never selected and
+shapes never change.
 
 Non-finite tokens: a row of `x` holding any NaN or Inf is routed to no expert (mask False,
 weight 0) and takes part in no loss, metric or state statistic (loads, Sinkhorn's column sums,
-expert choice's top-C, STAR's GHA sums): every router calls `finite_tokens` first, routes the
-zeroed rows, and masks them out with `where` (never by multiplying), so neither the other tokens'
-routing nor the gradients see a NaN. Their `probs` row is that of a zero input (meaningless).
+expert choice's top-C, STAR's GHA sums): every router calls `common.finite_tokens` first, routes
+the zeroed rows, and masks them out with `where` (never by multiplying), so neither the other
+tokens' routing nor the gradients see a NaN. Their `probs` row is that of a zero input
+(meaningless).
 Modules are imported lazily by name, so `get_router("star")` loads only `moejax.routers.star`.
 """
 
@@ -25,18 +27,11 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from types import ModuleType
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from moejax.validation import (  # noqa: F401  (check_bool, check_int, check_range re-exported)
-    ArgumentTypeError,
-    check_array,
-    check_bool,
-    check_int,
-    check_range,
-)
+from moejax import validation  # module-qualified: base re-exports no checker
 
 Array = jax.Array
 
@@ -76,21 +71,13 @@ class RouterConfig:
     top_k: int = 2
 
     def __post_init__(self):
-        check_int("d_model", self.d_model, lo=1)
-        check_int("num_experts", self.num_experts, lo=1)
-        check_int("top_k", self.top_k, lo=1)
+        validation.check_int("d_model", self.d_model, lo=1)
+        validation.check_int("num_experts", self.num_experts, lo=1)
+        validation.check_int("top_k", self.top_k, lo=1)
         if self.top_k > self.num_experts:
             raise ValueError(
                 f"top_k={self.top_k} must be <= num_experts={self.num_experts}"
             )
-
-
-def check_axis_name(name: str, value: Any) -> None:
-    """Raises unless `value` is None, a str or a non-empty tuple of str (mapped axis names)."""
-    names = (value,) if isinstance(value, str) else value
-    if names is not None and not (isinstance(names, tuple) and names
-                                  and all(isinstance(a, str) for a in names)):
-        raise ArgumentTypeError(f"{name} must be a str, a tuple of str or None, got {value!r}")
 
 
 # name -> module path. Adding a router = adding a file and a line here.
@@ -132,74 +119,16 @@ def router_name(cfg: RouterConfig) -> str:
     raise ValueError(f"{type(cfg).__name__} from {module} is not a registered router config")
 
 
-def mask_inactive(logits: Array, state: dict) -> Array:
-    """Sets logits of inactive expert slots (`state["active"]` False) to -inf."""
-    active = state.get("active") if isinstance(state, dict) else None
-    if active is None:
-        return logits
-    return jnp.where(active[None, :], logits, -jnp.inf)
-
-
-def topk_mask(scores: Array, k: int) -> Array:
-    """`<bool>[N, E]`, True at the k largest entries of each row (ties: lowest index)."""
-    _, idx = jax.lax.top_k(scores, k)
-    return jnp.any(jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.bool_), axis=-2)
-
-
-def masked_weights(scores: Array, mask: Array, *, renormalize: bool) -> Array:
-    """`scores` where `mask`, else 0; with `renormalize`, rescaled to sum to 1 per token."""
-    weights = jnp.where(mask, scores, 0.0)
-    if renormalize:
-        weights = weights / jnp.maximum(jnp.sum(weights, axis=-1, keepdims=True), 1e-30)
-    return weights
-
-
 def check_input(x: Array, cfg: RouterConfig) -> None:
     """Validates router input `x: [N, d]` (a float array) against the config (static only)."""
-    check_array("x", x)
+    validation.check_array("x", x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ArgumentTypeError(f"router input x must be a float array, got dtype {x.dtype}")
+        raise validation.ArgumentTypeError(
+            f"router input x must be a float array, got dtype {x.dtype}"
+        )
     if x.ndim != 2:
         raise ValueError(f"router input x must be [N, d_model], got shape {x.shape}")
     if x.shape[-1] != cfg.d_model:
         raise ValueError(
             f"router input x has d_model={x.shape[-1]}, config d_model={cfg.d_model}"
         )
-
-
-def finite_tokens(x: Array) -> tuple[Array, Array]:
-    """Splits off the non-finite tokens of `x: [N, d]`.
-
-    Returns:
-      `(x_safe, finite)`: `finite` is `<bool>[N]`, True where the row holds no NaN or Inf;
-      `x_safe` is `x` with the other rows set to 0 (same dtype). Route on `x_safe` and mask with
-      `finite`: the zeroed rows keep NaN out of every sum over tokens and out of the gradients
-      (`where` passes a zero cotangent to the bad rows; `0 * NaN` would not).
-    """
-    finite = jnp.all(jnp.isfinite(x), axis=-1)
-    return jnp.where(finite[:, None], x, jnp.zeros((), x.dtype)), finite
-
-
-def valid_mean(values: Array, valid: Array) -> Array:
-    """Mean of `values: [N, ...]` over the tokens where `valid: <bool>[N]` (0 if there are none).
-
-    Returns an array of shape `values.shape[1:]` (float32).
-    """
-    values = values.astype(jnp.float32)
-    keep = valid.reshape(valid.shape + (1,) * (values.ndim - 1))
-    total = jnp.sum(jnp.where(keep, values, 0.0), axis=0)
-    return total / jnp.maximum(jnp.sum(valid, dtype=jnp.float32), 1.0)
-
-
-def init_gate(key: Array, cfg: RouterConfig) -> Array:
-    """`<float32>[E, d]` gate matrix, normal with std `d**-0.5` (logits start at O(1) scale)."""
-    shape = (cfg.num_experts, cfg.d_model)
-    return jax.random.normal(key, shape, jnp.float32) * cfg.d_model**-0.5
-
-
-def gate_logits(params: dict, x: Array, *, name: str = "w_g") -> Array:
-    """`<float32>[N, E]` logits `x W^T` for `W = params[name]` (`[E, d]`), at full f32 precision."""
-    w = params[name].astype(jnp.float32)
-    return jnp.einsum(
-        "nd,ed->ne", x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST
-    )

@@ -24,8 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_bool, check_int, check_range
 
 Array = jax.Array
 
@@ -53,18 +53,18 @@ class Config(base.RouterConfig):
     def __post_init__(self):
         super().__post_init__()
         inf = float("inf")
-        base.check_range("tau_start", self.tau_start, 0.0, inf, hi_open=True)
-        base.check_range("tau_end", self.tau_end, 0.0, inf, hi_open=True)
-        base.check_int("anneal_steps", self.anneal_steps, lo=1)
-        base.check_range("threshold", self.threshold, 0.0, 1.0, lo_open=False, hi_open=True)
-        base.check_bool("renormalize", self.renormalize)
-        base.check_range("load_balance_weight", self.load_balance_weight, 0.0, inf,
-                         lo_open=False, hi_open=True)
+        check_range("tau_start", self.tau_start, 0.0, inf, hi_open=True)
+        check_range("tau_end", self.tau_end, 0.0, inf, hi_open=True)
+        check_int("anneal_steps", self.anneal_steps, lo=1)
+        check_range("threshold", self.threshold, 0.0, 1.0, lo_open=False, hi_open=True)
+        check_bool("renormalize", self.renormalize)
+        check_range("load_balance_weight", self.load_balance_weight, 0.0, inf,
+                    lo_open=False, hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {"step": <int32>[]})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {"step": jnp.zeros((), jnp.int32)}
+    return {"w_g": common.init_gate(key, cfg)}, {"step": jnp.zeros((), jnp.int32)}
 
 
 def temperature(step: Array, cfg: Config) -> Array:
@@ -93,19 +93,19 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     base.check_input(x, cfg)
     if train and rng is None:
         raise ValueError("rng is required when train=True (Gumbel noise)")
-    x, valid = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, valid = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     tau = temperature(state["step"], cfg)
     noisy = logits + jax.random.gumbel(rng, logits.shape, jnp.float32) if train else logits
     gate = jax.nn.softmax(noisy / tau, axis=-1)
     argmax = jax.nn.one_hot(jnp.argmax(gate, axis=-1), cfg.num_experts, dtype=jnp.bool_)
     mask = ((gate >= cfg.threshold) | argmax) & jnp.isfinite(logits) & valid[:, None]
-    weights = base.masked_weights(gate, mask, renormalize=cfg.renormalize)
+    weights = common.masked_weights(gate, mask, renormalize=cfg.renormalize)
     probs = jax.nn.softmax(logits, axis=-1)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     metrics = {"switch_loss": switch, "tau": tau,
-               "avg_k": base.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
+               "avg_k": common.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
     new_state = {**state, "step": state["step"] + 1} if train else state
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), new_state

@@ -17,7 +17,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.routers import base
+from moejax.routers import base, common
+from moejax.validation import check_range
 
 Array = jax.Array
 
@@ -34,8 +35,8 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_range("capacity_factor", self.capacity_factor, 0.0, float("inf"),
-                         hi_open=True)
+        check_range("capacity_factor", self.capacity_factor, 0.0, float("inf"),
+                    hi_open=True)
 
 
 def capacity(num_tokens: int, cfg: Config) -> int:
@@ -49,7 +50,7 @@ def capacity(num_tokens: int, cfg: Config) -> int:
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {}
+    return {"w_g": common.init_gate(key, cfg)}, {}
 
 
 def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
@@ -75,15 +76,15 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     base.check_input(x, cfg)
     n, e = x.shape[0], cfg.num_experts
     c = capacity(n, cfg)
-    x, valid = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, valid = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
     scores = jnp.where(valid[:, None], probs, -1.0)  # probs >= 0: bad tokens rank last
     _, idx = jax.lax.top_k(scores.T, c)  # [E, C] token indices per expert
     taken = jnp.zeros((e, n), jnp.bool_).at[jnp.arange(e)[:, None], idx].set(True)
     mask = taken.T & jnp.isfinite(logits) & valid[:, None]
     weights = jnp.where(mask, probs, 0.0)
-    unrouted = base.valid_mean(jnp.logical_not(jnp.any(mask, axis=-1)), valid)
+    unrouted = common.valid_mean(jnp.logical_not(jnp.any(mask, axis=-1)), valid)
     metrics = {"capacity": jnp.asarray(c, jnp.float32), "unrouted_fraction": unrouted}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs,
                              aux_loss=jnp.zeros((), jnp.float32), metrics=metrics), state

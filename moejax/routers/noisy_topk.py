@@ -11,7 +11,7 @@ import dataclasses
 
 import jax
 
-from moejax.routers import base, topk
+from moejax.routers import base, common, topk
 
 Array = jax.Array
 
@@ -24,7 +24,7 @@ class Config(topk.Config):
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d], "w_noise": <float32>[E, d]}, {})`."""
     k_g, k_noise = jax.random.split(key)
-    return {"w_g": base.init_gate(k_g, cfg), "w_noise": base.init_gate(k_noise, cfg)}, {}
+    return {"w_g": common.init_gate(k_g, cfg), "w_noise": common.init_gate(k_noise, cfg)}, {}
 
 
 def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
@@ -44,14 +44,14 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
       `(RouterOutput, state)`; `probs` is the softmax of the logits that were routed on.
     """
     base.check_input(x, cfg)
-    x, valid = base.finite_tokens(x)
-    logits = base.gate_logits(params, x)
+    x, valid = common.finite_tokens(x)
+    logits = common.gate_logits(params, x)
     if train:
         if rng is None:
             raise ValueError("noisy_topk.route needs rng (a PRNG key) when train=True")
-        noise_std = jax.nn.softplus(base.gate_logits(params, x, name="w_noise"))
+        noise_std = jax.nn.softplus(common.gate_logits(params, x, name="w_noise"))
         logits = logits + jax.random.normal(rng, logits.shape, logits.dtype) * noise_std
-    logits = base.mask_inactive(logits, state)
+    logits = common.mask_inactive(logits, state)
     return topk.route_from_logits(logits, cfg=cfg, valid=valid), state
 
 

@@ -25,8 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_int, check_range
 
 Array = jax.Array
 
@@ -45,16 +45,16 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_int("num_null", self.num_null, lo=0)
-        base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
-                         lo_open=False, hi_open=True)
+        check_int("num_null", self.num_null, lo=0)
+        check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d], "w_null": <float32>[m, d]}, {})`."""
     k_real, k_null = jax.random.split(key)
     w_null = jax.random.normal(k_null, (cfg.num_null, cfg.d_model), jnp.float32)
-    return {"w_g": base.init_gate(k_real, cfg), "w_null": w_null * cfg.d_model**-0.5}, {}
+    return {"w_g": common.init_gate(k_real, cfg), "w_null": w_null * cfg.d_model**-0.5}, {}
 
 
 def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
@@ -78,22 +78,22 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     del train, rng
     base.check_input(x, cfg)
     E = cfg.num_experts
-    x, valid = base.finite_tokens(x)
-    real = base.mask_inactive(base.gate_logits(params, x), state)
-    null = base.gate_logits(params, x, name="w_null")
+    x, valid = common.finite_tokens(x)
+    real = common.mask_inactive(common.gate_logits(params, x), state)
+    null = common.gate_logits(params, x, name="w_null")
     logits = jnp.concatenate([real, null], axis=-1)  # [N, E+m]
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
+    mask = common.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
     sel = jnp.where(mask, probs, 0.0)
     weights = sel / jnp.maximum(jnp.sum(sel, axis=-1, keepdims=True), 1e-30)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
-    avg_real_k = base.valid_mean(jnp.sum(mask[:, :E], axis=-1, dtype=jnp.float32), valid)
+    avg_real_k = common.valid_mean(jnp.sum(mask[:, :E], axis=-1, dtype=jnp.float32), valid)
     metrics = {
         "switch_loss": switch,
         "avg_real_k": avg_real_k,
         "null_share": 1.0 - avg_real_k / cfg.top_k,
-        "null_weight": base.valid_mean(jnp.sum(weights[:, E:], axis=-1), valid),
+        "null_weight": common.valid_mean(jnp.sum(weights[:, E:], axis=-1), valid),
     }
     out = base.RouterOutput(weights=weights[:, :E], mask=mask[:, :E], probs=probs[:, :E],
                             aux_loss=switch, metrics=metrics)

@@ -23,7 +23,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.routers import base
+from moejax.routers import base, common
+from moejax.validation import check_bool, check_int
 
 Array = jax.Array
 
@@ -44,14 +45,14 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_int("num_iters", self.num_iters, lo=1)
+        check_int("num_iters", self.num_iters, lo=1)
         for name in ("renormalize", "balance_at_eval"):
-            base.check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {}
+    return {"w_g": common.init_gate(key, cfg)}, {}
 
 
 def _finite_lse(a: Array, axis: int) -> Array:
@@ -92,15 +93,15 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del rng
     base.check_input(x, cfg)
-    x, valid = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, valid = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
     if train or cfg.balance_at_eval:
         scores = sinkhorn_log(jnp.where(valid[:, None], logits, -jnp.inf), cfg.num_iters)
     else:
         scores = logits
-    mask = base.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
-    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    mask = common.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
+    weights = common.masked_weights(probs, mask, renormalize=cfg.renormalize)
     return base.RouterOutput(weights=weights, mask=mask, probs=probs,
                              aux_loss=jnp.zeros((), jnp.float32), metrics={}), state
 

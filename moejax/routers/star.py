@@ -34,8 +34,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_axis_name, check_bool, check_range
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
@@ -67,12 +67,12 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_range("eta", self.eta, 0.0, float("inf"), hi_open=True)
+        check_range("eta", self.eta, 0.0, float("inf"), hi_open=True)
         for name in ("orthogonal_r", "test_time_update", "gha_only", "renormalize"):
-            base.check_bool(name, getattr(self, name))
-        base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
-                         lo_open=False, hi_open=True)
-        base.check_axis_name("axis_name", self.axis_name)
+            check_bool(name, getattr(self, name))
+        check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
+        check_axis_name("axis_name", self.axis_name)
 
 
 def _normalise_rows(v: Array) -> Array:
@@ -89,7 +89,7 @@ def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     k_g, k_v, k_r = jax.random.split(key, 3)
     g = jax.random.normal(k_v, (d, E), jnp.float32)
     v = jnp.linalg.qr(g)[0].T if E <= d else _normalise_rows(g.T)
-    params = {"w_g": base.init_gate(k_g, cfg), "a": jnp.zeros((E,), jnp.float32)}
+    params = {"w_g": common.init_gate(k_g, cfg), "a": jnp.zeros((E,), jnp.float32)}
     if cfg.orthogonal_r:
         params["p"] = jnp.zeros((E, E), jnp.float32)
     else:
@@ -112,7 +112,7 @@ def gha_step(v: Array, x: Array, *, eta: float,
     Rows of `x` holding NaN/Inf are left out of the sums, and N counts only the others. With
     `axis_name`, `y^T x̄`, `y^T y` and N are summed over that mapped axis first.
     """
-    x, valid = base.finite_tokens(x)  # under jit, one computation with `route`'s
+    x, valid = common.finite_tokens(x)  # under jit, one computation with `route`'s
     x = jax.lax.stop_gradient(x.astype(jnp.float32))
     v = jax.lax.stop_gradient(v.astype(jnp.float32))
     y = jnp.einsum("nd,ed->ne", x, v, precision=_HI)
@@ -147,18 +147,18 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     v_old = state["v"].astype(jnp.float32)
     update = train or cfg.test_time_update
     v = gha_step(v_old, x, eta=cfg.eta, axis_name=cfg.axis_name) if update else v_old
-    x, valid = base.finite_tokens(x)
+    x, valid = common.finite_tokens(x)
     z = rotation(params, cfg) @ jax.lax.stop_gradient(v)  # [E, d]
-    sub = base.gate_logits({"z": z}, x, name="z")
+    sub = common.gate_logits({"z": z}, x, name="z")
     mix = jax.nn.sigmoid(params["a"].astype(jnp.float32))
     if cfg.gha_only:
         logits = sub
     else:
-        logits = mix * base.gate_logits(params, x) + (1.0 - mix) * sub
-    logits = base.mask_inactive(logits, state)
+        logits = mix * common.gate_logits(params, x) + (1.0 - mix) * sub
+    logits = common.mask_inactive(logits, state)
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
-    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    mask = common.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
+    weights = common.masked_weights(probs, mask, renormalize=cfg.renormalize)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     metrics = {"switch_loss": switch, "mix_mean": jnp.mean(mix),

@@ -24,8 +24,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_range
 
 Array = jax.Array
 
@@ -46,17 +46,17 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_range("tau", self.tau, 0.0, float("inf"), hi_open=True)
-        base.check_range("threshold_init", self.threshold_init, -float("inf"), float("inf"),
-                         hi_open=True, lo_open=True)
-        base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
-                         lo_open=False, hi_open=True)
+        check_range("tau", self.tau, 0.0, float("inf"), hi_open=True)
+        check_range("threshold_init", self.threshold_init, -float("inf"), float("inf"),
+                    hi_open=True, lo_open=True)
+        check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d], "thresholds": <float32>[E]}, {})`."""
     thresholds = jnp.full((cfg.num_experts,), cfg.threshold_init, jnp.float32)
-    return {"w_g": base.init_gate(key, cfg), "thresholds": thresholds}, {}
+    return {"w_g": common.init_gate(key, cfg), "thresholds": thresholds}, {}
 
 
 def _unit_rows(a: Array) -> Array:
@@ -82,10 +82,10 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
-    x, valid = base.finite_tokens(x)
+    x, valid = common.finite_tokens(x)
     w = params["w_g"].astype(jnp.float32)
-    cos = base.gate_logits({"w_g": _unit_rows(w)}, _unit_rows(x.astype(jnp.float32)))
-    logits = base.mask_inactive(cos / cfg.tau, state)
+    cos = common.gate_logits({"w_g": _unit_rows(w)}, _unit_rows(x.astype(jnp.float32)))
+    logits = common.mask_inactive(cos / cfg.tau, state)
     gate = jax.nn.sigmoid(logits)  # 0 at inactive slots
     margin = gate - jax.nn.sigmoid(params["thresholds"].astype(jnp.float32))[None, :]
     argmax = jax.nn.one_hot(jnp.argmax(logits, axis=-1), cfg.num_experts, dtype=jnp.bool_)
@@ -99,8 +99,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     probs = jax.nn.softmax(logits, axis=-1)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
-    metrics = {"switch_loss": switch, "avg_k": base.valid_mean(k[:, 0], valid),
-               "no_expert_frac": base.valid_mean(~jnp.any(above, axis=-1), valid)}
+    metrics = {"switch_loss": switch, "avg_k": common.valid_mean(k[:, 0], valid),
+               "no_expert_frac": common.valid_mean(~jnp.any(above, axis=-1), valid)}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), state
 

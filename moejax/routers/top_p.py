@@ -20,8 +20,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_int, check_range
 
 Array = jax.Array
 
@@ -42,18 +42,18 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_range("top_p", self.top_p, 0.0, 1.0)
+        check_range("top_p", self.top_p, 0.0, 1.0)
         if self.max_k is not None:
-            base.check_int("max_k", self.max_k, lo=1)
+            check_int("max_k", self.max_k, lo=1)
             if self.max_k > self.num_experts:
                 raise ValueError(f"max_k={self.max_k} must be <= num_experts={self.num_experts}")
-        base.check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
-                         lo_open=False, hi_open=True)
+        check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {}
+    return {"w_g": common.init_gate(key, cfg)}, {}
 
 
 def top_p_mask(probs: Array, p: float, max_k: int | None = None) -> Array:
@@ -87,15 +87,15 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
-    x, valid = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, valid = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
     mask = top_p_mask(probs, cfg.top_p, cfg.max_k) & jnp.isfinite(logits) & valid[:, None]
     weights = jnp.where(mask, probs, 0.0)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     metrics = {"switch_loss": switch,
-               "avg_k": base.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
+               "avg_k": common.valid_mean(jnp.sum(mask, axis=-1, dtype=jnp.float32), valid)}
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
                              metrics=metrics), state
 

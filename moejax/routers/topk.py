@@ -19,8 +19,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.moe import losses
-from moejax.routers import base
+from moejax.routers import base, common, losses
+from moejax.validation import check_bool, check_range
 
 Array = jax.Array
 
@@ -41,15 +41,15 @@ class Config(base.RouterConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        base.check_bool("renormalize", self.renormalize)
+        check_bool("renormalize", self.renormalize)
         for name in ("load_balance_weight", "z_loss_weight"):
-            base.check_range(name, getattr(self, name), 0.0, float("inf"), lo_open=False,
-                             hi_open=True)
+            check_range(name, getattr(self, name), 0.0, float("inf"), lo_open=False,
+                        hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
     """Returns `({"w_g": <float32>[E, d]}, {})`."""
-    return {"w_g": base.init_gate(key, cfg)}, {}
+    return {"w_g": common.init_gate(key, cfg)}, {}
 
 
 def route_from_logits(logits: Array, *, cfg: Config, valid: Array | None = None
@@ -61,10 +61,10 @@ def route_from_logits(logits: Array, *, cfg: Config, valid: Array | None = None
     select nothing and count in no loss.
     """
     probs = jax.nn.softmax(logits, axis=-1)
-    mask = base.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
+    mask = common.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits)
     if valid is not None:
         mask = mask & valid[:, None]
-    weights = base.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    weights = common.masked_weights(probs, mask, renormalize=cfg.renormalize)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     z = losses.router_z_loss(logits, weight=cfg.z_loss_weight, valid=valid)
@@ -92,8 +92,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     """
     del train, rng
     base.check_input(x, cfg)
-    x, valid = base.finite_tokens(x)
-    logits = base.mask_inactive(base.gate_logits(params, x), state)
+    x, valid = common.finite_tokens(x)
+    logits = common.mask_inactive(common.gate_logits(params, x), state)
     return route_from_logits(logits, cfg=cfg, valid=valid), state
 
 

@@ -1,4 +1,5 @@
-"""Shared checks for router tests: random cases, output invariants, jit and grad smoke checks.
+"""Shared pieces of the router tests: random cases, the output invariants (`check_output`, run for
+every router by test_contract.py), jit and grad smoke checks.
 
 Every compile costs ~0.3 s on CPU, so property tests draw shapes from a short menu (`SHAPES`) and
 run the jitted router: hypothesis varies the values (seed, scale, active slots), not the shapes.
@@ -18,6 +19,15 @@ from hypothesis import strategies as st
 from moejax.routers import base
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True)
+
+# 4 tokens × 3 experts; rows sum to 1 (the Switch / z-loss by hand, test_losses and test_topk).
+PROBS = np.array(
+    [[0.7, 0.2, 0.1],
+     [0.1, 0.8, 0.1],
+     [0.6, 0.3, 0.1],
+     [0.2, 0.2, 0.6]], np.float32)
+# Row i of the logits is log(PROBS[i]) + c_i: softmax gives PROBS back, logsumexp gives c_i.
+SHIFT = np.array([0.0, 1.0, 2.0, -1.0], np.float32)
 
 # (n, d, e, k): a single token, a single expert, k = 1 of 6, k = E with N not a multiple of E.
 SHAPES = ((1, 3, 4, 2), (5, 2, 1, 1), (12, 4, 6, 1), (7, 5, 3, 3))
@@ -48,12 +58,18 @@ def make_x(seed: int, n: int, d: int, *, scale: float = 1.0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).normal(size=(n, d)) * scale, jnp.float32)
 
 
+@functools.cache
+def init_shapes(mod, cfg):
+    """`(params, state)` of `mod.init` as `jax.ShapeDtypeStruct`s (traced once per config)."""
+    return jax.eval_shape(lambda key: mod.init(key, cfg), jax.random.key(0))
+
+
 def setup(mod, cfg, seed: int, active=None):
     """`(params, state)` shaped like `mod.init`'s, filled from numpy (no compile per shape).
 
     Params are normal with std `d**-0.5`, state leaves zeros, plus `state["active"]` if given.
     """
-    shapes = jax.eval_shape(lambda key: mod.init(key, cfg), jax.random.key(0))
+    shapes = init_shapes(mod, cfg)
     rng = np.random.default_rng(seed + 1)
     params = jax.tree.map(
         lambda s: jnp.asarray(rng.normal(size=s.shape) * cfg.d_model**-0.5, s.dtype), shapes[0])
@@ -65,8 +81,18 @@ def setup(mod, cfg, seed: int, active=None):
 
 @functools.cache
 def jitted(mod):
-    """`mod.route` jitted with `cfg` and `train` static (one compile per config and shape)."""
-    return jax.jit(mod.route, static_argnames=("cfg", "train"))
+    """`mod.route` jitted with `cfg` and `train` static (one compile per config and shape).
+
+    `rng` is always passed on (None by default): jit keys its cache on the keyword arguments
+    given, so `rng=None` and no `rng` would compile twice.
+    """
+    f = jax.jit(mod.route, static_argnames=("cfg", "train"))
+
+    def route(params, state, x, *, cfg, train, rng=None):
+        return f(params, state, x, cfg=cfg, train=train, rng=rng)
+
+    route.cache_size = f._cache_size
+    return route
 
 
 def run_case(mod, cfg, case: Case, *, train: bool, rng=None):
@@ -118,15 +144,3 @@ def check_grad(mod, cfg, params, state, x, *, train: bool, rng=None, nonzero=("w
     for name in nonzero:
         assert float(jnp.max(jnp.abs(grads[name]))) > 0, f"zero gradient for {name}"
     return grads
-
-
-def check_init(mod, cfg, *, param_names=("w_g",), state_names=()) -> None:
-    """`mod.init` gives float32 `[E, d]` params under `param_names` and state keys `state_names`.
-
-    Checked on abstract values (`jax.eval_shape`), so nothing compiles.
-    """
-    params, state = jax.eval_shape(lambda key: mod.init(key, cfg), jax.random.key(0))
-    assert set(params) == set(param_names)
-    for v in params.values():
-        assert v.shape == (cfg.num_experts, cfg.d_model) and v.dtype == jnp.float32
-    assert set(state) == set(state_names)

@@ -1,6 +1,7 @@
 """Shared checks for the variable-k and stateful router tests (top_p, top_any, null_experts,
 dense_to_sparse, star): random cases and a grad smoke check; the output invariants are
-`helpers.check_output`, re-exported here."""
+`helpers.check_output`, re-exported here, and `jitted` is `helpers.jitted` (one compile cache
+per router module, shared with `test_contract.py`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from tests.routers.helpers import check_output as check_output  # noqa: F401
+from tests.routers.helpers import jitted as jitted  # noqa: F401
 
 # Property tests stay small so the whole router suite runs in seconds on CPU. Shapes are fixed
 # (N, D, E) and configs come from short lists, so each jitted route compiles a handful of times;
@@ -36,12 +38,6 @@ def cases(draw, *, e: int = E):
 
 def make_x(seed: int, n: int = N, d: int = D, *, scale: float = 1.0) -> jax.Array:
     return jnp.asarray(np.random.default_rng(seed).normal(size=(n, d)) * scale, jnp.float32)
-
-
-@functools.cache
-def jitted(mod):
-    """`mod.route` jitted with `cfg` and `train` static (one cache per router module)."""
-    return jax.jit(mod.route, static_argnames=("cfg", "train"))
 
 
 @functools.cache

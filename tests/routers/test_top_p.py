@@ -1,4 +1,5 @@
-"""Tests for moejax.routers.top_p (MASS confidence-mass routing)."""
+"""Tests for moejax.routers.top_p (MASS confidence-mass routing; the shared contract:
+test_contract.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -68,23 +69,20 @@ def test_properties(case, cfg):
     seed, scale, active = case
     params, state = H.setup(top_p, cfg, seed, active)
     x = H.make_x(seed, scale=scale)
-    out, new_state = H.jitted(top_p)(params, state, x, cfg=cfg, train=True)
-    H.check_output(out, n=H.N, e=H.E, active=active)
+    out, _ = H.jitted(top_p)(params, state, x, cfg=cfg, train=True)
     w, m, probs = np.asarray(out.weights), np.asarray(out.mask), np.asarray(out.probs)
     np.testing.assert_array_equal(w[m], probs[m])  # not renormalised
     np.testing.assert_array_equal(m, np.asarray(top_p.top_p_mask(out.probs, cfg.top_p,
                                                                  cfg.max_k)) & active)
-    assert np.all(m.sum(-1) <= top_p.max_assignments(cfg))
-    np.testing.assert_array_equal(new_state["active"], active)
+    assert top_p.max_assignments(cfg) == (cfg.max_k or H.E)
 
 
-def test_grad_and_loss():
+def test_loss():
+    # (Gradients with this config: test_contract.test_grads.)
     cfg = top_p.Config(d_model=H.D, num_experts=H.E, top_p=0.7, max_k=3, load_balance_weight=1e-2)
     params, state = H.setup(top_p, cfg, 0)
-    x = H.make_x(1)
-    out, _ = H.jitted(top_p)(params, state, x, cfg=cfg, train=True)
+    out, _ = H.jitted(top_p)(params, state, H.make_x(1), cfg=cfg, train=True)
     assert float(out.aux_loss) > 0 and float(out.metrics["switch_loss"]) == float(out.aux_loss)
-    assert H.nonzero(H.grads(top_p, cfg, params, state, x, train=True)["w_g"])
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -95,12 +93,3 @@ def test_grad_and_loss():
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         top_p.Config(d_model=4, num_experts=4, **kwargs)
-
-
-def test_bad_input_width():
-    cfg = top_p.Config(d_model=H.D, num_experts=H.E)
-    params, state = H.setup(top_p, cfg, 0)
-    with pytest.raises(ValueError, match="d_model"):
-        top_p.route(params, state, jnp.ones((2, H.D + 1)), cfg=cfg, train=False)
-    with pytest.raises(ValueError, match=r"\[N, d_model\]"):
-        top_p.route(params, state, jnp.ones((2, 3, H.D)), cfg=cfg, train=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moejax.routers.base import valid_mean
+from moejax.routers.common import valid_mean
 
 Array = jax.Array
 
