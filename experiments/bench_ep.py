@@ -15,7 +15,7 @@ All 8 "devices" are threads of one CPU process sharing this machine's cores, so 
 measures overheads (packing, collectives, partitioned routing), not a speed-up: the devices do
 not add compute. Bytes moved by `all_to_all` per step are read from the compiled HLO (operand
 shapes of every all-to-all, per device, times the device count) and compared with the analytic
-count `all_to_all_bytes` and the formula `2·N·k·cf·d·bytes` (forward; backward doubles it).
+count (`all_to_all_bytes` below) and the formula `2·N·k·cf·d·bytes` (forward; backward doubles it).
 
 Scaling plan (multi-host GPU/TPU): at 64 devices (e.g. 8 hosts × 8 GPUs) keep `'expert'` inside
 a host (NVLink / ICI) and `'data'` across hosts, so `all_to_all` never leaves the fast fabric;
@@ -40,7 +40,9 @@ for _flag in ("--xla_force_host_platform_device_count=8",):
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
@@ -50,21 +52,68 @@ from absl import app, flags  # noqa: E402
 
 from moejax import parallel  # noqa: E402
 from moejax.moe import layer as moe_layer  # noqa: E402
+from moejax.parallel import expert_parallel  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/bench", "Output folder for the JSON.")
-flags.DEFINE_integer("tokens", 4096, "N, global tokens per step (divisible by 8).")
-flags.DEFINE_integer("d_model", 256, "d")
-flags.DEFINE_integer("d_ff", 512, "f, hidden width of one expert.")
-flags.DEFINE_integer("num_experts", 8, "E (divisible by every expert-axis size).")
-flags.DEFINE_integer("top_k", 2, "k")
-flags.DEFINE_string("router", "topk", "Router name.")
-flags.DEFINE_string("dispatcher", "capacity", "capacity (cf-sized buffers) or dropless.")
-flags.DEFINE_float("capacity_factor", 1.25, "cf of the capacity dispatcher.")
-flags.DEFINE_list("meshes", ["8x1", "4x2", "2x4", "1x8"], "data x expert meshes to time.")
-flags.DEFINE_integer("reps", 5, "Timed repetitions per case.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
 
+
+def define_flags() -> None:
+    """Defines the script's flags (only when run as a script, so importing this module for its
+    byte counts never clashes with other experiments' flags)."""
+    flags.DEFINE_string("workdir", "runs/bench", "Output folder for the JSON.")
+    flags.DEFINE_integer("tokens", 4096, "N, global tokens per step (divisible by 8).")
+    flags.DEFINE_integer("d_model", 256, "d")
+    flags.DEFINE_integer("d_ff", 512, "f, hidden width of one expert.")
+    flags.DEFINE_integer("num_experts", 8, "E (divisible by every expert-axis size).")
+    flags.DEFINE_integer("top_k", 2, "k")
+    flags.DEFINE_string("router", "topk", "Router name.")
+    flags.DEFINE_string("dispatcher", "capacity", "capacity (cf-sized buffers) or dropless.")
+    flags.DEFINE_float("capacity_factor", 1.25, "cf of the capacity dispatcher.")
+    flags.DEFINE_list("meshes", ["8x1", "4x2", "2x4", "1x8"], "data x expert meshes to time.")
+    flags.DEFINE_integer("reps", 5, "Timed repetitions per case.")
+    flags.DEFINE_integer("seed", 0, "PRNG seed.")
+
+
+_HLO_SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred)\[([\d,]*)\]")
+_HLO_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
+              "pred": 1}
+
+
+def all_to_all_bytes(*, num_tokens: int, d_model: int, num_experts: int,
+                     num_expert_shards: int, num_token_shards: int, k: int,
+                     capacity_factor: float, dropless: bool, itemsize: int = 4) -> dict:
+    """Bytes moved by the two `all_to_all`s of one forward pass, summed over devices.
+
+    Returns:
+      `{"buffer": all buffers sent (2·devices·X·C·d·itemsize), "cross_device": the (X−1)/X share
+      that leaves its device, "formula": 2·N·K·cf·d·itemsize, "capacity": C}`; the expert-id
+      buffers (int32, sent one way: `1/(2d)` of the rows) are left out.
+    """
+    n = num_tokens // num_token_shards
+    c = expert_parallel.capacity(n_local=n, num_experts=num_experts,
+                                 num_expert_shards=num_expert_shards, k=k,
+                                 capacity_factor=capacity_factor, dropless=dropless)
+    buffer = 2 * num_token_shards * num_expert_shards * c * d_model * itemsize
+    return {"buffer": buffer,
+            "cross_device": buffer * (num_expert_shards - 1) // num_expert_shards,
+            "formula": 2 * num_tokens * k * capacity_factor * d_model * itemsize,
+            "capacity": c}
+
+
+def hlo_all_to_all_bytes(hlo_text: str) -> int:
+    """Per-device bytes of every all-to-all result in an (SPMD-partitioned) HLO module.
+
+    Counts the token rows and the int32 expert ids (sent one way: `1/(2d)` of the rows) alike.
+    """
+    total = 0
+    for line in hlo_text.splitlines():
+        if " all-to-all(" not in line or "=" not in line:
+            continue
+        result = line.split(" all-to-all(")[0].split("=", 1)[1]
+        for dtype, dims in _HLO_SHAPE.findall(result):
+            size = math.prod(int(v) for v in dims.split(",") if v)
+            total += size * _HLO_BYTES[dtype]
+    return total
 
 
 def _cfg(mesh_shape=None):
@@ -126,13 +175,13 @@ def main(argv):
         fwd = _fwd_fn(c).lower(*args[:3]).compile()
         cases[f"mesh_{spec}"] = (compiled, args)
         devices = shape[0] * shape[1]
-        analytic = parallel.all_to_all_bytes(
+        analytic = all_to_all_bytes(
             num_tokens=n, d_model=d, num_experts=FLAGS.num_experts, num_expert_shards=shape[1],
             num_token_shards=devices, k=FLAGS.top_k, capacity_factor=FLAGS.capacity_factor,
             dropless=FLAGS.dispatcher == "dropless")
         comm[spec] = {
-            "hlo_forward_bytes": parallel.hlo_all_to_all_bytes(fwd.as_text()) * devices,
-            "hlo_step_bytes": parallel.hlo_all_to_all_bytes(compiled.as_text()) * devices,
+            "hlo_forward_bytes": hlo_all_to_all_bytes(fwd.as_text()) * devices,
+            "hlo_step_bytes": hlo_all_to_all_bytes(compiled.as_text()) * devices,
             "analytic_forward_bytes": analytic["buffer"],
             "analytic_cross_device_bytes": analytic["cross_device"],
             "formula_2NkcfdB": analytic["formula"],
@@ -174,4 +223,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

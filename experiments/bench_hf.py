@@ -219,7 +219,7 @@ def main(argv):
                      "reps": FLAGS.reps, "seed": FLAGS.seed, "device_flag": FLAGS.device},
         "hf_config": hf_config_kwargs(),
         "moejax_config": {"layer_mixers": list(cfg.mixers), "chunk_size": cfg.chunk_size,
-                          "delta_impl": cfg.delta_impl, "dispatcher": cfg.dispatcher,
+                          "delta_impl": cfg.delta_impl, "dispatcher": cfg.moe.dispatcher,
                           "dtype": cfg.dtype},
         "params": n_params,
         "loss": {"moejax": jl, "transformers": tl, "rel_diff": loss_rel,

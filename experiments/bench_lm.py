@@ -1,6 +1,6 @@
 r"""Training throughput of the LM presets per mixer: tokens/s of the real jitted train step.
 
-For each preset and mixer, times `moejax.train.loop.train_step` (forward, backward, AdamW update,
+For each preset and mixer, times `moejax.train.steps.train_step` (forward, backward, AdamW update,
 router-state update) on random byte batches, median of --reps after a compile run, and reports
 tokens/s and model FLOPs utilisation where a peak is known (GPU: pass --peak_tflops). Model
 FLOPs are estimated as 6 · (non-embedding params active per token) · tokens, plus the mixers'
@@ -23,7 +23,7 @@ from absl import app, flags
 from tqdm import tqdm
 
 from moejax.models import lm
-from moejax.train import loop
+from moejax.train import loop, steps
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/bench", "Output folder for the JSON.")
@@ -40,7 +40,7 @@ def active_params(cfg: lm.LMConfig, params) -> int:
     total = lm.num_params(params) - cfg.vocab_size * cfg.d_model
     if cfg.ffn == "moe":
         bank = sum(lm.num_params(b["ffn"]["experts"]) for b in params["blocks"])
-        total -= bank * (1 - cfg.top_k / cfg.num_experts)
+        total -= bank * (1 - cfg.moe.top_k / cfg.moe.num_experts)
     return int(total)
 
 
@@ -66,7 +66,7 @@ def measure(preset: str, mixer: str) -> dict:
     rng = np.random.default_rng(0)
     toks = rng.integers(0, cfg.vocab_size, (FLAGS.batch_size, FLAGS.seq_len + 1), np.int32)
     batch = {"inputs": toks[:, :-1], "targets": toks[:, 1:]}
-    step = jax.jit(functools.partial(loop.train_step, model=lm, model_cfg=cfg,
+    step = jax.jit(functools.partial(steps.train_step, model=lm, model_cfg=cfg,
                                      optimizer=optimizer))
     key = jax.random.key(1)
     t0 = time.perf_counter()

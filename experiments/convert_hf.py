@@ -166,7 +166,7 @@ def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
     if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
         raise ValueError(f"the checkpoint of step {step} in {workdir} records no 'model' config")
     cfg = lm.LMConfig.from_dict(saved["model"], source=f"{workdir} (step {step}) config")
-    state, _ = loop.load_checkpoint(path, cfg, step=step)
+    state, _ = loop.load_checkpoint(path, cfg, model=lm, step=step)
     init_from = saved.get("data", {}).get("init_from")
     info = checkpoint.read_model_config(init_from)["info"] if init_from else {}
     return cfg, state.params, info

@@ -29,7 +29,6 @@ a 2-core CPU; `--full` trains longer on more data.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -39,7 +38,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from tqdm import tqdm
 
@@ -156,40 +154,27 @@ class Domain:
         return out
 
 
-@functools.cache
-def _fns(mcfg: lm.LMConfig, steps: int, lr: float):
-    """(jitted masked train step, jitted eval loss, optimizer) for a run of `steps` steps."""
-    tcfg = loop.TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10))
-    opt, _ = loop.make_optimizer(tcfg)
-
-    def objective(p, s, b):
-        return lm.loss_fn(p, s, b, cfg=mcfg, train=False)[0]
-
-    @jax.jit
-    def step(params, state, opt_state, batch, mask):
-        loss, g = jax.value_and_grad(objective)(params, state, batch)
-        g = dars.mask_tree(g, mask)          # same as dars.masked(opt, mask), mask as an argument
-        updates, opt_state = opt.update(g, opt_state, params)
-        updates = dars.mask_tree(updates, mask)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    grad = jax.jit(jax.grad(objective))
-    return step, jax.jit(objective), grad, opt
+def train_config(steps: int, lr: float, cfg: ExperimentConfig) -> loop.TrainConfig:
+    return loop.TrainConfig(steps=steps, lr=lr, warmup_steps=max(1, steps // 10),
+                            batch_size=cfg.batch_size, seq_len=cfg.seq_len, log_every=steps)
 
 
-def train(params, state, batches, mcfg, steps, lr, mask=None):
-    step, _, _, opt = _fns(mcfg, steps, lr)
-    if mask is None:
-        mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), params)
-    opt_state = opt.init(params)
-    for i in range(steps):
-        params, opt_state, _ = step(params, state, opt_state, batches[i % len(batches)], mask)
-    return params
+def train(params, state, batches, mcfg, tcfg: loop.TrainConfig, mask=None):
+    """`params` trained for `tcfg.steps` steps on `batches` (cycled) with the library loop;
+    `mask` (a `dars` channel mask, None = every entry) freezes the rest (`dars.MASK_HOOKS`:
+    every mask and learning rate shares one compiled step)."""
+    start = loop.init_state(lm, mcfg, tcfg, jax.random.key(0), hooks=dars.MASK_HOOKS)
+    params, state = jax.tree.map(jnp.array, (params, state))  # copies: fit donates its state
+    start = dars.with_mask(dataclasses.replace(start, params=params, model_state=state), mask)
+    data = (batches[i % len(batches)] for i in range(tcfg.steps))
+    fit = loop.fit(start, data, model=lm, model_cfg=mcfg, train_cfg=tcfg,
+                   rng=jax.random.key(0), hooks=dars.MASK_HOOKS)
+    return fit.state.params
 
 
-def evaluate(params, state, batches, mcfg) -> float:
-    _, ev, _, _ = _fns(mcfg, 1, 1.0)
-    return float(np.mean([float(ev(params, state, b)) for b in batches]))
+def evaluate(params, state, batches, mcfg, tcfg: loop.TrainConfig) -> float:
+    ts = loop.TrainState(params=params, model_state=state, opt_state=None, step=0)
+    return loop.evaluate(ts, batches, model=lm, model_cfg=mcfg, train_cfg=tcfg)["ce"]
 
 
 def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str):
@@ -205,7 +190,8 @@ def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str):
             return jax.tree.unflatten(treedef, [jnp.asarray(z[f"a{i}"])
                                                 for i in range(len(leaves))]), state
     batches = source.batches(cfg.seed, cfg.pretrain_steps)
-    params = train(params, state, batches, mcfg, cfg.pretrain_steps, cfg.pretrain_lr)
+    params = train(params, state, batches, mcfg,
+                   train_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg))
     np.savez(path + ".tmp.npz", **{f"a{i}": np.asarray(x)
                                    for i, x in enumerate(jax.tree.leaves(params))})
     os.replace(path + ".tmp.npz", path)
@@ -240,9 +226,10 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
     src_val = source.batches(cfg.seed + 1, cfg.eval_batches, "val")
     tgt_val = target.batches(cfg.seed + 1, cfg.eval_batches, "val")
     params, state = pretrain(cfg, source, workdir)
+    ft_cfg = train_config(cfg.finetune_steps, cfg.lr, cfg)
     if "pretrained" not in results:
-        results["pretrained"] = {"source_loss": evaluate(params, state, src_val, mcfg),
-                                 "target_loss": evaluate(params, state, tgt_val, mcfg)}
+        results["pretrained"] = {"source_loss": evaluate(params, state, src_val, mcfg, ft_cfg),
+                                 "target_loss": evaluate(params, state, tgt_val, mcfg, ft_cfg)}
     base = results["pretrained"]
     ft_batches = target.batches(cfg.seed + 2, cfg.finetune_steps)
     acts = grads = None
@@ -251,7 +238,7 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
         fn = jax.jit(lambda t: dars.lm_block_inputs(params, state, t, cfg=mcfg))
         acts = dars.collect_activations(
             fn, [b["inputs"] for b in source.batches(cfg.seed + 3, cfg.act_batches)])
-        _, _, gradf, _ = _fns(mcfg, 1, 1.0)
+        gradf = jax.jit(jax.grad(lambda p, s, b: lm.loss_fn(p, s, b, cfg=mcfg, train=False)[0]))
         gs = [gradf(params, state, b) for b in ft_batches[:cfg.grad_batches]]
         grads = jax.tree.map(lambda *x: np.mean(np.stack(x), axis=0), *gs)
     targets = dars.lm_targets(params)
@@ -260,8 +247,9 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
         dcfg = dars.DarsConfig(budget=budget or 1.0, rho=0.0 if rho is None else rho,
                                rank=cfg.rank, seed=cfg.seed)
         mask, info = dars.select(method, params, targets, dcfg, acts=acts, grads=grads)
-        p = train(params, state, ft_batches, mcfg, cfg.finetune_steps, cfg.lr, mask)
-        src, tgt = evaluate(p, state, src_val, mcfg), evaluate(p, state, tgt_val, mcfg)
+        p = train(params, state, ft_batches, mcfg, ft_cfg, mask)
+        src, tgt = (evaluate(p, state, src_val, mcfg, ft_cfg),
+                    evaluate(p, state, tgt_val, mcfg, ft_cfg))
         results["cells"].append({
             "method": method, "budget": budget, "rho": rho, **info,
             "channel_fraction": None if info["channels"] is None

@@ -8,8 +8,8 @@ its routing is measured against that label. What lives here:
                         the `LMConfig` of the small model for one of them
   train_batches, batches  a seed's training stream, and fixed labelled eval batches (numpy
                         dicts; pass `dataclasses.replace(hmm_cfg, shift=λ)` for shifted data)
-  make_train_step       a jitted `(TrainState, batch, rng) -> (TrainState, metrics)` (cached);
-                        `train` runs it over a seed's stream with an optional callback
+  train                 a seed's model trained by the library loop (`loop.fit`), with an
+                        optional per-step callback
   evaluate              validation loss and the DESIGN §6 routing suite on labelled batches:
                         per-layer I(top-1 expert; label), load entropy, CV, dead experts, flip
                         rate against the previous evaluation's top-1 experts, and the joint
@@ -152,9 +152,9 @@ def lm_config(router: str, spec: ModelSpec, hmm_cfg: hmm.HMMConfig, *, eta: floa
         raise ValueError(f"test_time_update is a STAR option; router {router!r} has none")
     return lm.LMConfig(vocab_size=hmm_cfg.vocab_size, d_model=spec.d_model,
                        num_layers=spec.num_layers, num_heads=spec.num_heads,
-                       head_dim=spec.head_dim, d_ff=spec.d_ff, num_experts=spec.num_experts,
-                       top_k=spec.top_k, mixer=spec.mixer, router=base_name,
-                       router_kwargs=tuple(sorted(kwargs.items())),
+                       head_dim=spec.head_dim, d_ff=spec.d_ff, mixer=spec.mixer,
+                       moe=dict(num_experts=spec.num_experts, top_k=spec.top_k, router=base_name,
+                                router_kwargs=tuple(sorted(kwargs.items()))),
                        max_seq_len=max(hmm_cfg.seq_len, 8), chunk_size=min(64, hmm_cfg.seq_len))
 
 
@@ -187,46 +187,28 @@ def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- training
 
 
-@functools.cache
-def make_train_step(cfg: lm.LMConfig, train: TrainSpec, seq_len: int):
-    """`(jitted step, optimizer)`; `step(state, batch, rng) -> (state, metrics)` with `state` a
-    `loop.TrainState` (from `init_state`). Router state (aux-free bias, STAR's V) is updated
-    inside the step. Cached per config, so seeds share one compilation."""
-    optimizer, _ = loop.make_optimizer(train.train_config(seq_len))
-    step = functools.partial(loop.train_step, model=lm, model_cfg=cfg, optimizer=optimizer)
-    return jax.jit(step), optimizer
-
-
-@functools.cache
-def _jitted_init(cfg: lm.LMConfig, train: TrainSpec, seq_len: int):
-    _, optimizer = make_train_step(cfg, train, seq_len)
-    return jax.jit(lambda key: loop.init_train_state(lm, cfg, optimizer, key))
-
-
 def init_state(cfg: lm.LMConfig, train: TrainSpec, seq_len: int, seed: int) -> loop.TrainState:
-    """A fresh `loop.TrainState` for `cfg` (init key `jax.random.key(seed)`; one compiled call
-    rather than many small eager ones)."""
-    return _jitted_init(cfg, train, seq_len)(jax.random.key(seed))
+    """A fresh `loop.TrainState` for `cfg` (init key `jax.random.key(seed)`; the compiled init
+    is shared by the seeds)."""
+    return loop.init_state(lm, cfg, train.train_config(seq_len), jax.random.key(seed))
 
 
 def train(cfg: lm.LMConfig, train_spec: TrainSpec, hmm_cfg: hmm.HMMConfig, seed: int, *,
           callback=None) -> loop.TrainState:
-    """Trains a fresh model on the un-shifted `hmm_cfg` stream of `seed`.
+    """Trains a fresh model on the un-shifted `hmm_cfg` stream of `seed` with the library loop
+    (`loop.fit`; the seeds of a config share one compiled step; router state — aux-free bias,
+    STAR's V — is updated inside the step).
 
     `callback(step, state, metrics)`, if given, runs before the first step (step 0, metrics
     None) and after every step (metrics: the step's device metrics).
     """
-    step_fn, _ = make_train_step(cfg, train_spec, hmm_cfg.seq_len)
-    state = init_state(cfg, train_spec, hmm_cfg.seq_len, seed)
-    key = jax.random.key(seed + 1_000_003)
-    if callback is not None:
-        callback(0, state, None)
-    for i, batch in enumerate(train_batches(hmm_cfg, seed=seed, batch_size=train_spec.batch_size,
-                                            steps=train_spec.steps)):
-        state, m = step_fn(state, model_batch(batch), jax.random.fold_in(key, i))
-        if callback is not None:
-            callback(i + 1, state, m)
-    return state
+    tcfg = train_spec.train_config(hmm_cfg.seq_len)
+    data = (model_batch(b) for b in train_batches(hmm_cfg, seed=seed,
+                                                  batch_size=train_spec.batch_size,
+                                                  steps=train_spec.steps))
+    return loop.fit(init_state(cfg, train_spec, hmm_cfg.seq_len, seed), data, model=lm,
+                    model_cfg=cfg, train_cfg=tcfg, rng=jax.random.key(seed + 1_000_003),
+                    callback=callback).state
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -238,7 +220,7 @@ def _eval_batch(params, state, inputs, targets, labels, *, cfg: lm.LMConfig, num
     """One batch: (ce, top1 [L, N], load [L, E], joint [L, E, C·S], avg_k, new_state)."""
     logits, new_state, aux = lm.apply(params, state, inputs, cfg=cfg, train=False)
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
-    joint = jax.vmap(lambda t: moe_metrics.joint_counts(t, labels, cfg.num_experts,
+    joint = jax.vmap(lambda t: moe_metrics.joint_counts(t, labels, cfg.moe.num_experts,
                                                         num_labels))(aux["top1"])
     avg_k = aux["metrics"].get("avg_k", jnp.float32(jnp.nan))
     return ce, aux["top1"], aux["load"], joint, avg_k, (new_state if update_state else state)

@@ -1,6 +1,6 @@
 r"""MASS: how many experts are enough? Fixed-K sweep vs expansion on HMM data with C concepts.
 
-Issue 9, part 4. The data (`moejax.data.hmm`) is a mixture of C HMM "concepts" (default C = 8),
+The data (`moejax.data.hmm`) is a mixture of C HMM "concepts" (default C = 8),
 so the number of experts a model can use is, in principle, known. For each seed this trains a
 small LM (1 softmax-attention layer, a MoE FFN) and measures the validation cross-entropy:
 
@@ -10,8 +10,9 @@ small LM (1 softmax-attention layer, a MoE FFN) and measures the validation cros
   (b) `mass`: top-p routing on K_max slots of which K_init are active at the start, grown by
       `moejax.moe.expansion` (drift test on ‖∇W_fc1‖, cosine gate, clone + gradient projection +
       redundancy loss, removal of the newest clone when masking it does not raise the loss)
-      inside the jitted train step. Reports the final number of active experts K, the average
-      number of experts per token (avg k) and the loss.
+      as step hooks of the library loop (`expansion.mass_hooks`, `loop.fit`). Reports the
+      final number of active experts K, the average number of experts per token (avg k) and
+      the loss.
 
 Elbow (stated rule): the smallest K of the grid whose mean validation loss has captured at least
 `elbow_fraction` (90%) of the drop from the smallest K to the best K,
@@ -53,9 +54,7 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from absl import app, flags
 from tqdm import tqdm
 
@@ -65,6 +64,7 @@ from moejax.models import lm
 from moejax.moe import expansion as ex
 from moejax.train import logging as log_lib
 from moejax.train import loop
+from moejax.train.steps import NO_HOOKS, StepHooks
 
 EXPERIMENT = "mass_expand"
 ROUTERS = ("topk", "top_p", "mass")
@@ -221,8 +221,8 @@ class ExperimentConfig:
         return lm.LMConfig(vocab_size=self.vocab_size, d_model=self.d_model,
                            num_layers=self.num_layers, num_heads=self.num_heads,
                            head_dim=self.head_dim, mixer=self.mixer, ffn="moe", d_ff=self.d_ff,
-                           num_experts=num_experts, top_k=top_k, router=name,
-                           router_kwargs=kwargs, max_seq_len=self.seq_len)
+                           moe=dict(num_experts=num_experts, top_k=top_k, router=name,
+                                    router_kwargs=kwargs), max_seq_len=self.seq_len)
 
     def expansion_config(self, layer: int = 0) -> ex.ExpansionConfig:
         return ex.ExpansionConfig(
@@ -265,102 +265,26 @@ def val_batches(cfg: ExperimentConfig) -> tuple[dict, ...]:
 # ----------------------------------------------------------------------------- steps
 
 
-def _with_active(state: dict, exp_states: Sequence[dict] | None, *, drop_newest=False) -> dict:
-    if exp_states is None:
-        return state
-    return {**state, "blocks": [ex.with_active(s, e, drop_newest=drop_newest)
-                                for s, e in zip(state["blocks"], exp_states, strict=True)]}
-
-
-def _strip_active(state: dict) -> dict:
-    """The model state without the `active` masks `_with_active` put in (keeps the jitted step's
-    input and output structures equal, so it compiles once)."""
-    return {**state, "blocks": [{**s, "router": {k: v for k, v in s.get("router", {}).items()
-                                                  if k != "active"}} for s in state["blocks"]]}
-
-
-def _ffn_tree(tree: dict, layer: int) -> dict:
-    return tree["blocks"][layer]["ffn"]
-
-
-def _replace_ffn(tree: dict, layer: int, ffn: dict) -> dict:
-    blocks = list(tree["blocks"])
-    blocks[layer] = {**blocks[layer], "ffn": ffn}
-    return {**tree, "blocks": blocks}
+def train_config(cfg: ExperimentConfig) -> loop.TrainConfig:
+    return loop.TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                            batch_size=cfg.batch_size, seq_len=cfg.seq_len,
+                            log_every=cfg.log_every, eval_batches=cfg.val_batches)
 
 
 @functools.cache
-def step_fns(mcfg: lm.LMConfig, cfg: ExperimentConfig, mass: bool):
-    """(optimizer, jitted train step, jitted eval step) for one model config.
+def _eval_loss(mcfg: lm.LMConfig):
+    """`(params, model_state, batch) -> loss` in eval mode: the removal test's masked loss."""
+    return lambda params, model_state, batch: lm.loss_fn(params, model_state, batch, cfg=mcfg,
+                                                         train=False)[0]
 
-    Train step: `(params, model_state, opt_state, exp_states, batch, step) -> (params,
-    model_state, opt_state, exp_states, metrics)`; `exp_states` is a list (one per MoE layer)
-    for MASS and None otherwise.
-    """
-    opt, _ = loop.make_optimizer(loop.TrainConfig(steps=cfg.steps, lr=cfg.lr,
-                                                  warmup_steps=cfg.warmup_steps))
-    ecfgs = [cfg.expansion_config(i) for i in range(mcfg.num_layers)] if mass else None
 
-    def objective(params, model_state, exp_states, batch):
-        loss, (new_state, metrics) = lm.loss_fn(params, _with_active(model_state, exp_states),
-                                                batch, cfg=mcfg, train=True)
-        new_state = _strip_active(new_state)
-        total = loss
-        if mass:
-            for i, e in enumerate(exp_states):
-                total = total + ex.redundancy_loss(_ffn_tree(params, i), e,
-                                                   weight=cfg.redundancy_weight)
-        return total, (new_state, metrics, loss)
-
-    @jax.jit
-    def train_step(params, model_state, opt_state, exp_states, batch, step):
-        (total, (new_state, metrics, loss)), grads = jax.value_and_grad(
-            objective, has_aux=True)(params, model_state, exp_states, batch)
-        metrics = {**metrics, "total_loss": total}
-        if not mass:
-            updates, opt_state = opt.update(grads, opt_state, params)
-            return (optax.apply_updates(params, updates), new_state, opt_state, None, metrics)
-        # Removal: judge the newest clone on this batch (same params) with it masked.
-        if cfg.removal:
-            masked, _ = lm.loss_fn(params, _with_active(model_state, exp_states,
-                                                        drop_newest=True),
-                                   batch, cfg=mcfg, train=False)
-            exp_states = [ex.removal_update(e, loss, masked, step, c)
-                          for e, c in zip(exp_states, ecfgs, strict=True)]
-        proj = grads
-        for i, e in enumerate(exp_states):
-            proj = _replace_ffn(proj, i, ex.project_gradients(_ffn_tree(grads, i),
-                                                              _ffn_tree(params, i), e))
-        if cfg.projection == "expansion":
-            in_phase = step < ecfgs[0].expand_until
-            proj = jax.tree.map(lambda a, b: jnp.where(in_phase, a, b), proj, grads)
-        updates, opt_state = opt.update(proj, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        new_exp, n_active, cloned, p_min, cos_min = [], [], [], [], []
-        for i, (e, c) in enumerate(zip(exp_states, ecfgs, strict=True)):
-            ffn, opt_state, e, info = ex.expansion_step(_ffn_tree(params, i),
-                                                        _ffn_tree(grads, i), opt_state, e,
-                                                        step, c)
-            params = _replace_ffn(params, i, ffn)
-            new_exp.append(e)
-            n_active.append(info["n_active"])
-            cloned.append(info["cloned"])
-            p_min.append(jnp.min(info["p_value"]))
-            tested = e["active"]
-            cos_min.append(jnp.min(jnp.where(tested, jnp.abs(info["cos"]), jnp.inf)))
-        metrics = {**metrics, "mass/n_active": jnp.mean(jnp.stack(n_active).astype(jnp.float32)),
-                   "mass/cloned": jnp.sum(jnp.stack(cloned).astype(jnp.int32)),
-                   "mass/p_min": jnp.min(jnp.stack(p_min)),
-                   "mass/abs_cos_min": jnp.min(jnp.stack(cos_min))}
-        return params, new_state, opt_state, new_exp, metrics
-
-    @jax.jit
-    def eval_step(params, model_state, exp_states, batch):
-        _, (_, metrics) = lm.loss_fn(params, _with_active(model_state, exp_states), batch,
-                                     cfg=mcfg, train=False)
-        return {"ce": metrics["ce"], "avg_k": metrics["moe/avg_k"]}
-
-    return opt, train_step, eval_step
+def hooks(mcfg: lm.LMConfig, cfg: ExperimentConfig, mass: bool) -> StepHooks:
+    """MASS's step hooks (`moejax.moe.expansion.mass_hooks`), or none for a fixed-K router."""
+    if not mass:
+        return NO_HOOKS
+    return ex.mass_hooks(_eval_loss(mcfg),
+                         tuple(cfg.expansion_config(i) for i in range(mcfg.num_layers)),
+                         removal=cfg.removal, projection=cfg.projection)
 
 
 # ----------------------------------------------------------------------------- one run
@@ -375,42 +299,36 @@ def train_cell(router: str, num_experts: int, seed: int, cfg: ExperimentConfig,
     """Trains one model (fixed K, or MASS on `num_experts` = K_max slots); returns its cell."""
     mass = router == "mass"
     mcfg = cfg.lm_config(router, num_experts)
-    opt, train_step, eval_step = step_fns(mcfg, cfg, mass)
-    params, model_state = lm.init(jax.random.key(seed), mcfg)
-    opt_state = opt.init(params)
-    exp_states = ([ex.init_expansion_state(cfg.expansion_config(i))
-                   for i in range(mcfg.num_layers)] if mass else None)
-    data = train_batches(cfg, seed)
+    tcfg, step_hooks = train_config(cfg), hooks(mcfg, cfg, mass)
+    state = loop.init_state(lm, mcfg, tcfg, jax.random.key(seed), hooks=step_hooks)
     out = run_dir(workdir, router, num_experts, seed)
     if os.path.exists(out):  # an interrupted earlier attempt of this cell
         shutil.rmtree(out)
     writer = log_lib.MetricsWriter(out, start_step=0, total_steps=cfg.steps, progress=False)
     writer.write_config({"router": router, "num_experts": num_experts, "seed": seed,
                          "model": mcfg.to_dict(), "experiment": cfg.fixed()})
-    traj, clone_steps, t0 = [], [], time.perf_counter()
-    for step in range(cfg.steps):
-        params, model_state, opt_state, exp_states, m = train_step(
-            params, model_state, opt_state, exp_states, data[step], jnp.int32(step))
-        if mass and int(m["mass/cloned"]):
-            clone_steps.append(step + 1)
-        if (step + 1) % cfg.log_every == 0 or step in (0, cfg.steps - 1):
-            rec = log_lib.to_record(step + 1, jax.device_get(m))
-            k_now = (rec["mass/n_active"] if mass else float(num_experts))
-            traj.append({"step": step + 1, "k": k_now, "avg_k": rec["moe/avg_k"],
-                         "loss": rec["ce"]})
-            writer.write(rec)
+    clone_steps: list[int] = []
+
+    def on_step(step, state, metrics):
+        if mass and metrics is not None and int(metrics["mass/cloned"]):
+            clone_steps.append(step)
+
+    t0 = time.perf_counter()
+    fit = loop.fit(state, train_batches(cfg, seed), model=lm, model_cfg=mcfg, train_cfg=tcfg,
+                   rng=jax.random.key(seed), hooks=step_hooks, writer=writer, callback=on_step)
+    state = fit.state
     train_seconds = time.perf_counter() - t0
-    evals = [jax.device_get(eval_step(params, model_state, exp_states, b))
-             for b in val_batches(cfg)]
-    val_loss = float(np.mean([e["ce"] for e in evals]))
-    val_avg_k = float(np.mean([e["avg_k"] for e in evals]))
+    traj = [{"step": r["step"], "k": r["mass/n_active"] if mass else float(num_experts),
+             "avg_k": r["moe/avg_k"], "loss": r["ce"]} for r in fit.records]
+    val = loop.evaluate(state, val_batches(cfg), model=lm, model_cfg=mcfg, train_cfg=tcfg)
+    exp_states = state.extra.get("expansion")
     final_k = (float(np.mean([int(np.sum(e["active"])) for e in exp_states])) if mass
                else float(num_experts))
-    writer.write({"step": cfg.steps, "val_loss": val_loss, "val_avg_k": val_avg_k,
+    writer.write({"step": cfg.steps, "val_loss": val["ce"], "val_avg_k": val["moe/avg_k"],
                   "active_experts": final_k})
     writer.close()
-    cell = {"router": router, "num_experts": num_experts, "seed": seed, "val_loss": val_loss,
-            "val_avg_k": val_avg_k, "final_k": final_k, "train_loss": traj[-1]["loss"],
+    cell = {"router": router, "num_experts": num_experts, "seed": seed, "val_loss": val["ce"],
+            "val_avg_k": val["moe/avg_k"], "final_k": final_k, "train_loss": traj[-1]["loss"],
             "seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
             "trajectory": traj}
     if mass:

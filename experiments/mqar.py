@@ -5,8 +5,9 @@ pairs, then the keys again as queries) and report, per sequence length L, the ex
 accuracy at the answer positions against the model width d, taking the best learning rate of a
 small sweep (`logspace(-4, -2)`). This script does the same for the delta-rule mixers and
 softmax attention: every (mixer, d_model, (L, n_kv), lr, seed) cell trains a fresh 2-layer LM
-(`ffn="dense"`, tied embeddings, vocabulary = the MQAR vocabulary) with AdamW (linear warmup,
-cosine decay, clipping: `moejax.train.loop.make_optimizer`).
+(`ffn="dense"`, tied embeddings, vocabulary = the MQAR vocabulary) with the library loop
+(`moejax.train.loop.fit`: AdamW, linear warmup, cosine decay, clipping; the learning rates of a
+model shape share one compiled step).
 
 The loss and the logits are computed only at the `n_kv` answer positions of each example
 (`lm.apply(..., positions=answer_positions)`, `[B, n_kv, V]` logits; never `[B, L, V]`).
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import os
 import shutil
 import time
@@ -60,7 +60,9 @@ from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import mqar
 from moejax.models import lm
 from moejax.train import loop
+from moejax.train.batches import check_token_ids
 from moejax.train.logging import MetricsWriter
+from moejax.train.steps import ModelFns
 
 EXPERIMENT = "mqar"
 PLOT = "mqar.png"
@@ -198,7 +200,7 @@ class ExperimentConfig:
         return loop.TrainConfig(
             steps=self.steps, lr=lr, warmup_steps=int(self.warmup_frac * self.steps),
             weight_decay=self.weight_decay, batch_size=self.batch_size, seq_len=seq_len,
-            seed=seed)
+            log_every=self.log_every, seed=seed)
 
     def fixed(self) -> dict:
         """The settings every cell of a workdir shares (ResultsFile checks them on rerun)."""
@@ -244,60 +246,73 @@ def _batch(arrays: dict, idx: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------- model
 
 
-def answer_loss(params, state, batch: dict, *, cfg: lm.LMConfig):
-    """Mean cross-entropy and exact-match accuracy over the answer positions only.
+def answer_loss(params, state, batch: dict, *, cfg: lm.LMConfig, train: bool = False,
+                rng=None):
+    """Mean cross-entropy and exact-match accuracy over the answer positions only: the loss of
+    `MODEL` (the library loop's model contract).
 
     Args:
       params, state: from `lm.init` (a dense-FFN model's state is not updated).
       batch: `inputs` `<int32>[B, L]`, `answer_positions`, `answer_targets` `<int32>[B, P]`.
+      cfg: the LM.
+      train, rng: as for `lm.apply`.
 
     Returns:
-      `(loss, (accuracy, correct [B, P] bool))`; logits are `[B, P, V]`, never `[B, L, V]`.
+      `(loss, (state, metrics))`: `ce` (= loss), `acc` (share of exact answers) and `weight`
+      (B·P answers: evaluation averages weigh batches by it); logits are `[B, P, V]`, never
+      `[B, L, V]`.
     """
-    logits, _, _ = lm.apply(params, state, batch["inputs"], cfg=cfg,
+    logits, _, _ = lm.apply(params, state, batch["inputs"], cfg=cfg, train=train, rng=rng,
                             positions=batch["answer_positions"])
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["answer_targets"])
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["answer_targets"]))
     correct = jnp.argmax(logits, axis=-1) == batch["answer_targets"]
-    return jnp.mean(ce), (jnp.mean(correct), correct)
+    return ce, (state, {"ce": ce, "acc": jnp.mean(correct),
+                        "weight": jnp.float32(correct.size)})
 
 
-@functools.cache
-def _step_fns(mcfg: lm.LMConfig, tcfg: loop.TrainConfig):
-    """(jitted train step, jitted eval step, optimizer) of one model shape.
-
-    The optimizer is `make_optimizer` with peak lr 1; AdamW's update is linear in the learning
-    rate, so scaling it by the traced `lr` gives exactly the optimizer of peak `lr` while every
-    learning rate of the sweep shares one compilation.
-    """
-    opt, schedule = loop.make_optimizer(tcfg)
-    grad = jax.value_and_grad(functools.partial(answer_loss, cfg=mcfg), has_aux=True)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def train_step(params, opt_state, state, batch, lr):
-        (loss, (acc, _)), g = grad(params, state, batch)
-        updates, opt_state = opt.update(g, opt_state, params)
-        updates = jax.tree.map(lambda u: lr * u, updates)
-        gnorm = optax.tree.norm(g)
-        return optax.apply_updates(params, updates), opt_state, {"loss": loss, "acc": acc,
-                                                                 "grad_norm": gnorm}
-
-    @jax.jit
-    def eval_step(params, state, batch):
-        loss, (_, correct) = answer_loss(params, state, batch, cfg=mcfg)
-        return loss * correct.size, jnp.sum(correct), correct.size
-
-    return train_step, eval_step, opt, schedule
+def check_answer_batch(batch, *, cfg: lm.LMConfig, train_cfg: loop.TrainConfig) -> None:
+    """Refuses a first batch that is not MQAR's (`inputs` `[B, L]` ids in the vocabulary,
+    `answer_positions` in [0, L), `answer_targets` ids in the vocabulary), naming the field."""
+    missing = [k for k in ("inputs", "answer_positions", "answer_targets") if k not in batch]
+    if missing:
+        raise ValueError(f"MQAR batches need {missing}; the first has keys {sorted(batch)}")
+    check_token_ids("inputs", batch["inputs"], cfg=cfg, train_cfg=train_cfg)
+    pos, tgt = np.asarray(batch["answer_positions"]), np.asarray(batch["answer_targets"])
+    if pos.shape != tgt.shape or pos.shape[0] != train_cfg.batch_size:
+        raise ValueError(f"answer_positions {pos.shape} and answer_targets {tgt.shape} must both "
+                         f"be [batch_size={train_cfg.batch_size}, P]")
+    if pos.min() < 0 or pos.max() >= train_cfg.seq_len:
+        raise ValueError(f"answer_positions must lie in [0, {train_cfg.seq_len})")
+    if tgt.min() < 0 or tgt.max() >= cfg.vocab_size:
+        raise ValueError(f"answer_targets must lie in [0, vocab_size={cfg.vocab_size})")
 
 
-def evaluate(eval_step, params, state, arrays: dict, batch_size: int) -> dict:
-    """Exact-match accuracy and mean CE over all answers of a split."""
+MODEL = ModelFns(init=lm.init, loss_fn=answer_loss, check_batch=check_answer_batch)
+
+
+def evaluate(mcfg: lm.LMConfig, tcfg: loop.TrainConfig, state: loop.TrainState, arrays: dict,
+             batch_size: int) -> dict:
+    """Exact-match accuracy and mean CE over all answers of a split (the last batch may be
+    partial)."""
     n = len(arrays["inputs"])
-    ce = hits = count = 0.0
-    for start in range(0, n, batch_size):
-        batch = _batch(arrays, np.arange(start, min(n, start + batch_size)))
-        out = jax.device_get(eval_step(params, state, batch))
-        ce, hits, count = ce + float(out[0]), hits + float(out[1]), count + float(out[2])
-    return {"acc": hits / count, "loss": ce / count}
+    batches = [_batch(arrays, np.arange(start, min(n, start + batch_size)))
+               for start in range(0, n, batch_size)]
+    out = loop.evaluate(state, batches, model=MODEL, model_cfg=mcfg, train_cfg=tcfg)
+    return {"acc": out["acc"], "loss": out["ce"]}
+
+
+def train_batches(cfg: ExperimentConfig, arrays: dict, setting: tuple[int, int], seed: int):
+    """`steps` batches of `batch_size` from the train split, in epochs shuffled by a generator
+    seeded with `[seed, L, n_kv]`."""
+    L, n_kv = setting
+    order = np.random.default_rng([seed, L, n_kv])
+    n_batches = cfg.num_train // cfg.batch_size
+    perm = order.permutation(cfg.num_train)
+    for step in range(1, cfg.steps + 1):
+        i = (step - 1) % n_batches
+        if step > 1 and i == 0:
+            perm = order.permutation(cfg.num_train)
+        yield _batch(arrays, perm[i * cfg.batch_size:(i + 1) * cfg.batch_size])
 
 
 def cell_name(mixer: str, d_model: int, seq_len: int, n_kv: int, lr: float, seed: int) -> str:
@@ -306,10 +321,11 @@ def cell_name(mixer: str, d_model: int, seq_len: int, n_kv: int, lr: float, seed
 
 def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[int, int],
                lr: float, seed: int, workdir: str, bar: tqdm | None = None) -> dict:
-    """Trains one model and evaluates it on the held-out splits; returns its cell."""
+    """Trains one model with the library loop (`loop.fit`; every lr and seed of a model shape
+    shares one compiled step) and evaluates it on the held-out splits; returns its cell."""
     L, n_kv = setting
     mcfg = cfg.model(mixer, d_model, L)
-    train_step, eval_step, opt, schedule = _step_fns(mcfg, cfg.train_config(1.0, L, 0))
+    tcfg = cfg.train_config(lr, L, seed)
     data = _data(cfg, (L, n_kv), seed)
     name = cell_name(mixer, d_model, L, n_kv, lr, seed)
     cell_dir = os.path.join(workdir, CELLS_DIR, name)
@@ -317,39 +333,23 @@ def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[i
     writer = MetricsWriter(cell_dir, start_step=0, total_steps=cfg.steps, progress=False)
     writer.write_config({"model": mcfg.to_dict(), "experiment": dataclasses.asdict(cfg),
                          "lr": lr, "seed": seed, "setting": [L, n_kv]})
-
-    params, state = lm.init(jax.random.key(seed), mcfg)
-    opt_state = opt.init(params)
-    lr_arr = jnp.float32(lr)
-    order = np.random.default_rng([seed, L, n_kv])
-    n_batches = cfg.num_train // cfg.batch_size
-    perm = order.permutation(cfg.num_train)
+    state = loop.init_state(MODEL, mcfg, tcfg, jax.random.key(seed))
     t0 = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        i = (step - 1) % n_batches
-        if step > 1 and i == 0:
-            perm = order.permutation(cfg.num_train)
-        idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-        params, opt_state, m = train_step(params, opt_state, state, _batch(data["train"], idx),
-                                          lr_arr)
-        if step % cfg.log_every == 0 or step in (1, cfg.steps):
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"{name}: loss is {m['loss']} at step {step}")
-            writer.write({"step": step, **m, "lr": lr * float(schedule(step - 1))})
-        if bar is not None:
-            bar.update(1)
+    fit = loop.fit(state, train_batches(cfg, data["train"], setting, seed), model=MODEL,
+                   model_cfg=mcfg, train_cfg=tcfg, rng=jax.random.key(seed), writer=writer,
+                   callback=None if bar is None else lambda step, *_: step and bar.update(1))
     seconds = time.perf_counter() - t0
-    val = evaluate(eval_step, params, state, data["val"], cfg.batch_size)
-    test = evaluate(eval_step, params, state, data["test"], cfg.batch_size)
+    val = evaluate(mcfg, tcfg, fit.state, data["val"], cfg.batch_size)
+    test = evaluate(mcfg, tcfg, fit.state, data["test"], cfg.batch_size)
     writer.write({"step": cfg.steps, "val_acc": val["acc"], "val_loss": val["loss"],
                   "test_acc": test["acc"], "test_loss": test["loss"]})
     writer.close()
     return {"mixer": mixer, "d_model": d_model, "seq_len": L, "num_kv_pairs": n_kv, "lr": lr,
             "seed": seed, "val_acc": val["acc"], "val_loss": val["loss"],
-            "test_acc": test["acc"], "test_loss": test["loss"], "final_train_loss": m["loss"],
-            "num_params": lm.num_params(params), "steps": cfg.steps, "train_seconds": seconds,
-            "metrics": os.path.join(CELLS_DIR, name)}
+            "test_acc": test["acc"], "test_loss": test["loss"],
+            "final_train_loss": fit.records[-1]["loss"],
+            "num_params": lm.num_params(fit.state.params), "steps": cfg.steps,
+            "train_seconds": seconds, "metrics": os.path.join(CELLS_DIR, name)}
 
 
 # ----------------------------------------------------------------------------- sweep

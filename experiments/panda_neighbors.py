@@ -22,7 +22,6 @@ skips the cells already there) and `WORKDIR/panda_neighbors.png` (mean ± std ov
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -30,12 +29,12 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-import optax
 from absl import app, flags
 from tqdm import tqdm
 
 from moejax.data import graphs
 from moejax.models import gnn
+from moejax.train import loop
 from moejax.train.checkpoint import check_workdir
 
 MODELS = ("gcn", "gin", "panda_gcn", "panda_gin")
@@ -132,41 +131,38 @@ def _train_set(depth: int, seed: int, cfg: ExperimentConfig) -> list[graphs.Grap
     return bs
 
 
-@functools.cache
-def _step_fns(mcfg: gnn.GNNConfig, lr: float):
-    """(jitted train step, jitted eval step, optimizer), shared by the seeds of a cell."""
-    opt = optax.adam(lr)
-    grad = jax.value_and_grad(gnn.loss_fn, has_aux=True)
+def train_config(cfg: ExperimentConfig) -> loop.TrainConfig:
+    """Adam at a constant learning rate (no warmup, decay, weight decay or clipping) in the
+    library loop's terms."""
+    return loop.TrainConfig(steps=cfg.steps, lr=cfg.lr, warmup_steps=0, min_lr_ratio=1.0,
+                            weight_decay=0.0, clip_norm=None, b2=0.999,
+                            batch_size=cfg.batch_size, seq_len=1, log_every=cfg.steps)
 
-    @jax.jit
-    def train_step(params, opt_state, batch):
-        (loss, acc), g = grad(params, batch, mcfg)
-        updates, opt_state = opt.update(g, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss, acc
 
-    return train_step, jax.jit(lambda p, b: gnn.loss_fn(p, b, mcfg)), opt
+def _batch_order(data: list[graphs.GraphBatch], seed: int, steps: int):
+    """`steps` batches of `data`, in epochs shuffled by `default_rng(seed)`."""
+    order = np.random.default_rng(seed)
+    perm = order.permutation(len(data))
+    for step in range(steps):
+        if step and step % len(data) == 0:
+            perm = order.permutation(len(data))
+        yield data[perm[step % len(data)]]
 
 
 def train_cell(depth: int, model: str, seed: int, cfg: ExperimentConfig,
                data: list[graphs.GraphBatch]) -> dict:
-    """Trains one model; returns its final train-set accuracy and loss."""
-    mcfg = model_config(model, depth, cfg)
-    train_step, eval_step, opt = _step_fns(mcfg, cfg.lr)
-    params = gnn.init(jax.random.key(seed), mcfg)
-    opt_state = opt.init(params)
-    order = np.random.default_rng(seed)
-    perm = order.permutation(len(data))
+    """Trains one model with the library loop (`loop.fit`; the seeds of a cell share one
+    compiled step); returns its final train-set accuracy and loss."""
+    mcfg, tcfg = model_config(model, depth, cfg), train_config(cfg)
+    state = loop.init_state(gnn.MODEL, mcfg, tcfg, jax.random.key(seed))
     t0 = time.perf_counter()
-    for step in range(cfg.steps):
-        if step and step % len(data) == 0:
-            perm = order.permutation(len(data))
-        params, opt_state, loss, _ = train_step(params, opt_state, data[perm[step % len(data)]])
-    evals = [eval_step(params, b) for b in data]
-    return {"depth": depth, "model": model, "seed": seed,
-            "train_acc": float(np.mean([float(a) for _, a in evals])),
-            "train_loss": float(np.mean([float(x) for x, _ in evals])),
-            "last_batch_loss": float(loss), "seconds": time.perf_counter() - t0,
-            "steps": cfg.steps, "train_size": len(data) * int(data[0].target.shape[0])}
+    fit = loop.fit(state, _batch_order(data, seed, cfg.steps), model=gnn.MODEL, model_cfg=mcfg,
+                   train_cfg=tcfg, rng=jax.random.key(seed))
+    ev = loop.evaluate(fit.state, data, model=gnn.MODEL, model_cfg=mcfg, train_cfg=tcfg)
+    return {"depth": depth, "model": model, "seed": seed, "train_acc": ev["acc"],
+            "train_loss": ev["ce"], "last_batch_loss": fit.records[-1]["loss"],
+            "seconds": time.perf_counter() - t0, "steps": cfg.steps,
+            "train_size": len(data) * int(data[0].target.shape[0])}
 
 
 def summarize(cells: Sequence[dict]) -> dict:

@@ -1,4 +1,4 @@
-r"""Routing quality on GINC-style HMM data with known latent labels (issue 9, part 2).
+r"""Routing quality on GINC-style HMM data with known latent labels.
 
 For each (router, seed) cell a small MoE LM (`experiments.hmm_common.ModelSpec`: softmax mixer,
 2 layers, d = 64, 8 experts, top-2) is trained on the mixture-of-HMMs stream of
@@ -35,6 +35,7 @@ import time
 import warnings
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
@@ -148,12 +149,12 @@ def train_cell(label: str, router: str, eta: float | None, seed: int, cfg: Exper
 
     def callback(step, state, m):
         if step == 0:
-            last["state0"] = state.model_state
+            last["state0"] = jax.device_get(state.model_state)  # the loop donates its state
         if step % cfg.eval_every and step != cfg.train.steps:
             return
         ev = hc.evaluate(state.params, state.model_state, lm_cfg, val, label_key=cfg.label,
                          num_labels=cfg.num_labels, prev_top1=last.get("top1"))
-        last.update(ev, state=state.model_state)
+        last.update(ev, state=jax.device_get(state.model_state))
         curve["step"].append(step)
         for name in CURVE_METRICS:
             curve[name].append(ev[name])

@@ -1,4 +1,4 @@
-r"""STAR test-time subspace updates under distribution shift (issue 9, part 3).
+r"""STAR test-time subspace updates under distribution shift.
 
 Per seed, two small MoE LMs (`experiments.hmm_common`) are trained on the un-shifted HMM stream:
 one routed by STAR (GHA step size `eta`, no aux loss) and a top-k baseline (`baseline`, default

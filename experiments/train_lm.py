@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 from moejax import data
-from moejax.models import lm
+from moejax.models import decode, lm
 from moejax.train import checkpoint, loop
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; resumed if it holds a run.",
@@ -63,7 +63,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # progress goes to the bar; keep orbax's INFO quiet
     try:  # every bad flag, and empty or unreadable --data, fails here, before any training
         checkpoint.check_workdir(_WORKDIR.value, name="--workdir")
-        overrides = {f.name: f.value for f in _MODEL_FLAGS if f.value is not None}
+        overrides = {f.name: f.value for f in (_MIXER, _FFN) if f.value is not None}
+        moe_overrides = {f.name: f.value for f in (_ROUTER, _NUM_EXPERTS, _TOP_K)
+                         if f.value is not None}  # updates the preset's MoE options
         init_params, data_info = None, {}
         if _INIT_FROM.value is not None:
             given = [f"--{f.name}" for f in (_PRESET, *_MODEL_FLAGS)
@@ -78,6 +80,8 @@ def main(argv):
             init_params = (params, model_state)
             data_info["init_from"] = os.path.abspath(_INIT_FROM.value)
         else:
+            if moe_overrides:
+                overrides["moe"] = moe_overrides
             model_cfg = lm.get_preset(_PRESET.value, **overrides)
         train_cfg = loop.TrainConfig(
             steps=_STEPS.value, lr=_LR.value, warmup_steps=_WARMUP.value,
@@ -92,17 +96,17 @@ def main(argv):
         corpus = data.CorpusConfig(data_glob=_DATA.value)
 
         def batches(split):
-            return data.make_corpus_iterator(corpus, split=split, seed=train_cfg.seed,
-                                             batch_size=train_cfg.batch_size,
-                                             seq_len=train_cfg.seq_len)
+            return data.iterator(data.make_corpus_dataset(
+                corpus, split=split, seed=train_cfg.seed, batch_size=train_cfg.batch_size,
+                seq_len=train_cfg.seq_len))
 
         train_data = batches("train")
         batches("val")  # checks that the val split holds a batch
     except ValueError as e:
         raise app.UsageError(str(e)) from e
 
-    result = loop.run(model_cfg, train_cfg, _WORKDIR.value, train_data=train_data,
-                      val_data=lambda: batches("val"),
+    result = loop.run(model_cfg, train_cfg, _WORKDIR.value, model=lm, train_data=train_data,
+                      val_data=lambda: batches("val"), bytes_per_token=1,
                       data_info={"corpus": corpus, **data_info}, init_params=init_params)
     if result.preempted:  # SIGTERM/SIGINT: checkpointed; exit 0 so a VM manager reruns us
         print(f"\nPreempted: stopped at step {result.step} of {train_cfg.steps}, checkpoint "
@@ -112,7 +116,7 @@ def main(argv):
     prompt = jnp.asarray(data.encode("def "), jnp.int32)[None]
     new_tokens = min(_SAMPLE_TOKENS.value, model_cfg.max_seq_len - prompt.shape[1])
     if new_tokens > 0:
-        tokens = lm.generate(result.state.params, result.state.model_state, prompt,
+        tokens = decode.generate(result.state.params, result.state.model_state, prompt,
                              cfg=model_cfg, key=jax.random.key(train_cfg.seed),
                              max_new_tokens=new_tokens, temperature=0.8, top_p=0.95)
         sample = (data.decode(tokens[0]) if model_cfg.vocab_size == 256

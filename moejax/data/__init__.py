@@ -5,9 +5,17 @@
   hmm       GINC-style mixture of HMMs, latent (concept, state) labels on every token
   clusters  Gaussian-mixture points with labels, for router tests
 
-Every `make_*_iterator` returns a grain `DatasetIterator`: `get_state()` is a JSON-able dict and
-`set_state(state)` on a fresh iterator built with the same arguments resumes with the identical
-next batches (orbax: `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`).
+Every `make_*_dataset` returns a grain `MapDataset` of batches; one function reads any of them:
+
+  iterator(dataset, shard=None)   a grain `DatasetIterator`: `get_state()` is a JSON-able dict and
+                                  `set_state(state)` on a fresh iterator built with the same
+                                  arguments resumes with the identical next batches (orbax:
+                                  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)`);
+                                  `shard=grain.sharding.ShardByJaxProcess(drop_remainder=True)`
+                                  gives each process every n-th batch (`batch_size` per process)
+
+  >>> it = data.iterator(data.make_corpus_dataset(data.CorpusConfig(), split="train", seed=0,
+  ...                                             batch_size=8, seq_len=256))
 """
 
 from moejax.data.clusters import Clusters as Clusters
@@ -21,20 +29,18 @@ from moejax.data.corpus import decode as decode
 from moejax.data.corpus import encode as encode
 from moejax.data.corpus import load_corpus_tokens as load_corpus_tokens
 from moejax.data.corpus import make_corpus_dataset as make_corpus_dataset
-from moejax.data.corpus import make_corpus_iterator as make_corpus_iterator
 from moejax.data.hmm import HMMConfig as HMMConfig
 from moejax.data.hmm import HMMParams as HMMParams
 from moejax.data.hmm import generate_hmm_example as generate_hmm_example
 from moejax.data.hmm import hmm_example as hmm_example
 from moejax.data.hmm import make_hmm_dataset as make_hmm_dataset
-from moejax.data.hmm import make_hmm_iterator as make_hmm_iterator
 from moejax.data.hmm import make_hmm_params as make_hmm_params
 from moejax.data.mqar import MQAR_SETTINGS as MQAR_SETTINGS
 from moejax.data.mqar import MQARConfig as MQARConfig
 from moejax.data.mqar import generate_mqar_example as generate_mqar_example
 from moejax.data.mqar import make_mqar_dataset as make_mqar_dataset
-from moejax.data.mqar import make_mqar_iterator as make_mqar_iterator
 from moejax.data.mqar import mqar_example as mqar_example
+from moejax.data.pipeline import iterator as iterator
 
 __all__ = [
     "BYTE_VOCAB_SIZE",
@@ -52,14 +58,12 @@ __all__ = [
     "generate_hmm_example",
     "generate_mqar_example",
     "hmm_example",
+    "iterator",
     "load_corpus_tokens",
     "make_clusters",
     "make_corpus_dataset",
-    "make_corpus_iterator",
     "make_hmm_dataset",
-    "make_hmm_iterator",
     "make_hmm_params",
     "make_mqar_dataset",
-    "make_mqar_iterator",
     "mqar_example",
 ]

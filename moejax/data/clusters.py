@@ -12,8 +12,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moejax.data.pipeline import check_int as _check_int
 from moejax.validation import as_float_array, check_range
+from moejax.validation import check_int as _check_int
 
 
 class Clusters(NamedTuple):

@@ -33,9 +33,9 @@ tokens shifted by one) and every token is a target exactly once.
 
 Pipeline (`make_corpus_dataset`): `MapDataset.range(num_windows)` → `shuffle(seed)` (train) →
 `repeat(num_epochs)` (a new order every epoch) → window lookup → `batch(B, drop_remainder=True)`.
-`make_corpus_iterator` returns the grain `DatasetIterator`; `it.get_state()` is a small JSON-able
-dict (`{"next_index": k}`) and `set_state(state)` on a fresh iterator built with the same
-arguments resumes with the identical next batches. It is also what
+`moejax.data.iterator(make_corpus_dataset(...))` gives the grain `DatasetIterator`;
+`it.get_state()` is a small JSON-able dict (`{"next_index": k}`) and `set_state(state)` on a fresh
+iterator built with the same arguments resumes with the identical next batches. It is also what
 `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` store in an orbax checkpoint.
 
 Axis letters: B batch, T sequence length (`seq_len`).
@@ -55,13 +55,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from moejax.data.pipeline import check_int as _check_int
 from moejax.data.pipeline import check_num_epochs as _check_num_epochs
 from moejax.data.pipeline import check_shuffle as _check_shuffle
 from moejax.data.pipeline import check_split as _check_split
 from moejax.data.pipeline import index_pipeline as _index_pipeline
-from moejax.data.pipeline import to_iterator
 from moejax.validation import ArgumentTypeError, check_bool, check_range
+from moejax.validation import check_int as _check_int
 
 BYTE_VOCAB_SIZE = 256
 NUL_ID = 0  # document separator when `eos_token=False`
@@ -366,36 +365,3 @@ def make_corpus_dataset(
         shuffle=shuffle,
     )
 
-
-def make_corpus_iterator(
-    cfg: CorpusConfig,
-    *,
-    split: str,
-    seed: int,
-    batch_size: int,
-    seq_len: int,
-    num_epochs: int | None = -1,
-    shuffle: bool | None = None,
-) -> grain.DatasetIterator:
-    """A checkpointable iterator over `make_corpus_dataset(...)` batches.
-
-    Arguments as for `make_corpus_dataset`. The iterator yields
-    `{"inputs": <int32>[B, T], "targets": <int32>[B, T]}`; `get_state()` returns a JSON-able dict
-    and `set_state(state)` on an iterator made with the same arguments resumes exactly.
-
-    Example:
-      >>> it = make_corpus_iterator(CorpusConfig(max_bytes=2**16), split="train", seed=0,
-      ...                           batch_size=2, seq_len=8)
-      >>> _ = next(it); state = it.get_state()
-      >>> nxt = next(it)
-      >>> it2 = make_corpus_iterator(CorpusConfig(max_bytes=2**16), split="train", seed=0,
-      ...                            batch_size=2, seq_len=8)
-      >>> it2.set_state(state)
-      >>> bool((next(it2)["inputs"] == nxt["inputs"]).all())
-      True
-    """
-    ds = make_corpus_dataset(
-        cfg, split=split, seed=seed, batch_size=batch_size, seq_len=seq_len,
-        num_epochs=num_epochs, shuffle=shuffle,
-    )
-    return to_iterator(ds)

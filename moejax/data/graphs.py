@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moejax.data.pipeline import check_int as _check_int
 from moejax.data.pipeline import example_rng
 from moejax.validation import ArgumentTypeError, check_bool
+from moejax.validation import check_int as _check_int
 
 _GRAPH_KEYS = ("features", "senders", "receivers", "target", "label")
 

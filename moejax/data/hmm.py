@@ -35,8 +35,8 @@ from typing import NamedTuple
 import grain
 import numpy as np
 
-from moejax.data.pipeline import check_int as _check_int
-from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
+from moejax.data.pipeline import example_rng, synthetic_dataset
+from moejax.validation import check_int as _check_int
 from moejax.validation import check_range
 
 
@@ -253,25 +253,3 @@ def make_hmm_dataset(
         batch_size=batch_size, num_examples=num_examples, num_epochs=num_epochs, shuffle=shuffle,
     )
 
-
-def make_hmm_iterator(
-    cfg: HMMConfig,
-    *,
-    split: str,
-    seed: int,
-    batch_size: int,
-    num_examples: int = 100_000,
-    num_epochs: int | None = -1,
-    shuffle: bool | None = None,
-    concept: int | None = None,
-) -> grain.DatasetIterator:
-    """A checkpointable iterator over `make_hmm_dataset(...)` (same arguments).
-
-    `get_state()` is a JSON-able dict; `set_state` on a fresh iterator built with the same
-    arguments resumes with the identical batches.
-    """
-    ds = make_hmm_dataset(
-        cfg, split=split, seed=seed, batch_size=batch_size, num_examples=num_examples,
-        num_epochs=num_epochs, shuffle=shuffle, concept=concept,
-    )
-    return to_iterator(ds)

@@ -36,9 +36,9 @@ import functools
 import grain
 import numpy as np
 
-from moejax.data.pipeline import check_int as _check_int
-from moejax.data.pipeline import example_rng, synthetic_dataset, to_iterator
+from moejax.data.pipeline import example_rng, synthetic_dataset
 from moejax.validation import check_bool, check_range
+from moejax.validation import check_int as _check_int
 
 MQAR_SETTINGS = ((64, 4), (128, 8), (256, 16), (512, 64))
 MQAR_VOCAB_SIZE = 8192
@@ -201,24 +201,3 @@ def make_mqar_dataset(
         batch_size=batch_size, num_examples=num_examples, num_epochs=num_epochs, shuffle=shuffle,
     )
 
-
-def make_mqar_iterator(
-    cfg: MQARConfig,
-    *,
-    split: str,
-    seed: int,
-    batch_size: int,
-    num_examples: int = 100_000,
-    num_epochs: int | None = -1,
-    shuffle: bool | None = None,
-) -> grain.DatasetIterator:
-    """A checkpointable iterator over `make_mqar_dataset(...)` (same arguments).
-
-    `get_state()` is a JSON-able dict; `set_state` on a fresh iterator built with the same
-    arguments resumes with the identical batches.
-    """
-    ds = make_mqar_dataset(
-        cfg, split=split, seed=seed, batch_size=batch_size, num_examples=num_examples,
-        num_epochs=num_epochs, shuffle=shuffle,
-    )
-    return to_iterator(ds)

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moejax.train.steps import StepContext, StepHooks, TrainState
 from moejax.validation import (
     ArgumentTypeError,
     as_float_array,
@@ -326,3 +327,33 @@ def select(method: str, params: PyTree, targets: Mapping[Path, Any], cfg: DarsCo
     mask = channel_mask(params, sels)
     n = int(sum(int(np.sum(m)) for m in jax.tree.leaves(mask)))
     return mask, {"selected": chosen, "channels": total, "params": n}
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked training in the library loop.
+
+
+def _masked_grads(ctx: StepContext) -> tuple[PyTree, PyTree, dict]:
+    return mask_tree(ctx.grads, ctx.state.extra["mask"]), ctx.state.extra, {}
+
+
+def _keep_frozen(state: TrainState, ctx: StepContext) -> tuple[TrainState, dict]:
+    mask = state.extra["mask"]
+    params = jax.tree.map(lambda new, old, m: jnp.where(m, new, old), state.params,
+                          ctx.state.params, mask)
+    return dataclasses.replace(state, params=params), {}
+
+
+# Step hooks of sparse fine-tuning: the `<bool>` mask (params' structure) in
+# `TrainState.extra["mask"]` (`with_mask`) zeroes the gradient of frozen entries before the
+# optimizer (clipping and Adam moments see only trainable ones) and keeps frozen params as they
+# were after it (decoupled weight decay cannot move them) — `masked(opt, mask)` with the mask as
+# state, so every mask (and full fine-tuning, an all-True mask) shares one compiled step.
+MASK_HOOKS = StepHooks(transform_grads=_masked_grads, after_update=_keep_frozen)
+
+
+def with_mask(state: TrainState, mask: PyTree | None) -> TrainState:
+    """`state` to fine-tune under `MASK_HOOKS` with `mask` (None: every entry trainable)."""
+    if mask is None:
+        mask = jax.tree.map(lambda p: jnp.ones(jnp.shape(p), bool), state.params)
+    return dataclasses.replace(state, extra={**state.extra, "mask": mask})

@@ -27,7 +27,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from moejax.models.lm import LMConfig
+from moejax.models.lm import MOE_DEFAULTS, LMConfig
+from moejax.moe.layer import MoEConfig
 
 SUPPORTED = ("mixtral", "qwen3_moe", "qwen3_next")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
@@ -252,14 +253,15 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
         num_kv_heads=kv_heads, mixer="softmax",
         layer_ffns=tuple("moe" if m else "dense" for m in is_moe),
         d_ff=d_ff, dense_d_ff=c.get("intermediate_size", "int", lo=1),
-        num_experts=max(experts, 1), top_k=top_k, router="topk",
-        router_kwargs=(("load_balance_weight",
-                        float(c.get("router_aux_loss_coef", "number", 0.0, lo=0))),
-                       ("renormalize", renormalize), ("z_loss_weight", 0.0)),
         qk_norm=model_type != "mixtral", rope_theta=theta, rotary_fraction=fraction,
         tie_embeddings=c.get("tie_word_embeddings", "bool", False), dtype=dtype,
         norm_eps=float(c.get("rms_norm_eps", "number", 1e-6)),
         max_seq_len=max_seq_len or c.get("max_position_embeddings", "int", 2048, lo=1))
+    aux_coef = float(c.get("router_aux_loss_coef", "number", 0.0, lo=0))
+    moe: dict[str, Any] = dict(
+        num_experts=max(experts, 1), top_k=top_k, router="topk",
+        router_kwargs=(("load_balance_weight", aux_coef), ("renormalize", renormalize),
+                       ("z_loss_weight", 0.0)))
     if model_type == "qwen3_next":
         dk = c.get("linear_key_head_dim", "int", lo=1)
         dv = c.get("linear_value_head_dim", "int", lo=1)
@@ -272,8 +274,11 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
             num_heads=v_heads, head_dim=dk, num_key_heads=k_heads,
             value_head_dim=dv,  # an int: exact for any dk, dv (dv / dk need not be a binary ratio)
             conv_size=c.get("linear_conv_kernel_dim", "int", 4, lo=1), attn_num_heads=heads,
-            attn_head_dim=head_dim, zero_centered_norm=True, num_shared=1,
-            d_ff_shared=c.get("shared_expert_intermediate_size", "int", lo=1), shared_gate=True)
+            attn_head_dim=head_dim, zero_centered_norm=True)
+        moe.update(num_shared=1, shared_gate=True,
+                   d_ff_shared=c.get("shared_expert_intermediate_size", "int", lo=1))
+    if any(is_moe) or top_k <= max(experts, 1):  # an all-dense model keeps valid options
+        kw["moe"] = moe  # (export gives them back); else moe=None
     try:
         return LMConfig(**kw)
     except ValueError as e:
@@ -289,13 +294,18 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     """
     if model_type not in SUPPORTED:
         raise ValueError(f"model_type must be one of {SUPPORTED}, got {model_type!r}")
-    router_kw = dict(cfg.router_kwargs)
+    # A model without MoE options (all layers dense) exports the LM's default ones.
+    moe = cfg.moe or MoEConfig(d_model=cfg.d_model, d_ff=cfg.d_ff, **MOE_DEFAULTS)
+    router_kw = dict(moe.router_kwargs)
     renormalize = bool(router_kw.get("renormalize", False))
     next_ = model_type == "qwen3_next"
-    want = {"router": "topk", "qk_norm": model_type != "mixtral", "zero_centered_norm": next_,
-            "num_shared": 1 if next_ else 0, "shared_gate": next_, "allow_neg_eigval": False}
-    bad = [f"{k}={getattr(cfg, k)!r} (needs {v!r})" for k, v in want.items()
-           if getattr(cfg, k) != v]
+    want = {"router": (moe.router, "topk"),
+            "qk_norm": (cfg.qk_norm, model_type != "mixtral"),
+            "zero_centered_norm": (cfg.zero_centered_norm, next_),
+            "num_shared": (moe.num_shared, 1 if next_ else 0),
+            "shared_gate": (moe.shared_gate, next_),
+            "allow_neg_eigval": (cfg.allow_neg_eigval, False)}
+    bad = [f"{k}={have!r} (needs {need!r})" for k, (have, need) in want.items() if have != need]
     mixers = {"gated_deltanet", "gated_softmax"} if next_ else {"softmax"}
     if set(cfg.mixers) - mixers:
         bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs {sorted(mixers)})")
@@ -315,17 +325,17 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
         "num_key_value_heads": attn.kv_heads, "head_dim": attn.head_dim,
         "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-        "num_experts_per_tok": cfg.top_k, "attention_bias": False, "attention_dropout": 0.0,
+        "num_experts_per_tok": moe.top_k, "attention_bias": False, "attention_dropout": 0.0,
         "router_aux_loss_coef": float(router_kw.get("load_balance_weight", 0.0)),
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "dtype": "float32", "use_cache": True,
     }
     if model_type == "mixtral":
-        hf.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.d_ff,
+        hf.update(num_local_experts=moe.num_experts, intermediate_size=cfg.d_ff,
                   sliding_window=None, router_jitter_noise=0.0)
         return hf
     ffns = cfg.ffns
-    hf.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.d_ff,
+    hf.update(num_experts=moe.num_experts, moe_intermediate_size=cfg.d_ff,
               intermediate_size=cfg.dense_d_ff or cfg.d_ff, norm_topk_prob=renormalize,
               decoder_sparse_step=1, mlp_only_layers=[i for i, f in enumerate(ffns)
                                                       if f == "dense"])
@@ -338,5 +348,5 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
               linear_num_value_heads=delta.num_heads, linear_num_key_heads=delta.key_heads,
               linear_key_head_dim=delta.head_dim, linear_value_head_dim=delta.value_dim,
               linear_conv_kernel_dim=delta.conv_size,
-              shared_expert_intermediate_size=cfg.d_ff_shared or cfg.d_ff)
+              shared_expert_intermediate_size=moe.d_ff_shared or cfg.d_ff)
     return hf

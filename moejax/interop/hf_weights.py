@@ -106,14 +106,14 @@ def _gdn_from_hf(get: Getter, m, pre: str) -> dict:
 
 
 def _moe_from_hf(get: Getter, cfg: LMConfig, model_type: str, pre: str) -> dict:
-    d, E, f = cfg.d_model, cfg.num_experts, cfg.d_ff
+    d, E, f = cfg.d_model, cfg.moe.num_experts, cfg.d_ff
     g, u, o = _EXPERT_NAMES[model_type]
     ex = lambda name, shape: np.stack(
         [get(f"{pre}experts.{e}.{name}.weight", shape).T for e in range(E)])
     p = {"router": {"w_g": get(pre + "gate.weight", (E, d))},
          "experts": {"w_gate": ex(g, (f, d)), "w_up": ex(u, (f, d)), "w_down": ex(o, (d, f))}}
-    if cfg.num_shared:
-        s = _swiglu_from_hf(get, pre + "shared_expert.", d, cfg.d_ff_shared or f)
+    if cfg.moe.num_shared:
+        s = _swiglu_from_hf(get, pre + "shared_expert.", d, cfg.moe.d_ff_shared or f)
         p["shared"] = {"bank": {k: w[None] for k, w in s.items()},
                        "gate": get(pre + "shared_expert_gate.weight", (1, d))[0]}
     return p

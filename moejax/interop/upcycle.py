@@ -85,19 +85,20 @@ def to_star(params: dict, state: dict, cfg: lm.LMConfig, *, mix_init: float = 0.
     _check_cfg(cfg)
     check_range("mix_init", mix_init, 0.0, 1.0, hi_open=True)
     check_range("eta", eta, 0.0, math.inf, hi_open=True)
-    if cfg.moe_config is None:
+    if "moe" not in cfg.ffns:
         raise ValueError("router_override=star needs MoE layers; this model has none")
-    if cfg.router != "topk":
-        raise ValueError(f"router_override=star upcycles a 'topk' router, got {cfg.router!r}")
-    kwargs = {k: v for k, v in cfg.router_kwargs if k in _STAR_FIELDS}
-    new_cfg = dataclasses.replace(cfg, router="star",
-                                  router_kwargs=tuple(sorted({**kwargs, "eta": eta}.items())))
+    if cfg.moe.router != "topk":
+        raise ValueError(f"router_override=star upcycles a 'topk' router, got "
+                         f"{cfg.moe.router!r}")
+    kwargs = {k: v for k, v in cfg.moe.router_kwargs if k in _STAR_FIELDS}
+    new_cfg = cfg.replace(moe=dict(router="star",
+                                   router_kwargs=tuple(sorted({**kwargs, "eta": eta}.items()))))
     key = jax.random.key(0) if key is None else key
     blocks, states = list(params["blocks"]), list(state["blocks"])
     for i, kind in enumerate(cfg.ffns):
         if kind != "moe":
             continue
-        r_params, r_state = star.init(jax.random.fold_in(key, i), new_cfg.moe_config.router_config)
+        r_params, r_state = star.init(jax.random.fold_in(key, i), new_cfg.moe.router_config)
         w_g = blocks[i]["ffn"]["router"]["w_g"]
         r_params = {**r_params, "w_g": w_g,
                     "a": jnp.full_like(r_params["a"], _logit(mix_init))}
@@ -115,11 +116,13 @@ def gha_warmup(params: dict, state: dict, cfg: lm.LMConfig, batches: Iterable[Ar
       the new model state.
     """
     _check_cfg(cfg)
-    if cfg.router != "star":
-        raise ValueError(f"gha_warmup needs STAR routers, got {cfg.router!r}")
+    router = None if cfg.moe is None else cfg.moe.router
+    if router != "star" or "moe" not in cfg.ffns:
+        raise ValueError(f"gha_warmup needs STAR routers, got {router!r}"
+                         + ("" if "moe" in cfg.ffns else " (and no MoE layer)"))
     check_range("eta", eta, 0.0, math.inf, hi_open=True)
-    warm = dataclasses.replace(
-        cfg, router_kwargs=tuple(sorted({**dict(cfg.router_kwargs), "eta": eta}.items())))
+    warm = cfg.replace(moe=dict(
+        router_kwargs=tuple(sorted({**dict(cfg.moe.router_kwargs), "eta": eta}.items()))))
 
     @jax.jit
     def step(state, tokens):

@@ -43,14 +43,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from moejax.data.graphs import GraphBatch
-from moejax.data.pipeline import check_int as _check_int
+from moejax.train.steps import ModelFns
 from moejax.validation import ArgumentTypeError, check_bool, check_choice
+from moejax.validation import check_int as _check_int
 
 Array = jax.Array
 
@@ -390,3 +393,33 @@ def mark_central(batch: GraphBatch, *, k: int, kind: str = "degree") -> GraphBat
         order = np.lexsort((np.arange(nodes.size), -c))   # by centrality desc, then index
         high[nodes[order[:k]]] = True
     return batch._replace(node_high=high)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop's model contract (`moejax.train.steps`).
+
+
+def _init_model(key: Array, cfg: GNNConfig) -> tuple[dict, dict]:
+    return init(key, cfg), {}
+
+
+def _model_loss(params: dict, state: dict, graph: GraphBatch, *, cfg: GNNConfig, train: bool,
+                rng: Array | None = None) -> tuple[Array, tuple[dict, dict]]:
+    del train, rng  # deterministic model
+    ce, acc = loss_fn(params, graph, cfg)
+    return ce, (state, {"ce": ce, "acc": acc, "weight": jnp.float32(graph.labels.shape[0])})
+
+
+def _check_graph_batch(batch: Any, *, cfg: GNNConfig, train_cfg: Any) -> None:
+    if not isinstance(batch, GraphBatch):
+        raise ArgumentTypeError(f"GNN batches must be moejax.data.graphs.GraphBatch, got "
+                        f"{type(batch).__name__}")
+    if np.asarray(batch.node_features).shape[-1] != cfg.in_features:
+        raise ValueError(f"batch.node_features has {np.asarray(batch.node_features).shape[-1]} "
+                         f"features, the model's in_features is {cfg.in_features}")
+
+
+# `init`/`loss_fn` with the loop's signatures (the model state is empty); a batch is one padded
+# `GraphBatch`, replicated on every device (its node and edge counts need not divide the mesh).
+MODEL = ModelFns(init=_init_model, loss_fn=_model_loss, check_batch=_check_graph_batch,
+                 batch_spec=P())

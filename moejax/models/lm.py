@@ -6,9 +6,15 @@
     h  ← h + FFN(RMSNorm(h))            ffn ∈ dense (SwiGLU), moe (any router of moejax.routers)
     logits = RMSNorm(h) · Eᵀ            (tied embeddings by default)
 
-Pure functions: `init`, `apply`, `loss_fn`, and decoding with `init_cache` / `prefill` /
-`decode_step` / `generate` (KV cache for softmax mixers, recurrent state + conv cache for delta
-mixers). Axis letters: B batch, T time, d width, V vocabulary, L layers, E experts.
+Pure functions: `init`, `apply`, `loss_fn` (and `checked_apply` / `checked_loss_fn`). Decoding
+(`init_cache` / `prefill` / `decode_step` / `generate`) lives in `moejax.models.decode`. Axis
+letters: B batch, T time, d width, V vocabulary, L layers, E experts.
+
+The MoE layers' options are one nested `moejax.moe.layer.MoEConfig`, `LMConfig.moe`:
+
+  >>> cfg = LMConfig(d_model=64, d_ff=128, moe=dict(num_experts=4, top_k=1, router="star"))
+  >>> cfg.moe.num_experts, cfg.moe.d_model
+  (4, 64)
 
 Token ids must lie in [0, V). Called eagerly (concrete ids) `apply`, `prefill`, `decode_step`,
 `generate` and `loss_fn` raise `ValueError` naming the argument and the range; under `jit` the
@@ -21,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
+from types import ModuleType
 from typing import Any
 
 import jax
@@ -33,7 +40,6 @@ from moejax.kernels.delta_rule import ops as delta_rule_ops
 from moejax.layers import attention, delta_mixer, ffn
 from moejax.layers.norms import rms_norm, rms_norm_init
 from moejax.moe import layer as moe_layer
-from moejax.routers import base as router_base
 from moejax.validation import (
     ArgumentTypeError,
     check_array,
@@ -47,35 +53,48 @@ from moejax.validation import (
 Array = jax.Array
 
 DELTA_MIXERS = delta_mixer.MODES
-MIXERS = (*DELTA_MIXERS, "softmax", "gated_softmax")
+# The layer module of each mixer: its `init(key, mixer_cfg)` and `apply(params, x, cfg=, cache=)`.
+MIXER_MODULES: dict[str, ModuleType] = {
+    **{mode: delta_mixer for mode in DELTA_MIXERS},
+    "softmax": attention,
+    "gated_softmax": attention,
+}
+MIXERS = tuple(MIXER_MODULES)
 FFNS = ("moe", "dense")
 DTYPES = ("float32", "bfloat16")
 DELTA_IMPLS = delta_rule_ops.IMPL_NAMES
 
+# The MoE options LMConfig held as its own fields before they nested under `moe` (the old flat
+# JSON layout `from_dict` still reads), and the LM's defaults MoEConfig does not have itself.
+FLAT_MOE_FIELDS = ("num_experts", "top_k", "router", "router_kwargs", "dispatcher",
+                   "capacity_factor", "num_shared", "d_ff_shared", "shared_gate")
+MOE_DEFAULTS: dict[str, Any] = {"num_experts": 8}
+# MoEConfig fields the LM sets (its widths), so a `moe` mapping need not repeat them.
+_MOE_WIDTHS = ("d_model", "d_ff")
+
 _INT_FIELDS = (("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads", 1),
-               ("head_dim", 1), ("d_ff", 1), ("num_experts", 1), ("top_k", 1),
-               ("num_shared", 0), ("conv_size", 1), ("chunk_size", 1), ("max_seq_len", 1))
-_OPTIONAL_INT_FIELDS = ("dense_d_ff", "d_ff_shared", "num_key_heads", "attn_num_heads",
-                        "attn_head_dim", "num_kv_heads")  # value_head_dim: resolve_value_dim
-_BOOL_FIELDS = ("shared_gate", "allow_neg_eigval", "qk_norm", "zero_centered_norm",
-                "tie_embeddings")
-_POSITIVE_FLOAT_FIELDS = ("capacity_factor", "rope_theta", "norm_eps")
+               ("head_dim", 1), ("d_ff", 1), ("conv_size", 1), ("chunk_size", 1),
+               ("max_seq_len", 1))
+_OPTIONAL_INT_FIELDS = ("dense_d_ff", "num_key_heads", "attn_num_heads", "attn_head_dim",
+                        "num_kv_heads")  # value_head_dim: resolve_value_dim
+_BOOL_FIELDS = ("allow_neg_eigval", "qk_norm", "zero_centered_norm", "tie_embeddings")
+_POSITIVE_FLOAT_FIELDS = ("rope_theta", "norm_eps")
 
 
-def _router_kwargs(kwargs: Any) -> tuple[tuple[str, Any], ...]:
-    """`router_kwargs` as sorted `(name, value)` pairs (a dict or pairs; JSON gives lists)."""
-    pairs = kwargs.items() if isinstance(kwargs, Mapping) else kwargs
-    if isinstance(pairs, str) or not isinstance(pairs, Iterable):
-        raise ArgumentTypeError(f"router_kwargs must be a dict or (name, value) pairs, got "
-                                f"{kwargs!r}")
-    out = []
-    for p in pairs:
-        if isinstance(p, str) or not isinstance(p, Sequence) or len(p) != 2 \
-                or not isinstance(p[0], str):
-            raise ArgumentTypeError(f"router_kwargs must be a dict or (name, value) pairs, got "
-                                    f"the entry {p!r}")
-        out.append(tuple(p))
-    return tuple(sorted(out))
+def _moe_field_names() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(moe_layer.MoEConfig) if f.init)
+
+
+def moe_options(moe: moe_layer.MoEConfig) -> dict[str, Any]:
+    """`moe`'s fields except the widths the LM sets (`d_model`, `d_ff`): what a `moe` mapping
+    of `LMConfig` holds."""
+    return {name: getattr(moe, name) for name in _moe_field_names() if name not in _MOE_WIDTHS}
+
+
+def _reraise(where: str, e: Exception):
+    """`e` again, its message prefixed by `where` (ArgumentTypeError stays one)."""
+    cls = ArgumentTypeError if isinstance(e, ArgumentTypeError) else ValueError
+    return cls(f"{where}: {e}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,7 +103,7 @@ class LMConfig:
 
     Attributes:
       vocab_size: V (256 for bytes).
-      d_model: d.
+      d_model: d, the residual width; also the `d_model` of `moe`.
       num_layers: L.
       num_heads: heads of the mixer (delta mixers: value heads, one state each).
       head_dim: key/query head dim (delta mixers) or head dim (softmax mixers).
@@ -99,10 +118,20 @@ class LMConfig:
       layer_mixers: per-layer mixers (length L), e.g. Qwen3-Next's three Gated DeltaNet layers
         then one gated softmax layer; () = `mixer` everywhere.
       layer_ffns: per-layer FFN kinds (length L); () = `ffn` everywhere.
-      d_ff: hidden width of each routed expert (and of dense FFNs unless `dense_d_ff`).
+      d_ff: hidden width of each routed expert (the `d_ff` of `moe`) and of the dense FFNs
+        unless `dense_d_ff`.
       dense_d_ff: hidden width of the dense FFN layers; None = d_ff.
-      num_experts, top_k, router, router_kwargs, dispatcher, capacity_factor, num_shared,
-        d_ff_shared, shared_gate: MoE options (see `moejax.moe.layer.MoEConfig`).
+      moe: the MoE layers' options, a `moejax.moe.layer.MoEConfig` (num_experts, top_k, router,
+        router_kwargs, dispatcher, capacity_factor, shared experts, ...). The LM owns the
+        widths: `moe.d_model == d_model` and `moe.d_ff == d_ff` always. Give it as
+          - a mapping of MoEConfig fields without the widths, e.g.
+            `moe=dict(num_experts=4, router="star")` (num_experts defaults to 8, the rest to
+            MoEConfig's defaults; widths, if given, must equal the LM's);
+          - a `MoEConfig` whose `d_model` / `d_ff` equal the LM's (else ValueError);
+          - None (the default): the default options (`MOE_DEFAULTS`: 8 experts, top-2 "topk",
+            dropless) when some layer is an MoE layer, and None for a model without any.
+        Stored as a `MoEConfig` (or None). To change the widths of a config keep `moe` in step
+        with `LMConfig.replace` (`dataclasses.replace(cfg, d_model=...)` refuses the old moe).
       conv_size, chunk_size, allow_neg_eigval, delta_impl: delta-mixer options.
       num_key_heads: delta mixers' query/key heads (grouped, divides num_heads); None = all.
       attn_num_heads, attn_head_dim: softmax mixers' heads and head dim; None = num_heads,
@@ -119,11 +148,12 @@ class LMConfig:
         float32).
       norm_eps: RMSNorm epsilon.
 
-    Every field is checked on construction, whether or not the model uses it: ints must be ints
-    (Python or NumPy, never bool or str), numbers real and finite, flags bools, names one of
-    their choices. A value of the wrong kind raises `moejax.validation.ArgumentTypeError` (a
-    `TypeError` and a `ValueError`), one out of range a `ValueError`; both name the field.
-    Configs read from JSON go through `from_dict`, which also names unknown keys.
+    Every field is checked on construction, whether or not the model uses it (a `moe` given
+    for a dense model too): ints must be ints (Python or NumPy, never bool or str), numbers real
+    and finite, flags bools, names one of their choices. A value of the wrong kind raises
+    `moejax.validation.ArgumentTypeError` (a `TypeError` and a `ValueError`), one out of range a
+    `ValueError`; both name the field (`moe: ...` for the MoE options). Configs read from JSON
+    go through `from_dict`, which also names unknown keys and reads the old flat layout.
     """
 
     vocab_size: int = 256
@@ -139,15 +169,7 @@ class LMConfig:
     layer_ffns: tuple[str, ...] = ()
     d_ff: int = 256
     dense_d_ff: int | None = None
-    num_experts: int = 8
-    top_k: int = 2
-    router: str = "topk"
-    router_kwargs: tuple[tuple[str, Any], ...] = ()
-    dispatcher: str = "dropless"
-    capacity_factor: float = 1.25
-    num_shared: int = 0
-    d_ff_shared: int | None = None
-    shared_gate: bool = False
+    moe: moe_layer.MoEConfig | None = None
     conv_size: int = 4
     chunk_size: int = 64
     allow_neg_eigval: bool = False
@@ -194,24 +216,60 @@ class LMConfig:
                 raise ArgumentTypeError(f"{name} must be a list or tuple of names (one per "
                                         f"layer), got {value!r}")
             object.__setattr__(self, name, tuple(value))
-        object.__setattr__(self, "router_kwargs", _router_kwargs(self.router_kwargs))
         self._check_choices("mixer", (self.mixer,), MIXERS)
         self._check_choices("ffn", (self.ffn,), FFNS)
         self._check_choices("layer_mixers", self.layer_mixers, MIXERS, per_layer=True)
         self._check_choices("layer_ffns", self.layer_ffns, FFNS, per_layer=True)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("delta_impl", self.delta_impl, DELTA_IMPLS)
-        router_base.get_router(self.router)  # an unknown router, even in a dense model
-        # Build the sub-configs once: they validate their own fields.
-        mixer_cfgs = {m: self._make_mixer_cfg(m) for m in set(self.mixers)}
-        object.__setattr__(self, "_mixer_cfgs", mixer_cfgs)
-        object.__setattr__(self, "_moe_cfg", self._make_moe_cfg())
+        object.__setattr__(self, "moe", self._resolve_moe(self.moe))
+        for layer in range(self.num_layers):  # the mixer configs validate their own fields
+            self.mixer_config(layer)
+
+    def _resolve_moe(self, moe: Any) -> moe_layer.MoEConfig | None:
+        """The `moe` field as a `MoEConfig` (or None), from any of its accepted forms."""
+        if moe is None:
+            return self._moe_from_options({}) if "moe" in self.ffns else None
+        if isinstance(moe, moe_layer.MoEConfig):
+            if (moe.d_model, moe.d_ff) != (self.d_model, self.d_ff):
+                raise ValueError(
+                    f"moe: d_model={moe.d_model}, d_ff={moe.d_ff} must equal the LM's "
+                    f"d_model={self.d_model}, d_ff={self.d_ff} (the LM sets the experts' "
+                    "widths: give moe as a dict of the other options, or change widths with "
+                    "LMConfig.replace, which keeps moe in step)")
+            return moe
+        if isinstance(moe, Mapping):
+            return self._moe_from_options(moe)
+        raise ArgumentTypeError(f"moe must be a MoEConfig, a dict of its options or None, got "
+                                f"{type(moe).__name__}")
+
+    def _moe_from_options(self, options: Mapping[str, Any]) -> moe_layer.MoEConfig:
+        known = _moe_field_names()
+        unknown = sorted(str(k) for k in options if k not in known)
+        if unknown:
+            raise ValueError(f"moe: unknown MoEConfig field(s) {', '.join(unknown)}; known "
+                             f"fields: {', '.join(known)}")
+        for name in _MOE_WIDTHS:
+            if name in options and options[name] != getattr(self, name):
+                raise ValueError(f"moe: {name}={options[name]!r} must equal the LM's "
+                                 f"{name}={getattr(self, name)} (the LM sets it; leave it out)")
+        kw = {**MOE_DEFAULTS, **{k: v for k, v in options.items() if k not in _MOE_WIDTHS}}
+        try:
+            return moe_layer.MoEConfig(d_model=self.d_model, d_ff=self.d_ff, **kw)
+        except ValueError as e:  # ArgumentTypeError too
+            raise _reraise("moe", e) from e
 
     @classmethod
     def from_dict(cls, fields: Any, *, source: str = "model config") -> LMConfig:
         """The config of a JSON object (`to_dict`'s output, or an older saved one).
 
-        Configs saved before `value_head_dim` existed (only `expand_v`) load unchanged.
+        Reads both layouts: today's, the MoE options nested under "moe" (an object of MoEConfig
+        fields, or null), and the old flat one, `FLAT_MOE_FIELDS` at the top level (configs
+        saved before `moe` existed: `model_config.json`, checkpoint `config.json`). Flat fields
+        become `moe`, with the old defaults for any missing; for a model without MoE layers
+        whose flat fields never formed a valid MoEConfig (they were not checked together
+        then) `moe` is None. Configs saved before `value_head_dim` existed (only `expand_v`)
+        load unchanged.
 
         Args:
           fields: the parsed JSON object.
@@ -225,16 +283,45 @@ class LMConfig:
             raise ArgumentTypeError(f"{source}: an LMConfig must be a JSON object of fields, got "
                                     f"{type(fields).__name__}")
         known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(str(k) for k in fields if k not in known)
+        unknown = sorted(str(k) for k in fields if k not in known and k not in FLAT_MOE_FIELDS)
         if unknown:
             raise ValueError(f"{source}: unknown LMConfig field(s) {', '.join(unknown)}; known "
                              f"fields: {', '.join(known)}")
+        flat = {k: fields[k] for k in FLAT_MOE_FIELDS if k in fields}
+        kw = {k: v for k, v in fields.items() if k not in FLAT_MOE_FIELDS}
+        if flat and "moe" in kw:
+            raise ValueError(f"{source}: holds both 'moe' and the old top-level MoE field(s) "
+                             f"{', '.join(flat)}; keep one layout")
         try:
-            return cls(**fields)
+            if not flat:
+                return cls(**kw)
+            try:
+                return cls(**kw, moe=flat)
+            except ValueError:
+                dense = cls(**kw, moe=None)
+                if dense.moe is not None or "moe" in dense.ffns:
+                    raise
+                return dense  # a dense model's never-checked-together MoE fields
         except ArgumentTypeError as e:
             raise ArgumentTypeError(f"{source}: {e}") from e
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from e
+
+    def replace(self, **changes: Any) -> LMConfig:
+        """A copy with `changes` (validated), keeping `moe` in step with the widths.
+
+        Unlike `dataclasses.replace`: new `d_model` / `d_ff` carry over into `moe`, and a `moe`
+        mapping updates the current MoE options (the others stay): `cfg.replace(moe=dict(
+        router="star"))`. A `MoEConfig` or None for `moe` replaces it as is.
+        """
+        moe = changes.pop("moe", dataclasses.MISSING)
+        if moe is dataclasses.MISSING or isinstance(moe, Mapping):
+            current = {} if self.moe is None else moe_options(self.moe)
+            if moe is dataclasses.MISSING:
+                moe = current if self.moe is not None else None
+            else:
+                moe = {**current, **{k: v for k, v in moe.items() if k not in _MOE_WIDTHS}}
+        return dataclasses.replace(self, **changes, moe=moe)
 
     def _check_choices(self, name, values, valid, *, per_layer=False):
         if per_layer and values and len(values) != self.num_layers:
@@ -254,36 +341,14 @@ class LMConfig:
         """The FFN kind of each layer."""
         return self.layer_ffns or (self.ffn,) * self.num_layers
 
-    def _make_mixer_cfg(self, mixer: str):
-        if mixer in DELTA_MIXERS:
-            return delta_mixer.DeltaMixerConfig(
-                d_model=self.d_model, num_heads=self.num_heads, head_dim=self.head_dim,
-                num_key_heads=self.num_key_heads, expand_v=self.expand_v,
-                value_head_dim=self.value_dim, mode=mixer,
-                conv_size=self.conv_size, allow_neg_eigval=self.allow_neg_eigval,
-                chunk_size=self.chunk_size, impl=self.delta_impl, norm_eps=self.norm_eps)
-        head_dim = self.attn_head_dim or self.head_dim
-        rotary_dim = (head_dim if self.rotary_fraction == 1.0  # AttentionConfig checks it is even
-                      else 2 * int(head_dim * self.rotary_fraction // 2))
-        return attention.AttentionConfig(
-            d_model=self.d_model, num_heads=self.attn_num_heads or self.num_heads,
-            head_dim=head_dim, gated=mixer == "gated_softmax", rope_theta=self.rope_theta,
-            num_kv_heads=self.num_kv_heads, rotary_dim=rotary_dim, qk_norm=self.qk_norm,
-            zero_centered_norm=self.zero_centered_norm, norm_eps=self.norm_eps)
-
-    def _make_moe_cfg(self):
-        if "moe" not in self.ffns:
-            return None
-        return moe_layer.MoEConfig(
-            d_model=self.d_model, d_ff=self.d_ff, num_experts=self.num_experts,
-            router=self.router, top_k=self.top_k, router_kwargs=self.router_kwargs,
-            dispatcher=self.dispatcher, capacity_factor=self.capacity_factor,
-            num_shared=self.num_shared, d_ff_shared=self.d_ff_shared,
-            shared_gate=self.shared_gate)
+    def mixer_module(self, layer: int) -> ModuleType:
+        """The layer module (`MIXER_MODULES`) of layer `layer`'s mixer."""
+        return MIXER_MODULES[self.mixers[layer]]
 
     def mixer_config(self, layer: int):
-        """The `DeltaMixerConfig` or `AttentionConfig` of layer `layer`."""
-        return self._mixer_cfgs[self.mixers[layer]]
+        """The `DeltaMixerConfig` or `AttentionConfig` of layer `layer` (built on demand from
+        this config's fields; cached per distinct config)."""
+        return _mixer_config(self, self.mixers[layer])
 
     @property
     def value_dim(self) -> int:
@@ -292,29 +357,68 @@ class LMConfig:
                                              self.value_head_dim)[0]
 
     @property
-    def moe_config(self) -> moe_layer.MoEConfig | None:
-        return self._moe_cfg
-
-    @property
     def compute_dtype(self):
         return jnp.dtype(self.dtype)
 
     def to_dict(self) -> dict:
-        """JSON-able fields (for checkpoints and run directories)."""
-        d = dataclasses.asdict(self)
-        d["router_kwargs"] = [list(p) for p in self.router_kwargs]
+        """JSON-able fields (for checkpoints and run directories), "moe" nested as an object of
+        every MoEConfig field (or null); equal to `moejax.train.checkpoint.config_to_json(self)`.
+
+        Raises:
+          ValueError: `moe.parallel` is set (a device placement, not saved: attach it after
+            loading).
+        """
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["layer_mixers"], d["layer_ffns"] = list(self.layer_mixers), list(self.layer_ffns)
+        if self.moe is not None:
+            if self.moe.parallel is not None:
+                raise ValueError("moe.parallel is a device placement and is not saved; save the "
+                                 "config with parallel=None and set it after loading")
+            moe = {name: getattr(self.moe, name) for name in _moe_field_names()}
+            moe["router_kwargs"] = [list(p) for p in self.moe.router_kwargs]
+            moe["dtype"] = str(self.moe.dtype)
+            d["moe"] = moe
         return d
+
+
+def _delta_mixer_config(cfg: LMConfig, mixer: str) -> delta_mixer.DeltaMixerConfig:
+    return delta_mixer.DeltaMixerConfig(
+        d_model=cfg.d_model, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        num_key_heads=cfg.num_key_heads, expand_v=cfg.expand_v,
+        value_head_dim=cfg.value_dim, mode=mixer,
+        conv_size=cfg.conv_size, allow_neg_eigval=cfg.allow_neg_eigval,
+        chunk_size=cfg.chunk_size, impl=cfg.delta_impl, norm_eps=cfg.norm_eps)
+
+
+def _attention_config(cfg: LMConfig, mixer: str) -> attention.AttentionConfig:
+    head_dim = cfg.attn_head_dim or cfg.head_dim
+    rotary_dim = (head_dim if cfg.rotary_fraction == 1.0  # AttentionConfig checks it is even
+                  else 2 * int(head_dim * cfg.rotary_fraction // 2))
+    return attention.AttentionConfig(
+        d_model=cfg.d_model, num_heads=cfg.attn_num_heads or cfg.num_heads,
+        head_dim=head_dim, gated=mixer == "gated_softmax", rope_theta=cfg.rope_theta,
+        num_kv_heads=cfg.num_kv_heads, rotary_dim=rotary_dim, qk_norm=cfg.qk_norm,
+        zero_centered_norm=cfg.zero_centered_norm, norm_eps=cfg.norm_eps)
+
+
+# The config builder of each mixer module (keyed like MIXER_MODULES' values).
+_MIXER_CONFIGS = {delta_mixer: _delta_mixer_config, attention: _attention_config}
+
+
+@functools.lru_cache(maxsize=256)
+def _mixer_config(cfg: LMConfig, mixer: str):
+    return _MIXER_CONFIGS[MIXER_MODULES[mixer]](cfg, mixer)
 
 
 PRESETS: dict[str, dict] = {
     # Seconds per step on a CPU: for tests.
-    "tiny": dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64, num_experts=4,
-                 top_k=2, chunk_size=16, max_seq_len=256),
+    "tiny": dict(d_model=32, num_layers=2, num_heads=2, head_dim=16, d_ff=64, chunk_size=16,
+                 max_seq_len=256, moe=dict(num_experts=4, top_k=2)),
     # The `make demo` model: Q-Delta mixer + STAR-routed MoE; trains visibly in minutes on CPU.
     "demo": dict(d_model=128, num_layers=4, num_heads=4, head_dim=32, expand_v=1.0, d_ff=256,
-                 num_experts=8, top_k=2, router="star", router_kwargs=(("eta", 5e-5),),
-                 mixer="qdelta", chunk_size=32, max_seq_len=1024),
+                 mixer="qdelta", chunk_size=32, max_seq_len=1024,
+                 moe=dict(num_experts=8, top_k=2, router="star",
+                          router_kwargs=(("eta", 5e-5),))),
     # Qwen3-Next's layout with this research line's parts: three gated Q-Delta layers (grouped
     # key heads) per gated softmax layer (GQA, q/k norm, partial rotary), zero-centred norms,
     # STAR-routed MoE with a sigmoid-gated shared expert.
@@ -322,11 +426,11 @@ PRESETS: dict[str, dict] = {
                    expand_v=1.0, layer_mixers=("gated_qdelta",) * 3 + ("gated_softmax",),
                    mixer="gated_qdelta", attn_num_heads=4, attn_head_dim=32, num_kv_heads=2,
                    qk_norm=True, rotary_fraction=0.5, zero_centered_norm=True, d_ff=128,
-                   num_experts=8, top_k=2, num_shared=1, d_ff_shared=128, shared_gate=True,
-                   router="star", router_kwargs=(("eta", 5e-5),), chunk_size=32,
-                   max_seq_len=1024),
+                   chunk_size=32, max_seq_len=1024,
+                   moe=dict(num_experts=8, top_k=2, num_shared=1, d_ff_shared=128,
+                            shared_gate=True, router="star", router_kwargs=(("eta", 5e-5),))),
     "small": dict(d_model=512, num_layers=8, num_heads=8, head_dim=64, d_ff=1024,
-                  num_experts=16, top_k=2, chunk_size=64, max_seq_len=4096),
+                  chunk_size=64, max_seq_len=4096, moe=dict(num_experts=16, top_k=2)),
     # DESIGN §3 paper-scale mixer config (340M with a dense SwiGLU FFN); for GPU/TPU.
     "340m": dict(d_model=1024, num_layers=21, num_heads=6, head_dim=128, expand_v=2.0,
                  ffn="dense", d_ff=2816, chunk_size=64, max_seq_len=4096),
@@ -334,10 +438,17 @@ PRESETS: dict[str, dict] = {
 
 
 def get_preset(name: str, **overrides) -> LMConfig:
-    """The preset `name` with fields replaced by `overrides`."""
+    """The preset `name` with fields replaced by `overrides`.
+
+    A `moe` mapping updates the preset's MoE options (the others stay), e.g.
+    `get_preset("tiny", moe=dict(router="star"))`; a `MoEConfig` or None replaces them.
+    """
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return LMConfig(**{**PRESETS[name], **overrides})
+    fields = {**PRESETS[name], **overrides}
+    if isinstance(overrides.get("moe"), Mapping) and isinstance(PRESETS[name].get("moe"), Mapping):
+        fields["moe"] = {**PRESETS[name]["moe"], **overrides["moe"]}
+    return LMConfig(**fields)
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -358,11 +469,10 @@ def init(key: Array, cfg: LMConfig) -> tuple[dict, dict]:
     params["final_norm"] = norm_init(cfg.d_model)
     for i, k in enumerate(k_layers):
         k_mix, k_ffn = jax.random.split(k)
-        mixer_mod = delta_mixer if cfg.mixers[i] in DELTA_MIXERS else attention
         block = {"norm1": norm_init(cfg.d_model), "norm2": norm_init(cfg.d_model),
-                 "mixer": mixer_mod.init(k_mix, cfg.mixer_config(i))}
+                 "mixer": cfg.mixer_module(i).init(k_mix, cfg.mixer_config(i))}
         if cfg.ffns[i] == "moe":
-            block["ffn"], moe_state = moe_layer.init(k_ffn, cfg.moe_config)
+            block["ffn"], moe_state = moe_layer.init(k_ffn, cfg.moe)
         else:
             block["ffn"], moe_state = ffn.init(k_ffn, cfg.d_model, cfg.dense_d_ff or cfg.d_ff), {}
         params["blocks"].append(block)
@@ -451,8 +561,8 @@ def norm(params: dict, h: Array, cfg: LMConfig) -> Array:
 
 def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=None):
     """Layer `layer`'s token mixer on normed inputs `h` `[B, T, d]` → `(y, new_cache)`."""
-    mod = delta_mixer if cfg.mixers[layer] in DELTA_MIXERS else attention
-    return mod.apply(block_params, h, cfg=cfg.mixer_config(layer), cache=cache)
+    return cfg.mixer_module(layer).apply(block_params, h, cfg=cfg.mixer_config(layer),
+                                         cache=cache)
 
 
 def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, layer: int, *,
@@ -460,12 +570,15 @@ def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, laye
     """Layer `layer`'s FFN on normed inputs → `(y, new_moe_state, aux or None)`."""
     if cfg.ffns[layer] == "dense":
         return ffn.apply(block_params, h), moe_state, None
-    return moe_layer.moe_apply(block_params, moe_state, h, cfg=cfg.moe_config, train=train,
+    return moe_layer.moe_apply(block_params, moe_state, h, cfg=cfg.moe, train=train,
                                rng=rng)
 
 
-def _forward(params, state, tokens, cfg, *, train, rng, caches=None):
-    """Runs the blocks; returns (final hidden [B, T, d], new_state, aux, new caches)."""
+def forward(params: dict, state: dict, tokens: Array, cfg: LMConfig, *, train: bool,
+            rng: Array | None, caches: list | None = None):
+    """Runs the blocks (no input checks); returns `(final normed hidden [B, T, d], new_state,
+    aux, new caches)`. `caches`: per-layer mixer caches (`moejax.models.decode.init_cache`) to
+    run on top of, or None."""
     h = embed(params, tokens, cfg)
     new_blocks, new_caches, auxes = [], [], []
     for i, block in enumerate(params["blocks"]):
@@ -543,7 +656,7 @@ def _apply(params, state, tokens, *, cfg, train, rng, positions, check, name="to
         _in_range_check(name, tokens, cfg.vocab_size, "vocab_size")
         if positions is not None:
             _in_range_check("positions", positions, tokens.shape[1], "T")
-    h, new_state, aux, _ = _forward(params, state, tokens, cfg, train=train, rng=rng)
+    h, new_state, aux, _ = forward(params, state, tokens, cfg, train=train, rng=rng)
     if positions is not None:
         T = tokens.shape[1]
         valid = (positions >= 0) & (positions < T)
@@ -625,134 +738,3 @@ def _loss_fn(params, state, batch, *, cfg, train, rng, check):
     if "load" in aux:
         metrics["load"] = aux["load"]
     return loss, (new_state, metrics)
-
-
-# ----------------------------------------------------------------------------- decoding
-
-
-def init_cache(cfg: LMConfig, batch: int, max_len: int | None = None) -> list:
-    """Per-layer decode caches for a fresh batch of sequences."""
-    max_len = cfg.max_seq_len if max_len is None else max_len
-    return [delta_mixer.init_cache(cfg.mixer_config(i), batch, cfg.compute_dtype)
-            if m in DELTA_MIXERS else
-            attention.init_cache(cfg.mixer_config(i), batch, max_len, cfg.compute_dtype)
-            for i, m in enumerate(cfg.mixers)]
-
-
-def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMConfig
-            ) -> tuple[Array, list]:
-    """Feeds `tokens` `[B, T]` through the model on top of `cache`.
-
-    Returns:
-      `(logits of the last position [B, V], new_cache)`.
-
-    Raises:
-      ValueError / ArgumentTypeError: as `apply` for `tokens` (ids checked outside `jit` only).
-    """
-    check_tokens(tokens, cfg)
-    if tokens.shape[1] == 0:
-        raise ValueError("tokens must hold at least one position, got shape "
-                         f"{tokens.shape}")
-    if not isinstance(cache, list | tuple) or len(cache) != cfg.num_layers:
-        raise ValueError(f"cache must be a list of {cfg.num_layers} per-layer caches (from "
-                         f"init_cache), got {type(cache).__name__}")
-    h, _, _, cache = _forward(params, state, tokens, cfg, train=False, rng=None, caches=cache)
-    return logits_from_hidden(params, h[:, -1], cfg), cache
-
-
-def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LMConfig
-                ) -> tuple[Array, list]:
-    """One token per sequence: `token` `[B]` → `(logits [B, V], new_cache)`.
-
-    Delta mixers advance with `delta_rule_step` (the recurrent form), softmax mixers append to
-    their KV cache. Token ids are checked as in `apply` (their range only outside `jit`; under
-    `jit` they are clamped, see `embed`).
-    """
-    check_tokens(token, cfg, name="token", ndim=1)
-    if not isinstance(cache, list | tuple) or len(cache) != cfg.num_layers:
-        raise ValueError(f"cache must be a list of {cfg.num_layers} per-layer caches (from "
-                         f"init_cache or prefill), got {type(cache).__name__}")
-    h = embed(params, token, cfg)
-    new_caches = []
-    for i, block in enumerate(params["blocks"]):
-        x = norm(block["norm1"], h, cfg)
-        if cfg.mixers[i] in DELTA_MIXERS:
-            y, c = delta_mixer.step(block["mixer"], x, cache[i], cfg=cfg.mixer_config(i))
-        else:
-            y, c = attention.apply(block["mixer"], x[:, None], cfg=cfg.mixer_config(i),
-                                   cache=cache[i])
-            y = y[:, 0]
-        h = h + y
-        y, _, _ = ffn_apply(block["ffn"], state["blocks"][i], norm(block["norm2"], h, cfg), cfg,
-                            i, train=False, rng=None)
-        h = h + y
-        new_caches.append(c)
-    h = norm(params["final_norm"], h, cfg)
-    return logits_from_hidden(params, h, cfg), new_caches
-
-
-def sample_token(key: Array, logits: Array, *, temperature: float, top_p: float) -> Array:
-    """Samples `[B]` tokens from `logits` `[B, V]`: greedy at temperature 0, else nucleus.
-
-    `temperature` (≥ 0) and `top_p` (in (0, 1]) are Python numbers (static under `jit`).
-    """
-    _check_sampling(temperature, top_p)
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        keep_sorted = (jnp.cumsum(probs, axis=-1) - probs) < top_p  # always keeps the first
-        keep = jnp.zeros_like(keep_sorted).at[
-            jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "temperature", "top_p"))
-def _generate(params, state, prompt, key, *, cfg, max_new_tokens, temperature, top_p):
-    B, T0 = prompt.shape
-    cache = init_cache(cfg, B, T0 + max_new_tokens)
-    logits, cache = prefill(params, state, prompt, cache, cfg=cfg)
-
-    def body(carry, k):
-        logits, cache = carry
-        tok = sample_token(k, logits, temperature=temperature, top_p=top_p)
-        logits, cache = decode_step(params, state, tok, cache, cfg=cfg)
-        return (logits, cache), tok
-
-    _, toks = jax.lax.scan(body, (logits, cache), jax.random.split(key, max_new_tokens))
-    return jnp.concatenate([prompt, toks.T.astype(prompt.dtype)], axis=1)
-
-
-def _check_sampling(temperature: Any, top_p: Any) -> None:
-    check_number("temperature", temperature)
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    check_range("top_p", top_p, 0.0, 1.0)
-
-
-def generate(params: dict, state: dict, prompt: Array, *, cfg: LMConfig, key: Array,
-             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0) -> Array:
-    """Samples a continuation of `prompt` `[B, T0]`; returns `[B, T0 + max_new_tokens]`.
-
-    Args:
-      prompt: `[B, T0]` int token ids in [0, vocab_size), T0 ≥ 1 (checked when concrete).
-      key: a PRNG key.
-      max_new_tokens: ≥ 1; T0 + max_new_tokens must not exceed `cfg.max_seq_len`.
-      temperature: a number ≥ 0; 0 is greedy.
-      top_p: nucleus mass in (0, 1].
-
-    Raises:
-      ValueError / ArgumentTypeError: naming the argument.
-    """
-    check_int("max_new_tokens", max_new_tokens, lo=1)
-    _check_sampling(temperature, top_p)
-    check_array("key", key)
-    check_tokens(prompt, cfg, offset=max_new_tokens, name="prompt")
-    if prompt.shape[1] == 0:
-        raise ValueError(f"prompt must hold at least one token, got shape {prompt.shape}")
-    return _generate(params, state, prompt, key, cfg=cfg, max_new_tokens=int(max_new_tokens),
-                     temperature=float(temperature), top_p=float(top_p))

@@ -8,7 +8,9 @@ f expert hidden width, W = window ω.
 
 All K slots exist from the start; `exp_state["active"]` (`<bool>[K]`) reaches the router through
 `with_active` (inactive slots get -inf logits), so growth changes no shape and never recompiles.
-Every function is pure and jittable (`cfg` static). One training step of one MoE layer:
+Every function is pure and jittable (`cfg` static). `mass_hooks` puts all of it into the
+library's training loop (`moejax.train.steps.StepHooks`, the expansion states in
+`TrainState.extra`) for `moejax.models.lm`. One training step of one MoE layer:
 
     loss, grads = jax.value_and_grad(loss_fn)(params)     # loss_fn: with_active + redundancy_loss
     updates, opt_state = opt.update(project_gradients(grads, params, exp_state), opt_state, params)
@@ -31,13 +33,16 @@ Var(s̃) ≈ 2/3 once m ≈ ω, so the test is conservative there (≈0.3% false
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax.scipy.stats import norm
 
-from moejax.routers.base import check_int, check_range
+from moejax.models import trees
+from moejax.train.steps import StepContext, StepHooks, TrainState
+from moejax.validation import check_choice, check_int, check_range
 
 Array = jax.Array
 
@@ -383,3 +388,106 @@ def expansion_step(params: dict, grads: dict, opt_state, exp_state: dict, step: 
             "src": jnp.where(do, src, -1), "dst": jnp.where(do, dst, -1),
             "n_active": jnp.sum(exp_state["active"], dtype=jnp.int32)}
     return params, opt_state, exp_state, info
+
+
+# ---------------------------------------------------------------------------------------------
+# The training-loop hooks.
+
+PROJECTIONS = ("always", "expansion")
+
+
+@functools.cache
+def mass_hooks(loss_fn: Callable, cfgs: tuple[ExpansionConfig, ...], *, removal: bool = True,
+               projection: str = "always") -> StepHooks:
+    """MASS as step hooks of the library loop, for the MoE layers `0 .. len(cfgs) - 1` of a
+    `moejax.models.lm` model (`moejax.models.trees` paths; `cfgs[i].opt_prefix` must be
+    `trees.ffn_path(i)`). `TrainState.extra["expansion"]` holds one `init_expansion_state` per
+    layer, and each layer's router state carries its `active` mask (set at init and after every
+    step, so the step's state structure never changes). Per step:
+
+      loss            + Σ_layers `redundancy_loss` (the model loss is left as is)
+      transform_grads `removal_update` (judging the newest clone with the model loss against
+                      `loss_fn` with it masked, on the same batch and params; when `removal`),
+                      then `project_gradients`; with `projection="expansion"` only while
+                      `step < expand_until` (the raw gradient after)
+      after_update    `expansion_step` on the raw gradient, the new active masks into the model
+                      state; metrics `mass/n_active` (mean over layers), `mass/cloned` (clones
+                      this step), `mass/p_min`, `mass/abs_cos_min` (over tested slots)
+
+    The step is `state.step` before the update (0-based), as `expansion_step` counts it.
+
+    Args:
+      loss_fn: `loss_fn(params, model_state, batch) -> loss` of the model in eval mode (e.g.
+        `lambda p, s, b: lm.loss_fn(p, s, b, cfg=cfg, train=False)[0]`); hashable, as the
+        hooks are cached by their arguments.
+      cfgs: one `ExpansionConfig` per MoE layer.
+      removal: judge and remove the newest clone (`removal_update`).
+      projection: "always" or "expansion" (see above).
+    """
+    check_choice("projection", projection, PROJECTIONS)
+    if not cfgs:
+        raise ValueError("cfgs must hold one ExpansionConfig per MoE layer, got none")
+    for i, c in enumerate(cfgs):
+        if tuple(c.opt_prefix) != trees.ffn_path(i):
+            raise ValueError(f"cfgs[{i}].opt_prefix must be {trees.ffn_path(i)} (the layer's "
+                             f"params path), got {c.opt_prefix}")
+    layers = range(len(cfgs))
+
+    def sync_active(model_state, exp_states, *, drop_newest=False):
+        for i in layers:
+            model_state = trees.replace_moe_state(model_state, i, with_active(
+                trees.moe_state(model_state, i), exp_states[i], drop_newest=drop_newest))
+        return model_state
+
+    def init(state: TrainState) -> TrainState:
+        exp_states = [init_expansion_state(c) for c in cfgs]
+        return dataclasses.replace(state, model_state=sync_active(state.model_state, exp_states),
+                                   extra={**state.extra, "expansion": exp_states})
+
+    def loss(params, state: TrainState, batch):
+        terms = [redundancy_loss(trees.ffn_params(params, i), state.extra["expansion"][i],
+                                 weight=c.redundancy_weight) for i, c in enumerate(cfgs)]
+        return sum(terms), {}
+
+    def transform_grads(ctx: StepContext):
+        state, grads, step = ctx.state, ctx.grads, ctx.state.step
+        exp_states = list(state.extra["expansion"])
+        if removal:
+            masked = loss_fn(state.params, sync_active(state.model_state, exp_states,
+                                                       drop_newest=True), ctx.batch)
+            exp_states = [removal_update(e, ctx.loss, masked, step, c)
+                          for e, c in zip(exp_states, cfgs, strict=True)]
+        proj = grads
+        for i in layers:
+            proj = trees.replace_ffn_params(proj, i, project_gradients(
+                trees.ffn_params(grads, i), trees.ffn_params(state.params, i), exp_states[i]))
+        if projection == "expansion":
+            in_phase = step < cfgs[0].expand_until
+            proj = jax.tree.map(lambda a, b: jnp.where(in_phase, a, b), proj, grads)
+        return proj, {**state.extra, "expansion": exp_states}, {}
+
+    def after_update(state: TrainState, ctx: StepContext):
+        params, opt_state, step = state.params, state.opt_state, ctx.state.step
+        exp_states, n_active, cloned, p_min, cos_min = [], [], [], [], []
+        for i, c in enumerate(cfgs):
+            ffn, opt_state, e, info = expansion_step(
+                trees.ffn_params(params, i), trees.ffn_params(ctx.grads, i), opt_state,
+                state.extra["expansion"][i], step, c)
+            params = trees.replace_ffn_params(params, i, ffn)
+            exp_states.append(e)
+            n_active.append(info["n_active"])
+            cloned.append(info["cloned"])
+            p_min.append(jnp.min(info["p_value"]))
+            cos_min.append(jnp.min(jnp.where(e["active"], jnp.abs(info["cos"]), jnp.inf)))
+        metrics = {"mass/n_active": jnp.mean(jnp.stack(n_active).astype(jnp.float32)),
+                   "mass/cloned": jnp.sum(jnp.stack(cloned).astype(jnp.int32)),
+                   "mass/p_min": jnp.min(jnp.stack(p_min)),
+                   "mass/abs_cos_min": jnp.min(jnp.stack(cos_min))}
+        state = dataclasses.replace(
+            state, params=params, opt_state=opt_state,
+            model_state=sync_active(state.model_state, exp_states),
+            extra={**state.extra, "expansion": exp_states})
+        return state, metrics
+
+    return StepHooks(init=init, loss=loss, transform_grads=transform_grads,
+                     after_update=after_update)

@@ -47,7 +47,8 @@ from jax.experimental import checkify
 from moejax.kernels.gmm import IMPL_NAMES as GMM_IMPL_NAMES
 from moejax.moe import dispatch, experts, metrics
 from moejax.routers import base as router_base
-from moejax.validation import ArgumentTypeError, check_array, check_number
+from moejax.routers import common as router_common
+from moejax.validation import ArgumentTypeError, check_array, check_bool, check_int, check_number
 
 Array = jax.Array
 
@@ -99,15 +100,13 @@ class MoEConfig:
     dtype: Any = jnp.float32
     check_numerics: bool = False
     parallel: Any = None
-    _router_cfg: router_base.RouterConfig = dataclasses.field(
-        init=False, repr=False, compare=False)
 
     def __post_init__(self):
         for name in ("d_model", "d_ff", "num_experts"):
-            router_base.check_int(name, getattr(self, name), lo=1)
-        router_base.check_int("num_shared", self.num_shared, lo=0)
+            check_int(name, getattr(self, name), lo=1)
+        check_int("num_shared", self.num_shared, lo=0)
         if self.d_ff_shared is not None:
-            router_base.check_int("d_ff_shared", self.d_ff_shared, lo=1)
+            check_int("d_ff_shared", self.d_ff_shared, lo=1)
         if self.router not in router_base.ROUTER_NAMES:  # None, non-str: "unknown router"
             raise ValueError(f"router: unknown router {self.router!r}; known routers: "
                              f"{', '.join(router_base.ROUTER_NAMES)}")
@@ -117,8 +116,8 @@ class MoEConfig:
         check_number("capacity_factor", self.capacity_factor)  # a finite number, not a str
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0, got {self.capacity_factor!r}")
-        router_base.check_bool("shared_gate", self.shared_gate)
-        router_base.check_bool("check_numerics", self.check_numerics)
+        check_bool("shared_gate", self.shared_gate)
+        check_bool("check_numerics", self.check_numerics)
         experts.check_activation(self.activation)
         if self.gmm_impl not in GMM_IMPL_NAMES:
             raise ValueError(f"gmm_impl must be one of {GMM_IMPL_NAMES}, got {self.gmm_impl!r}")
@@ -140,10 +139,9 @@ class MoEConfig:
                 own = sorted(fields - {"d_model", "num_experts", "top_k"})
                 raise ValueError(f"router_kwargs: router {self.router!r} has no option {key!r}; "
                                  f"its options: {', '.join(own) or '(none)'}")
-        router_cfg = router_base.make_config(
+        router_base.make_config(  # validates; `router_config` builds it again on demand
             self.router, d_model=self.d_model, num_experts=self.num_experts, top_k=self.top_k,
             **dict(pairs))
-        object.__setattr__(self, "_router_cfg", router_cfg)
         if self.parallel is not None:
             if not all(hasattr(self.parallel, hook) for hook in _PARALLEL_HOOKS):
                 raise ArgumentTypeError(
@@ -153,13 +151,23 @@ class MoEConfig:
 
     @property
     def router_config(self) -> router_base.RouterConfig:
-        """The router's own frozen `Config`, built from the fields above."""
-        return self._router_cfg
+        """The router's own frozen `Config`, built from the fields above (on demand, cached:
+        every field of a `MoEConfig` is a declared, saved option)."""
+        return _router_config(self.router, self.d_model, self.num_experts, self.top_k,
+                              self.router_kwargs)
 
     @property
     def max_assignments(self) -> int:
         """The router's static bound on experts per token (k of the dispatchers)."""
-        return int(router_base.get_router(self.router).max_assignments(self._router_cfg))
+        return int(router_base.get_router(self.router).max_assignments(self.router_config))
+
+
+@functools.lru_cache(maxsize=512)
+def _router_config(router: str, d_model: int, num_experts: int, top_k: int,
+                   pairs: tuple[tuple[str, Any], ...]) -> router_base.RouterConfig:
+    """`MoEConfig.router_config`, built once per distinct (equal) config."""
+    return router_base.make_config(router, d_model=d_model, num_experts=num_experts,
+                                   top_k=top_k, **dict(pairs))
 
 
 _PARALLEL_HOOKS = ("check_config", "shard_tokens", "replicate", "dispatch")
@@ -289,7 +297,7 @@ def moe_apply(params: dict, state: dict, x: Array, *, cfg: MoEConfig, train: boo
         xf = cfg.parallel.shard_tokens(xf)
     # The routers split off non-finite tokens the same way (`finite_tokens` on the same `xf`;
     # under jit the two computations are one), and route them nowhere.
-    x_safe, finite = router_base.finite_tokens(xf)
+    x_safe, finite = router_common.finite_tokens(xf)
     num_finite = jnp.sum(finite, dtype=jnp.float32)
     num_nonfinite = xf.shape[0] - num_finite
     if cfg.check_numerics:

@@ -1,9 +1,7 @@
 """Expert parallelism over a `('data', 'expert')` device mesh (DESIGN §5)."""
 
 from moejax.parallel.expert_parallel import ExpertParallel as ExpertParallel
-from moejax.parallel.expert_parallel import all_to_all_bytes as all_to_all_bytes
 from moejax.parallel.expert_parallel import ep_experts as ep_experts
-from moejax.parallel.expert_parallel import hlo_all_to_all_bytes as hlo_all_to_all_bytes
 from moejax.parallel.mesh import make_mesh as make_mesh
 from moejax.parallel.mesh import single_device_mesh as single_device_mesh
 from moejax.parallel.sharding import batch_sharding as batch_sharding
@@ -15,10 +13,8 @@ from moejax.parallel.sharding import shard_params as shard_params
 
 __all__ = [
     "ExpertParallel",
-    "all_to_all_bytes",
     "batch_sharding",
     "ep_experts",
-    "hlo_all_to_all_bytes",
     "make_mesh",
     "param_shardings",
     "replicate",

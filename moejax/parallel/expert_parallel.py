@@ -32,7 +32,8 @@ The mesh is a config choice: `MoEConfig(..., parallel=ExpertParallel(mesh=mesh))
 
 `all_to_all` bytes per device per layer (forward): `2·X·C·d·itemsize` (there and back; the
 `(X−1)/X` share that leaves the device is what crosses links); with capacity factor cf this is
-`≈ 2·cf·n·K·d·itemsize`, summed over devices `2·N·K·cf·d·itemsize` (`all_to_all_bytes`).
+`≈ 2·cf·n·K·d·itemsize`, summed over devices `2·N·K·cf·d·itemsize` (`experiments/bench_ep.py`
+counts them, analytically and in the compiled HLO).
 `jax.lax.ragged_all_to_all` would send only the filled rows on GPU/TPU; it does not run on
 XLA:CPU, so the fixed-capacity path is the only one implemented.
 """
@@ -42,7 +43,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 
 import jax
 import jax.numpy as jnp
@@ -53,11 +53,6 @@ from moejax.moe import experts
 from moejax.parallel import mesh as mesh_lib
 
 Array = jax.Array
-
-_HLO_SHAPE = re.compile(r"\b(f64|f32|bf16|f16|s32|u32|s8|u8|pred)\[([\d,]*)\]")
-_HLO_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s8": 1, "u8": 1,
-              "pred": 1}
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ExpertParallel:
@@ -146,42 +141,6 @@ def capacity(*, n_local: int, num_experts: int, num_expert_shards: int, k: int,
     if dropless:
         return max(1, full)
     return max(1, min(math.ceil(capacity_factor * n_local * k / num_expert_shards), full))
-
-
-def all_to_all_bytes(*, num_tokens: int, d_model: int, num_experts: int,
-                     num_expert_shards: int, num_token_shards: int, k: int,
-                     capacity_factor: float, dropless: bool, itemsize: int = 4) -> dict:
-    """Bytes moved by the two `all_to_all`s of one forward pass, summed over devices.
-
-    Returns:
-      `{"buffer": all buffers sent (2·devices·X·C·d·itemsize), "cross_device": the (X−1)/X share
-      that leaves its device, "formula": 2·N·K·cf·d·itemsize, "capacity": C}`; the expert-id
-      buffers (int32, sent one way: `1/(2d)` of the rows) are left out.
-    """
-    n = num_tokens // num_token_shards
-    c = capacity(n_local=n, num_experts=num_experts, num_expert_shards=num_expert_shards, k=k,
-                 capacity_factor=capacity_factor, dropless=dropless)
-    buffer = 2 * num_token_shards * num_expert_shards * c * d_model * itemsize
-    return {"buffer": buffer,
-            "cross_device": buffer * (num_expert_shards - 1) // num_expert_shards,
-            "formula": 2 * num_tokens * k * capacity_factor * d_model * itemsize,
-            "capacity": c}
-
-
-def hlo_all_to_all_bytes(hlo_text: str) -> int:
-    """Per-device bytes of every all-to-all result in an (SPMD-partitioned) HLO module.
-
-    Counts the token rows and the int32 expert ids (sent one way: `1/(2d)` of the rows) alike.
-    """
-    total = 0
-    for line in hlo_text.splitlines():
-        if " all-to-all(" not in line or "=" not in line:
-            continue
-        result = line.split(" all-to-all(")[0].split("=", 1)[1]
-        for dtype, dims in _HLO_SHAPE.findall(result):
-            size = math.prod(int(v) for v in dims.split(",") if v)
-            total += size * _HLO_BYTES[dtype]
-    return total
 
 
 def ep_experts(bank: dict, x: Array, weights: Array, mask: Array, *, expert_axis: str,

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from moejax.data import iterator
 from moejax.data.corpus import (
     EOS_ID,
     CorpusConfig,
@@ -13,7 +14,6 @@ from moejax.data.corpus import (
     encode,
     load_corpus_tokens,
     make_corpus_dataset,
-    make_corpus_iterator,
 )
 
 # A small cap keeps the default (stdlib) source fast to load.
@@ -108,7 +108,8 @@ def test_single_file_falls_back_to_byte_split(tmp_path):
 def test_eos_token_vocab(text_dir):
     cfg = CorpusConfig(data_glob=str(text_dir / "a" / "*.txt"), eos_token=True)
     assert cfg.vocab_size == 257 and cfg.separator_id == EOS_ID
-    batch = next(make_corpus_iterator(cfg, split="train", seed=0, batch_size=4, seq_len=32))
+    ds = make_corpus_dataset(cfg, split="train", seed=0, batch_size=4, seq_len=32)
+    batch = next(iterator(ds))
     tokens = load_corpus_tokens(cfg, "train")
     assert tokens.dtype == np.uint16 and (tokens == EOS_ID).sum() == len(corpus_files(cfg, "train"))
     assert batch["inputs"].max() <= EOS_ID
@@ -134,16 +135,16 @@ def test_packing_shapes_and_shift(seq_len):
 
 
 def test_val_iterator_is_one_pass():
-    it = make_corpus_iterator(STDLIB, split="val", seed=0, batch_size=8, seq_len=128)
+    it = iterator(make_corpus_dataset(STDLIB, split="val", seed=0, batch_size=8, seq_len=128))
     n = (load_corpus_tokens(STDLIB, "val").size - 1) // 128 // 8
     assert sum(1 for _ in it) == n
 
 
 def test_deterministic_per_seed_and_seeds_differ():
     kw = dict(split="train", batch_size=4, seq_len=32)
-    a = _take(make_corpus_iterator(STDLIB, seed=0, **kw), 3)
-    b = _take(make_corpus_iterator(STDLIB, seed=0, **kw), 3)
-    c = _take(make_corpus_iterator(STDLIB, seed=1, **kw), 3)
+    a = _take(iterator(make_corpus_dataset(STDLIB, seed=0, **kw)), 3)
+    b = _take(iterator(make_corpus_dataset(STDLIB, seed=0, **kw)), 3)
+    c = _take(iterator(make_corpus_dataset(STDLIB, seed=1, **kw)), 3)
     _assert_batches_equal(a, b)
     assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, c, strict=True))
 
@@ -163,12 +164,12 @@ def test_state_restore_gives_identical_continuation(text_dir):
     # A tiny corpus, so the continuation crosses several epoch boundaries.
     cfg = CorpusConfig(data_glob=str(text_dir / "**" / "*.txt"))
     kw = dict(split="train", seed=7, batch_size=8, seq_len=16)
-    it = make_corpus_iterator(cfg, **kw)
+    it = iterator(make_corpus_dataset(cfg, **kw))
     n_per_epoch = (load_corpus_tokens(cfg, "train").size - 1) // 16 // 8
     _take(it, n_per_epoch + 3)
     state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
     expected = _take(it, 2 * n_per_epoch + 5)
-    fresh = make_corpus_iterator(cfg, **kw)
+    fresh = iterator(make_corpus_dataset(cfg, **kw))
     fresh.set_state(state)
     _assert_batches_equal(_take(fresh, 2 * n_per_epoch + 5), expected)
 
@@ -176,7 +177,7 @@ def test_state_restore_gives_identical_continuation(text_dir):
 def test_glob_matching_nothing_names_the_glob(tmp_path):
     pattern = str(tmp_path / "nothing" / "*.txt")
     with pytest.raises(ValueError, match="data_glob=.*nothing"):
-        make_corpus_iterator(
+        make_corpus_dataset(
             CorpusConfig(data_glob=pattern), split="train", seed=0, batch_size=1, seq_len=8
         )
 
@@ -220,7 +221,7 @@ def test_config_errors_name_the_field(kwargs, field):
 def test_argument_errors_name_the_field(kwargs, field):
     args = dict(split="train", seed=0, batch_size=2, seq_len=8) | kwargs
     with pytest.raises(ValueError, match=field):
-        make_corpus_iterator(STDLIB, **args)
+        iterator(make_corpus_dataset(STDLIB, **args))
 
 
 def test_cache_returns_read_only_array():

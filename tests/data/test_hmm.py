@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
+from moejax.data import iterator
 from moejax.data.hmm import (
     HMMConfig,
     generate_hmm_example,
     hmm_example,
     make_hmm_dataset,
-    make_hmm_iterator,
     make_hmm_params,
 )
 
@@ -105,20 +105,20 @@ def test_shift_changes_emissions_only():
 
 def test_deterministic_per_seed_and_resumes_exactly():
     kw = dict(split="train", seed=5, batch_size=4, num_examples=9)
-    a = [next(it) for it in [make_hmm_iterator(CFG, **kw)] for _ in range(3)]
-    it = make_hmm_iterator(CFG, **kw)
+    a = [next(it) for it in [iterator(make_hmm_dataset(CFG, **kw))] for _ in range(3)]
+    it = iterator(make_hmm_dataset(CFG, **kw))
     b = [next(it) for _ in range(3)]
     for x, y in zip(a, b, strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(5)]
-    fresh = make_hmm_iterator(CFG, **kw)
+    fresh = iterator(make_hmm_dataset(CFG, **kw))
     fresh.set_state(state)
     for x, y in zip(expected, [next(fresh) for _ in range(5)], strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-    other = next(make_hmm_iterator(CFG, **(kw | dict(seed=6))))
+    other = next(iterator(make_hmm_dataset(CFG, **(kw | dict(seed=6)))))
     assert not np.array_equal(other["inputs"], a[0]["inputs"])
 
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 
+from moejax.data import iterator
 from moejax.data.mqar import (
     MQAR_SETTINGS,
     MQARConfig,
     generate_mqar_example,
     make_mqar_dataset,
-    make_mqar_iterator,
     mqar_example,
 )
 
@@ -100,19 +100,19 @@ def test_deterministic_per_seed_and_seeds_and_splits_differ():
 def test_iterator_deterministic_and_resumes_exactly():
     cfg = MQARConfig(seq_len=64, num_kv_pairs=4)
     kw = dict(split="train", seed=1, batch_size=4, num_examples=10)  # epochs wrap every 2 batches
-    it = make_mqar_iterator(cfg, **kw)
+    it = iterator(make_mqar_dataset(cfg, **kw))
     first = [next(it) for _ in range(3)]
     state = json.loads(json.dumps(it.get_state()))
     expected = [next(it) for _ in range(6)]
-    again = make_mqar_iterator(cfg, **kw)
+    again = iterator(make_mqar_dataset(cfg, **kw))
     for x, y in zip(first, [next(again) for _ in range(3)], strict=True):
         np.testing.assert_array_equal(x["inputs"], y["inputs"])
-    fresh = make_mqar_iterator(cfg, **kw)
+    fresh = iterator(make_mqar_dataset(cfg, **kw))
     fresh.set_state(state)
     for x, y in zip(expected, [next(fresh) for _ in range(6)], strict=True):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-    other = next(make_mqar_iterator(cfg, **(kw | dict(seed=2))))
+    other = next(iterator(make_mqar_dataset(cfg, **(kw | dict(seed=2)))))
     assert not np.array_equal(other["inputs"], first[0]["inputs"])
 
 

@@ -140,7 +140,7 @@ def test_expert_weights_are_channels_per_expert():
                              dars.DarsConfig(budget=0.25, rho=0.5))
     m = mask["blocks"][0]["ffn"]["experts"]["w_up"]         # [E, d, d_ff]
     per_channel = m.all(axis=1)
-    assert per_channel.sum() == info["selected"] == round(0.25 * cfg.num_experts * cfg.d_ff)
+    assert per_channel.sum() == info["selected"] == round(0.25 * cfg.moe.num_experts * cfg.d_ff)
     assert (m.any(axis=1) == per_channel).all()             # whole columns only
 
 

@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers",
                                    reason="HF interop tests need the 'hf' extra (transformers)")
 
 from moejax.interop import export_hf, hf_config_from_lm, load_hf  # noqa: E402
-from moejax.models import lm  # noqa: E402
+from moejax.models import decode, lm  # noqa: E402
 from moejax.train import checkpoint  # noqa: E402
 
 ARCHS = ("mixtral", "qwen3_moe", "qwen3_next")
@@ -96,10 +96,10 @@ def test_decoding_matches_transformers_cache(hf_models, arch):
             cache = out.cache if new_api else out.past_key_values
             out = model(torch.tensor(toks[:, t:t + 1]), use_cache=True, **{kw: cache})
             refs.append(out.logits[:, -1].numpy())
-    mj_cache = lm.init_cache(cfg, toks.shape[0], max_len=toks.shape[1])
-    logits, mj_cache = lm.prefill(params, state, jnp.asarray(toks[:, :P], jnp.int32), mj_cache,
-                                  cfg=cfg)
-    step = jax.jit(lambda tok, c: lm.decode_step(params, state, tok, c, cfg=cfg))
+    mj_cache = decode.init_cache(cfg, toks.shape[0], max_len=toks.shape[1])
+    logits, mj_cache = decode.prefill(params, state, jnp.asarray(toks[:, :P], jnp.int32),
+                                      mj_cache, cfg=cfg)
+    step = jax.jit(lambda tok, c: decode.decode_step(params, state, tok, c, cfg=cfg))
     ours = [logits]
     for t in range(P, toks.shape[1]):
         logits, mj_cache = step(jnp.asarray(toks[:, t], jnp.int32), mj_cache)
@@ -138,7 +138,7 @@ def test_convert_upcycle_finetune_export(hf_models, tmp_path):
     assert info["overrides"]["mixer"]["logit_difference"]["max_rel"] < 1e-4
     assert info["overrides"]["router"]["logit_difference"]["max_rel"] < 0.1
     cfg, _, state, _ = checkpoint.load_model(model_dir, lm.LMConfig, lm.init)
-    assert set(cfg.mixers) == {"gated_qdelta", "gated_softmax"} and cfg.router == "star"
+    assert set(cfg.mixers) == {"gated_qdelta", "gated_softmax"} and cfg.moe.router == "star"
     assert state["blocks"][0]["router"]["v"].shape == (4, 32)
     res = run("experiments.train_lm", f"--init_from={model_dir}", f"--workdir={run_dir}",
               "--steps=2", "--batch_size=2", "--seq_len=16", "--warmup_steps=1",
@@ -208,7 +208,7 @@ def test_failed_conversion_writes_nothing(hf_models, tmp_path):
 
 
 def test_export_names_what_the_architecture_cannot_express(tmp_path):
-    cfg = lm.get_preset("tiny", mixer="qdelta", router="star")
+    cfg = lm.get_preset("tiny", mixer="qdelta", moe=dict(router="star"))
     with pytest.raises(ValueError, match="cannot be exported as mixtral: router='star'"):
         hf_config_from_lm(cfg, "mixtral")
     with pytest.raises(ValueError, match="model_type must be one of"):
@@ -225,8 +225,8 @@ def test_greedy_generation_matches_transformers(hf_models):
     path, model = hf_models["qwen3_next"]
     cfg, params, state, _ = load_hf(path)
     prompt = _tokens(B=2, T=6, seed=3)
-    ours = lm.generate(params, state, jnp.asarray(prompt, jnp.int32), cfg=cfg,
-                       key=jax.random.key(0), max_new_tokens=8, temperature=0.0)
+    ours = decode.generate(params, state, jnp.asarray(prompt, jnp.int32), cfg=cfg,
+                           key=jax.random.key(0), max_new_tokens=8, temperature=0.0)
     with torch.no_grad():
         ref = model.generate(torch.tensor(prompt), max_new_tokens=8, do_sample=False,
                              attention_mask=torch.ones_like(torch.tensor(prompt)))

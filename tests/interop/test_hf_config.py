@@ -17,8 +17,8 @@ def _next_cfg(dk: int, dv: int) -> lm.LMConfig:
         vocab_size=64, d_model=16, num_layers=2, num_heads=2, num_key_heads=1, head_dim=dk,
         value_head_dim=dv, layer_mixers=("gated_deltanet", "gated_softmax"),
         mixer="gated_deltanet", attn_head_dim=8, num_kv_heads=1, qk_norm=True,
-        rotary_fraction=0.5, zero_centered_norm=True, d_ff=16, num_experts=2, top_k=1,
-        num_shared=1, d_ff_shared=8, shared_gate=True, max_seq_len=32)
+        rotary_fraction=0.5, zero_centered_norm=True, d_ff=16, max_seq_len=32,
+        moe=dict(num_experts=2, top_k=1, num_shared=1, d_ff_shared=8, shared_gate=True))
 
 
 @pytest.mark.parametrize("dk,dv", [(22, 30), (7, 29), (11, 15), (30, 22)])

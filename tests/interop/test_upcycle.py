@@ -9,8 +9,9 @@ import pytest
 from moejax.interop import upcycle
 from moejax.models import lm
 
-CFG = lm.get_preset("tiny", layer_mixers=("gated_deltanet", "gated_softmax"), num_experts=4,
-                    router_kwargs={"renormalize": True, "load_balance_weight": 0.01})
+CFG = lm.get_preset("tiny", layer_mixers=("gated_deltanet", "gated_softmax"),
+                    moe=dict(num_experts=4, router_kwargs={"renormalize": True,
+                                                           "load_balance_weight": 0.01}))
 
 
 def _setup():
@@ -37,7 +38,7 @@ def test_qdelta_starts_where_gdn_was(lam_init):
 def test_star_starts_near_topk_and_warmup_tracks_the_subspace():
     params, state, toks = _setup()
     cfg, new, new_state = upcycle.to_star(params, state, CFG, mix_init=0.9999)
-    assert cfg.router == "star" and dict(cfg.router_kwargs)["renormalize"] is True
+    assert cfg.moe.router == "star" and dict(cfg.moe.router_kwargs)["renormalize"] is True
     diff = upcycle.logit_difference(params, state, CFG, new, new_state, cfg, toks)
     assert diff["mean_abs"] < 1e-3, diff
     # Warm-up on one repeated batch: V's rows converge to the top principal directions of the
@@ -45,7 +46,7 @@ def test_star_starts_near_topk_and_warmup_tracks_the_subspace():
     x = lm.norm(params["blocks"][0]["norm2"], _block_input(params, state, toks), CFG)
     x = np.asarray(x.reshape(-1, CFG.d_model), np.float64)
     eigval, eigvec = np.linalg.eigh(x.T @ x / len(x))
-    top = eigvec[:, ::-1][:, :CFG.num_experts]
+    top = eigvec[:, ::-1][:, :CFG.moe.num_experts]
     align = lambda v: np.linalg.norm(top.T @ np.asarray(v, np.float64).T) ** 2 / len(v)
     v0 = new_state["blocks"][0]["router"]["v"]
     warm = upcycle.gha_warmup(new, new_state, cfg, [toks] * 400, eta=0.05)
@@ -73,6 +74,6 @@ def test_bad_overrides_are_named():
     dense = lm.get_preset("tiny", ffn="dense")
     with pytest.raises(ValueError, match="needs MoE layers"):
         upcycle.to_star(*lm.init(jax.random.key(0), dense), dense)
-    ec = lm.get_preset("tiny", router="expert_choice")
+    ec = lm.get_preset("tiny", moe=dict(router="expert_choice"))
     with pytest.raises(ValueError, match="upcycles a 'topk' router, got 'expert_choice'"):
         upcycle.to_star(*lm.init(jax.random.key(0), ec), ec)

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from moejax.models import lm
+from moejax.models import decode, lm
 from moejax.testing import assert_close
 
 
@@ -22,7 +22,7 @@ def _tokens(B=2, T=21, seed=1):
 
 HYBRID = dict(layer_mixers=("gated_deltanet", "gated_softmax"), num_key_heads=1,
               num_kv_heads=1, qk_norm=True, rotary_fraction=0.5, zero_centered_norm=True,
-              layer_ffns=("dense", "moe"), dense_d_ff=48, num_shared=1, shared_gate=True)
+              layer_ffns=("dense", "moe"), dense_d_ff=48, moe=dict(num_shared=1, shared_gate=True))
 
 
 @pytest.mark.parametrize("overrides", [*(dict(mixer=m) for m in lm.MIXERS), HYBRID],
@@ -32,9 +32,9 @@ def test_prefill_and_decode_equal_full_forward(overrides):
     params, state = lm.init(jax.random.key(0), cfg)
     toks = _tokens()
     logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
-    cache = lm.init_cache(cfg, 2, 21)
-    first, cache = lm.prefill(params, state, toks[:, :9], cache, cfg=cfg)
-    step = jax.jit(lambda tok, c: lm.decode_step(params, state, tok, c, cfg=cfg))
+    cache = decode.init_cache(cfg, 2, 21)
+    first, cache = decode.prefill(params, state, toks[:, :9], cache, cfg=cfg)
+    step = jax.jit(lambda tok, c: decode.decode_step(params, state, tok, c, cfg=cfg))
     outs = [first]
     for t in range(9, 21):
         out, cache = step(toks[:, t], cache)
@@ -55,7 +55,7 @@ def test_logits_at_positions_equal_full_logits():
 
 
 @pytest.mark.parametrize("preset_kw", [dict(), dict(mixer="gated_softmax", ffn="dense"),
-                                       dict(router="star", dtype="bfloat16")],
+                                       dict(moe=dict(router="star"), dtype="bfloat16")],
                          ids=["qdelta-moe", "gated_softmax-dense", "star-bf16"])
 def test_tiny_loss_drops_in_30_steps(preset_kw):
     cfg = lm.get_preset("tiny", **preset_kw)
@@ -85,11 +85,11 @@ def test_tiny_loss_drops_in_30_steps(preset_kw):
 
 
 def test_router_state_updates_in_training():
-    cfg = lm.get_preset("tiny", router="star")
+    cfg = lm.get_preset("tiny", moe=dict(router="star"))
     params, state = lm.init(jax.random.key(0), cfg)
     batch = {"inputs": _tokens(T=16), "targets": _tokens(T=16, seed=2)}
     _, (new_state, metrics) = lm.loss_fn(params, state, batch, cfg=cfg, train=True)
-    assert metrics["load"].shape == (cfg.num_layers, cfg.num_experts)
+    assert metrics["load"].shape == (cfg.num_layers, cfg.moe.num_experts)
     v0, v1 = state["blocks"][0]["router"]["v"], new_state["blocks"][0]["router"]["v"]
     assert not np.allclose(np.asarray(v0), np.asarray(v1))
     _, (eval_state, _) = lm.loss_fn(params, state, batch, cfg=cfg, train=False)
@@ -113,10 +113,10 @@ def test_generate_shapes_and_greedy_determinism():
     cfg = lm.get_preset("tiny")
     params, state = lm.init(jax.random.key(0), cfg)
     prompt = _tokens(T=5)
-    g1 = lm.generate(params, state, prompt, cfg=cfg, key=jax.random.key(0), max_new_tokens=7,
-                     temperature=0.0)
-    g2 = lm.generate(params, state, prompt, cfg=cfg, key=jax.random.key(1), max_new_tokens=7,
-                     temperature=0.0)
+    g1 = decode.generate(params, state, prompt, cfg=cfg, key=jax.random.key(0),
+                         max_new_tokens=7, temperature=0.0)
+    g2 = decode.generate(params, state, prompt, cfg=cfg, key=jax.random.key(1),
+                         max_new_tokens=7, temperature=0.0)
     assert g1.shape == (2, 12)
     np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
     np.testing.assert_array_equal(np.asarray(g1[:, :5]), np.asarray(prompt))
@@ -124,10 +124,10 @@ def test_generate_shapes_and_greedy_determinism():
 
 def test_sample_token_top_p_keeps_only_the_nucleus():
     logits = jnp.log(jnp.array([[0.6, 0.3, 0.05, 0.05]]))
-    draws = jax.vmap(lambda k: lm.sample_token(k, logits, temperature=1.0, top_p=0.5))(
+    draws = jax.vmap(lambda k: decode.sample_token(k, logits, temperature=1.0, top_p=0.5))(
         jax.random.split(jax.random.key(0), 200))
     assert set(np.asarray(draws).ravel().tolist()) == {0}
-    draws = jax.vmap(lambda k: lm.sample_token(k, logits, temperature=1.0, top_p=0.8))(
+    draws = jax.vmap(lambda k: decode.sample_token(k, logits, temperature=1.0, top_p=0.8))(
         jax.random.split(jax.random.key(0), 200))
     assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
 
@@ -146,7 +146,7 @@ def test_presets_build():
     [
         (lambda: lm.get_preset("huge"), "Unknown preset 'huge'"),
         (lambda: lm.get_preset("tiny", mixer="mamba"), "mixer must be one of"),
-        (lambda: lm.get_preset("tiny", router="nope"), "(?i)unknown router 'nope'"),
+        (lambda: lm.get_preset("tiny", moe=dict(router="nope")), "(?i)unknown router 'nope'"),
         (lambda: lm.get_preset("tiny", ffn="conv"), "ffn must be one of"),
         (lambda: lm.get_preset("tiny", dtype="float16"), "dtype must be one of"),
         (lambda: lm.get_preset("tiny", d_model=0), "d_model must be >= 1"),
@@ -216,7 +216,7 @@ def test_out_of_range_tokens(bad):
     with pytest.raises(ValueError, match=r"tokens must be in \[0, vocab_size=256\)"):
         lm.apply(params, state, toks, cfg=cfg)
     with pytest.raises(ValueError, match=r"prompt must be in \[0, vocab_size=256\)"):
-        lm.generate(params, state, toks, cfg=cfg, key=jax.random.key(0), max_new_tokens=1)
+        decode.generate(params, state, toks, cfg=cfg, key=jax.random.key(0), max_new_tokens=1)
     fwd = jax.jit(lambda t: lm.apply(params, state, t, cfg=cfg)[0])
     clamped = jnp.array([[5, 255 if bad > 0 else 0, 7]], jnp.int32)
     np.testing.assert_array_equal(np.asarray(fwd(toks)), np.asarray(fwd(clamped)))
@@ -257,3 +257,85 @@ def test_run_saved_before_value_head_dim_resumes(tmp_path):
     (directory / ckpt_lib.MODEL_CONFIG).write_text(json.dumps(meta))
     got, _, _, _ = ckpt_lib.load_model(directory, lm.LMConfig, lm.init)
     assert got == cfg
+
+
+def test_moe_options_nest_with_the_lm_widths():
+    """`moe` is a MoEConfig whose widths are the LM's; a dict gives the other options."""
+    from moejax.moe.layer import MoEConfig
+
+    assert lm.LMConfig().moe == MoEConfig(d_model=128, d_ff=256, num_experts=8)
+    cfg = lm.LMConfig(d_model=64, d_ff=96, moe=dict(num_experts=4, top_k=1, router="star"))
+    assert cfg.moe == MoEConfig(d_model=64, d_ff=96, num_experts=4, top_k=1, router="star")
+    assert lm.LMConfig(d_model=64, d_ff=96, moe=cfg.moe) == cfg
+    assert lm.LMConfig(ffn="dense").moe is None  # no MoE layer, no options given
+    assert lm.LMConfig(ffn="dense", moe=dict(num_experts=4)).moe.num_experts == 4
+    with pytest.raises(ValueError, match="moe: d_model=64, d_ff=96 must equal the LM's"):
+        lm.LMConfig(moe=cfg.moe)
+    with pytest.raises(ValueError, match="moe: d_model=8 must equal the LM's d_model=128"):
+        lm.LMConfig(moe=dict(d_model=8))
+    with pytest.raises(ValueError, match="moe: unknown MoEConfig field.*num_expert;"):
+        lm.LMConfig(moe=dict(num_expert=4))
+    with pytest.raises(ValueError, match="moe: .*top_k=9 must be <= num_experts=8"):
+        lm.LMConfig(moe=dict(top_k=9))
+    with pytest.raises(TypeError, match="moe must be a MoEConfig, a dict"):
+        lm.LMConfig(moe="topk")
+    # No attribute but the declared fields; the mixer configs are built on demand.
+    assert set(vars(cfg)) == {f.name for f in dataclasses.fields(lm.LMConfig)}
+    assert set(vars(cfg.moe)) == {f.name for f in dataclasses.fields(MoEConfig)}
+    assert set(lm.MIXER_MODULES) == set(lm.MIXERS)
+    assert cfg.mixer_config(0) is cfg.mixer_config(1)
+
+
+def test_replace_keeps_moe_in_step():
+    cfg = lm.get_preset("tiny", moe=dict(router="star"))
+    assert (cfg.moe.num_experts, cfg.moe.router) == (4, "star")  # the preset's options updated
+    wide = cfg.replace(d_model=48, d_ff=80)
+    assert (wide.moe.d_model, wide.moe.d_ff, wide.moe.router) == (48, 80, "star")
+    with pytest.raises(ValueError, match="LMConfig.replace"):
+        dataclasses.replace(cfg, d_model=48)
+    topk = cfg.replace(moe=dict(router="topk", top_k=1))
+    assert (topk.moe.num_experts, topk.moe.router, topk.moe.top_k) == (4, "topk", 1)
+    assert cfg.replace(ffn="dense", moe=None).moe is None
+    assert lm.get_preset("340m").replace(num_layers=2).moe is None
+
+
+def _flat(cfg: lm.LMConfig) -> dict:
+    """`cfg` as configs were saved before `moe` nested: the MoE options at the top level."""
+    d = cfg.to_dict()
+    moe = d.pop("moe")
+    d.update({k: moe[k] for k in lm.FLAT_MOE_FIELDS})
+    return json.loads(json.dumps(d))
+
+
+@pytest.mark.parametrize("name", ["tiny", "hybrid", "demo"])
+def test_old_flat_configs_load_and_compare_equal(name):
+    from moejax.train import checkpoint as ckpt_lib
+
+    cfg = lm.get_preset(name)
+    assert cfg.to_dict() == ckpt_lib.config_to_json(cfg)  # what checkpoints save
+    assert lm.LMConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    old = _flat(cfg)
+    assert "moe" not in old and old["num_experts"] == cfg.moe.num_experts
+    assert lm.LMConfig.from_dict(old, source="run/model_config.json") == cfg
+    # Upgraded through from_dict, an old saved config has no differences from today's.
+    upgraded = ckpt_lib.config_to_json(lm.LMConfig.from_dict(old))
+    assert ckpt_lib.config_differences(upgraded, ckpt_lib.config_to_json(cfg)) == []
+    # Missing flat fields take the old defaults (8 experts, top-2).
+    partial = {k: v for k, v in old.items() if k not in ("num_experts", "top_k")}
+    assert lm.LMConfig.from_dict(partial).moe.num_experts == 8
+    with pytest.raises(ValueError, match="run.json: holds both 'moe' and the old top-level"):
+        lm.LMConfig.from_dict({**old, "moe": None}, source="run.json")
+    with pytest.raises(ValueError, match="run.json: moe: .*num_expert"):
+        lm.LMConfig.from_dict({**cfg.to_dict(), "moe": {"num_expert": 2}}, source="run.json")
+
+
+def test_old_flat_dense_config_with_unchecked_moe_fields_loads():
+    """Dense models never checked their MoE fields together (e.g. top_k > num_experts)."""
+    cfg = lm.get_preset("tiny", ffn="dense", moe=None)
+    old = {**cfg.to_dict(), "num_experts": 1, "top_k": 4}
+    old.pop("moe")
+    assert lm.LMConfig.from_dict(old) == cfg
+    valid = {**old, "top_k": 1}
+    assert lm.LMConfig.from_dict(valid).moe.num_experts == 1
+    with pytest.raises(ValueError, match="top_k=4 must be <= num_experts=1"):
+        lm.LMConfig.from_dict({**old, "ffn": "moe"})

@@ -221,6 +221,11 @@ def test_config_is_hashable_and_normalises_router_kwargs():
     b = MoEConfig(d_model=D, d_ff=F, num_experts=E, router_kwargs=(("renormalize", True),))
     assert a == b and hash(a) == hash(b)
     assert a.router_config.renormalize is True and a.max_assignments == 2
+    # Only declared fields (the router config is derived on demand), so the config nests in a
+    # saved JSON config (LMConfig.moe) as exactly its options.
+    assert set(vars(a)) == {f.name for f in dataclasses.fields(MoEConfig)}
+    assert a.router_config == b.router_config
+    assert dataclasses.replace(a, top_k=1).router_config.top_k == 1
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -188,12 +188,6 @@ def test_tight_capacity_drops_are_counted_and_zero():
     compiled = jax.jit(functools.partial(moe_apply, cfg=ep_cfg, train=True)).lower(
         params, state, x).compile()
     y, _, aux = compiled(params, state, x)
-    # all_to_all bytes in the HLO = analytic count + int32 expert ids (sent one way: 1/(2d)).
-    want = parallel.all_to_all_bytes(num_tokens=B * T, d_model=D, num_experts=E,
-                                     num_expert_shards=4, num_token_shards=8, k=K,
-                                     capacity_factor=cf, dropless=False)
-    hlo = parallel.hlo_all_to_all_bytes(compiled.as_text()) * 8
-    assert hlo == want["buffer"] * (2 * D + 1) // (2 * D)
     out, _ = get_router("topk").route(params["router"], state["router"], x.reshape(-1, D),
                                       cfg=ep_cfg.router_config, train=True)
     # NumPy model: each device's n tokens, in order, fill C rows per destination device.

@@ -1,4 +1,5 @@
-"""Bad-input cases of the data pipelines (corpus, MQAR, HMM, clusters, graphs) and of DARS.
+"""Bad-input cases of the data pipelines (corpus, MQAR, HMM, clusters, graphs, `iterator`) and of
+DARS.
 
 Every config and pipeline argument goes through `moejax.validation` (one set of rules): a str,
 None or bool where a number belongs is an `ArgumentTypeError`, a number out of range a
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from moejax.data import clusters, corpus, graphs, hmm, mqar
+from moejax.data import clusters, corpus, graphs, hmm, iterator, mqar
 from moejax.finetune import dars
 from moejax.validation import ArgumentTypeError
 from tests.reliability.cases import Case
@@ -77,6 +78,17 @@ CASES = [
          lambda: hmm.make_hmm_dataset(hmm.HMMConfig(), split="train", seed=0, batch_size=2,
                                       concept="0"),
          ArgumentTypeError, ("concept", "int")),
+    # iterator
+    Case("data-iterator-list", lambda: iterator([{"inputs": np.zeros((2, 8))}]),
+         ArgumentTypeError, ("dataset", "MapDataset", "list")),
+    Case("data-iterator-iterator",
+         lambda: iterator(iterator(mqar.make_mqar_dataset(mqar.MQARConfig(), split="train",
+                                                          seed=0, batch_size=2))),
+         ArgumentTypeError, ("dataset", "MapDataset")),
+    Case("data-iterator-shard-int",
+         lambda: iterator(hmm.make_hmm_dataset(hmm.HMMConfig(), split="train", seed=0,
+                                               batch_size=2), shard=0),
+         ArgumentTypeError, ("shard", "ShardOptions", "int")),
     # clusters
     Case("data-clusters-std-str",
          lambda: clusters.make_clusters(0, num_points=4, num_clusters=2, dim=2, std="1"),

@@ -25,8 +25,8 @@ from moejax.validation import ArgumentTypeError
 from tests.reliability.cases import Case
 
 TINY = dict(vocab_size=64, d_model=16, num_layers=2, num_heads=2, head_dim=8, num_kv_heads=1,
-            mixer="softmax", d_ff=16, num_experts=2, top_k=1,
-            router_kwargs=(("renormalize", True),), max_seq_len=32)
+            mixer="softmax", d_ff=16, max_seq_len=32,
+            moe=dict(num_experts=2, top_k=1, router_kwargs=(("renormalize", True),)))
 _ROOT = tempfile.TemporaryDirectory(prefix="moejax-hf-cases-")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import checkify
 
 from moejax.layers import attention, delta_mixer
-from moejax.models import gnn, lm
+from moejax.models import decode, gnn, lm
 from moejax.validation import ArgumentTypeError
 from tests.reliability.cases import Case
 
@@ -38,7 +38,7 @@ def _generate(prompt=None, **kw):
     cfg, params, state = _model()
     prompt = jnp.ones((1, 3), jnp.int32) if prompt is None else prompt
     kw = {"key": jax.random.key(0), "max_new_tokens": 2, **kw}
-    return lm.generate(params, state, prompt, cfg=cfg, **kw)
+    return decode.generate(params, state, prompt, cfg=cfg, **kw)
 
 
 def _checked_apply_under_jit(tokens):
@@ -77,12 +77,12 @@ CASES = [
          ("tie_embeddings",)),
     Case("lm-config-layer-mixers-str", lambda: _cfg(layer_mixers="softmax"), ArgumentTypeError,
          ("layer_mixers", "list")),
-    Case("lm-config-router-kwargs-str", lambda: _cfg(router_kwargs="eta=1"), ArgumentTypeError,
-         ("router_kwargs",)),
+    Case("lm-config-router-kwargs-str", lambda: _cfg(moe=dict(router_kwargs="eta=1")),
+         ArgumentTypeError, ("router_kwargs",)),
     Case("lm-config-delta-impl", lambda: _cfg(mixer="deltanet", delta_impl="fast"), ValueError,
          ("delta_impl", "chunk")),
-    Case("lm-config-unused-field-checked", lambda: _cfg(num_experts="8"), ArgumentTypeError,
-         ("num_experts",)),
+    Case("lm-config-unused-field-checked", lambda: _cfg(moe=dict(num_experts="8")),
+         ArgumentTypeError, ("num_experts",)),
     Case("lm-config-value-dim-conflict",
          lambda: _cfg(mixer="deltanet", head_dim=22, value_head_dim=30, expand_v=3.0),
          ValueError, ("expand_v", "value_head_dim")),
@@ -124,8 +124,8 @@ CASES = [
          lambda: _generate(jnp.array([[1, 512]], jnp.int32)), ValueError,
          ("prompt", "vocab_size=256")),
     Case("lm-decode-step-token-2d",
-         lambda: lm.decode_step(_model()[1], _model()[2], jnp.ones((1, 1), jnp.int32),
-                                lm.init_cache(_model()[0], 1), cfg=_model()[0]),
+         lambda: decode.decode_step(_model()[1], _model()[2], jnp.ones((1, 1), jnp.int32),
+                                    decode.init_cache(_model()[0], 1), cfg=_model()[0]),
          ValueError, ("token", "[B]")),
     # Layer configs.
     Case("lm-delta-mixer-str-heads",

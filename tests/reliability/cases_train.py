@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-import tests.train as stand_in
 from moejax.train import Checkpointer, TrainConfig, load_checkpoint, run
 from tests.reliability.cases import Case
+from tests.train import stand_in
 
 BAD = (ValueError, TypeError)
 B, T = 2, 8

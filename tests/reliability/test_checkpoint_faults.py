@@ -23,10 +23,9 @@ import pytest
 from absl import app, flags
 from absl.testing import flagsaver
 
-import tests.train as stand_in
 from moejax.train import Checkpointer, loop, read_metrics
 from moejax.train import checkpoint as ckpt_lib
-from tests.train import run_child
+from tests.train import run_child, stand_in
 from tests.train.test_checkpoint import Crashing, exact_fields
 from tests.train.test_loop import batches, single_device_mesh, train_cfg
 

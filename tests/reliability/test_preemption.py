@@ -24,9 +24,8 @@ import jax
 import numpy as np
 import pytest
 
-import tests.train as stand_in
 from moejax.train import Checkpointer, loop, read_metrics
-from tests.train import run_child
+from tests.train import run_child, stand_in
 from tests.train.test_checkpoint import exact_fields
 from tests.train.test_loop import batches
 

@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-import tests.train as stand_in
 from moejax.train import Checkpointer, loop, read_metrics
 from moejax.train import checkpoint as ckpt_lib
+from tests.train import stand_in
 from tests.train.test_loop import batches, single_device_mesh, train_cfg
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,7 +81,7 @@ _CHILD = textwrap.dedent("""
     import jax
     import numpy as np
     from jax.sharding import Mesh
-    import tests.train as stand_in
+    from tests.train import stand_in
     from moejax.train import loop
     from tests.train.test_loop import batches, train_cfg
 

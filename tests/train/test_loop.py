@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-import tests.train as stand_in
 from moejax import data
 from moejax.train import Checkpointer, checkpoint, loop, read_metrics
+from tests.train import stand_in
 
 B, T = 8, 32
 CORPUS = data.CorpusConfig(max_bytes=2**17)
@@ -22,8 +22,8 @@ def single_device_mesh() -> Mesh:
 
 
 def batches(split: str = "train", batch_size: int = B, seq_len: int = T):
-    return data.make_corpus_iterator(CORPUS, split=split, seed=0, batch_size=batch_size,
-                                     seq_len=seq_len)
+    return data.iterator(data.make_corpus_dataset(CORPUS, split=split, seed=0,
+                                                  batch_size=batch_size, seq_len=seq_len))
 
 
 def train_cfg(**overrides) -> loop.TrainConfig:
@@ -106,7 +106,7 @@ def test_weight_decay_skips_vectors():
 def test_stand_in_loss_drops_and_outputs_are_written(tmp_path):
     result = loop.run(stand_in.StandInConfig(), train_cfg(eval_every=15), tmp_path,
                       train_data=batches(), val_data=lambda: batches("val"), model=stand_in,
-                      mesh=single_device_mesh(), progress=False)
+                      mesh=single_device_mesh(), progress=False, bytes_per_token=1)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == list(range(1, 31))
     assert records[-1]["ce"] < records[0]["ce"] - 1.0
@@ -131,7 +131,7 @@ def test_tiny_lm_loss_drops_over_30_steps(tmp_path):
     from moejax.models import lm
 
     loop.run(lm.get_preset("tiny"), train_cfg(log_every=10), tmp_path, train_data=batches(),
-             mesh=single_device_mesh(), progress=False)
+             model=lm, mesh=single_device_mesh(), progress=False)
     records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 10, 20, 30]
     assert records[-1]["ce"] < records[0]["ce"] - 1.0

@@ -1,0 +1,81 @@
+"""The hyperparameters of a training run: `TrainConfig` (frozen, validated, saved with every
+checkpoint and compared on resume)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from moejax.validation import check_int, check_range
+
+# `TrainConfig`'s integer fields with their lower bounds, and its real fields with their intervals
+# `(lo, hi, lo_open, hi_open)`.
+_INT_FIELDS = (("steps", 1), ("warmup_steps", 0), ("batch_size", 1), ("seq_len", 1),
+               ("log_every", 1), ("eval_every", 0), ("eval_batches", 1), ("ckpt_every", 0),
+               ("keep_checkpoints", 1), ("seed", 0))
+_FLOAT_FIELDS = (("lr", 0.0, math.inf, True, True), ("min_lr_ratio", 0.0, 1.0, False, False),
+                 ("weight_decay", 0.0, math.inf, False, True), ("b1", 0.0, 1.0, False, True),
+                 ("b2", 0.0, 1.0, False, True))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    """Hyperparameters of a training run. Hashable; validated on construction (a field of the
+    wrong kind raises `moejax.validation.ArgumentTypeError`, one out of range `ValueError`,
+    each naming the field).
+
+    Attributes:
+      steps: total optimizer steps, > 0.
+      lr: peak learning rate, > 0.
+      warmup_steps: linear warmup from 0 to `lr` over this many steps, >= 0.
+      min_lr_ratio: the cosine decay ends at `lr * min_lr_ratio` at step `steps`, in [0, 1].
+      weight_decay: AdamW decoupled weight decay, applied to matrices (ndim >= 2) only, >= 0.
+      b1: Adam first-moment decay, in [0, 1).
+      b2: Adam second-moment decay, in [0, 1).
+      clip_norm: clip gradients to this global norm; None disables clipping.
+      batch_size: B, sequences per step (global, over all devices), > 0.
+      seq_len: T, tokens per sequence, > 0.
+      log_every: write a metrics line every this many steps (and at steps 1 and `steps`), > 0.
+      eval_every: validate every this many steps (and at `steps`); 0 = only at `steps`.
+      eval_batches: validation batches per evaluation, > 0.
+      ckpt_every: checkpoint every this many steps (and at `steps`); 0 = only at `steps`.
+      keep_checkpoints: how many of the newest checkpoints to keep, > 0.
+      seed: seeds init and per-step randomness (the data pipeline takes its own seed), >= 0.
+    """
+
+    steps: int = 1000
+    lr: float = 3e-3
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip_norm: float | None = 1.0
+    batch_size: int = 16
+    seq_len: int = 256
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    ckpt_every: int = 200
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        for name, lo in _INT_FIELDS:
+            check_int(name, getattr(self, name), lo=lo)
+        for name, lo, hi, lo_open, hi_open in _FLOAT_FIELDS:
+            check_range(name, getattr(self, name), lo, hi, lo_open=lo_open, hi_open=hi_open)
+        if self.clip_norm is not None:
+            check_range("clip_norm", self.clip_norm, 0.0, math.inf, lo_open=True, hi_open=True)
+        # NumPy scalars become Python ones, so the saved JSON config holds numbers, not strings.
+        for name, _ in _INT_FIELDS:
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name, *_ in _FLOAT_FIELDS + ((("clip_norm",),) if self.clip_norm is not None else ()):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+
