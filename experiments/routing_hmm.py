@@ -44,6 +44,7 @@ from experiments import hmm_common as hc
 from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 from moejax.train.logging import MetricsWriter, to_record
+from moejax.validation import check_int
 
 EXPERIMENT = "routing_hmm"
 PLOT = "routing_hmm.png"
@@ -104,8 +105,10 @@ class ExperimentConfig:
             raise ValueError("etas must not be empty when routers include 'star'")
         for eta in self.etas:
             hc.check_eta(eta)
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be non-negative ints and non-empty, got {self.seeds}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for seed in self.seeds:
+            check_int("seeds", seed, lo=0)
         for name in ("eval_every", "val_batches", "val_batch_size"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")

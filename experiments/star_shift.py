@@ -42,6 +42,7 @@ from tqdm import tqdm
 from experiments import hmm_common as hc
 from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
+from moejax.validation import check_int
 
 EXPERIMENT = "star_shift"
 PLOT = "star_shift.png"
@@ -104,8 +105,10 @@ class ExperimentConfig:
             dataclasses.replace(self.hmm, shift=lam)  # validates λ ∈ [0, 1]
         if len(set(self.shifts)) != len(self.shifts):
             raise ValueError(f"shifts must not repeat, got {self.shifts}")
-        if not self.seeds or any(not isinstance(s, int) or s < 0 for s in self.seeds):
-            raise ValueError(f"seeds must be non-negative ints and non-empty, got {self.seeds}")
+        if not self.seeds:
+            raise ValueError("seeds must not be empty")
+        for seed in self.seeds:
+            check_int("seeds", seed, lo=0)
         hc.check_eta(self.eta)
         for eta in self.tta_etas:
             hc.check_eta(eta)

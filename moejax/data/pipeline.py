@@ -37,7 +37,10 @@ def check_shuffle(shuffle: Any) -> None:
 
 def check_num_epochs(num_epochs: Any) -> None:
     """`num_epochs` must be None (forever), -1 (the split's default) or an int ≥ 1."""
-    if num_epochs is not None and not (isinstance(num_epochs, int) and num_epochs == -1):
+    if num_epochs is None:
+        return
+    check_int("num_epochs", num_epochs)
+    if num_epochs != -1:
         check_int("num_epochs", num_epochs, lo=1)
 
 

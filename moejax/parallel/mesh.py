@@ -25,6 +25,8 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh
 
+from moejax.validation import check_int
+
 DATA: str = "data"
 EXPERT: str = "expert"
 AXES: tuple[str, str] = (DATA, EXPERT)
@@ -64,14 +66,13 @@ def make_mesh(data: int | None = None, expert: int = 1, *,
       ValueError: if the sizes are not positive or there are not enough devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    if not isinstance(expert, int) or expert < 1:
-        raise ValueError(f"expert must be a positive int, got {expert!r}")
+    check_int("expert", expert, lo=1)
     if data is None:
         if len(devices) % expert:
             raise ValueError(f"{len(devices)} devices are not divisible by expert={expert}")
         data = len(devices) // expert
-    if not isinstance(data, int) or data < 1:
-        raise ValueError(f"data must be a positive int, got {data!r}")
+    check_int("data", data, lo=1)
+    data, expert = int(data), int(expert)
     if data * expert > len(devices):
         raise ValueError(f"a (data={data}, expert={expert}) mesh needs {data * expert} devices, "
                          f"only {len(devices)} available")

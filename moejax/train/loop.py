@@ -195,7 +195,8 @@ def run(
       val_metrics: model metrics recorded at evaluations as `val_<name>` (beside `val_loss`,
         the model's `ce`).
       callback: `callback(step, state, metrics)` before the first step (metrics None) and after
-        every step (the step's device metrics); process 0 and others alike.
+        every step (the step's device metrics); process 0 and others alike. The next step
+        donates `state`: copy what you keep (`jax.device_get`).
       end_of_run: steps run on process 0 at the end of a run that was not preempted, each
         `(workdir) -> written paths`; by default the PNG plots of `moejax.train.plots`.
 

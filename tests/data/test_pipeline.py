@@ -8,20 +8,11 @@ import pytest
 
 from moejax import data
 from moejax.data.pipeline import index_pipeline
+from tests.data.test_corpus import _assert_batches_equal, _take
 
 MQAR = data.MQARConfig(seq_len=64, num_kv_pairs=4)
 
 
-def _take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def _assert_batches_equal(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b, strict=True):
-        assert x.keys() == y.keys()
-        for k in x:
-            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def _range_batches(n, batch_size):

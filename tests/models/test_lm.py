@@ -1,4 +1,5 @@
-"""The decoder LM: decoding equals the full forward, losses, presets and bad input."""
+"""The decoder LM: positions, losses, presets, configs and bad input (decoding:
+tests/models/test_decode.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import optax
 import pytest
 
 from moejax.models import decode, lm
-from moejax.testing import assert_close
 
 
 def _tokens(B=2, T=21, seed=1):
@@ -23,23 +23,6 @@ def _tokens(B=2, T=21, seed=1):
 HYBRID = dict(layer_mixers=("gated_deltanet", "gated_softmax"), num_key_heads=1,
               num_kv_heads=1, qk_norm=True, rotary_fraction=0.5, zero_centered_norm=True,
               layer_ffns=("dense", "moe"), dense_d_ff=48, moe=dict(num_shared=1, shared_gate=True))
-
-
-@pytest.mark.parametrize("overrides", [*(dict(mixer=m) for m in lm.MIXERS), HYBRID],
-                         ids=[*lm.MIXERS, "hybrid-gqa-qknorm-partial-rotary"])
-def test_prefill_and_decode_equal_full_forward(overrides):
-    cfg = lm.get_preset("tiny", **overrides)
-    params, state = lm.init(jax.random.key(0), cfg)
-    toks = _tokens()
-    logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
-    cache = decode.init_cache(cfg, 2, 21)
-    first, cache = decode.prefill(params, state, toks[:, :9], cache, cfg=cfg)
-    step = jax.jit(lambda tok, c: decode.decode_step(params, state, tok, c, cfg=cfg))
-    outs = [first]
-    for t in range(9, 21):
-        out, cache = step(toks[:, t], cache)
-        outs.append(out)
-    assert_close("decode logits", logits[:, 8:], jnp.stack(outs, axis=1), ratio=1e-5)
 
 
 def test_logits_at_positions_equal_full_logits():
@@ -107,29 +90,6 @@ def test_loss_mask_restricts_the_loss():
     logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, 4], toks[:, 4])
     np.testing.assert_allclose(float(loss), float(jnp.mean(ce)), rtol=1e-6)
-
-
-def test_generate_shapes_and_greedy_determinism():
-    cfg = lm.get_preset("tiny")
-    params, state = lm.init(jax.random.key(0), cfg)
-    prompt = _tokens(T=5)
-    g1 = decode.generate(params, state, prompt, cfg=cfg, key=jax.random.key(0),
-                         max_new_tokens=7, temperature=0.0)
-    g2 = decode.generate(params, state, prompt, cfg=cfg, key=jax.random.key(1),
-                         max_new_tokens=7, temperature=0.0)
-    assert g1.shape == (2, 12)
-    np.testing.assert_array_equal(np.asarray(g1), np.asarray(g2))
-    np.testing.assert_array_equal(np.asarray(g1[:, :5]), np.asarray(prompt))
-
-
-def test_sample_token_top_p_keeps_only_the_nucleus():
-    logits = jnp.log(jnp.array([[0.6, 0.3, 0.05, 0.05]]))
-    draws = jax.vmap(lambda k: decode.sample_token(k, logits, temperature=1.0, top_p=0.5))(
-        jax.random.split(jax.random.key(0), 200))
-    assert set(np.asarray(draws).ravel().tolist()) == {0}
-    draws = jax.vmap(lambda k: decode.sample_token(k, logits, temperature=1.0, top_p=0.8))(
-        jax.random.split(jax.random.key(0), 200))
-    assert set(np.asarray(draws).ravel().tolist()) == {0, 1}
 
 
 def test_presets_build():

@@ -95,7 +95,7 @@ def run_in_process(workdir: Path, *, train_data=None, pace: float = 0.0, **optio
     import numpy as np
     from jax.sharding import Mesh
 
-    import tests.train as stand_in
+    from tests.train import stand_in
     from moejax.train import loop
     from tests.train.test_loop import batches, train_cfg
 

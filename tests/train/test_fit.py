@@ -1,5 +1,6 @@
-"""`loop.fit` (the checkpoint-free loop of sweep cells), step hooks and `TrainState.extra`, the
-shared compile of a learning-rate sweep, and resuming checkpoints of the previous layout."""
+"""`loop.fit` (the checkpoint-free loop of sweep cells), step hooks and `TrainState.extra`
+(`moejax.train.steps`), the shared compile of a learning-rate sweep, and resuming checkpoints of
+the previous layout (`moejax.train.legacy`)."""
 
 from __future__ import annotations
 
@@ -57,25 +58,6 @@ def test_learning_rate_sweep_compiles_once():
         traced.append(len(traces))
     assert traced[0] >= 1 and traced[1:] == [traced[0]] * 2  # later cells trace nothing
     assert len(set(finals.values())) == 3  # each cell used its own learning rate
-
-
-def test_injected_learning_rate_equals_baked_in_schedule():
-    """`make_optimizer`'s update with the peak lr in its state is AdamW with that schedule."""
-    import optax
-
-    tcfg = train_cfg(steps=10, lr=3e-3, warmup_steps=2)
-    opt, _ = optim_lib.make_optimizer(tcfg)
-    baked = optax.chain(optax.clip_by_global_norm(tcfg.clip_norm), optax.adamw(
-        optim_lib.make_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, weight_decay=tcfg.weight_decay,
-        mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p)))
-    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
-    grads = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones(2)}
-    s1, s2 = opt.init(params), baked.init(params)
-    for _ in range(4):
-        u1, s1 = opt.update(grads, s1, params)
-        u2, s2 = baked.update(grads, s2, params)
-        for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def _frozen_embed_hooks():

@@ -43,3 +43,16 @@ def random_case(seed: int):
     sizes = rng.multinomial(total, rng.dirichlet(np.ones(g)))
     sizes = tuple(int(x) for x in np.where(rng.random(g) < 0.3, 0, sizes))  # empty groups
     return rng, (m, k, n, sizes)
+
+
+def check_random_sweep(seed: int, *, mod, block_sizes) -> None:
+    """Random group sizes (zeros allowed) and shapes, fp32 and bf16: `mod`'s raw kernels (in
+    interpret mode) against the reference."""
+    from tests.kernels.gmm.test_base import make_inputs
+
+    rng, (m, k, n, sizes) = random_case(seed)
+    for dtype, ratio in ((jnp.float32, testing.RATIO_F32),
+                         (jnp.bfloat16, testing.RATIO_BF16_OUT)):
+        lhs, rhs, grad, gs = make_inputs(rng, m, k, n, sizes, dtype)
+        outs = run_kernels(lhs, rhs, grad, gs, mod=mod, block_sizes=block_sizes, interpret=True)
+        check_kernels(*outs, lhs, rhs, grad, sizes, ratio=ratio)

@@ -19,7 +19,7 @@ import pytest
 from moejax import testing
 from moejax.kernels.gmm import pallas_gpu, reference
 from moejax.moe.layer import MoEConfig, init, moe_apply
-from tests.kernels.gmm.kernels import check_kernels, random_case, run_kernels
+from tests.kernels.gmm.kernels import check_kernels, check_random_sweep, run_kernels
 from tests.kernels.gmm.test_base import BF16_CASE, CASES, GmmTestBase, case_ids, make_inputs
 
 GPU_BLOCKS = pallas_gpu.BlockSizes(block_m=16, block_k=16, block_n=16)
@@ -103,11 +103,4 @@ def test_moe_layer_pallas_equals_reference():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sweep(seed):
-    """Random group sizes (zeros allowed) and shapes, fp32 and bf16."""
-    rng, (m, k, n, sizes) = random_case(seed)
-    for dtype, ratio in ((jnp.float32, testing.RATIO_F32),
-                         (jnp.bfloat16, testing.RATIO_BF16_OUT)):
-        lhs, rhs, grad, gs = make_inputs(rng, m, k, n, sizes, dtype)
-        outs = run_kernels(lhs, rhs, grad, gs, mod=pallas_gpu, block_sizes=GPU_BLOCKS,
-                           interpret=True)
-        check_kernels(*outs, lhs, rhs, grad, sizes, ratio=ratio)
+    check_random_sweep(seed, mod=pallas_gpu, block_sizes=GPU_BLOCKS)

@@ -13,7 +13,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from moejax import testing
 from moejax.kernels.gmm import pallas_tpu, reference
-from tests.kernels.gmm.kernels import check_kernels, random_case, run_kernels
+from tests.kernels.gmm.kernels import check_kernels, check_random_sweep, run_kernels
 from tests.kernels.gmm.test_base import case_ids, make_inputs
 
 TPU_BLOCKS = pallas_tpu.BlockSizes(block_m=16, block_k=128, block_n=128)
@@ -55,11 +55,4 @@ def test_block_sizes_validation():
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(4))
 def test_random_sweep(seed):
-    """Random group sizes (zeros allowed) and shapes, fp32 and bf16."""
-    rng, (m, k, n, sizes) = random_case(seed)
-    for dtype, ratio in ((jnp.float32, testing.RATIO_F32),
-                         (jnp.bfloat16, testing.RATIO_BF16_OUT)):
-        lhs, rhs, grad, gs = make_inputs(rng, m, k, n, sizes, dtype)
-        outs = run_kernels(lhs, rhs, grad, gs, mod=pallas_tpu, block_sizes=TPU_BLOCKS,
-                           interpret=True)
-        check_kernels(*outs, lhs, rhs, grad, sizes, ratio=ratio)
+    check_random_sweep(seed, mod=pallas_tpu, block_sizes=TPU_BLOCKS)
