@@ -123,6 +123,7 @@ def test_round_trip_is_exact_and_transformers_reads_the_export(hf_models, arch, 
         np.testing.assert_array_equal(again(toks).logits.numpy(), model(toks).logits.numpy())
 
 
+@pytest.mark.slow  # three CLI processes (~110 s); the pieces are tested in-process by default
 def test_convert_upcycle_finetune_export(hf_models, tmp_path):
     """The script path: convert Qwen3-Next with both overrides (starting close to the original),
     fine-tune it with train_lm --init_from, export the result, and read it with transformers."""

@@ -95,8 +95,8 @@ def run_in_process(workdir: Path, *, train_data=None, pace: float = 0.0, **optio
     import numpy as np
     from jax.sharding import Mesh
 
-    from tests.train import stand_in
     from moejax.train import loop
+    from tests.train import stand_in
     from tests.train.test_loop import batches, train_cfg
 
     if train_data is None:

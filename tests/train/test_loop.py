@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import numpy as np
 import pytest
@@ -82,8 +80,7 @@ def test_stand_in_loss_drops_and_outputs_are_written(tmp_path):
     assert (tmp_path / "config.json").exists()
 
 
-@pytest.mark.skipif(importlib.util.find_spec("moejax.models.lm") is None,
-                    reason="moejax.models.lm not written yet")
+@pytest.mark.slow  # the real LM through `run`: tests/experiments/test_train_lm.py by default
 def test_tiny_lm_loss_drops_over_30_steps(tmp_path):
     from moejax.models import lm
 
