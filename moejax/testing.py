@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import numpy as np
 
 # Relative-RMSE ratios by situation (see STYLE.md §6.12).
@@ -45,3 +48,16 @@ def assert_close(name: str, ref, got, *, ratio: float, atol: float = 1e-6) -> No
         raise AssertionError(
             f"{name}: relative RMSE {r:.3e} > {ratio:.1e} (max abs diff {max_abs:.3e})"
         )
+
+
+@functools.cache
+def _jitted_lm_init():
+    from moejax.models import lm
+
+    return jax.jit(lm.init, static_argnums=1)
+
+
+def init_lm(key, cfg):
+    """`moejax.models.lm.init(key, cfg)` as one compiled call per config (the eager init runs
+    hundreds of small ops, each compiled on first use: seconds per test on a CPU)."""
+    return _jitted_lm_init()(key, cfg)

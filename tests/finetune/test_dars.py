@@ -15,6 +15,7 @@ import optax
 import pytest
 
 from moejax.finetune import dars
+from moejax.testing import init_lm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -106,7 +107,7 @@ def test_masked_adamw_freezes_exactly():
 def test_select_methods_on_an_lm():
     from moejax.models import lm
     cfg = lm.get_preset("tiny", ffn="dense", num_layers=1)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = jax.random.randint(jax.random.key(1), (2, 16), 0, 256)
     fn = jax.jit(lambda t: dars.lm_block_inputs(params, state, t, cfg=cfg))
     acts = dars.collect_activations(fn, [toks])
@@ -132,7 +133,7 @@ def test_select_methods_on_an_lm():
 def test_expert_weights_are_channels_per_expert():
     from moejax.models import lm
     cfg = lm.get_preset("tiny", ffn="moe", num_layers=1)
-    params, _ = lm.init(jax.random.key(0), cfg)
+    params, _ = init_lm(jax.random.key(0), cfg)
     targets = dars.lm_targets(params)
     path = ("blocks", 0, "ffn", "experts", "w_up")
     assert targets[path] == ("ffn", 0)
@@ -162,6 +163,7 @@ def test_bad_inputs():
         dars.channel_scores(np.ones((3, 2)), np.ones((2, 1)))
 
 
+@pytest.mark.slow  # the CLI end to end (~60 s); MASK_HOOKS in the loop: the test below
 def test_experiment_smoke(tmp_path):
     cmd = [sys.executable, "-m", "experiments.dars_finetune", f"--workdir={tmp_path}",
            "--pretrain_steps=3", "--finetune_steps=2", "--methods=random,dars",
@@ -185,3 +187,31 @@ def test_experiment_smoke(tmp_path):
     # Changed settings (not just the sweep) are refused rather than mixed in.
     with pytest.raises(ValueError, match="rank"):
         dars_finetune.run(dataclasses.replace(cfg, rank=2), str(tmp_path))
+
+
+def test_mask_hooks_train_only_the_masked_entries():
+    """`dars.MASK_HOOKS` in the library loop: frozen entries (weight decay included) stay as they
+    were, trainable ones move; two masks share one compiled step."""
+    from moejax.train import loop
+    from tests.train import stand_in
+    from tests.train.test_loop import batches, train_cfg
+
+    cfg, tcfg = stand_in.StandInConfig(), train_cfg(steps=3, weight_decay=0.5)
+    start = loop.init_state(stand_in, cfg, tcfg, jax.random.key(0), hooks=dars.MASK_HOOKS)
+    before = jax.device_get(start.params)
+    mask = jax.tree.map(lambda p: np.zeros(np.shape(p), bool), before)
+    mask["w"] = np.zeros(before["w"].shape, bool)
+    mask["w"][..., 0] = True  # one output channel of every layer's matrix
+    ends = {}
+    for name, m in (("masked", mask), ("full", None)):
+        state = dars.with_mask(jax.tree.map(jnp.array, start), m)
+        ends[name] = jax.device_get(loop.fit(state, batches(), model=stand_in, model_cfg=cfg,
+                                             train_cfg=tcfg, rng=jax.random.key(1),
+                                             hooks=dars.MASK_HOOKS).state.params)
+    masked, full = ends["masked"], ends["full"]
+    for key in ("embed", "w_g", "scale", "out"):
+        np.testing.assert_array_equal(masked[key], before[key], err_msg=key)
+        assert not np.array_equal(full[key], before[key]), key
+    np.testing.assert_array_equal(masked["w"][..., 1:], before["w"][..., 1:])
+    assert not np.array_equal(masked["w"][..., 0], before["w"][..., 0])
+

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers",
 
 from moejax.interop import export_hf, hf_config_from_lm, load_hf  # noqa: E402
 from moejax.models import decode, lm  # noqa: E402
+from moejax.testing import init_lm  # noqa: E402
 from moejax.train import checkpoint  # noqa: E402
 
 ARCHS = ("mixtral", "qwen3_moe", "qwen3_next")
@@ -214,7 +215,7 @@ def test_export_names_what_the_architecture_cannot_express(tmp_path):
         hf_config_from_lm(cfg, "mixtral")
     with pytest.raises(ValueError, match="model_type must be one of"):
         hf_config_from_lm(cfg, "llama")
-    params, _ = lm.init(jax.random.key(0), lm.get_preset("tiny", mixer="softmax"))
+    params, _ = init_lm(jax.random.key(0), lm.get_preset("tiny", mixer="softmax"))
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(ValueError, match="is not empty"):

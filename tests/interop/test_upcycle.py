@@ -8,6 +8,7 @@ import pytest
 
 from moejax.interop import upcycle
 from moejax.models import lm
+from moejax.testing import init_lm
 
 CFG = lm.get_preset("tiny", layer_mixers=("gated_deltanet", "gated_softmax"),
                     moe=dict(num_experts=4, router_kwargs={"renormalize": True,
@@ -15,7 +16,7 @@ CFG = lm.get_preset("tiny", layer_mixers=("gated_deltanet", "gated_softmax"),
 
 
 def _setup():
-    params, state = lm.init(jax.random.key(0), CFG)
+    params, state = init_lm(jax.random.key(0), CFG)
     toks = jax.random.randint(jax.random.key(1), (2, 24), 0, 256, dtype=jnp.int32)
     return params, state, toks
 
@@ -68,12 +69,12 @@ def test_bad_overrides_are_named():
         upcycle.to_qdelta(params, CFG, lam_init=1.0)
     soft = lm.get_preset("tiny", mixer="softmax")
     with pytest.raises(ValueError, match="no deltanet / gated_deltanet layer"):
-        upcycle.to_qdelta(lm.init(jax.random.key(0), soft)[0], soft)
+        upcycle.to_qdelta(init_lm(jax.random.key(0), soft)[0], soft)
     with pytest.raises(ValueError, match=r"mix_init must be in \(0(\.0)?, 1(\.0)?\)"):
         upcycle.to_star(params, state, CFG, mix_init=1.0)
     dense = lm.get_preset("tiny", ffn="dense")
     with pytest.raises(ValueError, match="needs MoE layers"):
-        upcycle.to_star(*lm.init(jax.random.key(0), dense), dense)
+        upcycle.to_star(*init_lm(jax.random.key(0), dense), dense)
     ec = lm.get_preset("tiny", moe=dict(router="expert_choice"))
     with pytest.raises(ValueError, match="upcycles a 'topk' router, got 'expert_choice'"):
-        upcycle.to_star(*lm.init(jax.random.key(0), ec), ec)
+        upcycle.to_star(*init_lm(jax.random.key(0), ec), ec)

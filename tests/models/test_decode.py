@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from moejax.models import decode, lm
-from moejax.testing import assert_close
+from moejax.testing import assert_close, init_lm
 from tests.models.test_lm import HYBRID, _tokens
 
 
@@ -17,7 +17,7 @@ from tests.models.test_lm import HYBRID, _tokens
                          ids=[*lm.MIXERS, "hybrid-gqa-qknorm-partial-rotary"])
 def test_prefill_and_decode_equal_full_forward(overrides):
     cfg = lm.get_preset("tiny", **overrides)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = _tokens()
     logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
     cache = decode.init_cache(cfg, 2, 21)
@@ -32,7 +32,7 @@ def test_prefill_and_decode_equal_full_forward(overrides):
 
 def test_generate_shapes_and_greedy_determinism():
     cfg = lm.get_preset("tiny")
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     prompt = _tokens(T=5)
     g1 = decode.generate(params, state, prompt, cfg=cfg, key=jax.random.key(0),
                          max_new_tokens=7, temperature=0.0)

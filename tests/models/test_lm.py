@@ -14,6 +14,7 @@ import optax
 import pytest
 
 from moejax.models import decode, lm
+from moejax.testing import init_lm
 
 
 def _tokens(B=2, T=21, seed=1):
@@ -27,7 +28,7 @@ HYBRID = dict(layer_mixers=("gated_deltanet", "gated_softmax"), num_key_heads=1,
 
 def test_logits_at_positions_equal_full_logits():
     cfg = lm.get_preset("tiny")
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = _tokens()
     full, _, _ = lm.apply(params, state, toks, cfg=cfg)
     pos = jnp.array([[0, 5, 20], [3, 3, 7]])
@@ -42,7 +43,7 @@ def test_logits_at_positions_equal_full_logits():
                          ids=["qdelta-moe", "gated_softmax-dense", "star-bf16"])
 def test_tiny_loss_drops_in_30_steps(preset_kw):
     cfg = lm.get_preset("tiny", **preset_kw)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     opt = optax.adam(3e-3)
     opt_state = opt.init(params)
     # A repeated periodic byte pattern: learnable in a few steps.
@@ -69,25 +70,27 @@ def test_tiny_loss_drops_in_30_steps(preset_kw):
 
 def test_router_state_updates_in_training():
     cfg = lm.get_preset("tiny", moe=dict(router="star"))
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     batch = {"inputs": _tokens(T=16), "targets": _tokens(T=16, seed=2)}
-    _, (new_state, metrics) = lm.loss_fn(params, state, batch, cfg=cfg, train=True)
+    loss_fn = jax.jit(lm.loss_fn, static_argnames=("cfg", "train"))
+    _, (new_state, metrics) = loss_fn(params, state, batch, cfg=cfg, train=True)
     assert metrics["load"].shape == (cfg.num_layers, cfg.moe.num_experts)
     v0, v1 = state["blocks"][0]["router"]["v"], new_state["blocks"][0]["router"]["v"]
     assert not np.allclose(np.asarray(v0), np.asarray(v1))
-    _, (eval_state, _) = lm.loss_fn(params, state, batch, cfg=cfg, train=False)
+    _, (eval_state, _) = loss_fn(params, state, batch, cfg=cfg, train=False)
     np.testing.assert_array_equal(np.asarray(eval_state["blocks"][0]["router"]["v"]),
                                   np.asarray(v0))
 
 
 def test_loss_mask_restricts_the_loss():
     cfg = lm.get_preset("tiny", ffn="dense")
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = _tokens(T=12)
     mask = jnp.zeros((2, 12)).at[:, 4].set(1.0)
     batch = {"inputs": toks, "targets": toks, "loss_mask": mask}
-    loss, _ = lm.loss_fn(params, state, batch, cfg=cfg, train=False)
-    logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
+    loss, _ = jax.jit(lm.loss_fn, static_argnames=("cfg", "train"))(params, state, batch,
+                                                                      cfg=cfg, train=False)
+    logits, _, _ = jax.jit(lm.apply, static_argnames="cfg")(params, state, toks, cfg=cfg)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, 4], toks[:, 4])
     np.testing.assert_allclose(float(loss), float(jnp.mean(ce)), rtol=1e-6)
 
@@ -96,7 +99,7 @@ def test_presets_build():
     for name in lm.PRESETS:
         cfg = lm.get_preset(name)
         assert cfg.to_dict()["d_model"] == cfg.d_model
-    n = lm.num_params(jax.eval_shape(lambda: lm.init(jax.random.key(0),
+    n = lm.num_params(jax.eval_shape(lambda: init_lm(jax.random.key(0),
                                                      lm.get_preset("340m"))[0]))
     assert 3.0e8 < n < 3.6e8, n
 
@@ -126,7 +129,7 @@ def test_config_rejects(call, match):
 
 def test_apply_rejects_long_or_float_sequences():
     cfg = lm.get_preset("tiny", max_seq_len=16)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=16"):
         lm.apply(params, state, _tokens(T=17), cfg=cfg)
     with pytest.raises(ValueError, match="tokens must be integers"):
@@ -144,7 +147,7 @@ def test_value_head_dim_is_exact_for_any_pair(dk, dv):
     cfg = lm.get_preset("tiny", **base, value_head_dim=dv)
     assert cfg.value_dim == cfg.mixer_config(0).value_dim == dv
     assert cfg.expand_v == dv / dk
-    shapes = jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0])
+    shapes = jax.eval_shape(lambda: init_lm(jax.random.key(0), cfg)[0])
     assert shapes["blocks"][0]["mixer"]["w_v"].shape == (cfg.d_model, cfg.num_heads * dv)
     # The ratio alone (how older configs stored it) now rounds to the same integer.
     old = lm.get_preset("tiny", **base, expand_v=dv / dk)
@@ -171,7 +174,7 @@ def test_out_of_range_tokens(bad):
     """Eager calls refuse them; under jit `apply` clamps them (documented) and `checked_apply`
     reports them."""
     cfg = lm.get_preset("tiny", ffn="dense", mixer="softmax", num_layers=1)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = jnp.array([[5, bad, 7]], jnp.int32)
     with pytest.raises(ValueError, match=r"tokens must be in \[0, vocab_size=256\)"):
         lm.apply(params, state, toks, cfg=cfg)
@@ -191,7 +194,7 @@ def test_out_of_range_tokens(bad):
 
 def test_out_of_range_positions_give_nan_under_jit():
     cfg = lm.get_preset("tiny", ffn="dense", mixer="softmax", num_layers=1)
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     toks = _tokens(T=6)
     pos = jnp.array([[0, 6], [-1, 5]])
     with pytest.raises(ValueError, match=r"positions must be in \[0, T=6\)"):
@@ -210,7 +213,7 @@ def test_run_saved_before_value_head_dim_resumes(tmp_path):
     saved = ckpt_lib.config_to_json(cfg)
     saved.pop("value_head_dim")
     assert ckpt_lib.config_differences(saved, ckpt_lib.config_to_json(cfg)) == []
-    params, state = lm.init(jax.random.key(0), cfg)
+    params, state = init_lm(jax.random.key(0), cfg)
     directory = ckpt_lib.save_model(tmp_path / "m", cfg, params, state)
     meta = json.loads((directory / ckpt_lib.MODEL_CONFIG).read_text())
     meta["model"].pop("value_head_dim")
