@@ -12,9 +12,15 @@ from moejax.models import decode, lm
 from moejax.testing import assert_close, init_lm
 from tests.models.test_lm import HYBRID, _tokens
 
+# qdelta, softmax and the hybrid (gated_deltanet + gated_softmax) by default; the other delta
+# modes share the delta mixer's decode path (tests/layers/test_delta_mixer.py) and run under slow.
+_DEFAULT_MIXERS = ("qdelta", "softmax")
+_MIXER_CASES = [pytest.param(dict(mixer=m), id=m, marks=() if m in _DEFAULT_MIXERS
+                             else pytest.mark.slow) for m in lm.MIXERS]
 
-@pytest.mark.parametrize("overrides", [*(dict(mixer=m) for m in lm.MIXERS), HYBRID],
-                         ids=[*lm.MIXERS, "hybrid-gqa-qknorm-partial-rotary"])
+
+@pytest.mark.parametrize("overrides", [*_MIXER_CASES, pytest.param(
+    HYBRID, id="hybrid-gqa-qknorm-partial-rotary")])
 def test_prefill_and_decode_equal_full_forward(overrides):
     cfg = lm.get_preset("tiny", **overrides)
     params, state = init_lm(jax.random.key(0), cfg)
