@@ -212,16 +212,14 @@ def run(
         checkpoints saved before it are kept.
       CheckpointWriteError: a checkpoint could not be written (an `OSError`).
     """
-    if not isinstance(train_cfg, TrainConfig):
-        raise ArgumentTypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks,
+                            default_mesh=default_mesh)
     workdir = ckpt_lib.check_workdir(workdir)
     if not all(callable(getattr(train_data, name, None))
                for name in ("__next__", "get_state", "set_state")):
         raise ArgumentTypeError(
             "train_data must be an iterator with get_state()/set_state() (e.g. a grain "
             f"DatasetIterator, as moejax.data builds), got {type(train_data).__name__}")
-    mesh = default_mesh(train_cfg.batch_size) if mesh is None else mesh
-    _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks)
     workdir.mkdir(parents=True, exist_ok=True)
     # From here on SIGTERM/SIGINT only ask to stop; the loop looks between steps.
     with _StopSignals() as stop:
@@ -232,11 +230,14 @@ def run(
                                       callback=callback), end_of_run=end_of_run)
 
 
-def _check_loop_args(model: Any, model_cfg: Any, train_cfg: TrainConfig, mesh: Mesh,
-                     val_data: Any, hooks: Any) -> None:
-    """What `run` and `fit` refuse before any work, naming the argument."""
+def _check_loop_args(model: Any, model_cfg: Any, train_cfg: TrainConfig, mesh: Mesh | None,
+                     val_data: Any, hooks: Any, *,
+                     default_mesh: Callable[[int], Mesh]) -> Mesh:
+    """What `run` and `fit` refuse before any work, naming the argument; returns the mesh
+    (`default_mesh(batch_size)` when none is given)."""
     if not isinstance(train_cfg, TrainConfig):
         raise ArgumentTypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
+    mesh = default_mesh(train_cfg.batch_size) if mesh is None else mesh
     if not all(callable(getattr(model, name, None)) for name in ("init", "loss_fn")):
         raise ArgumentTypeError("model must have init(key, cfg) and loss_fn(params, state, "
                                 f"batch, *, cfg, train, rng), got {type(model).__name__}")
@@ -253,6 +254,7 @@ def _check_loop_args(model: Any, model_cfg: Any, train_cfg: TrainConfig, mesh: M
     if train_cfg.batch_size % mesh.shape[DATA_AXIS]:
         raise ValueError(f"batch_size={train_cfg.batch_size} is not divisible by the mesh's "
                          f"{DATA_AXIS!r} axis of size {mesh.shape[DATA_AXIS]}")
+    return mesh
 
 
 def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
@@ -387,7 +389,7 @@ def fit(state: TrainState, train_data: Iterable[Any], *, model: Model, model_cfg
         val_data: Batches | None = None, val_metrics: Sequence[str] = (),
         writer: log_lib.MetricsWriter | None = None, mesh: Mesh | None = None,
         callback: Callable[[int, TrainState, dict | None], None] | None = None,
-        check_first: bool = True, bytes_per_token: float | None = None) -> FitResult:
+        bytes_per_token: float | None = None) -> FitResult:
     """`run`'s loop without a workdir: trains `state` from its step to `train_cfg.steps` on
     `train_data`, with no checkpoints and no signal handling (a sweep cell, rerun from its
     start if interrupted).
@@ -410,7 +412,6 @@ def fit(state: TrainState, train_data: Iterable[Any], *, model: Model, model_cfg
       writer: where the records go (`MetricsWriter`), or None to only return them.
       mesh: default one device.
       callback: as for `run`.
-      check_first: check the first batch (`model.check_batch` or the token default).
       bytes_per_token: as for `run`.
 
     Returns:
@@ -419,15 +420,14 @@ def fit(state: TrainState, train_data: Iterable[Any], *, model: Model, model_cfg
     Raises:
       FloatingPointError: the loss became non-finite (naming the step).
     """
-    mesh = single_device_mesh() if mesh is None else mesh
-    _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks)
+    mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks,
+                            default_mesh=lambda _: single_device_mesh())
     steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
     batches = iter(train_data)
     first_batch = None
     if int(state.step) < train_cfg.steps:
         first_batch = next_batch(batches, int(state.step) + 1)
-        if check_first:
-            check_first_batch(model, first_batch, cfg=model_cfg, train_cfg=train_cfg)
+        check_first_batch(model, first_batch, cfg=model_cfg, train_cfg=train_cfg)
     state, _, records = _loop(state, steps, batches, first_batch=first_batch,
                               train_cfg=train_cfg, train_key=rng,
                               eval_key=jax.random.fold_in(rng, 2**31 - 1), val_data=val_data,
