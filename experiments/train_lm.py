@@ -18,14 +18,23 @@ run resumes from the newest intact one.
 `experiments.convert_hf` (a converted Hugging Face checkpoint) or `checkpoint.save_model`; its
 config replaces --preset and the model flags. The data stay byte-level (ids < 256), so the
 model's vocabulary must hold at least 256 ids.
+
+Scale out (`experiments.mesh_flags`): --mesh=data:D,fsdp:F,expert:X places the run on a device
+mesh (FSDP shards the parameters and optimizer state, `expert` runs the MoE layers
+expert-parallel); --coordinator_address/--num_processes/--process_id (or a TPU pod slice / SLURM
+environment) make it one process of a multi-process run, each reading only its share of the
+data. A run resumes on another mesh or process count. See the README's "Scale out".
 """
 
 import os
 
+import grain
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
+from jax.experimental import multihost_utils
 
+from experiments import mesh_flags
 from moejax import data
 from moejax.models import decode, lm
 from moejax.train import checkpoint, loop
@@ -62,6 +71,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     logging.set_verbosity(logging.WARNING)  # progress goes to the bar; keep orbax's INFO quiet
     try:  # every bad flag, and empty or unreadable --data, fails here, before any training
+        _, mesh_spec = mesh_flags.setup()  # first: joins the processes before any device use
         checkpoint.check_workdir(_WORKDIR.value, name="--workdir")
         overrides = {f.name: f.value for f in (_MIXER, _FFN) if f.value is not None}
         moe_overrides = {f.name: f.value for f in (_ROUTER, _NUM_EXPERTS, _TOP_K)
@@ -87,36 +97,48 @@ def main(argv):
             steps=_STEPS.value, lr=_LR.value, warmup_steps=_WARMUP.value,
             batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value, log_every=_LOG_EVERY.value,
             eval_every=_EVAL_EVERY.value, eval_batches=_EVAL_BATCHES.value,
-            ckpt_every=_CKPT_EVERY.value, seed=_SEED.value)
+            ckpt_every=_CKPT_EVERY.value, seed=_SEED.value, mesh=mesh_spec)
         if train_cfg.seq_len > model_cfg.max_seq_len:
             raise ValueError(f"--seq_len={train_cfg.seq_len} exceeds the model's "
                              f"max_seq_len={model_cfg.max_seq_len}")
         if _SAMPLE_TOKENS.value < 0:
             raise ValueError(f"--sample_tokens must be >= 0, got {_SAMPLE_TOKENS.value}")
         corpus = data.CorpusConfig(data_glob=_DATA.value)
+        # This process reads rows [index·B/count, (index+1)·B/count) of every global batch.
+        index, count = loop.process_batch_shard(lm, model_cfg, train_cfg)
+        shard = grain.sharding.ShardOptions(index, count, drop_remainder=True)
 
         def batches(split):
             return data.iterator(data.make_corpus_dataset(
-                corpus, split=split, seed=train_cfg.seed, batch_size=train_cfg.batch_size,
-                seq_len=train_cfg.seq_len))
+                corpus, split=split, seed=train_cfg.seed,
+                batch_size=train_cfg.batch_size // count, seq_len=train_cfg.seq_len),
+                shard=shard)
 
         train_data = batches("train")
         batches("val")  # checks that the val split holds a batch
-    except ValueError as e:
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
         raise app.UsageError(str(e)) from e
 
     result = loop.run(model_cfg, train_cfg, _WORKDIR.value, model=lm, train_data=train_data,
                       val_data=lambda: batches("val"), bytes_per_token=1,
                       data_info={"corpus": corpus, **data_info}, init_params=init_params)
     if result.preempted:  # SIGTERM/SIGINT: checkpointed; exit 0 so a VM manager reruns us
-        print(f"\nPreempted: stopped at step {result.step} of {train_cfg.steps}, checkpoint "
-              f"saved. To resume, rerun the same command (--workdir={_WORKDIR.value}).")
+        if mesh_flags.is_main():
+            print(f"\nPreempted: stopped at step {result.step} of {train_cfg.steps}, "
+                  f"checkpoint saved. To resume, rerun the same command "
+                  f"(--workdir={_WORKDIR.value}).")
         return
 
     prompt = jnp.asarray(data.encode("def "), jnp.int32)[None]
     new_tokens = min(_SAMPLE_TOKENS.value, model_cfg.max_seq_len - prompt.shape[1])
+    params, model_state = result.state.params, result.state.model_state
+    if new_tokens > 0 and jax.process_count() > 1:  # every process joins the gather
+        params, model_state = multihost_utils.process_allgather((params, model_state),
+                                                                tiled=True)
+    if not mesh_flags.is_main():
+        return
     if new_tokens > 0:
-        tokens = decode.generate(result.state.params, result.state.model_state, prompt,
+        tokens = decode.generate(params, model_state, prompt,
                              cfg=model_cfg, key=jax.random.key(train_cfg.seed),
                              max_new_tokens=new_tokens, temperature=0.8, top_p=0.95)
         sample = (data.decode(tokens[0]) if model_cfg.vocab_size == 256

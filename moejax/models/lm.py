@@ -40,6 +40,8 @@ from moejax.kernels.delta_rule import ops as delta_rule_ops
 from moejax.layers import attention, delta_mixer, ffn
 from moejax.layers.norms import rms_norm, rms_norm_init
 from moejax.moe import layer as moe_layer
+from moejax.parallel import mesh as mesh_lib
+from moejax.parallel.expert_parallel import ExpertParallel
 from moejax.validation import (
     ArgumentTypeError,
     check_array,
@@ -478,6 +480,26 @@ def init(key: Array, cfg: LMConfig) -> tuple[dict, dict]:
         params["blocks"].append(block)
         state["blocks"].append(moe_state)
     return params, state
+
+
+def place(cfg: LMConfig, mesh: Any) -> LMConfig:
+    """`cfg` for training on `mesh` (the model contract's `place`, `moejax.train.steps`): with an
+    `'expert'` axis of size > 1 every MoE layer runs expert-parallel over it
+    (`moejax.parallel.ExpertParallel`: the same `moe_apply`, every router and both
+    dispatchers); otherwise `cfg` unchanged.
+
+    Raises:
+      ValueError: `num_experts` is not divisible by the expert axis (naming both).
+    """
+    if cfg.moe is None or "moe" not in cfg.ffns or mesh_lib.axis_size(mesh, mesh_lib.EXPERT) == 1:
+        return cfg
+    if cfg.moe.parallel is not None and cfg.moe.parallel.mesh == mesh:
+        return cfg
+    try:
+        parallel = ExpertParallel(mesh=mesh)
+        return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, parallel=parallel))
+    except ValueError as e:
+        raise ValueError(f"mesh {dict(mesh.shape)}: {e}") from e
 
 
 def num_params(params) -> int:

@@ -1,14 +1,14 @@
 """Expert parallelism: experts sharded over `'expert'`, tokens moved by `all_to_all` (DESIGN §5).
 
-Axis letters: N global tokens, n = N/(D·X) tokens per device, d model width, E experts,
-E_l = E/X experts per device, X size of the `'expert'` axis, D of `'data'`, K assignments per
-token, C rows per destination buffer.
+Axis letters: N global tokens, n = N/(D·F·X) tokens per device, d model width, E experts,
+E_l = E/X experts per device, X size of the `'expert'` axis, D of `'data'`, F of `'fsdp'` (1
+when the mesh has no such axis), K assignments per token, C rows per destination buffer.
 
 The mesh is a config choice: `MoEConfig(..., parallel=ExpertParallel(mesh=mesh))` runs the same
 `moe_apply` expert-parallel. What runs where:
 
 * **Router, losses, load metrics, router state, shared experts**: the layer's own code on the
-  global `[N, d]` tokens, constrained to be sharded over `('data', 'expert')`. XLA's SPMD
+  global `[N, d]` tokens, constrained to be sharded over `('data', 'fsdp', 'expert')`. XLA's SPMD
   partitioner computes every per-token quantity on the device that holds the token and turns the
   router's means over N (Switch loss, z-loss, STAR's GHA sums, aux-free loads, Sinkhorn's column
   sums, expert choice's top-C over tokens, ...) into collectives. So the router decision, the
@@ -28,7 +28,9 @@ The mesh is a config choice: `MoEConfig(..., parallel=ExpertParallel(mesh=mesh))
   `C = min(⌈cf·n·K/X⌉, n·min(K, E_l))` for `dispatcher="capacity"`. Dropped assignments
   contribute zero (the residual carries the token) and are counted globally in
   `dropped_fraction` / `dropped_token_fraction`. Backward: `all_to_all` transposes to itself,
-  and `shard_map` sums the expert-bank cotangent over `'data'` (its spec leaves `'data'` out).
+  and `shard_map` sums the expert-bank cotangent over `'data'` and `'fsdp'` (its spec leaves
+  them out). A bank also split over `'fsdp'` (`moejax.parallel.sharding`) is gathered on the
+  way in and its gradient reduce-scattered on the way out, by XLA.
 
 `all_to_all` bytes per device per layer (forward): `2·X·C·d·itemsize` (there and back; the
 `(X−1)/X` share that leaves the device is what crosses links); with capacity factor cf this is
@@ -59,25 +61,33 @@ class ExpertParallel:
     """Expert-parallel layout of an MoE layer (hashable: it lives in the static `MoEConfig`).
 
     Attributes:
-      mesh: device mesh with (at least) the two axes below (`mesh.make_mesh`).
+      mesh: device mesh with (at least) the data and expert axes (`mesh.make_mesh`).
       data_axis: mesh axis over which tokens are split and experts replicated.
       expert_axis: mesh axis over which tokens are split and experts sharded (`all_to_all`).
+      fsdp_axis: mesh axis over which tokens are split too, if the mesh has it.
     """
 
     mesh: Mesh
     data_axis: str = mesh_lib.DATA
     expert_axis: str = mesh_lib.EXPERT
+    fsdp_axis: str = mesh_lib.FSDP
 
     def __post_init__(self):
         mesh_lib.check_mesh(self.mesh, (self.data_axis, self.expert_axis))
 
     @property
-    def token_axes(self) -> tuple[str, str]:
-        return (self.data_axis, self.expert_axis)
+    def token_axes(self) -> tuple[str, ...]:
+        """Every axis tokens are split over: data, fsdp (if the mesh has it), expert."""
+        fsdp = (self.fsdp_axis,) if self.fsdp_axis in self.mesh.shape else ()
+        return (self.data_axis, *fsdp, self.expert_axis)
 
     @property
     def num_data(self) -> int:
-        return int(self.mesh.shape[self.data_axis])
+        """Tokens shards outside the expert axis (D·F)."""
+        n = 1
+        for axis in self.token_axes[:-1]:
+            n *= int(self.mesh.shape[axis])
+        return n
 
     @property
     def num_expert(self) -> int:
@@ -96,13 +106,13 @@ class ExpertParallel:
                              f"{self.expert_axis!r} mesh axis of size {self.num_expert}")
 
     def shard_tokens(self, xf: Array) -> Array:
-        """Constrains `[N, d]` tokens to `P(('data', 'expert'))`; ValueError if N does not split."""
+        """Constrains `[N, d]` tokens to `P(token_axes)`; ValueError if N does not split."""
         n = xf.shape[0]
         if n % self.num_token_shards:
+            sizes = "×".join(str(int(self.mesh.shape[a])) for a in self.token_axes)
             raise ValueError(
                 f"N={n} tokens (the leading axes of x, flattened) are not divisible by the token "
-                f"axes {self.data_axis}×{self.expert_axis} = {self.num_data}×{self.num_expert} "
-                f"= {self.num_token_shards}")
+                f"axes {'×'.join(self.token_axes)} = {sizes} = {self.num_token_shards}")
         return jax.lax.with_sharding_constraint(
             xf, NamedSharding(self.mesh, P(self.token_axes)))
 

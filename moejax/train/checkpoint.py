@@ -59,7 +59,7 @@ TMP_MARK = ".orbax-checkpoint-tmp"  # in the names of orbax's unfinished saves
 
 # `TrainConfig` fields that may differ between a saved run and the one resuming it.
 RESUMABLE_TRAIN_FIELDS = frozenset(
-    {"steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints"}
+    {"steps", "log_every", "eval_every", "eval_batches", "ckpt_every", "keep_checkpoints", "mesh"}
 )
 
 
@@ -475,13 +475,13 @@ class Checkpointer:
         """Deletes the temporary directories of saves a kill interrupted. They never hold a
         checkpoint: orbax renames one to `<step>` only once it is complete. (Done here, before
         the manager exists, rather than by orbax's `cleanup_tmp_directories`, which runs in a
-        background thread. Multi-process: the primary process only, then a barrier.)"""
-        if not self.directory.is_dir():
-            return
-        for path in self.directory.iterdir():
-            if TMP_MARK in path.name and path.is_dir():
-                logging.info("removing %s, left by an interrupted save", path)
-                shutil.rmtree(path, ignore_errors=True)
+        background thread. Multi-process: process 0 deletes, the others wait for it.)"""
+        if self.directory.is_dir() and jax.process_index() == 0:
+            for path in self.directory.iterdir():
+                if TMP_MARK in path.name and path.is_dir():
+                    logging.info("removing %s, left by an interrupted save", path)
+                    shutil.rmtree(path, ignore_errors=True)
+        _barrier("moejax_checkpoint_cleanup")
 
     def _check_items(self, step: int, items: tuple[str, ...]) -> None:
         """Raises `CheckpointReadError` unless checkpoint `step` has each of `items`."""
@@ -523,20 +523,31 @@ class Checkpointer:
     def _set_aside(self, step: int, cause: str) -> Damaged:
         """Moves damaged checkpoint `step` out of orbax's directory (never deletes it).
 
-        Multi-process: only one process may move it, and the others must reload after it did
-        (a barrier); today's runs are single-process.
+        Multi-process: every process found the same damage (they read the same files); process
+        0 moves it, and every process reloads the step list after it did (a barrier).
         """
         if self.read_only:
             return Damaged(step, cause, None)
         root = self.workdir / DAMAGED_DIR
-        root.mkdir(exist_ok=True)
         dest, n = root / str(step), 0
         while dest.exists():
             n += 1
             dest = root / f"{step}.{n}"
-        (self.directory / str(step)).rename(dest)  # same filesystem: a rename, nothing copied
+        _barrier(f"moejax_set_aside_{step}_before")  # every process has chosen `dest`
+        if jax.process_index() == 0:
+            root.mkdir(exist_ok=True)
+            (self.directory / str(step)).rename(dest)  # same filesystem: nothing copied
+        _barrier(f"moejax_set_aside_{step}")
         self._manager.reload()  # orbax caches its step list
         return Damaged(step, cause, dest)
+
+
+def _barrier(name: str) -> None:
+    """Waits until every process got here (nothing to do with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def check_same_shapes(name: str, want: Any, got: Any) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import math
 from typing import Any
 
+from moejax.parallel.mesh import format_mesh_spec
 from moejax.validation import check_int, check_range
 
 # `TrainConfig`'s integer fields with their lower bounds, and its real fields with their intervals
@@ -42,6 +43,10 @@ class TrainConfig:
       ckpt_every: checkpoint every this many steps (and at `steps`); 0 = only at `steps`.
       keep_checkpoints: how many of the newest checkpoints to keep, > 0.
       seed: seeds init and per-step randomness (the data pipeline takes its own seed), >= 0.
+      mesh: the device mesh, `"data:D,fsdp:F,expert:X"` (axes left out are 1; the sizes must
+        multiply to the global device count; also a mapping or `(axis, size)` pairs, stored in
+        that canonical string form); None: all devices on `data` (`moejax.parallel.mesh`).
+        A run may resume on another mesh (or process count): it continues the same trajectory.
     """
 
     steps: int = 1000
@@ -60,6 +65,7 @@ class TrainConfig:
     ckpt_every: int = 200
     keep_checkpoints: int = 3
     seed: int = 0
+    mesh: str | None = None
 
     def __post_init__(self):
         for name, lo in _INT_FIELDS:
@@ -68,6 +74,8 @@ class TrainConfig:
             check_range(name, getattr(self, name), lo, hi, lo_open=lo_open, hi_open=hi_open)
         if self.clip_norm is not None:
             check_range("clip_norm", self.clip_norm, 0.0, math.inf, lo_open=True, hi_open=True)
+        if self.mesh is not None:
+            object.__setattr__(self, "mesh", format_mesh_spec(self.mesh))
         # NumPy scalars become Python ones, so the saved JSON config holds numbers, not strings.
         for name, _ in _INT_FIELDS:
             object.__setattr__(self, name, int(getattr(self, name)))

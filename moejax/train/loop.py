@@ -17,10 +17,18 @@ Steps count from 1: "step s" is the s-th optimizer update, `state.step == s` aft
 randomness is `fold_in(train_key, s - 1)`; with the data iterator's position restored too, a run
 resumed from a checkpoint computes exactly what the uninterrupted run would have.
 
-Parallelism: every array lives on a `jax.sharding.Mesh` with a `"data"` axis. Batches are sharded
-as the model says (`P("data")` by default); params, optimizer and model state are replicated
-(`P()`), so XLA averages gradients across the axis. By default `run`'s mesh spans all devices;
-`fit` (small sweep cells) uses one device unless given a mesh.
+Parallelism: every array lives on a `('data', 'fsdp', 'expert')` mesh (`moejax.parallel.mesh`;
+`TrainConfig.mesh` or `mesh=`). Batch rows are split over `('data', 'fsdp')` (unless the model
+says otherwise); params and optimizer state are placed by the rule of `moejax.parallel.sharding`
+(expert banks over `'expert'`, large matrices over `'fsdp'`), the model state replicated; the
+model's `place` (the LM: expert parallelism) adapts its config to the mesh. By default `run`'s
+mesh spans all devices on `'data'`; `fit` (small sweep cells) uses one device unless given one.
+
+Several processes (`moejax.parallel.distributed.initialize` first): every process runs the same
+`run`; its `train_data` / `val_data` yield only this process's rows of each global batch
+(`process_batch_shard`), `fit`'s and `evaluate`'s batches are global (each process keeps its
+rows). Only process 0 writes metrics, TensorBoard and plots; every process takes part in the
+checkpoints. A checkpoint restores onto any mesh and process count.
 """
 
 from __future__ import annotations
@@ -42,6 +50,9 @@ import optax
 from absl import logging
 from jax.sharding import Mesh, NamedSharding
 
+from moejax.parallel import distributed
+from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import sharding as sharding_lib
 from moejax.parallel.mesh import single_device_mesh
 from moejax.train import checkpoint as ckpt_lib
 from moejax.train import legacy, plots
@@ -100,11 +111,50 @@ class FitResult:
 
 
 def default_mesh(batch_size: int) -> Mesh:
-    """All devices on a `"data"` axis, or the first device alone if B does not divide evenly."""
+    """All devices on the `"data"` axis, or the first device alone if B does not divide evenly
+    (with one process)."""
     devices = jax.devices()
-    if batch_size % len(devices):
+    if batch_size % len(devices) and jax.process_count() == 1:
         devices = devices[:1]
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return mesh_lib.make_mesh(len(devices), devices=devices)
+
+
+def _one_device(batch_size: int) -> Mesh:
+    """`fit`'s default mesh: the first device alone."""
+    del batch_size
+    return single_device_mesh()
+
+
+def resolve_mesh(train_cfg: TrainConfig, mesh: Mesh | None,
+                 default: Callable[[int], Mesh] = default_mesh) -> Mesh:
+    """The run's mesh: `mesh` if given, else the one `train_cfg.mesh` describes, else
+    `default(batch_size)`.
+
+    Raises:
+      ValueError: `train_cfg.mesh` does not fit the devices, or disagrees with `mesh`.
+    """
+    if mesh is not None and not isinstance(mesh, Mesh):
+        raise ArgumentTypeError(f"mesh must be a jax.sharding.Mesh or None, got "
+                                f"{type(mesh).__name__}")
+    if train_cfg.mesh is None:
+        return default(train_cfg.batch_size) if mesh is None else mesh
+    if mesh is None:
+        return mesh_lib.mesh_from_spec(train_cfg.mesh, name="mesh")
+    if mesh_lib.format_mesh_spec(mesh) != train_cfg.mesh:
+        raise ValueError(f"mesh= {dict(mesh.shape)} disagrees with train_cfg.mesh="
+                         f"{train_cfg.mesh!r}; give one of them")
+    return mesh
+
+
+def process_batch_shard(model: Model, model_cfg: Any, train_cfg: TrainConfig,
+                        mesh: Mesh | None = None) -> tuple[int, int]:
+    """`(index, count)`: the share of every global batch this process must read for `run`
+    on `mesh` (default as `run` resolves it): rows `[index·B/count, (index+1)·B/count)`.
+    `(0, 1)` with one process. Build the data pipeline with `batch_size = B / count` and
+    `grain.sharding.ShardOptions(index, count)` (`moejax.data.iterator`)."""
+    mesh = resolve_mesh(train_cfg, mesh)
+    steps = compiled_steps(model, model_cfg, train_cfg, mesh)
+    return sharding_lib.batch_shard(steps.batch, train_cfg.batch_size)
 
 
 def run_config(model_cfg: Any, train_cfg: TrainConfig,
@@ -181,9 +231,12 @@ def run(
         moved to the saved position on resume.
       val_data: builds a fresh validation iterable (called at every evaluation; the first
         `eval_batches` batches are used). None: no validation.
+        With several processes: this process's rows of each global batch only (its
+        `process_batch_shard`; `batch_size / count` rows).
       data_info: JSON-able description of the data (glob, pipeline seed, ...), saved and compared
         on resume like the configs.
-      mesh: mesh with a `"data"` axis; default `default_mesh(batch_size)`.
+      mesh: the device mesh (`moejax.parallel.make_mesh`); default the one `train_cfg.mesh`
+        describes, else `default_mesh(batch_size)`. A run resumes on any mesh.
       progress: show the tqdm bar.
       init_params: `(params, model_state)` to start a fresh run from (fine-tuning, e.g. a model
         converted by `experiments.convert_hf`) instead of `model.init`; must have `model.init`'s
@@ -212,8 +265,7 @@ def run(
         checkpoints saved before it are kept.
       CheckpointWriteError: a checkpoint could not be written (an `OSError`).
     """
-    mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks,
-                            default_mesh=default_mesh)
+    mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks)
     workdir = ckpt_lib.check_workdir(workdir)
     if not all(callable(getattr(train_data, name, None))
                for name in ("__next__", "get_state", "set_state")):
@@ -232,12 +284,12 @@ def run(
 
 def _check_loop_args(model: Any, model_cfg: Any, train_cfg: TrainConfig, mesh: Mesh | None,
                      val_data: Any, hooks: Any, *,
-                     default_mesh: Callable[[int], Mesh]) -> Mesh:
+                     default_mesh: Callable[[int], Mesh] = default_mesh) -> Mesh:
     """What `run` and `fit` refuse before any work, naming the argument; returns the mesh
-    (`default_mesh(batch_size)` when none is given)."""
+    (`resolve_mesh`)."""
     if not isinstance(train_cfg, TrainConfig):
         raise ArgumentTypeError(f"train_cfg must be a TrainConfig, got {type(train_cfg).__name__}")
-    mesh = default_mesh(train_cfg.batch_size) if mesh is None else mesh
+    mesh = resolve_mesh(train_cfg, mesh, default_mesh)
     if not all(callable(getattr(model, name, None)) for name in ("init", "loss_fn")):
         raise ArgumentTypeError("model must have init(key, cfg) and loss_fn(params, state, "
                                 f"batch, *, cfg, train, rng), got {type(model).__name__}")
@@ -251,9 +303,13 @@ def _check_loop_args(model: Any, model_cfg: Any, train_cfg: TrainConfig, mesh: M
         raise ValueError(f"seq_len={train_cfg.seq_len} exceeds the model's max_seq_len={max_len}")
     if DATA_AXIS not in mesh.axis_names:
         raise ValueError(f"mesh needs a {DATA_AXIS!r} axis, got axes {mesh.axis_names}")
-    if train_cfg.batch_size % mesh.shape[DATA_AXIS]:
+    axes = mesh_lib.batch_axes(mesh)
+    if (getattr(model, "batch_spec", None) is None
+            and train_cfg.batch_size % mesh_lib.num_batch_shards(mesh)):
+        sizes = "×".join(str(mesh_lib.axis_size(mesh, a)) for a in axes)
         raise ValueError(f"batch_size={train_cfg.batch_size} is not divisible by the mesh's "
-                         f"{DATA_AXIS!r} axis of size {mesh.shape[DATA_AXIS]}")
+                         f"{'×'.join(axes)} = {sizes} = {mesh_lib.num_batch_shards(mesh)} "
+                         "(batch rows are split over them)")
     return mesh
 
 
@@ -264,12 +320,16 @@ def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
          loop_options: dict[str, Any], end_of_run: Sequence[EndOfRun]) -> RunResult:
     """`run` after its argument checks: restore or init, the jitted steps, the loop."""
     config = run_config(model_cfg, train_cfg, data_info)
+    distributed.check_same_on_every_process(_fields(config), what="run setting")
     is_main = jax.process_index() == 0
     steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
+    shard_index, shard_count = sharding_lib.batch_shard(steps.batch, train_cfg.batch_size)
+    local_cfg = train_cfg.replace(batch_size=train_cfg.batch_size // shard_count)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=train_cfg.keep_checkpoints)
     try:
         state, root_key, restored, first_batch = _restore_or_init(
-            steps, model, model_cfg, train_cfg, ckpt, config, train_data, init_params)
+            steps, model, model_cfg, train_cfg, ckpt, config, train_data, init_params,
+            local_cfg=local_cfg)
     except BaseException:
         ckpt.close(quiet=True)
         raise
@@ -279,6 +339,7 @@ def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
     writer = log_lib.MetricsWriter(workdir, start_step=start, total_steps=train_cfg.steps,
                                    enabled=is_main, progress=progress)
     writer.write_config(config)
+    writer.message(describe_placement(steps, mesh, state, batch_share=(shard_index, shard_count)))
     for damaged in restored.damaged if restored is not None else ():
         writer.message(damaged.message())
     if start:
@@ -299,6 +360,7 @@ def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
         state, stopped_by, _ = _loop(
             state, steps, train_data, first_batch=first_batch, train_cfg=train_cfg,
             train_key=train_key, eval_key=eval_key, val_data=val_data, writer=writer,
+            local_rows=local_cfg.batch_size,
             stop=lambda: _stop_agreed(stop.received), checkpoint=save,
             nan_note=lambda: _kept_note(ckpt), **loop_options)
         if stopped_by is not None:
@@ -326,21 +388,44 @@ def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
                      plot_paths=list(written), preempted=preempted)
 
 
+def _fields(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run config's fields by dotted name ("train.lr", "model.moe", ...), to compare across
+    processes."""
+    return {f"{part}.{k}" if isinstance(fields, Mapping) else part: v
+            for part, fields in config.items()
+            for k, v in (fields.items() if isinstance(fields, Mapping) else [(None, fields)])}
+
+
+def describe_placement(steps: CompiledSteps, mesh: Mesh, state: TrainState, *,
+                       batch_share: tuple[int, int] = (0, 1)) -> str:
+    """One log line: processes, mesh, this process's share of each batch, and the bytes of
+    params + optimizer state per device (beside their replicated size)."""
+    held = {"params": state.params, "opt_state": state.opt_state}
+    per_device = sharding_lib.bytes_per_device(held)
+    replicated = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(held))
+    index, count = batch_share
+    return (f"{jax.process_count()} process(es), {mesh.devices.size} devices, mesh "
+            f"{mesh_lib.format_mesh_spec(mesh)}; this process reads share {index} of {count} of "
+            f"each batch; params + optimizer state {per_device / 2**20:.2f} MiB per device "
+            f"({replicated / 2**20:.2f} MiB replicated)")
+
+
 def _restore_or_init(steps: CompiledSteps, model: Model, model_cfg: Any,
                      train_cfg: TrainConfig, ckpt: ckpt_lib.Checkpointer,
                      config: dict[str, Any], train_data: Iterator[Any],
-                     init_params: tuple[PyTree, PyTree] | None
+                     init_params: tuple[PyTree, PyTree] | None, *, local_cfg: TrainConfig
                      ) -> tuple[TrainState, Array, ckpt_lib.Restored | None, Any]:
     """The newest intact checkpoint of a compatible run in this workdir (its state, root key and
     data position), else a fresh state; and the first batch to train on (checked before
-    anything is compiled or written; None when the run is already done). Restoring needs only
-    the shapes."""
+    anything is compiled or written; None when the run is already done; `local_cfg` is
+    `train_cfg` with this process's share of the batch). Restoring needs only the shapes, and
+    puts every array straight into its sharding on this run's mesh (whatever mesh saved it)."""
     root_key = jax.random.key(train_cfg.seed)
     restored = first_batch = None
     if ckpt.all_steps():
         target = _checkpoint_tree(jax.tree.map(
-            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=steps.replicated),
-            jax.eval_shape(steps.init, root_key)), root_key)
+            lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+            jax.eval_shape(steps.init, root_key), steps.state), root_key)
         restored = ckpt.restore_latest(
             functools.partial(_target_of_layout, target), set_data_state=train_data.set_state,
             check=lambda saved: ckpt_lib.check_config(
@@ -352,7 +437,7 @@ def _restore_or_init(steps: CompiledSteps, model: Model, model_cfg: Any,
     start = restored.step if restored is not None else 0
     if start < train_cfg.steps:
         first_batch = next_batch(train_data, start + 1)
-        check_first_batch(model, first_batch, cfg=model_cfg, train_cfg=train_cfg)
+        check_first_batch(model, first_batch, cfg=model_cfg, train_cfg=local_cfg)
     if restored is not None:
         return (restored.tree["state"], jax.random.wrap_key_data(restored.tree["rng"]), restored,
                 first_batch)
@@ -360,7 +445,7 @@ def _restore_or_init(steps: CompiledSteps, model: Model, model_cfg: Any,
     state = fresh_state(steps, train_cfg, init_key)
     if init_params is not None:
         optimizer, _ = make_optimizer(train_cfg)
-        state = _start_from(state, init_params, optimizer, steps.replicated)
+        state = _start_from(state, init_params, optimizer, steps.state)
     return state, root_key, None, first_batch
 
 
@@ -380,7 +465,7 @@ def init_state(model: Model, model_cfg: Any, train_cfg: TrainConfig, key: Array,
                hooks: StepHooks = NO_HOOKS, mesh: Mesh | None = None) -> TrainState:
     """A fresh `TrainState` for `fit` (init key `key`), on `mesh` (default one device); the
     compiled init is shared like the steps."""
-    mesh = single_device_mesh() if mesh is None else mesh
+    mesh = resolve_mesh(train_cfg, mesh, _one_device)
     return fresh_state(compiled_steps(model, model_cfg, train_cfg, mesh, hooks), train_cfg, key)
 
 
@@ -421,7 +506,7 @@ def fit(state: TrainState, train_data: Iterable[Any], *, model: Model, model_cfg
       FloatingPointError: the loss became non-finite (naming the step).
     """
     mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks,
-                            default_mesh=lambda _: single_device_mesh())
+                            default_mesh=_one_device)
     steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
     batches = iter(train_data)
     first_batch = None
@@ -444,10 +529,12 @@ def _loop(state: TrainState, steps: CompiledSteps, batches: Iterator[Any], *, fi
           stop: Callable[[], str | None] = lambda: None,
           checkpoint: Callable[[int, TrainState], None] | None = None,
           nan_note: Callable[[], str] = lambda: "no checkpoint is kept (fit)",
+          local_rows: int | None = None,
           ) -> tuple[TrainState, str | None, list[dict[str, Any]]]:
     """The loop of `run` and `fit`, from `state.step + 1` to `train_cfg.steps`. A stop request
     (`stop()` returns the signal's name) is looked at between steps: the step in progress always
-    finishes. Returns `(state, stopped_by, records)`."""
+    finishes. `local_rows`: the batches are this process's share, of that many rows (`run`);
+    None: they are global batches (`fit`). Returns `(state, stopped_by, records)`."""
     start = int(state.step)
     schedule = make_schedule(train_cfg)
     tokens_per_step = train_cfg.batch_size * train_cfg.seq_len
@@ -461,7 +548,8 @@ def _loop(state: TrainState, steps: CompiledSteps, batches: Iterator[Any], *, fi
             return state, stopped_by, records
         t0 = time.perf_counter()
         host_batch = first_batch if step == start + 1 else next_batch(batches, step)
-        batch = device_batch(_check_shape(host_batch, train_cfg), steps.batch)
+        batch = device_batch(_check_shape(host_batch, train_cfg, local_rows), steps.batch,
+                             process_local=local_rows is not None)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state, metrics = steps.train(state, batch, jax.random.fold_in(train_key, step - 1))
         loss = float(metrics["loss"])  # waits for the step: it is also the NaN guard
@@ -477,7 +565,8 @@ def _loop(state: TrainState, steps: CompiledSteps, batches: Iterator[Any], *, fi
                       "tokens_per_s": throughput.rate(),
                       **log_lib.to_record(step, jax.device_get(metrics))}
         if val_data is not None and (last_step or _every(step, train_cfg.eval_every)):
-            ev = _evaluate(steps, state, val_data(), eval_key, train_cfg.eval_batches)
+            ev = _evaluate(steps, state, val_data(), eval_key, train_cfg.eval_batches,
+                           process_local=local_rows is not None)
             record = {"step": step, **record, **_val_record(ev, bytes_per_token, val_metrics)}
         if record:
             records.append(record)
@@ -492,13 +581,17 @@ def _loop(state: TrainState, steps: CompiledSteps, batches: Iterator[Any], *, fi
     return state, None, records
 
 
-def _check_shape(batch: Any, cfg: TrainConfig) -> Any:
-    """A token batch (a dict with `inputs`) must be `(batch_size, seq_len)` at every step."""
+def _check_shape(batch: Any, cfg: TrainConfig, local_rows: int | None = None) -> Any:
+    """A token batch (a dict with `inputs`) must be `(batch_size, seq_len)` at every step (this
+    process's `local_rows` of them when given)."""
     if isinstance(batch, Mapping) and "inputs" in batch:
         shape = np.shape(batch["inputs"])
-        if shape != (cfg.batch_size, cfg.seq_len):
+        rows = cfg.batch_size if local_rows is None else local_rows
+        if shape != (rows, cfg.seq_len):
+            share = ("" if local_rows is None or local_rows == cfg.batch_size
+                     else f" (this process's share of batch_size={cfg.batch_size})")
             raise ValueError(f"batch['inputs'] has shape {shape}, expected "
-                             f"(batch_size, seq_len) = ({cfg.batch_size}, {cfg.seq_len})")
+                             f"(batch_size, seq_len) = ({rows}, {cfg.seq_len}){share}")
     return batch
 
 
@@ -521,21 +614,22 @@ def evaluate(state: TrainState, batches: Iterable[Any], *, model: Model, model_c
     """Weighted means (`moejax.train.steps.batch_weight`) over `batches` of every scalar
     metric of `model.loss_fn(..., train=False)` (`ce`, `loss`, the model's own), with the
     jitted eval step the loop uses (default mesh: one device; `rng` default key 0)."""
-    mesh = single_device_mesh() if mesh is None else mesh
+    mesh = resolve_mesh(train_cfg, mesh, _one_device)
     steps = compiled_steps(model, model_cfg, train_cfg, mesh)
     rng = jax.random.key(0) if rng is None else rng
     return _evaluate(steps, state, batches, rng, max_batches)
 
 
 def _evaluate(steps: CompiledSteps, state: TrainState, batches: Iterable[Any], key: Array,
-              max_batches: int | None) -> dict[str, float]:
+              max_batches: int | None, *, process_local: bool = False) -> dict[str, float]:
     sums: dict[str, float] = {}
     weight_sum = 0.0
     for i, batch in enumerate(batches):
         if max_batches is not None and i >= max_batches:
             break
         out = jax.device_get(steps.eval(state.params, state.model_state,
-                                        device_batch(batch, steps.batch), key))
+                                        device_batch(batch, steps.batch,
+                                                     process_local=process_local), key))
         w = float(out.pop("weight"))
         for k, v in out.items():
             sums[k] = sums.get(k, 0.0) + float(v) * w
@@ -645,17 +739,6 @@ class _StopSignals:
             signal.signal(sig, self._restorable(sig))
 
 
-def _stop_agreed(local: bool) -> bool:
-    """Whether to stop before the next step. Every process must take the same decision (they
-    must save the same step), so with several processes the flags are combined (any one stops
-    all); with one process its own flag is the decision."""
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
-
-    return bool(np.max(multihost_utils.process_allgather(np.asarray(local, np.int32))))
-
-
 def _stop_agreed(local: str | None) -> str | None:
     """The signal to stop on before the next step, or None. Every process must take the same
     decision (they must save the same step), so with several processes the flags are combined
@@ -680,15 +763,18 @@ def _kept_note(ckpt: ckpt_lib.Checkpointer) -> str:
 
 
 def _start_from(fresh: TrainState, init_params: tuple[PyTree, PyTree],
-                optimizer: optax.GradientTransformation, sharding: NamedSharding) -> TrainState:
-    """`fresh` with its params and model state replaced by `init_params` (shapes checked)."""
+                optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """`fresh` with its params and model state replaced by `init_params` (shapes checked),
+    placed by `shardings`."""
     params, model_state = init_params
     ckpt_lib.check_same_shapes("init_params: params", fresh.params, params)
     ckpt_lib.check_same_shapes("init_params: model_state", fresh.model_state, model_state)
-    params = jax.tree.map(lambda w, g: jnp.asarray(g, w.dtype), fresh.params, params)
-    params, model_state = jax.device_put((params, model_state), sharding)
+    params = jax.tree.map(lambda w, g: np.asarray(g, w.dtype), fresh.params, params)
+    params = device_batch(params, shardings.params)
+    model_state = device_batch(model_state, shardings.model_state)
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     return dataclasses.replace(fresh, params=params, model_state=model_state,
-                               opt_state=jax.jit(optimizer.init, out_shardings=sharding)(params))
+                               opt_state=opt_state)
 
 
 def _checkpoint_tree(state: TrainState, root_key: Array) -> dict[str, Any]:

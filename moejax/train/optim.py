@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from moejax.train.config import TrainConfig
@@ -76,7 +77,13 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 
 
 def with_learning_rate(opt_state: optax.OptState, lr: float) -> optax.OptState:
-    """`opt_state` of `make_optimizer` with its peak learning rate set to `lr`."""
+    """`opt_state` of `make_optimizer` with its peak learning rate set to `lr` (placed as the old
+    value was: on a mesh, every process gives the same `lr`)."""
     hyperparams = dict(opt_state.hyperparams)
-    hyperparams["learning_rate"] = jnp.asarray(lr, hyperparams["learning_rate"].dtype)
+    old = hyperparams["learning_rate"]
+    value = np.asarray(lr, old.dtype)
+    sharding = getattr(old, "sharding", None)
+    hyperparams["learning_rate"] = (
+        jnp.asarray(value) if not isinstance(old, jax.Array) or sharding is None
+        else jax.make_array_from_callback(value.shape, sharding, lambda _: value))
     return opt_state._replace(hyperparams=hyperparams)

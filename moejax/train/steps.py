@@ -9,7 +9,14 @@ any object with these attributes):
   model.check_batch(batch, *, cfg, train_cfg)   optional: refuse a bad first batch by name
                                                 (default: `check_token_batch`)
   model.batch_spec                              optional: the PartitionSpec of every batch leaf
-                                                (default `P("data")`: split the leading axis)
+                                                (default None: the leading axis over the mesh's
+                                                `('data', 'fsdp')` axes)
+  model.place(cfg, mesh) -> cfg                 optional: the config to trace on `mesh` (the LM
+                                                runs its MoE layers expert-parallel there)
+
+Placement on the mesh (`state_shardings`): params and optimizer state by the rule of
+`moejax.parallel.sharding` (expert banks over `'expert'`, large matrices over `'fsdp'`), the
+model state, step and hooks' state replicated.
 
 `metrics` holds scalars (at least `ce`, the cross-entropy the run reports) and, for MoE models,
 `load` as `[L, E]`; a scalar `weight` in it (else the `loss_mask` sum, else the `targets` size)
@@ -45,13 +52,15 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import sharding as sharding_lib
 from moejax.train.config import TrainConfig
 from moejax.train.optim import make_optimizer, optimizer_settings
 from moejax.validation import ArgumentTypeError
 
 Array = jax.Array
 PyTree = Any
-DATA_AXIS = "data"
+DATA_AXIS = mesh_lib.DATA
 
 
 class Model(Protocol):
@@ -71,7 +80,8 @@ class ModelFns:
     init: Callable[[Array, Any], tuple[PyTree, PyTree]]
     loss_fn: Callable[..., tuple[Array, tuple[PyTree, dict]]]
     check_batch: Callable[..., None] | None = None
-    batch_spec: P = P(DATA_AXIS)
+    batch_spec: P | None = None
+    place: Callable[[Any, Mesh], Any] | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -212,9 +222,33 @@ def eval_step(params: PyTree, model_state: PyTree, batch: Any, rng: Array, *, mo
             "weight": batch_weight(batch, metrics)}
 
 
-def batch_spec(model: Model) -> P:
-    """The model's batch PartitionSpec (default: the leading axis over `"data"`)."""
-    return getattr(model, "batch_spec", P(DATA_AXIS))
+def batch_spec(model: Model, mesh: Mesh) -> P:
+    """The model's batch PartitionSpec (default: the leading axis over the mesh's
+    `('data', 'fsdp')` axes)."""
+    spec = getattr(model, "batch_spec", None)
+    return sharding_lib.batch_spec(mesh) if spec is None else spec
+
+
+def place(model: Model, model_cfg: Any, mesh: Mesh) -> Any:
+    """The config to trace the model with on `mesh` (`model.place`, if it has one)."""
+    fn = getattr(model, "place", None)
+    return model_cfg if fn is None else fn(model_cfg, mesh)
+
+
+def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
+    """`NamedSharding`s of a `TrainState` (arrays or shapes): params and optimizer state by the
+    parameter rule (`moejax.parallel.sharding.param_spec`: the moments follow their params),
+    model state, step and hooks' state replicated.
+
+    Raises:
+      ValueError: an expert bank's expert count does not divide by the `'expert'` axis.
+    """
+    replicated = NamedSharding(mesh, P())
+    rep = lambda tree: jax.tree.map(lambda _: replicated, tree)
+    return TrainState(params=sharding_lib.param_shardings(state.params, mesh),
+                      model_state=rep(state.model_state),
+                      opt_state=sharding_lib.param_shardings(state.opt_state, mesh),
+                      step=replicated, extra=rep(state.extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +262,8 @@ class CompiledSteps:
     eval: Callable
     replicated: NamedSharding
     batch: NamedSharding
+    state: TrainState  # of NamedShardings (`state_shardings`)
+    model_cfg: Any  # the config the steps trace (`place`d on the mesh)
 
 
 def compiled_steps(model: Model, model_cfg: Any, train_cfg: TrainConfig, mesh: Mesh,
@@ -242,24 +278,41 @@ def compiled_steps(model: Model, model_cfg: Any, train_cfg: TrainConfig, mesh: M
 @functools.lru_cache(maxsize=32)
 def _compiled_steps(model, model_cfg, opt_cfg: TrainConfig, mesh, hooks) -> CompiledSteps:
     optimizer, _ = make_optimizer(opt_cfg)  # its update reads the peak lr from the state
+    model_cfg = place(model, model_cfg, mesh)
     replicated = NamedSharding(mesh, P())
-    batch_sharding = NamedSharding(mesh, batch_spec(model))
+    batch_sharding = NamedSharding(mesh, batch_spec(model, mesh))
+    init_fn = functools.partial(init_train_state, model, model_cfg, optimizer, hooks=hooks)
+    shardings = state_shardings(jax.eval_shape(init_fn, jax.random.key(0)), mesh)
     train = jax.jit(
         functools.partial(train_step, model=model, model_cfg=model_cfg, optimizer=optimizer,
                           hooks=hooks),
-        in_shardings=(replicated, batch_sharding, replicated),
-        out_shardings=(replicated, replicated), donate_argnums=0)
+        in_shardings=(shardings, batch_sharding, replicated),
+        out_shardings=(shardings, replicated), donate_argnums=0)
     evaluate = jax.jit(
         functools.partial(eval_step, model=model, model_cfg=model_cfg),
-        in_shardings=(replicated, replicated, batch_sharding, replicated),
+        in_shardings=(shardings.params, shardings.model_state, batch_sharding, replicated),
         out_shardings=replicated)
-    init = jax.jit(functools.partial(init_train_state, model, model_cfg, optimizer, hooks=hooks),
-                   out_shardings=replicated)
+    init = jax.jit(init_fn, out_shardings=shardings)
     return CompiledSteps(init=init, train=train, eval=evaluate, replicated=replicated,
-                         batch=batch_sharding)
+                         batch=batch_sharding, state=shardings, model_cfg=model_cfg)
 
 
-def device_batch(batch: Any, sharding: NamedSharding) -> Any:
-    """A host batch (a pytree of arrays) as global arrays with `sharding`."""
-    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)),
-                        batch)
+def device_batch(batch: Any, sharding: NamedSharding, *, process_local: bool = False) -> Any:
+    """A host batch (a pytree of arrays) as global arrays with `sharding`.
+
+    Args:
+      batch: the batch's arrays.
+      sharding: where the global arrays go.
+      process_local: the batch holds only this process's rows (its share of the data, e.g.
+        from a data pipeline sharded by `moejax.parallel.sharding.batch_shard`), not the
+        global batch. With one process both are the same.
+    """
+    if process_local:
+        return jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
+
+    def global_array(v):
+        v = np.asarray(v)
+        return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+
+    return jax.tree.map(global_array, batch)

@@ -33,7 +33,8 @@ def _cfg(name, mesh_shape=None, **overrides):
                     gmm_impl="reference", **overrides)
     if mesh_shape is None:
         return cfg
-    ep = parallel.ExpertParallel(mesh=parallel.make_mesh(*mesh_shape))
+    data, expert, *fsdp = mesh_shape  # (data, expert) or (data, expert, fsdp)
+    ep = parallel.ExpertParallel(mesh=parallel.make_mesh(data, expert, fsdp=fsdp[0] if fsdp else 1))
     return dataclasses.replace(cfg, parallel=ep)
 
 
@@ -85,8 +86,9 @@ def _check_equal(name, cfg, ep_cfg):
 
 @pytest.mark.parametrize("name", ROUTER_NAMES)
 def test_every_router_matches_single_device(name):
+    # Tokens over all three axes: data 2 × fsdp 2 × expert 2.
     get_router(name)
-    _check_equal(name, _cfg(name), _cfg(name, (2, 4)))
+    _check_equal(name, _cfg(name), _cfg(name, (2, 2, 2)))
 
 
 @pytest.mark.parametrize("mesh_shape", [(1, 8), (4, 2), (8, 1)], ids=str)

@@ -18,9 +18,12 @@ D, F, E = 8, 16, 8
 def test_make_mesh_shapes():
     assert len(jax.devices()) == 8
     mesh = parallel.make_mesh(2, 4)
-    assert mesh.axis_names == ("data", "expert") and dict(mesh.shape) == {"data": 2, "expert": 4}
-    assert dict(parallel.make_mesh(expert=2).shape) == {"data": 4, "expert": 2}
-    assert dict(parallel.single_device_mesh().shape) == {"data": 1, "expert": 1}
+    assert mesh.axis_names == ("data", "fsdp", "expert")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4}
+    assert dict(parallel.make_mesh(expert=2).shape) == {"data": 4, "fsdp": 1, "expert": 2}
+    assert dict(parallel.make_mesh(fsdp=2, expert=2).shape) == {"data": 2, "fsdp": 2,
+                                                                 "expert": 2}
+    assert dict(parallel.single_device_mesh().shape) == {"data": 1, "fsdp": 1, "expert": 1}
     if hasattr(jax.sharding, "AxisType"):
         assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
 
@@ -35,7 +38,8 @@ def test_placement():
     assert placed["router"]["w_g"].sharding.is_fully_replicated
     assert placed["shared"]["bank"]["w_up"].sharding.is_fully_replicated
     x = parallel.shard_batch(jnp.ones((16, 3, D)), mesh)
-    assert x.sharding.spec == P(("data", "expert")) and x.addressable_shards[0].data.shape[0] == 2
+    assert x.sharding.spec == P(("data", "fsdp", "expert"))
+    assert x.addressable_shards[0].data.shape[0] == 2
 
 
 def test_bad_input():
@@ -45,11 +49,11 @@ def test_bad_input():
         MoEConfig(d_model=D, d_ff=F, num_experts=6, parallel=ep)
     cfg = MoEConfig(d_model=D, d_ff=F, num_experts=E, parallel=ep)
     params, state = init(jax.random.key(0), dataclasses.replace(cfg, parallel=None))
-    with pytest.raises(ValueError, match=r"N=12 tokens .* data×expert = 2×4 = 8"):
+    with pytest.raises(ValueError, match=r"N=12 tokens .* data×fsdp×expert = 2×1×4 = 8"):
         moe_apply(params, state, jnp.ones((3, 4, D)), cfg=cfg, train=False)
     with pytest.raises(ValueError, match=r"missing axis 'expert'.*\{'data': 8\}"):
         parallel.ExpertParallel(mesh=jax.make_mesh((8,), ("data",)))
-    with pytest.raises(ValueError, match=r"leading axis must be divisible by data×expert"):
+    with pytest.raises(ValueError, match=r"leading axis must be divisible by data×fsdp×expert"):
         parallel.shard_batch(jnp.ones((6, D)), mesh)
     with pytest.raises(ValueError, match=r"needs 16 devices, only 8"):
         parallel.make_mesh(4, 4)

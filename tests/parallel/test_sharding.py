@@ -29,7 +29,7 @@ def _params():
 
 
 def _coords(mesh):
-    """Device -> its (data, expert) coordinates in `mesh`."""
+    """Device -> its (data, fsdp, expert) coordinates in `mesh`."""
     return {dev: idx for idx, dev in np.ndenumerate(mesh.devices)}
 
 
@@ -63,7 +63,7 @@ def test_shard_params_places_expert_rows_by_expert_coordinate():
     bank = placed["experts"]["w_up"]
     assert len(bank.addressable_shards) == 8
     for shard in bank.addressable_shards:
-        _, j = coords[shard.device]
+        _, _, j = coords[shard.device]
         rows = slice(j * E // 4, (j + 1) * E // 4)
         np.testing.assert_array_equal(np.asarray(shard.data),
                                       np.asarray(params["experts"]["w_up"][rows]))
@@ -101,15 +101,15 @@ def test_replicate():
 @pytest.mark.parametrize("shape", [(2, 4), (8, 1), (1, 8)], ids=str)
 def test_shard_batch_rows_follow_the_mesh_row_major(shape):
     mesh = mesh_lib.make_mesh(*shape)
-    assert sharding.batch_sharding(mesh) == NamedSharding(mesh, P(("data", "expert")))
+    assert sharding.batch_sharding(mesh) == NamedSharding(mesh, P(("data", "fsdp", "expert")))
     batch = {"inputs": jnp.arange(16 * 3).reshape(16, 3), "mask": jnp.arange(16) % 3 == 0}
     placed = sharding.shard_batch(batch, mesh)
     chex.assert_trees_all_equal(placed, batch)
     coords, x = _coords(mesh), shape[1]
     for leaf, ref in zip(jax.tree.leaves(placed), jax.tree.leaves(batch), strict=True):
-        assert leaf.sharding.spec == P(("data", "expert"))
+        assert leaf.sharding.spec == P(("data", "fsdp", "expert"))
         for shard in leaf.addressable_shards:
-            i, j = coords[shard.device]
+            i, _, j = coords[shard.device]
             k = i * x + j  # device (i, j) holds the k-th block of B / 8 rows
             np.testing.assert_array_equal(np.asarray(shard.data),
                                           np.asarray(ref[2 * k : 2 * k + 2]))
@@ -118,14 +118,15 @@ def test_shard_batch_rows_follow_the_mesh_row_major(shape):
 def test_bad_input():
     mesh = mesh_lib.make_mesh(2, 4)
     with pytest.raises(ValueError, match=r"shape \(\): the leading axis must be divisible by "
-                                         r"data×expert = 2×4 = 8"):
+                                         r"data×fsdp×expert = 2×1×4 = 8"):
         sharding.shard_batch({"x": jnp.ones((8, 2)), "step": jnp.int32(0)}, mesh)
     with pytest.raises(ValueError, match=r"shape \(12, 2\)"):
         sharding.shard_batch(jnp.ones((12, 2)), mesh)
     flat = jax.make_mesh((8,), ("data",))
     with pytest.raises(ValueError, match=r"missing axis 'expert'"):
         sharding.batch_sharding(flat)
-    with pytest.raises(ValueError, match=r"missing axis 'expert'"):
-        sharding.param_shardings({"w": jnp.ones(2)}, flat)
+    # A mesh without 'expert' (or 'fsdp') replicates what would be split over it.
+    got = sharding.param_shardings({"experts": {"w": jnp.ones((8, 64, 64))}}, flat)
+    assert got["experts"]["w"].spec == P()
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
         sharding.shard_params({"w": jnp.ones(2)}, "mesh")
