@@ -25,6 +25,9 @@ import hashlib
 import json
 import os
 import re
+import socket
+import sys
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -151,6 +154,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         return Distributed(jax.process_count(), jax.process_index(), how)
     # CPU collectives across processes (harmless where the devices are GPUs or TPUs).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if kwargs and process_id != 0:
+        # The runtime aborts the process (no Python error) when the coordinator never answers,
+        # so first wait for it to listen, and fail here, by name, if it does not.
+        timeout_s = _wait_for_coordinator(address, timeout_s, names, process_id, num_processes)
+    elif kwargs:
+        print(f"process 0 of {num_processes}: coordinator at {address}; waiting up to "
+              f"{timeout_s} s for every process to join ({names['timeout_s']})",
+              file=sys.stderr, flush=True)
     try:
         jax.distributed.initialize(**kwargs, initialization_timeout=int(timeout_s))
     except Exception as e:  # the runtime raises XlaRuntimeError / RuntimeError with gRPC text
@@ -162,6 +173,32 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
             "and listens at that address, that every process got the same "
             f"{names['num_processes']}, and that the port is reachable.") from e
     return Distributed(jax.process_count(), jax.process_index(), how)
+
+
+def _wait_for_coordinator(address: str, timeout_s: int, names: Mapping[str, str],
+                          process_id: int, num_processes: int) -> int:
+    """Waits until something listens at `address`; returns the seconds left of `timeout_s`.
+
+    Raises:
+      RuntimeError: nothing listened there within `timeout_s` (naming the flags).
+    """
+    host, port = address.rsplit(":", 1)
+    host = host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((host, int(port)), timeout=max(0.1, min(1.0, left))):
+                return max(1, int(left))
+        except OSError as e:
+            if left <= 0:
+                raise RuntimeError(
+                    f"{names['coordinator_address']}={address}: no coordinator answered within "
+                    f"{timeout_s} s ({names['timeout_s']}) for process {process_id} of "
+                    f"{num_processes} ({e}). Start process 0 "
+                    f"({names['process_id']}=0) with the same {names['coordinator_address']}, "
+                    "and check the host name and that the port is reachable.") from None
+            time.sleep(0.2)
 
 
 def _fingerprint(value: Any) -> int:

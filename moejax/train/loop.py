@@ -352,7 +352,8 @@ def _run(model_cfg: Any, train_cfg: TrainConfig, workdir: Path, *, model: Model,
     saved = {"step": start}
 
     def save(step: int, state: TrainState) -> None:
-        ckpt.save(step, _checkpoint_tree(state, root_key), data_state=train_data.get_state(),
+        ckpt.save(step, _checkpoint_tree(state, root_key, steps.replicated),
+                  data_state=train_data.get_state(),
                   config=config)
         saved["step"] = step
 
@@ -425,7 +426,7 @@ def _restore_or_init(steps: CompiledSteps, model: Model, model_cfg: Any,
     if ckpt.all_steps():
         target = _checkpoint_tree(jax.tree.map(
             lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-            jax.eval_shape(steps.init, root_key), steps.state), root_key)
+            jax.eval_shape(steps.init, root_key), steps.state), root_key, steps.replicated)
         restored = ckpt.restore_latest(
             functools.partial(_target_of_layout, target), set_data_state=train_data.set_state,
             check=lambda saved: ckpt_lib.check_config(
@@ -777,9 +778,16 @@ def _start_from(fresh: TrainState, init_params: tuple[PyTree, PyTree],
                                opt_state=opt_state)
 
 
-def _checkpoint_tree(state: TrainState, root_key: Array) -> dict[str, Any]:
-    """What goes into a checkpoint's `state` item: the train state and the root key's data."""
-    return {"state": state, "rng": jax.random.key_data(root_key)}
+def _checkpoint_tree(state: TrainState, root_key: Array,
+                     sharding: jax.sharding.Sharding | None = None) -> dict[str, Any]:
+    """What goes into a checkpoint's `state` item: the train state and the root key's data
+    (placed with `sharding`, e.g. replicated on the run's mesh: with several processes orbax
+    saves only global arrays)."""
+    data = jax.random.key_data(root_key)
+    if sharding is not None:
+        host = np.asarray(data)
+        data = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return {"state": state, "rng": data}
 
 
 def _every(step: int, every: int) -> bool:

@@ -57,8 +57,24 @@ def test_trains_then_resumes_on_the_same_workdir(tmp_path, capsys):
         (dict(router="oracle"), "unknown router 'oracle'; known routers: topk"),
         (dict(top_k=9), "top_k=9"),
         (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(mesh="data:3"), r"--mesh=data:3,fsdp:1,expert:1 has 3 devices .* there are 8"),
+        (dict(mesh="data:4,tensor:2"), "--mesh: unknown mesh axis 'tensor'; the axes are data"),
+        (dict(mesh="data:2,data:4"), "--mesh: axis 'data' is given twice"),
+        (dict(mesh="expert"), "--mesh: 'expert' is not AXIS:SIZE"),
+        (dict(mesh="expert:8"), "num_experts=4 is not divisible by the 'expert' mesh axis of "
+                                "size 8"),
+        (dict(mesh="fsdp:8", batch_size=4), r"batch_size=4 is not divisible by the batch axes "
+                                            r"data×fsdp = 8"),
+        (dict(num_processes=2), "--num_processes given without --coordinator_address, "
+                                "--process_id"),
+        (dict(coordinator_address="localhost", num_processes=2, process_id=0),
+         "--coordinator_address must be HOST:PORT"),
+        (dict(coordinator_address="localhost:1", num_processes=2, process_id=2),
+         "--process_id must be <= 1"),
     ],
-    ids=["seq_len", "steps0", "steps_neg", "preset", "mixer", "router", "top_k", "batch"],
+    ids=["seq_len", "steps0", "steps_neg", "preset", "mixer", "router", "top_k", "batch",
+         "mesh_product", "mesh_axis", "mesh_twice", "mesh_syntax", "mesh_experts",
+         "mesh_batch", "processes_alone", "coordinator_syntax", "process_id"],
 )
 def test_bad_flags_fail_before_training(tmp_path, overrides, match):
     with pytest.raises(app.UsageError, match=match):
