@@ -77,3 +77,59 @@ def test_checkpoint_restores_onto_another_mesh(tmp_path, target):
     assert w.sharding.mesh.shape == mesh.shape and w.sharding.spec == P("expert")
     assert w.addressable_shards[0].data.shape[0] == E // target[1]
     assert len(w.sharding.device_set) == target[0] * target[1]
+
+
+# ------------------------------------------------------------------------ mesh specs
+
+
+@pytest.mark.parametrize(("spec", "want"), [
+    ("data:2,fsdp:2,expert:2", (("data", 2), ("fsdp", 2), ("expert", 2))),
+    ("expert:4, data:2", (("data", 2), ("fsdp", 1), ("expert", 4))),  # any order, spaces
+    ({"fsdp": 8}, (("data", 1), ("fsdp", 8), ("expert", 1))),
+    ([("data", 8)], (("data", 8), ("fsdp", 1), ("expert", 1))),
+])
+def test_parse_mesh_spec(spec, want):
+    assert parallel.mesh.parse_mesh_spec(spec) == want
+    assert parallel.mesh.format_mesh_spec(spec) == ",".join(f"{a}:{n}" for a, n in want)
+
+
+@pytest.mark.parametrize(("spec", "match"), [
+    ("data:2,tensor:4", "--mesh: unknown mesh axis 'tensor'; the axes are data, fsdp, expert"),
+    ("data:2,data:4", "axis 'data' is given twice"),
+    ("data=2", r"'data=2' is not AXIS:SIZE"),
+    ("data:x", "is not AXIS:SIZE"),
+    ("data:0", r"--mesh: the size of 'data' must be >= 1, got 0"),
+    ("", "--mesh is empty"),
+    (8, "must be a string like 'data:2,fsdp:2,expert:2'"),
+])
+def test_bad_mesh_specs_name_the_flag(spec, match):
+    with pytest.raises(ValueError, match=match):
+        parallel.mesh.parse_mesh_spec(spec, name="--mesh")
+
+
+def test_mesh_from_spec_uses_every_device():
+    mesh = parallel.mesh.mesh_from_spec("data:2,fsdp:2,expert:2")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 2}
+    assert mesh.devices.size == 8
+    with pytest.raises(ValueError, match=r"--mesh=data:2,fsdp:1,expert:2 has 4 devices \(the "
+                                         r"product of its sizes\) but there are 8"):
+        parallel.mesh.mesh_from_spec("data:2,expert:2", name="--mesh")
+    one = parallel.mesh.mesh_from_spec("data:1", devices=jax.devices()[:1])
+    assert parallel.mesh.format_mesh_spec(one) == "data:1,fsdp:1,expert:1"
+
+
+def test_batch_shard_of_one_process():
+    from moejax.parallel import sharding
+
+    mesh = parallel.make_mesh(2, 2, fsdp=2)
+    batch = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
+    assert sharding.batch_spec(mesh) == P(("data", "fsdp"))
+    assert sharding.batch_shard(batch, 8) == (0, 1)  # one process holds every row
+    with pytest.raises(ValueError, match=r"batch_size=6 is not divisible by the batch axes "
+                                         r"data×fsdp = 4"):
+        sharding.batch_shard(batch, 6)
+    # Bytes per device: a bank split over 'expert' (and 'fsdp') holds 1/4 on each device.
+    bank = jax.device_put(jnp.ones((8, 64, 32)), jax.sharding.NamedSharding(
+        mesh, P("expert", "fsdp")))
+    # ... and the vector, on device 0 only, adds its 40 bytes there.
+    assert sharding.bytes_per_device({"w": bank, "b": jnp.ones(10)}) == 8 * 64 * 32 * 4 // 4 + 40

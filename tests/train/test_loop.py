@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from moejax import data
+from moejax import data, parallel
 from moejax.train import Checkpointer, loop, read_metrics
 from tests.train import stand_in
 
@@ -146,3 +146,52 @@ def test_data_parallel_step_matches_single_device(tmp_path):
         assert leaf.sharding.is_fully_replicated
         assert len(leaf.sharding.device_set) == len(devices)
     np.testing.assert_allclose(losses["dp"], losses["one"], rtol=1e-5)
+
+
+def test_mesh_of_train_config_places_state_and_resumes_on_another_mesh(tmp_path):
+    """FSDP × data from `TrainConfig.mesh`: the same trajectory as one device, params and
+    optimizer state split over 'fsdp'; a run saved there resumes on one device, exactly on
+    course (the saved data position too)."""
+    import shutil
+
+    one = loop.run(stand_in.StandInConfig(), train_cfg(steps=6), tmp_path / "one",
+                   train_data=batches(), model=stand_in, mesh=single_device_mesh(),
+                   progress=False, end_of_run=())
+    cfg = train_cfg(steps=6, ckpt_every=2, mesh="data:2,fsdp:4")
+    fsdp = loop.run(stand_in.StandInConfig(), cfg, tmp_path / "fsdp", train_data=batches(),
+                    model=stand_in, progress=False, end_of_run=())
+    embed = fsdp.state.params["embed"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    assert embed.addressable_shards[0].data.shape == (256 // 4, 32)
+    want = [r["loss"] for r in read_metrics(tmp_path / "one")]
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "fsdp")], want,
+                               rtol=1e-5)
+    # As if stopped after step 2 on the (2, 4, 1) mesh, then resumed on one device.
+    shutil.copytree(tmp_path / "fsdp", tmp_path / "moved")
+    for step in ("4", "6"):
+        shutil.rmtree(tmp_path / "moved" / "checkpoints" / step)
+    moved = loop.run(stand_in.StandInConfig(), cfg.replace(mesh=None), tmp_path / "moved",
+                     train_data=batches(), model=stand_in, mesh=single_device_mesh(),
+                     progress=False, end_of_run=())
+    assert len(moved.state.params["embed"].sharding.device_set) == 1
+    np.testing.assert_allclose([r["loss"] for r in read_metrics(tmp_path / "moved")], want,
+                               rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(moved.state.params["embed"]),
+                               np.asarray(one.state.params["embed"]), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_meshes_are_refused_by_name(tmp_path):
+    kw = dict(train_data=batches(), model=stand_in, progress=False)
+    with pytest.raises(ValueError, match=r"mesh=data:3,fsdp:1,expert:1 has 3 devices .* there "
+                                         r"are 8"):
+        loop.run(stand_in.StandInConfig(), train_cfg(mesh="data:3"), tmp_path / "a", **kw)
+    with pytest.raises(ValueError, match=r"disagrees with train_cfg.mesh='data:8,fsdp:1"):
+        loop.run(stand_in.StandInConfig(), train_cfg(mesh="data:8"), tmp_path / "b",
+                 mesh=single_device_mesh(), **kw)
+    with pytest.raises(ValueError, match=r"batch_size=4 is not divisible by the mesh's "
+                                         r"data×fsdp = 2×4 = 8"):
+        loop.run(stand_in.StandInConfig(), train_cfg(batch_size=4), tmp_path / "c",
+                 mesh=parallel.make_mesh(2, fsdp=4), **kw)
+    with pytest.raises(ValueError, match="unknown mesh axis 'model'"):
+        train_cfg(mesh="model:8")
+    assert not any((tmp_path / d).exists() for d in "abc")
