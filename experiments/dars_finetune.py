@@ -23,6 +23,10 @@ every cell (a rerun skips finished cells; other non-sweep settings in the same w
 and `WORKDIR/dars_finetune.png` (budget vs loss). The default setting runs in about 2-3 minutes on
 a 2-core CPU; `--full` trains longer on more data.
 
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
+the batch size must divide over the mesh's data×fsdp); every process trains every cell, only
+process 0 writes (and reads the saved pretrained weights, which it sends to the others).
+
   python -m experiments.dars_finetune --workdir=runs/dars
 """
 
@@ -39,8 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
+from experiments import mesh_flags
+from experiments.sweep import check_mesh, from_main
 from moejax.data import corpus
 from moejax.finetune import dars
 from moejax.models import lm
@@ -106,6 +114,14 @@ class ExperimentConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh the pretraining or fine-tuning cannot use (the library's ValueError:
+        e.g. `batch_size` not divisible by the mesh's data×fsdp)."""
+        check_mesh(mesh, [(what, lm, model_config(), train_config(steps, lr, self))
+                          for what, steps, lr in
+                          (("pretraining", self.pretrain_steps, self.pretrain_lr),
+                           ("fine-tuning", self.finetune_steps, self.lr))])
+
     def cells(self) -> list[tuple[str, float | None, float | None]]:
         out = []
         for m in self.methods:
@@ -159,25 +175,55 @@ def train_config(steps: int, lr: float, cfg: ExperimentConfig) -> loop.TrainConf
                             batch_size=cfg.batch_size, seq_len=cfg.seq_len, log_every=steps)
 
 
-def train(params, state, batches, mcfg, tcfg: loop.TrainConfig, mask=None):
-    """`params` trained for `tcfg.steps` steps on `batches` (cycled) with the library loop;
-    `mask` (a `dars` channel mask, None = every entry) freezes the rest (`dars.MASK_HOOKS`:
-    every mask and learning rate shares one compiled step)."""
-    start = loop.init_state(lm, mcfg, tcfg, jax.random.key(0), hooks=dars.MASK_HOOKS)
-    params, state = jax.tree.map(jnp.array, (params, state))  # copies: fit donates its state
+def _placed_like(tree, like):
+    """Copies of `tree`'s arrays placed as `like`'s are (the loop's placement: arrays placed
+    otherwise, e.g. host arrays or a fresh `lm.init`, would compile its step once more). Host
+    arrays must be the same on every process."""
+    def put(x, ref):
+        if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
+            return jax.device_put(x, ref.sharding, may_alias=False)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, ref.sharding, lambda i: x[i])
+
+    return jax.tree.map(put, tree, like)
+
+
+def train(params, state, batches, mcfg, tcfg: loop.TrainConfig, mask=None, *,
+          mesh: Mesh | None = None):
+    """`params` trained for `tcfg.steps` steps on `batches` (cycled) with the library loop on
+    `mesh` (default one device); `mask` (a `dars` channel mask, None = every entry) freezes the
+    rest (`dars.MASK_HOOKS`: every mask and learning rate shares one compiled step)."""
+    start = loop.init_state(lm, mcfg, tcfg, jax.random.key(0), hooks=dars.MASK_HOOKS, mesh=mesh)
+    # Copies (fit donates its state), placed as the loop places the state.
+    params, state, mask = _placed_like(
+        (params, state, dars.with_mask(start, mask).extra["mask"]),
+        (start.params, start.model_state, start.extra["mask"]))
     start = dars.with_mask(dataclasses.replace(start, params=params, model_state=state), mask)
     data = (batches[i % len(batches)] for i in range(tcfg.steps))
     fit = loop.fit(start, data, model=lm, model_cfg=mcfg, train_cfg=tcfg,
-                   rng=jax.random.key(0), hooks=dars.MASK_HOOKS)
+                   rng=jax.random.key(0), hooks=dars.MASK_HOOKS, mesh=mesh)
     return fit.state.params
 
 
-def evaluate(params, state, batches, mcfg, tcfg: loop.TrainConfig) -> float:
+def evaluate(params, state, batches, mcfg, tcfg: loop.TrainConfig, *,
+             mesh: Mesh | None = None) -> float:
     ts = loop.TrainState(params=params, model_state=state, opt_state=None, step=0)
-    return loop.evaluate(ts, batches, model=lm, model_cfg=mcfg, train_cfg=tcfg)["ce"]
+    return loop.evaluate(ts, batches, model=lm, model_cfg=mcfg, train_cfg=tcfg, mesh=mesh)["ce"]
 
 
-def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str):
+def _host(tree):
+    """`tree`'s arrays as numpy, on every process (a collective with several)."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str, *,
+             mesh: Mesh | None = None):
+    """The pretrained `(params, state)`: loaded from the workdir if saved there with these
+    settings (by process 0, which sends them to the others), else trained on `mesh` and saved."""
     mcfg = model_config()
     params, state = lm.init(jax.random.key(cfg.seed), mcfg)
     # The file name carries the settings, so a checkpoint of other settings is never reused.
@@ -185,32 +231,74 @@ def pretrain(cfg: ExperimentConfig, source: Domain, workdir: str):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(workdir, PRETRAINED.replace(".npz", f"_{digest}.npz"))
     leaves, treedef = jax.tree.flatten(params)
-    if os.path.exists(path):
-        with np.load(path) as z:
-            return jax.tree.unflatten(treedef, [jnp.asarray(z[f"a{i}"])
-                                                for i in range(len(leaves))]), state
+    if from_main(lambda: os.path.exists(path)):
+        if mesh is None:
+            with np.load(path) as z:
+                return jax.tree.unflatten(treedef, [jnp.asarray(z[f"a{i}"])
+                                                    for i in range(len(leaves))]), state
+        saved = [np.zeros(np.shape(x), x.dtype) for x in leaves]
+        if mesh_flags.is_main():
+            with np.load(path) as z:
+                saved = [z[f"a{i}"] for i in range(len(leaves))]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            saved = multihost_utils.broadcast_one_to_all(saved)
+        return _on_mesh(jax.tree.unflatten(treedef, saved), state, mcfg, cfg, mesh)
     batches = source.batches(cfg.seed, cfg.pretrain_steps)
     params = train(params, state, batches, mcfg,
-                   train_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg))
-    np.savez(path + ".tmp.npz", **{f"a{i}": np.asarray(x)
-                                   for i, x in enumerate(jax.tree.leaves(params))})
-    os.replace(path + ".tmp.npz", path)
-    return params, state
+                   train_config(cfg.pretrain_steps, cfg.pretrain_lr, cfg), mesh=mesh)
+    host = _host(params)  # every process joins the gather; process 0 writes
+    if mesh_flags.is_main():
+        np.savez(path + ".tmp.npz", **{f"a{i}": np.asarray(x)
+                                       for i, x in enumerate(jax.tree.leaves(host))})
+        os.replace(path + ".tmp.npz", path)
+    return params, (state if mesh is None else _on_mesh(params, state, mcfg, cfg, mesh)[1])
+
+
+def _on_mesh(params, state, mcfg, cfg: ExperimentConfig, mesh: Mesh):
+    """`(params, state)` placed on `mesh` as the loop places them."""
+    like = loop.init_state(lm, mcfg, train_config(cfg.finetune_steps, cfg.lr, cfg),
+                           jax.random.key(0), hooks=dars.MASK_HOOKS, mesh=mesh)
+    return _placed_like((params, state), (like.params, like.model_state))
 
 
 def cell_key(c: dict) -> tuple:
     return (c["method"], c["budget"], c["rho"])
 
 
-def run(cfg: ExperimentConfig, workdir: str) -> dict:
-    """Runs the missing cells into `workdir`; returns the results dict."""
+def _read_json(path: str):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(data, path: str) -> None:
+    """Atomically writes `data` to `path`, on process 0 only."""
+    if not mesh_flags.is_main():
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg: ExperimentConfig, workdir: str, *, mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells into `workdir` on `mesh` (default one device); returns the
+    results dict (files: process 0 only).
+
+    Raises:
+      ValueError: `workdir` holds a run with other settings, or `mesh` does not fit the batch.
+    """
+    cfg.check_mesh(mesh)
     check_workdir(workdir, name="--workdir")
-    os.makedirs(workdir, exist_ok=True)
+    main = mesh_flags.is_main()
+    if main:
+        os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS)
     results = {"config": dataclasses.asdict(cfg), "cells": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = from_main(lambda: _read_json(path))  # process 0's file, on every process
+    if old is not None:
         stored = old.get("config", {})
         differ = [k for k, v in results["config"].items()
                   if k not in SWEEP_FIELDS and stored.get(k) != (list(v) if isinstance(v, tuple)
@@ -225,43 +313,49 @@ def run(cfg: ExperimentConfig, workdir: str) -> dict:
     source, target = Domain(SOURCE_GLOBS, cfg), Domain(TARGET_GLOBS, cfg)
     src_val = source.batches(cfg.seed + 1, cfg.eval_batches, "val")
     tgt_val = target.batches(cfg.seed + 1, cfg.eval_batches, "val")
-    params, state = pretrain(cfg, source, workdir)
+    params, state = pretrain(cfg, source, workdir, mesh=mesh)
     ft_cfg = train_config(cfg.finetune_steps, cfg.lr, cfg)
     if "pretrained" not in results:
-        results["pretrained"] = {"source_loss": evaluate(params, state, src_val, mcfg, ft_cfg),
-                                 "target_loss": evaluate(params, state, tgt_val, mcfg, ft_cfg)}
+        results["pretrained"] = {
+            "source_loss": evaluate(params, state, src_val, mcfg, ft_cfg, mesh=mesh),
+            "target_loss": evaluate(params, state, tgt_val, mcfg, ft_cfg, mesh=mesh)}
     base = results["pretrained"]
     ft_batches = target.batches(cfg.seed + 2, cfg.finetune_steps)
     acts = grads = None
     if any(m in ("top", "dars") for m, _, _ in todo):
-        # In-distribution (source) activations; gradients on the fine-tuning (target) data.
-        fn = jax.jit(lambda t: dars.lm_block_inputs(params, state, t, cfg=mcfg))
+        # In-distribution (source) activations; gradients on the fine-tuning (target) data. On
+        # a mesh: the batches replicated on it, the results too (readable on every process).
+        rep = None if mesh is None else NamedSharding(mesh, P())
+        out = {} if rep is None else {"out_shardings": rep}
+        put = (lambda x: x) if rep is None else (
+            lambda x: jax.make_array_from_callback(np.shape(x), rep, lambda i: np.asarray(x)[i]))
+        block_inputs = jax.jit(lambda p, s, t: dars.lm_block_inputs(p, s, t, cfg=mcfg), **out)
         acts = dars.collect_activations(
-            fn, [b["inputs"] for b in source.batches(cfg.seed + 3, cfg.act_batches)])
-        gradf = jax.jit(jax.grad(lambda p, s, b: lm.loss_fn(p, s, b, cfg=mcfg, train=False)[0]))
-        gs = [gradf(params, state, b) for b in ft_batches[:cfg.grad_batches]]
+            lambda t: block_inputs(params, state, put(t)),
+            [b["inputs"] for b in source.batches(cfg.seed + 3, cfg.act_batches)])
+        gradf = jax.jit(jax.grad(lambda p, s, b: lm.loss_fn(p, s, b, cfg=mcfg, train=False)[0]),
+                        **out)
+        gs = [gradf(params, state, jax.tree.map(put, b)) for b in ft_batches[:cfg.grad_batches]]
         grads = jax.tree.map(lambda *x: np.mean(np.stack(x), axis=0), *gs)
     targets = dars.lm_targets(params)
-    for method, budget, rho in tqdm(todo, desc="dars_finetune", unit="cell"):
+    for method, budget, rho in tqdm(todo, desc="dars_finetune", unit="cell", disable=not main):
         t0 = time.perf_counter()
         dcfg = dars.DarsConfig(budget=budget or 1.0, rho=0.0 if rho is None else rho,
                                rank=cfg.rank, seed=cfg.seed)
         mask, info = dars.select(method, params, targets, dcfg, acts=acts, grads=grads)
-        p = train(params, state, ft_batches, mcfg, ft_cfg, mask)
-        src, tgt = (evaluate(p, state, src_val, mcfg, ft_cfg),
-                    evaluate(p, state, tgt_val, mcfg, ft_cfg))
+        p = train(params, state, ft_batches, mcfg, ft_cfg, mask, mesh=mesh)
+        src, tgt = (evaluate(p, state, src_val, mcfg, ft_cfg, mesh=mesh),
+                    evaluate(p, state, tgt_val, mcfg, ft_cfg, mesh=mesh))
         results["cells"].append({
             "method": method, "budget": budget, "rho": rho, **info,
             "channel_fraction": None if info["channels"] is None
             else info["selected"] / info["channels"],
             "target_loss": tgt, "source_loss": src,
             "forgetting": src - base["source_loss"], "seconds": time.perf_counter() - t0})
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    plot(results, os.path.join(workdir, PLOT))
+        _write_json(results, path)
+    _write_json(results, path)
+    if main:
+        plot(results, os.path.join(workdir, PLOT))
     return results
 
 
@@ -313,7 +407,15 @@ def config_from_flags() -> ExperimentConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    results = run(config_from_flags(), FLAGS.workdir)
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not mesh_flags.is_main():
+        return
     pre = results["pretrained"]
     print(f"pretrained: source {pre['source_loss']:.3f}  target {pre['target_loss']:.3f}")
     for c in results["cells"]:

@@ -28,6 +28,11 @@ number of tokens, so for a fixed k this equals counts over the whole set; dead =
 every batch). MI is computed per MoE layer from the joint count table summed over the eval set
 and then averaged over layers (`mi`), and also reported per layer (`mi_layers`).
 
+Devices: `train` and `init_state` take the sweep's `mesh=` (default one device) and `evaluate`
+the same mesh, on which it places the eval batches (rows split over the mesh's data×fsdp where
+they divide, else replicated) and from which it returns replicated results, so a model trained
+on a multi-device (or multi-process) mesh is evaluated where it lives.
+
 Axis letters: L MoE layers, E experts, N tokens, C·S latent labels.
 """
 
@@ -42,10 +47,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from experiments import sweep
 from moejax.data import hmm
 from moejax.models import lm
 from moejax.moe import metrics as moe_metrics
+from moejax.parallel import mesh as mesh_lib
+from moejax.parallel import sharding as sharding_lib
 from moejax.train import loop
 
 # Experiment-level router names -> (moejax router, fixed router kwargs). "star" takes `eta`.
@@ -187,36 +197,49 @@ def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- training
 
 
-def init_state(cfg: lm.LMConfig, train: TrainSpec, seq_len: int, seed: int) -> loop.TrainState:
+def init_state(cfg: lm.LMConfig, train: TrainSpec, seq_len: int, seed: int, *,
+               mesh: Mesh | None = None) -> loop.TrainState:
     """A fresh `loop.TrainState` for `cfg` (init key `jax.random.key(seed)`; the compiled init
-    is shared by the seeds)."""
-    return loop.init_state(lm, cfg, train.train_config(seq_len), jax.random.key(seed))
+    is shared by the seeds) on `mesh` (default one device)."""
+    return loop.init_state(lm, cfg, train.train_config(seq_len), jax.random.key(seed), mesh=mesh)
 
 
 def train(cfg: lm.LMConfig, train_spec: TrainSpec, hmm_cfg: hmm.HMMConfig, seed: int, *,
-          callback=None) -> loop.TrainState:
+          callback=None, mesh: Mesh | None = None) -> loop.TrainState:
     """Trains a fresh model on the un-shifted `hmm_cfg` stream of `seed` with the library loop
     (`loop.fit`; the seeds of a config share one compiled step; router state — aux-free bias,
     STAR's V — is updated inside the step).
 
     `callback(step, state, metrics)`, if given, runs before the first step (step 0, metrics
-    None) and after every step (metrics: the step's device metrics).
+    None) and after every step (metrics: the step's device metrics). `mesh`: where it trains
+    (default one device; batch rows split over its data×fsdp).
     """
     tcfg = train_spec.train_config(hmm_cfg.seq_len)
     data = (model_batch(b) for b in train_batches(hmm_cfg, seed=seed,
                                                   batch_size=train_spec.batch_size,
                                                   steps=train_spec.steps))
-    return loop.fit(init_state(cfg, train_spec, hmm_cfg.seq_len, seed), data, model=lm,
-                    model_cfg=cfg, train_cfg=tcfg, rng=jax.random.key(seed + 1_000_003),
-                    callback=callback).state
+    return loop.fit(init_state(cfg, train_spec, hmm_cfg.seq_len, seed, mesh=mesh), data,
+                    model=lm, model_cfg=cfg, train_cfg=tcfg,
+                    rng=jax.random.key(seed + 1_000_003), callback=callback, mesh=mesh).state
+
+
+def check_mesh(mesh: Mesh | None, models: Mapping[str, lm.LMConfig], train_spec: TrainSpec,
+               seq_len: int) -> None:
+    """Refuses, before any training, a mesh that one of `models` (name -> config, trained with
+    `train_spec`) cannot train on: the library's ValueError (`experiments.sweep.check_mesh`),
+    naming the model. The evaluation takes any batch size."""
+    tcfg = train_spec.train_config(seq_len)
+    sweep.check_mesh(mesh, [(name, lm, cfg, tcfg) for name, cfg in models.items()])
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "num_labels", "update_state"))
-def _eval_batch(params, state, inputs, targets, labels, *, cfg: lm.LMConfig, num_labels: int,
-                update_state: bool):
+_EVAL_STATIC = ("cfg", "num_labels", "update_state")
+
+
+def _eval_batch_fn(params, state, inputs, targets, labels, *, cfg: lm.LMConfig, num_labels: int,
+                   update_state: bool):
     """One batch: (ce, top1 [L, N], load [L, E], joint [L, E, C·S], avg_k, new_state)."""
     logits, new_state, aux = lm.apply(params, state, inputs, cfg=cfg, train=False)
     ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, targets))
@@ -224,6 +247,27 @@ def _eval_batch(params, state, inputs, targets, labels, *, cfg: lm.LMConfig, num
                                                         num_labels))(aux["top1"])
     avg_k = aux["metrics"].get("avg_k", jnp.float32(jnp.nan))
     return ce, aux["top1"], aux["load"], joint, avg_k, (new_state if update_state else state)
+
+
+_eval_batch = jax.jit(_eval_batch_fn, static_argnames=_EVAL_STATIC)
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_batch_on(mesh: Mesh):
+    """`_eval_batch` on `mesh`, its results replicated (readable on every process)."""
+    return jax.jit(_eval_batch_fn, static_argnames=_EVAL_STATIC,
+                   out_shardings=NamedSharding(mesh, P()))
+
+
+def _to_mesh(x, mesh: Mesh | None):
+    """A host array as an eval input: as it is without a mesh; on `mesh`, rows split over its
+    data×fsdp where they divide evenly, else replicated (every process passes the same array)."""
+    if mesh is None:
+        return jnp.asarray(x)
+    x = np.asarray(x)
+    spec = (sharding_lib.batch_spec(mesh) if x.shape[0] % mesh_lib.num_batch_shards(mesh) == 0
+            else P())
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
 
 
 _mi_from_counts = jax.jit(moe_metrics.mutual_information_from_counts)
@@ -239,7 +283,8 @@ def mi_nats(table: np.ndarray) -> float:
 
 def evaluate(params, model_state, cfg: lm.LMConfig, eval_batches: Sequence[Mapping[str, Any]],
              *, label_key: str = "label", num_labels: int | None = None,
-             prev_top1: np.ndarray | None = None, update_state: bool = False) -> dict[str, Any]:
+             prev_top1: np.ndarray | None = None, update_state: bool = False,
+             mesh: Mesh | None = None) -> dict[str, Any]:
     """Validation loss and the routing suite over a fixed set of labelled batches.
 
     Args:
@@ -253,6 +298,8 @@ def evaluate(params, model_state, cfg: lm.LMConfig, eval_batches: Sequence[Mappi
       update_state: return the model state after the batches (each forward's new router state
         feeds the next; only STAR with `test_time_update` changes it at eval) — test-time
         adaptation on a stream. False: every batch sees `model_state`.
+      mesh: the mesh the model lives on (the one it was trained on); None: the batches go to
+        the default device, as the params do when trained without a mesh.
 
     Returns:
       dict: `val_loss` (mean CE, nats/token), `mi` (nats, mean over layers), `mi_layers`,
@@ -269,11 +316,12 @@ def evaluate(params, model_state, cfg: lm.LMConfig, eval_batches: Sequence[Mappi
         num_labels = 1 + max(int(np.max(b[label_key])) for b in eval_batches)
     ces, top1s, loads, joint, ks = [], [], [], None, []
     state = model_state
+    eval_batch = _eval_batch if mesh is None else _eval_batch_on(mesh)
     for b in eval_batches:
-        ce, top1, load, jt, k, new_state = _eval_batch(
-            params, state, jnp.asarray(b["inputs"]), jnp.asarray(b["targets"]),
-            jnp.asarray(b[label_key]).reshape(-1), cfg=cfg, num_labels=num_labels,
-            update_state=update_state)
+        ce, top1, load, jt, k, new_state = eval_batch(
+            params, state, _to_mesh(b["inputs"], mesh), _to_mesh(b["targets"], mesh),
+            _to_mesh(np.asarray(b[label_key]).reshape(-1), mesh), cfg=cfg,
+            num_labels=num_labels, update_state=update_state)
         if update_state:
             state = new_state
         ces.append(float(ce))
@@ -300,7 +348,8 @@ def evaluate(params, model_state, cfg: lm.LMConfig, eval_batches: Sequence[Mappi
 def _active(model_state, layer: int):
     """The `[E]` active-slot mask of MoE layer `layer` (MASS expansion), or None (all active)."""
     router = model_state["blocks"][layer].get("router", {}) if model_state.get("blocks") else {}
-    return router.get("active") if isinstance(router, dict) else None
+    active = router.get("active") if isinstance(router, dict) else None
+    return None if active is None else np.asarray(active)  # replicated: readable everywhere
 
 
 def scalars(ev: Mapping[str, Any]) -> dict[str, Any]:

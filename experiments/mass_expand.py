@@ -40,6 +40,10 @@ Outputs in `--workdir`: `results.json` (`experiments.sweep.ResultsFile`, experim
 `mass_expand_loss.png` (loss and avg k vs K, MASS marked) and `mass_expand_trajectory.png`
 (active experts K and avg k over MASS training).
 
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
+the batch sizes must divide over the mesh's data×fsdp, every K over its `expert` axis); every
+process trains every cell, only process 0 writes.
+
   python -m experiments.mass_expand --workdir=runs/mass_expand
 """
 
@@ -56,9 +60,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from experiments.sweep import ResultsFile, fixed_settings
+from experiments import mesh_flags
+from experiments.sweep import ResultsFile, check_mesh, fixed_settings
 from moejax.data import hmm
 from moejax.models import lm
 from moejax.moe import expansion as ex
@@ -207,6 +213,17 @@ class ExperimentConfig:
         """The settings every cell of a workdir shares (checked by ResultsFile on reopening)."""
         return fixed_settings(self, NOT_FIXED)
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh some cell cannot train or evaluate on (the library's ValueError:
+        `batch_size` or `val_batch_size` not divisible by the mesh's data×fsdp, a K not by its
+        `expert` axis)."""
+        tcfg = train_config(self)
+        runs = [(f"{router} K={k}", lm, self.lm_config(router, k), tcfg)
+                for router, k, _ in todo_cells(dataclasses.replace(self, seeds=self.seeds[:1]))]
+        runs.append((f"val_batch_size={self.val_batch_size}", lm, runs[0][2],
+                     tcfg.replace(batch_size=self.val_batch_size)))
+        check_mesh(mesh, runs)
+
     def hmm_config(self) -> hmm.HMMConfig:
         return hmm.HMMConfig(num_concepts=self.num_concepts, num_states=self.num_states,
                              vocab_size=self.vocab_size, seq_len=self.seq_len,
@@ -295,16 +312,19 @@ def run_dir(workdir: str, router: str, num_experts: int, seed: int) -> str:
 
 
 def train_cell(router: str, num_experts: int, seed: int, cfg: ExperimentConfig,
-               workdir: str) -> dict:
-    """Trains one model (fixed K, or MASS on `num_experts` = K_max slots); returns its cell."""
+               workdir: str, *, mesh: Mesh | None = None) -> dict:
+    """Trains one model (fixed K, or MASS on `num_experts` = K_max slots) on `mesh` (default
+    one device); returns its cell."""
     mass = router == "mass"
     mcfg = cfg.lm_config(router, num_experts)
     tcfg, step_hooks = train_config(cfg), hooks(mcfg, cfg, mass)
-    state = loop.init_state(lm, mcfg, tcfg, jax.random.key(seed), hooks=step_hooks)
+    state = loop.init_state(lm, mcfg, tcfg, jax.random.key(seed), hooks=step_hooks, mesh=mesh)
     out = run_dir(workdir, router, num_experts, seed)
-    if os.path.exists(out):  # an interrupted earlier attempt of this cell
+    main = mesh_flags.is_main()
+    if main and os.path.exists(out):  # an interrupted earlier attempt of this cell
         shutil.rmtree(out)
-    writer = log_lib.MetricsWriter(out, start_step=0, total_steps=cfg.steps, progress=False)
+    writer = log_lib.MetricsWriter(out, start_step=0, total_steps=cfg.steps, progress=False,
+                                   enabled=main)
     writer.write_config({"router": router, "num_experts": num_experts, "seed": seed,
                          "model": mcfg.to_dict(), "experiment": cfg.fixed()})
     clone_steps: list[int] = []
@@ -315,12 +335,14 @@ def train_cell(router: str, num_experts: int, seed: int, cfg: ExperimentConfig,
 
     t0 = time.perf_counter()
     fit = loop.fit(state, train_batches(cfg, seed), model=lm, model_cfg=mcfg, train_cfg=tcfg,
-                   rng=jax.random.key(seed), hooks=step_hooks, writer=writer, callback=on_step)
+                   rng=jax.random.key(seed), hooks=step_hooks, writer=writer, callback=on_step,
+                   mesh=mesh)
     state = fit.state
     train_seconds = time.perf_counter() - t0
     traj = [{"step": r["step"], "k": r["mass/n_active"] if mass else float(num_experts),
              "avg_k": r["moe/avg_k"], "loss": r["ce"]} for r in fit.records]
-    val = loop.evaluate(state, val_batches(cfg), model=lm, model_cfg=mcfg, train_cfg=tcfg)
+    val = loop.evaluate(state, val_batches(cfg), model=lm, model_cfg=mcfg, train_cfg=tcfg,
+                        mesh=mesh, hooks=step_hooks)
     exp_states = state.extra.get("expansion")
     final_k = (float(np.mean([int(np.sum(e["active"])) for e in exp_states])) if mass
                else float(num_experts))
@@ -418,26 +440,32 @@ def todo_cells(cfg: ExperimentConfig) -> list[tuple[str, int, int]]:
     return cells
 
 
-def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
-    """Runs the missing cells into `workdir`; returns `{"cells", "summary"}`.
+def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
+        mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells into `workdir` on `mesh` (default one device); returns
+    `{"cells", "summary"}` (files: process 0 only).
 
     Raises:
-      ValueError: `workdir` holds another experiment, another setting, or foreign files.
+      ValueError: `workdir` holds another experiment, another setting, or foreign files; or a
+        cell cannot run on `mesh`.
     """
+    cfg.check_mesh(mesh)
     sweep = ResultsFile(workdir, EXPERIMENT, fixed=cfg.fixed())
     sweep.write()  # claim the folder at once, so a rerun after an interruption is accepted
     done = sweep.done(KEY)
     todo = [c for c in todo_cells(cfg) if c not in done]
-    bar = tqdm(todo, desc=EXPERIMENT, unit="run", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(todo, desc=EXPERIMENT, unit="run", disable=not progress or not mesh_flags.is_main(),
+               dynamic_ncols=True)
     for router, k, seed in bar:
         bar.set_postfix_str(f"{router} K={k} seed={seed}")
-        sweep.add(train_cell(router, k, seed, cfg, workdir))
+        sweep.add(train_cell(router, k, seed, cfg, workdir, mesh=mesh))
         sweep.write(summary=summarize(sweep.cells, cfg))
     summary = summarize(sweep.cells, cfg)
     sweep.write(summary=summary)
-    plot_loss(sweep.cells, summary, os.path.join(workdir, PLOT_LOSS))
-    if any(c["router"] == "mass" for c in sweep.cells):
-        plot_trajectory(sweep.cells, cfg, os.path.join(workdir, PLOT_TRAJ))
+    if mesh_flags.is_main():
+        plot_loss(sweep.cells, summary, os.path.join(workdir, PLOT_LOSS))
+        if any(c["router"] == "mass" for c in sweep.cells):
+            plot_trajectory(sweep.cells, cfg, os.path.join(workdir, PLOT_TRAJ))
     return {"cells": sweep.cells, "summary": summary}
 
 
@@ -527,12 +555,16 @@ def config_from_flags() -> ExperimentConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
         cfg = config_from_flags()
-    except ValueError as err:
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as err:  # RuntimeError: the processes could not join
         raise app.UsageError(str(err)) from err
     t0 = time.perf_counter()
-    results = run(cfg, FLAGS.workdir)
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not mesh_flags.is_main():
+        return
     s = results["summary"]
     print(f"done in {time.perf_counter() - t0:.0f} s; validation loss (mean ± std over seeds):")
     for router, curve in s["curves"].items():

@@ -36,6 +36,10 @@ rates or seeds, while other fixed settings are refused), per-cell training curve
 and `WORKDIR/mqar.png` (best-lr test accuracy against d_model, one panel per (L, n_kv), one line
 per mixer).
 
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
+the batch size must divide over the mesh's data×fsdp); every process trains every cell, only
+process 0 writes.
+
   python -m experiments.mqar --workdir=runs/mqar
   python -m experiments.mqar --workdir=runs/mqar_full --full        # GPU
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import shutil
 import time
@@ -54,11 +59,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from jax.sharding import Mesh
 from tqdm import tqdm
 
-from experiments.sweep import ResultsFile, fixed_settings
+from experiments import mesh_flags
+from experiments.sweep import ResultsFile, check_mesh, fixed_settings
 from moejax.data import mqar
 from moejax.models import lm
+from moejax.parallel import mesh as mesh_lib
 from moejax.train import loop
 from moejax.train.batches import check_token_ids
 from moejax.train.logging import MetricsWriter
@@ -206,6 +214,13 @@ class ExperimentConfig:
         """The settings every cell of a workdir shares (ResultsFile checks them on rerun)."""
         return fixed_settings(self, SWEEP_FIELDS)
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh some model of the grid cannot train on (the library's ValueError:
+        e.g. `batch_size` not divisible by the mesh's data×fsdp)."""
+        check_mesh(mesh, [(f"{m} d_model={d} L={L}", MODEL, self.model(m, d, L),
+                           self.train_config(self.lrs[0], L, self.seeds[0]))
+                          for L, _ in self.settings for d in self.d_models for m in self.mixers])
+
     @property
     def is_paper_scale(self) -> bool:
         return (self.vocab_size == mqar.MQAR_VOCAB_SIZE
@@ -291,14 +306,28 @@ MODEL = ModelFns(init=lm.init, loss_fn=answer_loss, check_batch=check_answer_bat
 
 
 def evaluate(mcfg: lm.LMConfig, tcfg: loop.TrainConfig, state: loop.TrainState, arrays: dict,
-             batch_size: int) -> dict:
+             batch_size: int, *, mesh: Mesh | None = None) -> dict:
     """Exact-match accuracy and mean CE over all answers of a split (the last batch may be
-    partial)."""
+    partial), on `mesh` (default one device).
+
+    A partial last batch whose rows do not split over the mesh's data×fsdp = S is evaluated on
+    its own with every row repeated `S / gcd(rows, S)` times (the same means) and weighed by its
+    own rows."""
     n = len(arrays["inputs"])
     batches = [_batch(arrays, np.arange(start, min(n, start + batch_size)))
                for start in range(0, n, batch_size)]
-    out = loop.evaluate(state, batches, model=MODEL, model_cfg=mcfg, train_cfg=tcfg)
-    return {"acc": out["acc"], "loss": out["ce"]}
+    shards = 1 if mesh is None else mesh_lib.num_batch_shards(mesh)
+    rows = len(batches[-1]["inputs"])
+    if rows % shards == 0:
+        out = loop.evaluate(state, batches, model=MODEL, model_cfg=mcfg, train_cfg=tcfg,
+                            mesh=mesh)
+        return {"acc": out["acc"], "loss": out["ce"]}
+    tail = _batch(batches.pop(), np.repeat(np.arange(rows), shards // math.gcd(rows, shards)))
+    parts = [(n - rows, batches), (rows, [tail])] if batches else [(rows, [tail])]
+    outs = [(w, loop.evaluate(state, bs, model=MODEL, model_cfg=mcfg, train_cfg=tcfg,
+                              mesh=mesh)) for w, bs in parts]
+    return {name: sum(w * out[key] for w, out in outs) / n
+            for name, key in (("acc", "acc"), ("loss", "ce"))}
 
 
 def train_batches(cfg: ExperimentConfig, arrays: dict, setting: tuple[int, int], seed: int):
@@ -320,27 +349,33 @@ def cell_name(mixer: str, d_model: int, seq_len: int, n_kv: int, lr: float, seed
 
 
 def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[int, int],
-               lr: float, seed: int, workdir: str, bar: tqdm | None = None) -> dict:
+               lr: float, seed: int, workdir: str, bar: tqdm | None = None, *,
+               mesh: Mesh | None = None) -> dict:
     """Trains one model with the library loop (`loop.fit`; every lr and seed of a model shape
-    shares one compiled step) and evaluates it on the held-out splits; returns its cell."""
+    shares one compiled step) on `mesh` (default one device) and evaluates it on the held-out
+    splits; returns its cell."""
     L, n_kv = setting
     mcfg = cfg.model(mixer, d_model, L)
     tcfg = cfg.train_config(lr, L, seed)
     data = _data(cfg, (L, n_kv), seed)
     name = cell_name(mixer, d_model, L, n_kv, lr, seed)
     cell_dir = os.path.join(workdir, CELLS_DIR, name)
-    shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted earlier attempt restarts clean
-    writer = MetricsWriter(cell_dir, start_step=0, total_steps=cfg.steps, progress=False)
+    main = mesh_flags.is_main()
+    if main:
+        shutil.rmtree(cell_dir, ignore_errors=True)  # an interrupted attempt restarts clean
+    writer = MetricsWriter(cell_dir, start_step=0, total_steps=cfg.steps, progress=False,
+                           enabled=main)
     writer.write_config({"model": mcfg.to_dict(), "experiment": dataclasses.asdict(cfg),
                          "lr": lr, "seed": seed, "setting": [L, n_kv]})
-    state = loop.init_state(MODEL, mcfg, tcfg, jax.random.key(seed))
+    state = loop.init_state(MODEL, mcfg, tcfg, jax.random.key(seed), mesh=mesh)
     t0 = time.perf_counter()
     fit = loop.fit(state, train_batches(cfg, data["train"], setting, seed), model=MODEL,
                    model_cfg=mcfg, train_cfg=tcfg, rng=jax.random.key(seed), writer=writer,
+                   mesh=mesh,
                    callback=None if bar is None else lambda step, *_: step and bar.update(1))
     seconds = time.perf_counter() - t0
-    val = evaluate(mcfg, tcfg, fit.state, data["val"], cfg.batch_size)
-    test = evaluate(mcfg, tcfg, fit.state, data["test"], cfg.batch_size)
+    val = evaluate(mcfg, tcfg, fit.state, data["val"], cfg.batch_size, mesh=mesh)
+    test = evaluate(mcfg, tcfg, fit.state, data["test"], cfg.batch_size, mesh=mesh)
     writer.write({"step": cfg.steps, "val_acc": val["acc"], "val_loss": val["loss"],
                   "test_acc": test["acc"], "test_loss": test["loss"]})
     writer.close()
@@ -396,30 +431,35 @@ def claim_check(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
-def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
-    """Runs the missing cells of the sweep into `workdir`; returns the results dict
-    (`experiment`, `fixed`, `cells`, `summary`) and writes the plot.
+def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
+        mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells of the sweep into `workdir` on `mesh` (default one device);
+    returns the results dict (`experiment`, `fixed`, `cells`, `summary`) and writes the plot
+    (process 0 only).
 
     Raises:
-      ValueError: `workdir` holds another experiment, or this one with other fixed settings.
+      ValueError: `workdir` holds another experiment, or this one with other fixed settings;
+        or a model cannot train on `mesh`.
     """
+    cfg.check_mesh(mesh)
     sweep = ResultsFile(workdir, EXPERIMENT, fixed=cfg.fixed())
     sweep.write()  # results.json first, so the cells/ folder never makes the workdir foreign
     done = sweep.done(KEY)
     todo = [(m, d, s, lr, seed) for s in cfg.settings for seed in cfg.seeds
             for d in cfg.d_models for m in cfg.mixers for lr in cfg.lrs
             if (m, d, s[0], s[1], lr, seed) not in done]
-    bar = tqdm(total=len(todo) * cfg.steps, desc=EXPERIMENT, unit="step", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=len(todo) * cfg.steps, desc=EXPERIMENT, unit="step",
+               disable=not progress or not mesh_flags.is_main(), dynamic_ncols=True)
     for m, d, s, lr, seed in todo:
         bar.set_postfix_str(cell_name(m, d, *s, lr, seed), refresh=False)
-        cell = train_cell(cfg, m, d, tuple(s), lr, seed, workdir, bar)
+        cell = train_cell(cfg, m, d, tuple(s), lr, seed, workdir, bar, mesh=mesh)
         cells = [*sweep.cells, cell]
         sweep.add(cell, summary=_summary(cfg, cells))
     bar.close()
     sweep.write(summary=_summary(cfg, sweep.cells))
-    plot(sweep.summary["best_lr"], os.path.join(workdir, PLOT), chance=2.0 / cfg.vocab_size,
-         title=plot_title(cfg))
+    if mesh_flags.is_main():
+        plot(sweep.summary["best_lr"], os.path.join(workdir, PLOT),
+             chance=2.0 / cfg.vocab_size, title=plot_title(cfg))
     return {"experiment": EXPERIMENT, "fixed": sweep.fixed, "cells": sweep.cells,
             "summary": sweep.summary}
 
@@ -542,9 +582,18 @@ def format_table(rows: Sequence[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    cfg = config_from_flags()
-    print(describe(cfg), flush=True)
-    results = run(cfg, FLAGS.workdir)
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
+    main = mesh_flags.is_main()
+    if main:
+        print(describe(cfg), flush=True)
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not main:
+        return
     print(format_table(results["summary"]["best_lr"]))
     print(f"chance = {results['summary']['chance']:.4f}")
     for c in results["summary"]["claim_qdelta_ge_deltanets"]:

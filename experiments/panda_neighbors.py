@@ -16,6 +16,10 @@ and runs in minutes on a 2-core CPU; `--full` uses the paper-scale setting (dept
 trees, batch 1024, 20k steps, r = 4). Writes `WORKDIR/results.json` after every cell (a rerun
 skips the cells already there) and `WORKDIR/panda_neighbors.png` (mean ± std over seeds).
 
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device);
+the graph batches are replicated over the mesh (`gnn.MODEL.batch_spec`), FSDP shards the params;
+every process trains every cell, only process 0 writes.
+
   python -m experiments.panda_neighbors --workdir=runs/panda
 """
 
@@ -30,8 +34,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 from tqdm import tqdm
 
+from experiments import mesh_flags
+from experiments.sweep import check_mesh, from_main
 from moejax.data import graphs
 from moejax.models import gnn
 from moejax.train import loop
@@ -104,6 +111,11 @@ class ExperimentConfig:
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh some model cannot train on (the library's ValueError)."""
+        check_mesh(mesh, [(f"{m} depth={r}", gnn.MODEL, model_config(m, r, self),
+                           train_config(self)) for r in self.depths for m in self.models])
+
     def train_size(self, depth: int) -> int:
         n = self.num_examples or 1000 * 2**depth
         return min(n, self.max_examples)
@@ -150,15 +162,17 @@ def _batch_order(data: list[graphs.GraphBatch], seed: int, steps: int):
 
 
 def train_cell(depth: int, model: str, seed: int, cfg: ExperimentConfig,
-               data: list[graphs.GraphBatch]) -> dict:
+               data: list[graphs.GraphBatch], *, mesh: Mesh | None = None) -> dict:
     """Trains one model with the library loop (`loop.fit`; the seeds of a cell share one
-    compiled step); returns its final train-set accuracy and loss."""
+    compiled step) on `mesh` (default one device); returns its final train-set accuracy and
+    loss."""
     mcfg, tcfg = model_config(model, depth, cfg), train_config(cfg)
-    state = loop.init_state(gnn.MODEL, mcfg, tcfg, jax.random.key(seed))
+    state = loop.init_state(gnn.MODEL, mcfg, tcfg, jax.random.key(seed), mesh=mesh)
     t0 = time.perf_counter()
     fit = loop.fit(state, _batch_order(data, seed, cfg.steps), model=gnn.MODEL, model_cfg=mcfg,
-                   train_cfg=tcfg, rng=jax.random.key(seed))
-    ev = loop.evaluate(fit.state, data, model=gnn.MODEL, model_cfg=mcfg, train_cfg=tcfg)
+                   train_cfg=tcfg, rng=jax.random.key(seed), mesh=mesh)
+    ev = loop.evaluate(fit.state, data, model=gnn.MODEL, model_cfg=mcfg, train_cfg=tcfg,
+                       mesh=mesh)
     return {"depth": depth, "model": model, "seed": seed, "train_acc": ev["acc"],
             "train_loss": ev["ce"], "last_batch_loss": fit.records[-1]["loss"],
             "seconds": time.perf_counter() - t0, "steps": cfg.steps,
@@ -175,31 +189,47 @@ def summarize(cells: Sequence[dict]) -> dict:
             for m, d in out.items()}
 
 
-def run(cfg: ExperimentConfig, workdir: str) -> dict:
-    """Runs the missing cells of the sweep into `workdir`; returns the results dict."""
+def _read_cells(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f).get("cells", [])
+
+
+def _write_json(data, path: str) -> None:
+    """Atomically writes `data` to `path`, on process 0 only."""
+    if not mesh_flags.is_main():
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def run(cfg: ExperimentConfig, workdir: str, *, mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells of the sweep into `workdir` on `mesh` (default one device);
+    returns the results dict (files: process 0 only)."""
+    cfg.check_mesh(mesh)
     check_workdir(workdir, name="--workdir")
-    os.makedirs(workdir, exist_ok=True)
+    main = mesh_flags.is_main()
+    if main:
+        os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, RESULTS)
     results = {"config": dataclasses.asdict(cfg), "cells": []}
-    if os.path.exists(path):
-        with open(path) as f:
-            results["cells"] = json.load(f).get("cells", [])
+    results["cells"] = from_main(lambda: _read_cells(path))  # process 0's, on every process
     done = {(c["depth"], c["model"], c["seed"]) for c in results["cells"]}
     todo = [(r, m, s) for r in cfg.depths for s in cfg.seeds for m in cfg.models
             if (r, m, s) not in done]
     data_key, data = None, None
-    for r, m, s in tqdm(todo, desc="panda_neighbors", unit="cell"):
+    for r, m, s in tqdm(todo, desc="panda_neighbors", unit="cell", disable=not main):
         if data_key != (r, s):
             data_key, data = (r, s), _train_set(r, s, cfg)
-        results["cells"].append(train_cell(r, m, s, cfg, data))
+        results["cells"].append(train_cell(r, m, s, cfg, data, mesh=mesh))
         results["summary"] = summarize(results["cells"])
-        with open(path + ".tmp", "w") as f:
-            json.dump(results, f, indent=2)
-        os.replace(path + ".tmp", path)
+        _write_json(results, path)
     results["summary"] = summarize(results["cells"])
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2)
-    plot(results["summary"], os.path.join(workdir, PLOT))
+    _write_json(results, path)
+    if main:
+        plot(results["summary"], os.path.join(workdir, PLOT))
     return results
 
 
@@ -243,7 +273,15 @@ def config_from_flags() -> ExperimentConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    results = run(config_from_flags(), FLAGS.workdir)
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not mesh_flags.is_main():
+        return
     print("train accuracy (mean ± std over seeds):")
     for model, by_depth in results["summary"].items():
         row = "  ".join(f"r={r}: {v['mean']:.3f}±{v['std']:.3f}" for r, v in by_depth.items())

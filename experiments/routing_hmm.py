@@ -23,6 +23,8 @@ rerun skips finished cells and refuses other settings), per-run metrics
 (P(expert | label) of the last MoE layer at the final evaluation, first seed).
 
 The default setting takes minutes on a 2-core CPU; `--full` is a larger setting for a GPU.
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
+the batch size must divide over the mesh's data×fsdp); only process 0 writes.
 
   python -m experiments.routing_hmm --workdir=runs/routing_hmm
 """
@@ -38,9 +40,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from experiments import hmm_common as hc
+from experiments import mesh_flags
 from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 from moejax.train.logging import MetricsWriter, to_record
@@ -134,16 +138,25 @@ class ExperimentConfig:
         """Settings every cell shares (checked on resume); routers, etas and seeds may grow."""
         return fixed_settings(self, ("routers", "etas", "seeds"))
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh some router's model cannot train on (the library's ValueError)."""
+        hc.check_mesh(mesh, {label: hc.lm_config(router, self.model, self.hmm, eta=eta)
+                             for label, router, eta in self.variants()},
+                      self.train, self.hmm.seq_len)
+
 
 FULL = dict(**hc.FULL_SETTING, eval_every=250, val_batches=16, val_batch_size=64)
 
 
 def train_cell(label: str, router: str, eta: float | None, seed: int, cfg: ExperimentConfig,
-               val: list, workdir: str, *, progress: bool = False) -> dict:
-    """Trains one model, evaluating every `eval_every` steps; returns its cell."""
+               val: list, workdir: str, *, progress: bool = False,
+               mesh: Mesh | None = None) -> dict:
+    """Trains one model on `mesh` (default one device), evaluating every `eval_every` steps;
+    returns its cell."""
     lm_cfg = hc.lm_config(router, cfg.model, cfg.hmm, eta=eta)
     writer = MetricsWriter(os.path.join(workdir, "runs", f"{label}_seed{seed}"), start_step=0,
-                           total_steps=cfg.train.steps, progress=progress)
+                           total_steps=cfg.train.steps, progress=progress,
+                           enabled=mesh_flags.is_main())
     writer.write_config({"router": label, "seed": seed, "lm": lm_cfg.to_dict(),
                          "experiment": cfg.fixed()})
     curve: dict[str, list] = {"step": [], **{m: [] for m in CURVE_METRICS}}
@@ -156,7 +169,7 @@ def train_cell(label: str, router: str, eta: float | None, seed: int, cfg: Exper
         if step % cfg.eval_every and step != cfg.train.steps:
             return
         ev = hc.evaluate(state.params, state.model_state, lm_cfg, val, label_key=cfg.label,
-                         num_labels=cfg.num_labels, prev_top1=last.get("top1"))
+                         num_labels=cfg.num_labels, prev_top1=last.get("top1"), mesh=mesh)
         last.update(ev, state=jax.device_get(state.model_state))
         curve["step"].append(step)
         for name in CURVE_METRICS:
@@ -170,7 +183,7 @@ def train_cell(label: str, router: str, eta: float | None, seed: int, cfg: Exper
         writer.write({"step": step, **{k: v for k, v in record.items() if v is not None}})
 
     try:
-        hc.train(lm_cfg, cfg.train, cfg.hmm, seed, callback=callback)
+        hc.train(lm_cfg, cfg.train, cfg.hmm, seed, callback=callback, mesh=mesh)
     finally:
         writer.close()
     final = {k: last[k] for k in (*FINAL_METRICS, "mi_layers", "avg_k")}
@@ -206,12 +219,16 @@ def summarize(cells: Sequence[dict]) -> dict:
     return out
 
 
-def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
-    """Runs the missing cells into `workdir`; returns `{"cells", "summary"}` and writes plots.
+def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
+        mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells into `workdir` on `mesh` (default one device); returns
+    `{"cells", "summary"}` and writes plots (process 0 only).
 
     Raises:
-      ValueError: `workdir` holds another experiment or this one with other fixed settings.
+      ValueError: `workdir` holds another experiment or this one with other fixed settings, or
+        some model cannot train on `mesh`.
     """
+    cfg.check_mesh(mesh)
     sweep = ResultsFile(workdir, EXPERIMENT, fixed=cfg.fixed())
     sweep.write()  # results.json exists before the run folders, so a rerun recognises the dir
     done = sweep.done(("router", "seed"))
@@ -219,15 +236,16 @@ def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
     val = hc.batches(cfg.hmm, split="val", seed=cfg.val_seed, batch_size=cfg.val_batch_size,
                      num_batches=cfg.val_batches)
     for (label, router, eta), seed in tqdm(todo, desc=EXPERIMENT, unit="run",
-                                           disable=not progress):
-        cell = train_cell(label, router, eta, seed, cfg, val, workdir)
+                                           disable=not progress or not mesh_flags.is_main()):
+        cell = train_cell(label, router, eta, seed, cfg, val, workdir, mesh=mesh)
         sweep.add(cell, summary=summarize([*sweep.cells, cell]))
     labels = [v[0] for v in cfg.variants()]
     cells = [c for c in sweep.cells if c["router"] in labels and c["seed"] in cfg.seeds]
     summary = summarize(cells)
     sweep.write(summary=summarize(sweep.cells))
-    plot_curves(summary, os.path.join(workdir, PLOT))
-    plot_heatmaps(cells, os.path.join(workdir, HEATMAP), label=cfg.label)
+    if mesh_flags.is_main():
+        plot_curves(summary, os.path.join(workdir, PLOT))
+        plot_heatmaps(cells, os.path.join(workdir, HEATMAP), label=cfg.label)
     return {"cells": cells, "summary": summary}
 
 
@@ -313,8 +331,16 @@ def format_table(summary: dict) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
     t0 = time.perf_counter()
-    results = run(config_from_flags(), FLAGS.workdir)
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not mesh_flags.is_main():
+        return
     print(format_table(results["summary"]))
     print(f"wrote {os.path.join(FLAGS.workdir, 'results.json')}, {PLOT}, {HEATMAP} "
           f"in {time.perf_counter() - t0:.0f} s")

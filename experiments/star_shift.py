@@ -24,6 +24,9 @@ Writes `WORKDIR/results.json` (`experiments.sweep.ResultsFile`, experiment "star
 skips finished cells) and `WORKDIR/star_shift.png` (held-out loss after adaptation, its paired
 difference to frozen STAR, and MI, vs λ; mean ± std over seeds).
 
+Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
+the batch size must divide over the mesh's data×fsdp); only process 0 writes.
+
   python -m experiments.star_shift --workdir=runs/star_shift
 """
 
@@ -37,9 +40,11 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from absl import app, flags
+from jax.sharding import Mesh
 from tqdm import tqdm
 
 from experiments import hmm_common as hc
+from experiments import mesh_flags
 from experiments.sweep import ResultsFile, fixed_settings
 from moejax.data import hmm
 from moejax.validation import check_int
@@ -137,6 +142,13 @@ class ExperimentConfig:
         """Settings every cell shares; shifts, seeds and tta_etas may grow."""
         return fixed_settings(self, ("shifts", "seeds", "tta_etas"))
 
+    def check_mesh(self, mesh: Mesh | None) -> None:
+        """Refuses a mesh STAR's or the baseline's model cannot train on (the library's
+        ValueError)."""
+        hc.check_mesh(mesh, {"star": hc.lm_config("star", self.model, self.hmm, eta=self.eta),
+                             self.baseline: hc.lm_config(self.baseline, self.model, self.hmm)},
+                      self.train, self.hmm.seq_len)
+
 
 FULL = dict(**hc.FULL_SETTING, stream_batches=128, stream_batch_size=32, heldout_batches=16,
             heldout_batch_size=64)
@@ -150,14 +162,15 @@ def _v_shift(a, b) -> float:
 
 
 def eval_cells(seed: int, lam: float, trained: dict, cfg: ExperimentConfig,
-               todo: set[str]) -> list[dict]:
-    """The cells of one (seed, λ) for the variants in `todo`; `trained[model] = TrainState`."""
+               todo: set[str], *, mesh: Mesh | None = None) -> list[dict]:
+    """The cells of one (seed, λ) for the variants in `todo`; `trained[model] = TrainState`
+    (trained on `mesh`, default one device)."""
     h = dataclasses.replace(cfg.hmm, shift=float(lam))
     stream = hc.batches(h, split="test", seed=cfg.data_seed, batch_size=cfg.stream_batch_size,
                         num_batches=cfg.stream_batches)
     held = hc.batches(h, split="val", seed=cfg.data_seed, batch_size=cfg.heldout_batch_size,
                       num_batches=cfg.heldout_batches)
-    kw = dict(label_key=cfg.label, num_labels=cfg.num_labels)
+    kw = dict(label_key=cfg.label, num_labels=cfg.num_labels, mesh=mesh)
     cells = []
     for variant in cfg.variants():
         if variant not in todo:
@@ -216,17 +229,22 @@ def summarize(cells: Sequence[dict]) -> dict:
     return out
 
 
-def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
-    """Runs the missing cells into `workdir`; returns `{"cells", "summary"}` and writes the plot.
+def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
+        mesh: Mesh | None = None) -> dict:
+    """Runs the missing cells into `workdir` on `mesh` (default one device); returns
+    `{"cells", "summary"}` and writes the plot (process 0 only).
 
     Raises:
-      ValueError: `workdir` holds another experiment or this one with other fixed settings.
+      ValueError: `workdir` holds another experiment or this one with other fixed settings, or
+        a model cannot train on `mesh`.
     """
+    cfg.check_mesh(mesh)
     sweep = ResultsFile(workdir, EXPERIMENT, fixed=cfg.fixed())
     sweep.write()
     done = sweep.done(("variant", "seed", "shift"))
     variants = cfg.variants()
-    for seed in tqdm(cfg.seeds, desc=EXPERIMENT, unit="seed", disable=not progress):
+    for seed in tqdm(cfg.seeds, desc=EXPERIMENT, unit="seed",
+                     disable=not progress or not mesh_flags.is_main()):
         missing = {lam: {v for v in variants if (v, seed, float(lam)) not in done}
                    for lam in cfg.shifts}
         if not any(missing.values()):
@@ -235,19 +253,20 @@ def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True) -> dict:
         trained = {}
         if any(v.startswith("star") for v in need):
             trained["star"] = hc.train(hc.lm_config("star", cfg.model, cfg.hmm, eta=cfg.eta),
-                                       cfg.train, cfg.hmm, seed)
+                                       cfg.train, cfg.hmm, seed, mesh=mesh)
         if any(not v.startswith("star") for v in need):
             trained[cfg.baseline] = hc.train(hc.lm_config(cfg.baseline, cfg.model, cfg.hmm),
-                                             cfg.train, cfg.hmm, seed)
+                                             cfg.train, cfg.hmm, seed, mesh=mesh)
         jax.block_until_ready([s.params for s in trained.values()])
         for lam in cfg.shifts:
-            for cell in eval_cells(seed, lam, trained, cfg, missing[lam]):
+            for cell in eval_cells(seed, lam, trained, cfg, missing[lam], mesh=mesh):
                 sweep.add(cell, summary=summarize([*sweep.cells, cell]))
     cells = [c for c in sweep.cells if c["variant"] in variants and c["seed"] in cfg.seeds
              and c["shift"] in {float(x) for x in cfg.shifts}]
     summary = summarize(cells)
     sweep.write(summary=summarize(sweep.cells))
-    plot(summary, os.path.join(workdir, PLOT))
+    if mesh_flags.is_main():
+        plot(summary, os.path.join(workdir, PLOT))
     return {"cells": cells, "summary": summary}
 
 
@@ -309,8 +328,16 @@ def config_from_flags() -> ExperimentConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    try:  # a bad flag or --mesh fails here, before any training
+        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
     t0 = time.perf_counter()
-    results = run(config_from_flags(), FLAGS.workdir)
+    results = run(cfg, FLAGS.workdir, mesh=mesh)
+    if not mesh_flags.is_main():
+        return
     print(format_table(results["summary"]))
     print(f"wrote {os.path.join(FLAGS.workdir, 'results.json')} and {PLOT} "
           f"in {time.perf_counter() - t0:.0f} s")

@@ -344,12 +344,19 @@ def _keep_frozen(state: TrainState, ctx: StepContext) -> tuple[TrainState, dict]
     return dataclasses.replace(state, params=params), {}
 
 
+def _all_trainable(state: TrainState) -> TrainState:
+    return with_mask(state, None)
+
+
 # Step hooks of sparse fine-tuning: the `<bool>` mask (params' structure) in
 # `TrainState.extra["mask"]` (`with_mask`) zeroes the gradient of frozen entries before the
 # optimizer (clipping and Adam moments see only trainable ones) and keeps frozen params as they
 # were after it (decoupled weight decay cannot move them) — `masked(opt, mask)` with the mask as
-# state, so every mask (and full fine-tuning, an all-True mask) shares one compiled step.
-MASK_HOOKS = StepHooks(transform_grads=_masked_grads, after_update=_keep_frozen)
+# state, so every mask (and full fine-tuning, an all-True mask) shares one compiled step. Their
+# `init` puts an all-True mask in a fresh state, so the loop's compiled steps (whose shardings
+# follow the initial state's structure) take the mask that `with_mask` swaps in.
+MASK_HOOKS = StepHooks(init=_all_trainable, transform_grads=_masked_grads,
+                       after_update=_keep_frozen)
 
 
 def with_mask(state: TrainState, mask: PyTree | None) -> TrainState:

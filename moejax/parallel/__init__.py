@@ -2,7 +2,6 @@
 parallelism and multi-process set-up (DESIGN §5)."""
 
 from moejax.parallel import distributed as distributed
-
 from moejax.parallel.expert_parallel import ExpertParallel as ExpertParallel
 from moejax.parallel.expert_parallel import ep_experts as ep_experts
 from moejax.parallel.mesh import format_mesh_spec as format_mesh_spec

@@ -44,11 +44,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from moejax.parallel import distributed
 from moejax.parallel import mesh as mesh_lib
@@ -509,6 +508,7 @@ def fit(state: TrainState, train_data: Iterable[Any], *, model: Model, model_cfg
     mesh = _check_loop_args(model, model_cfg, train_cfg, mesh, val_data, hooks,
                             default_mesh=_one_device)
     steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
+    state = _placed(state, steps)
     batches = iter(train_data)
     first_batch = None
     if int(state.step) < train_cfg.steps:
@@ -611,14 +611,32 @@ def _val_record(ev: Mapping[str, float], bytes_per_token: float | None,
 
 def evaluate(state: TrainState, batches: Iterable[Any], *, model: Model, model_cfg: Any,
              train_cfg: TrainConfig, mesh: Mesh | None = None, rng: Array | None = None,
-             max_batches: int | None = None) -> dict[str, float]:
-    """Weighted means (`moejax.train.steps.batch_weight`) over `batches` of every scalar
-    metric of `model.loss_fn(..., train=False)` (`ce`, `loss`, the model's own), with the
-    jitted eval step the loop uses (default mesh: one device; `rng` default key 0)."""
+             max_batches: int | None = None, hooks: StepHooks = NO_HOOKS) -> dict[str, float]:
+    """Weighted means (`moejax.train.steps.batch_weight`) over `batches` (global batches) of
+    every scalar metric of `model.loss_fn(..., train=False)` (`ce`, `loss`, the model's own),
+    with the jitted eval step the loop uses (default mesh: one device; `rng` default key 0;
+    `hooks`: those the state was trained with, whose `init` may have added model state)."""
     mesh = resolve_mesh(train_cfg, mesh, _one_device)
-    steps = compiled_steps(model, model_cfg, train_cfg, mesh)
+    steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
     rng = jax.random.key(0) if rng is None else rng
-    return _evaluate(steps, state, batches, rng, max_batches)
+    return _evaluate(steps, _placed(state, steps), batches, rng, max_batches)
+
+
+def _placed(state: TrainState, steps: CompiledSteps) -> TrainState:
+    """`state` on the steps' shardings (moved there if it lives elsewhere: built on another
+    mesh, restored onto one device, params swapped in from the host), so the compiled steps
+    take it as they are (no recompile, no layout error).
+
+    Raises:
+      ValueError: `state` is not shaped as the steps' fresh state (e.g. trained with hooks that
+        are not given, or with another model config).
+    """
+    try:
+        return jax.device_put(state, steps.state)
+    except (ValueError, TypeError) as e:
+        raise ValueError("the state does not have the structure of the model's fresh state "
+                         "(the same model config and step hooks, whose init may add state): "
+                         f"{' '.join(str(e).split())[:400]}") from None
 
 
 def _evaluate(steps: CompiledSteps, state: TrainState, batches: Iterable[Any], key: Array,

@@ -7,6 +7,7 @@ import pytest
 
 from experiments import mass_expand as me
 from experiments.sweep import ResultsFile
+from moejax import parallel
 
 # A tiny sweep built so that MASS must grow: a drift threshold p < 0.99 fires on almost any
 # gradient-norm history, the cosine gate (δ = 1) always passes, and expansion lasts the whole run.
@@ -38,7 +39,7 @@ def test_mass_end_to_end_grows_resumes_and_plots(tmp_path, monkeypatch):
 
     calls = []
 
-    def fake_cell(router, k, seed, cfg, workdir):
+    def fake_cell(router, k, seed, cfg, workdir, **_):
         calls.append((router, k, seed))
         return {**mass, "seed": seed}
 
@@ -46,6 +47,29 @@ def test_mass_end_to_end_grows_resumes_and_plots(tmp_path, monkeypatch):
     again = me.run(dataclasses.replace(cfg, seeds=(0, 1)), str(tmp_path), progress=False)
     assert calls == [("mass", 3, 1)]  # seed 0 was done: skipped
     assert len(again["cells"]) == 2 and again["summary"]["mass"]["final_k"]["n"] == 2
+
+
+def test_a_two_device_mesh_gives_the_one_device_results(tmp_path, monkeypatch):
+    """The smoke test's MASS run on a 2-device data mesh (`run(mesh=)`, what `--mesh=data:2`
+    builds on two devices: the expansion hooks and their evaluation on the mesh) grows and
+    scores as on one device; a mesh the batch does not split over is refused before anything
+    is written."""
+    for name in ("plot_loss", "plot_trajectory"):  # drawn by the smoke test above
+        monkeypatch.setattr(me, name, lambda *a, **k: None)
+    cfg = me.ExperimentConfig(**{**TINY, "routers": ("mass",)})
+    cells = {name: me.run(cfg, str(tmp_path / name), progress=False, mesh=mesh)["cells"]
+             for name, mesh in (("one", None), ("two", parallel.make_mesh(2)))}
+    (one,), (two,) = cells["one"], cells["two"]
+    for k in ("final_k", "n_clones", "n_removed", "clone_steps", "active"):
+        assert two[k] == one[k], k
+    for k in ("val_loss", "val_avg_k", "train_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4), k
+    for a, b in zip(one["trajectory"], two["trajectory"], strict=True):
+        assert b == pytest.approx(a, rel=1e-4)
+    with pytest.raises(ValueError, match="mass K=3: batch_size=4 is not divisible by the batch "
+                                         "axes data×fsdp = 8"):
+        me.run(cfg, str(tmp_path / "bad"), progress=False, mesh=parallel.make_mesh(8))
+    assert not (tmp_path / "bad").exists()
 
 
 def _fake_cell(router, k, seed, loss, avg_k, final_k=None):

@@ -13,6 +13,7 @@ from absl import app, flags
 
 from experiments import mqar
 from experiments.sweep import ResultsFile
+from moejax import parallel
 
 # L=16 with 2 pairs, V=32, d=16: a couple of seconds of compile per mixer (softmax compiles
 # fastest; the Q-Delta-vs-DeltaNet bookkeeping is checked on synthetic cells below).
@@ -61,6 +62,28 @@ def test_runs_writes_results_and_plot_then_resumes(tmp_path, monkeypatch):
     mqar.run(mqar.ExperimentConfig(**{**TINY, "lrs": (1e-2, 3e-2)}), str(tmp_path),
              progress=False)
     assert trained == []
+
+
+def test_a_two_device_mesh_gives_the_one_device_results(tmp_path, monkeypatch):
+    """The smoke setting's softmax cell on a 2-device data mesh (`run(mesh=)`, what
+    `--mesh=data:2` builds on two devices) matches the one-device cell; a mesh the batch does
+    not split over is refused before anything is written."""
+    monkeypatch.setattr(mqar, "plot", lambda *a, **k: None)  # drawn by the smoke test above
+    cfg = mqar.ExperimentConfig(**{**TINY, "mixers": ("softmax",)})
+    runs = {name: mqar.run(cfg, str(tmp_path / name), progress=False, mesh=mesh)["cells"]
+            for name, mesh in (("one", None), ("two", parallel.make_mesh(2)))}
+    (one,), (two,) = runs["one"], runs["two"]
+    for k in ("val_acc", "val_loss", "test_acc", "test_loss", "final_train_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4), k
+    records = {name: [json.loads(line) for line in
+                      (tmp_path / name / c["metrics"] / "metrics.jsonl").read_text().splitlines()]
+               for name, c in (("one", one), ("two", two))}
+    losses = {name: [r["loss"] for r in rs if "loss" in r] for name, rs in records.items()}
+    assert len(losses["one"]) == 2 and losses["two"] == pytest.approx(losses["one"], rel=1e-4)
+    with pytest.raises(ValueError, match="batch_size=4 is not divisible by the batch axes "
+                                         "data×fsdp = 8"):
+        mqar.run(cfg, str(tmp_path / "bad"), progress=False, mesh=parallel.make_mesh(8))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_summary_picks_the_lr_on_val_and_reports_test():

@@ -10,6 +10,7 @@ import pytest
 from experiments import hmm_common as hc
 from experiments import routing_hmm as rh
 from experiments.sweep import ResultsFile
+from moejax import parallel
 from moejax.data import hmm
 
 TINY = dict(model=hc.ModelSpec(d_model=16, num_layers=1, num_heads=1, head_dim=8, d_ff=16,
@@ -51,6 +52,27 @@ def test_end_to_end_then_rerun_skips_done_cells(tmp_path, monkeypatch):
     monkeypatch.setattr(rh, "train_cell", boom)
     again = rh.run(cfg, str(tmp_path), progress=False)
     assert again["cells"] == out["cells"]
+
+
+def test_a_two_device_mesh_gives_the_one_device_results(tmp_path, monkeypatch):
+    """The smoke setting on a 2-device data mesh (`run(mesh=)`, what `--mesh=data:2` builds on
+    two devices: training and the routing evaluation on the mesh) matches one device; a mesh
+    the batch does not split over is refused before anything is written."""
+    for name in ("plot_curves", "plot_heatmaps"):  # drawn by the smoke test above
+        monkeypatch.setattr(rh, name, lambda *a, **k: None)
+    cells = {name: rh.run(tiny(), str(tmp_path / name), progress=False, mesh=mesh)["cells"]
+             for name, mesh in (("one", None), ("two", parallel.make_mesh(2)))}
+    (one,), (two,) = cells["one"], cells["two"]
+    assert two["joint"] == one["joint"] and two["curve"]["step"] == one["curve"]["step"]
+    for k, v in one["final"].items():
+        assert two["final"][k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    for k in rh.CURVE_METRICS:  # flip_rate is None at step 0
+        a, b = ([np.nan if v is None else v for v in c["curve"][k]] for c in (one, two))
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="star_eta5e-05: batch_size=4 is not divisible by the "
+                                         "batch axes data×fsdp = 8"):
+        rh.run(tiny(), str(tmp_path / "bad"), progress=False, mesh=parallel.make_mesh(8))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_inputs():

@@ -8,6 +8,7 @@ import pytest
 from experiments import hmm_common as hc
 from experiments import star_shift as ss
 from experiments.sweep import ResultsFile
+from moejax import parallel
 from moejax.data import hmm
 
 TINY = dict(model=hc.ModelSpec(d_model=16, num_layers=1, num_heads=1, head_dim=8, d_ff=16,
@@ -64,6 +65,30 @@ def test_test_time_pass_updates_only_router_state():
     ev_frozen = hc.evaluate(params, state, frozen, batch, num_labels=h.num_labels,
                             update_state=True)
     np.testing.assert_array_equal(ev_frozen["model_state"]["blocks"][0]["router"]["v"], v0)
+
+
+def test_a_two_device_mesh_gives_the_one_device_results(tmp_path):
+    """`eval_cells` (frozen STAR and test-time updates) of a STAR model on a 2-device data mesh,
+    as `run(mesh=)` does it (what `--mesh=data:2` builds on two devices), matches one device, at
+    λ = 1 of the smoke setting (the model fresh from `init_state`, whose init and eval compiles
+    the test above shares: training on a mesh, `hc.train(mesh=)`, is checked in
+    test_routing_hmm); a mesh the batch does not split over is refused before anything is
+    written."""
+    cfg = tiny(shifts=(1.0,))
+    star = hc.lm_config("star", cfg.model, cfg.hmm, eta=cfg.eta)
+    cells = {}
+    for name, mesh in (("one", None), ("two", parallel.make_mesh(2))):
+        trained = {"star": hc.init_state(star, cfg.train, cfg.hmm.seq_len, 0, mesh=mesh)}
+        cells[name] = ss.eval_cells(0, 1.0, trained, cfg, {"star_tta_eta0.005"}, mesh=mesh)
+    (one,), (two,) = cells["one"], cells["two"]
+    assert one["v_shift"] > 0 and two["v_shift"] == pytest.approx(one["v_shift"], rel=1e-4)
+    for part in ("stream", "before", "after"):
+        for k, v in one[part].items():
+            assert two[part][k] == pytest.approx(v, rel=1e-4, abs=1e-6), (part, k)
+    with pytest.raises(ValueError, match="star: batch_size=4 is not divisible by the batch axes "
+                                         "data×fsdp = 8"):
+        ss.run(cfg, str(tmp_path / "bad"), progress=False, mesh=parallel.make_mesh(8))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_bad_inputs(tmp_path):

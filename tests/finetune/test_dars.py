@@ -189,6 +189,36 @@ def test_experiment_smoke(tmp_path):
         dars_finetune.run(dataclasses.replace(cfg, rank=2), str(tmp_path))
 
 
+def test_experiment_on_a_two_device_mesh_gives_the_one_device_results(tmp_path, monkeypatch):
+    """`experiments.dars_finetune` at the smoke scale (one DARS cell, 2 pretraining and 2
+    fine-tuning steps sharing one compiled step; a one-layer softmax LM instead of the `tiny`
+    delta-rule preset, which compiles for a minute) on a 2-device data mesh (`run(mesh=)`, what
+    `--mesh=data:2` builds on two devices: training, activations, gradients, evaluation) matches
+    one device; a mesh the batch does not split over is refused before anything is written."""
+    from experiments import dars_finetune as df
+    from moejax import parallel
+    from moejax.models import lm
+
+    small = lm.LMConfig(vocab_size=256, d_model=16, num_layers=1, num_heads=1, head_dim=16,
+                        mixer="softmax", ffn="dense", d_ff=32, max_seq_len=64)
+    monkeypatch.setattr(df, "model_config", lambda: small)
+    monkeypatch.setattr(df, "plot", lambda *a, **k: None)  # drawn by test_experiment_smoke
+    cfg = df.ExperimentConfig(pretrain_steps=2, finetune_steps=2, methods=("dars",),
+                              budgets=(0.05,), rhos=(0.3,), max_bytes=2**16)
+    one = df.run(cfg, str(tmp_path / "one"))
+    two = df.run(cfg, str(tmp_path / "two"), mesh=parallel.make_mesh(2))
+    assert two["pretrained"] == pytest.approx(one["pretrained"], rel=1e-4)
+    (a,), (b,) = one["cells"], two["cells"]
+    assert (b["selected"], b["channels"], b["params"]) == (a["selected"], a["channels"],
+                                                           a["params"])
+    for k in ("target_loss", "source_loss", "forgetting"):  # forgetting: a difference of losses
+        assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-4 * a["source_loss"]), k
+    with pytest.raises(ValueError, match="pretraining: batch_size=16 is not divisible by the "
+                                         "batch axes data×fsdp = 3"):
+        df.run(cfg, str(tmp_path / "bad"), mesh=parallel.make_mesh(3))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_mask_hooks_train_only_the_masked_entries():
     """`dars.MASK_HOOKS` in the library loop: frozen entries (weight decay included) stay as they
     were, trainable ones move; two masks share one compiled step."""

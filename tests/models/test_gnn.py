@@ -212,6 +212,23 @@ def test_experiment_smoke_run_and_resume(tmp_path):
         panda_neighbors.ExperimentConfig(models=("gat",))
 
 
+def test_experiment_on_a_two_device_mesh_gives_the_one_device_results(tmp_path, monkeypatch):
+    """`experiments/panda_neighbors.py`'s smoke setting (its GCN cell) on a 2-device data mesh
+    (`run(mesh=)`, what `--mesh=data:2` builds on two devices; the graph batches replicated)
+    matches one device."""
+    from experiments import panda_neighbors
+    from moejax import parallel
+
+    monkeypatch.setattr(panda_neighbors, "plot", lambda *a, **k: None)  # drawn by the smoke test
+    cfg = panda_neighbors.ExperimentConfig(depths=(2,), models=("gcn",), seeds=(0,),
+                                           steps=2, hidden=8, max_examples=128)
+    (one,) = panda_neighbors.run(cfg, str(tmp_path / "one"))["cells"]
+    (two,) = panda_neighbors.run(cfg, str(tmp_path / "two"),
+                                 mesh=parallel.make_mesh(2))["cells"]
+    for k in ("train_acc", "train_loss", "last_batch_loss"):
+        assert two[k] == pytest.approx(one[k], rel=1e-4), k
+
+
 def test_no_high_to_low_promise():
     assert gnn.has_high_to_low(_hand_graph(HIGH))
     # graph 0: 0 ← 1, 0 ← 2, 1 ← 3, 2 ← 0, 2 ← 3; expanding 0, 1, 2 leaves only low → high edges

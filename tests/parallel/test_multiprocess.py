@@ -128,7 +128,7 @@ def test_two_processes_train_as_one_and_resume_on_other_topologies(tmp_path, ref
 def test_processes_with_different_flags_are_refused(tmp_path):
     results = run_two(tmp_path / "run", MESH, per_process=(("--lr=1e-2",), ("--lr=3e-3",)),
                       timeout=300)
-    for i, (rc, out) in enumerate(results):
+    for rc, out in results:
         assert rc != 0 and "the processes were given different flags: --lr" in out, out[-2000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
