@@ -619,20 +619,24 @@ def evaluate(state: TrainState, batches: Iterable[Any], *, model: Model, model_c
     mesh = resolve_mesh(train_cfg, mesh, _one_device)
     steps = compiled_steps(model, model_cfg, train_cfg, mesh, hooks)
     rng = jax.random.key(0) if rng is None else rng
-    return _evaluate(steps, _placed(state, steps), batches, rng, max_batches)
+    state = _placed(state, steps, fields=("params", "model_state"))  # what eval reads
+    return _evaluate(steps, state, batches, rng, max_batches)
 
 
-def _placed(state: TrainState, steps: CompiledSteps) -> TrainState:
-    """`state` on the steps' shardings (moved there if it lives elsewhere: built on another
-    mesh, restored onto one device, params swapped in from the host), so the compiled steps
-    take it as they are (no recompile, no layout error).
+def _placed(state: TrainState, steps: CompiledSteps,
+            fields: Sequence[str] = ("params", "model_state", "opt_state", "step", "extra")
+            ) -> TrainState:
+    """`state` with `fields` on the steps' shardings (moved there if they live elsewhere: built
+    on another mesh, restored onto one device, params swapped in from the host), so the
+    compiled steps take them as they are (no recompile, no layout error).
 
     Raises:
       ValueError: `state` is not shaped as the steps' fresh state (e.g. trained with hooks that
         are not given, or with another model config).
     """
     try:
-        return jax.device_put(state, steps.state)
+        return dataclasses.replace(state, **{
+            f: jax.device_put(getattr(state, f), getattr(steps.state, f)) for f in fields})
     except (ValueError, TypeError) as e:
         raise ValueError("the state does not have the structure of the model's fresh state "
                          "(the same model config and step hooks, whose init may add state): "
