@@ -297,22 +297,23 @@ def _compiled_steps(model, model_cfg, opt_cfg: TrainConfig, mesh, hooks) -> Comp
                          batch=batch_sharding, state=shardings, model_cfg=model_cfg)
 
 
-def device_batch(batch: Any, sharding: NamedSharding, *, process_local: bool = False) -> Any:
+def device_batch(batch: Any, sharding: Any, *, process_local: bool = False) -> Any:
     """A host batch (a pytree of arrays) as global arrays with `sharding`.
 
     Args:
       batch: the batch's arrays.
-      sharding: where the global arrays go.
+      sharding: where the global arrays go: one `Sharding` for every leaf, or a pytree of them
+        of the batch's structure (e.g. `CompiledSteps.state.params` to place host params).
       process_local: the batch holds only this process's rows (its share of the data, e.g.
         from a data pipeline sharded by `moejax.parallel.sharding.batch_shard`), not the
         global batch. With one process both are the same.
     """
-    if process_local:
-        return jax.tree.map(
-            lambda v: jax.make_array_from_process_local_data(sharding, np.asarray(v)), batch)
-
-    def global_array(v):
+    def put(v, where):
         v = np.asarray(v)
-        return jax.make_array_from_callback(v.shape, sharding, lambda index: v[index])
+        if process_local:
+            return jax.make_array_from_process_local_data(where, v)
+        return jax.make_array_from_callback(v.shape, where, lambda index: v[index])
 
-    return jax.tree.map(global_array, batch)
+    if isinstance(sharding, jax.sharding.Sharding):
+        return jax.tree.map(lambda v: put(v, sharding), batch)
+    return jax.tree.map(put, batch, sharding)
