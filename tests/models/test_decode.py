@@ -25,9 +25,11 @@ def test_prefill_and_decode_equal_full_forward(overrides):
     cfg = lm.get_preset("tiny", **overrides)
     params, state = init_lm(jax.random.key(0), cfg)
     toks = _tokens()
-    logits, _, _ = lm.apply(params, state, toks, cfg=cfg)
+    # Jitted: eagerly each of the forward's many small ops compiles on its own (tens of seconds).
+    logits, _, _ = jax.jit(lambda t: lm.apply(params, state, t, cfg=cfg))(toks)
     cache = decode.init_cache(cfg, 2, 21)
-    first, cache = decode.prefill(params, state, toks[:, :9], cache, cfg=cfg)
+    first, cache = jax.jit(lambda t, c: decode.prefill(params, state, t, c, cfg=cfg))(
+        toks[:, :9], cache)
     step = jax.jit(lambda tok, c: decode.decode_step(params, state, tok, c, cfg=cfg))
     outs = [first]
     for t in range(9, 21):

@@ -1,6 +1,6 @@
 """`experiments.train_lm` as two processes × 4 CPU devices over `jax.distributed` (gloo
-collectives, coordinator on 127.0.0.1) against one process × 8 devices; a run resumed across
-topologies (2 × 4 → 1 × 8 → 1 device) continues the same trajectory; processes given different
+collectives, coordinator on 127.0.0.1), resumed across topologies (2 × 4 → 1 process × 8
+devices → 1 device): each continues the same trajectory; processes given different
 flags, and a coordinator that never answers, fail by name.
 
 Every run is a real `python -m experiments.train_lm` subprocess on the default corpus (the tiny
@@ -93,24 +93,21 @@ def _as_if_stopped_after(src: Path, dest: Path, step: int) -> None:
             shutil.rmtree(ckpt)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> np.ndarray:
-    """The 8-step losses of one process × 8 devices on the same mesh."""
-    workdir = tmp_path_factory.mktemp("one_process") / "run"
-    run_one(workdir, MESH, 8)
-    return _losses(workdir)
-
-
-def test_two_processes_train_as_one_and_resume_on_other_topologies(tmp_path, reference):
+def test_two_processes_train_as_one_and_resume_on_other_topologies(tmp_path):
+    """2 × 4 devices, then resumed from its step-4 checkpoint by 1 × 8 devices, then from that
+    run's step-6 checkpoint by one device: every step after a change of topology equals the 2 × 4
+    run's (≤ 1e-5), so the topologies compute the same step on the same state and data (a
+    wrong split of the data or of the state across processes would show from step 5 on)."""
     two = tmp_path / "two"
     results = run_two(two, MESH)
     for i, (rc, out) in enumerate(results):
         _check((rc, out), f"process {i}")
     assert "2 process(es), 8 devices, mesh data:2,fsdp:2,expert:2; this process reads share 0 " \
            "of 2 of each batch" in results[0][1]  # the log names processes and mesh
-    got = _losses(two)
-    assert [r["step"] for r in read_metrics(two / "metrics.jsonl")] == list(range(1, STEPS + 1))
-    np.testing.assert_allclose(got, reference, rtol=1e-5)  # only process 0 wrote, once
+    reference = _losses(two)
+    steps = [r["step"] for r in read_metrics(two / "metrics.jsonl")]
+    assert steps == list(range(1, STEPS + 1))  # process 0 wrote each step once
+    assert np.all(np.isfinite(reference)) and reference[-1] < reference[0]  # it learns
 
     # Saved by 2 processes × 4 devices at step 4, resumed by 1 process × 8 devices...
     eight = tmp_path / "eight"
