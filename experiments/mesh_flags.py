@@ -15,6 +15,9 @@ Only process 0 writes files (`is_main()`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from absl import flags
 from jax.sharding import Mesh
 
@@ -65,6 +68,21 @@ def setup(*, default_devices: str = "all") -> tuple[Mesh, str | None]:
     if default_devices == "one":
         return mesh_lib.single_device_mesh(), None
     return mesh_lib.make_mesh(), None
+
+
+def setup_sweep(config_from_flags: Callable[[], Any]) -> tuple[Mesh, Any]:
+    """A sweep script's start: `setup(default_devices="one")`, then `cfg = config_from_flags()`
+    and `cfg.check_mesh(mesh)`, every failure (a bad flag, a mesh some cell cannot use, processes
+    that could not join) an absl `UsageError` before any training. Returns `(mesh, cfg)`."""
+    from absl import app
+
+    try:
+        mesh, _ = setup(default_devices="one")  # first: joins the processes
+        cfg = config_from_flags()
+        cfg.check_mesh(mesh)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
+        raise app.UsageError(str(e)) from e
+    return mesh, cfg
 
 
 def is_main() -> bool:

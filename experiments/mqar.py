@@ -582,12 +582,7 @@ def format_table(rows: Sequence[dict]) -> str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:  # a bad flag or --mesh fails here, before any training
-        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
-        cfg = config_from_flags()
-        cfg.check_mesh(mesh)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
-        raise app.UsageError(str(e)) from e
+    mesh, cfg = mesh_flags.setup_sweep(config_from_flags)  # a bad flag: UsageError, here
     main = mesh_flags.is_main()
     if main:
         print(describe(cfg), flush=True)

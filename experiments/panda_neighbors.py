@@ -38,7 +38,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from experiments import mesh_flags
-from experiments.sweep import check_mesh, from_main
+from experiments.sweep import check_mesh, from_main, write_json
 from moejax.data import graphs
 from moejax.models import gnn
 from moejax.train import loop
@@ -196,15 +196,6 @@ def _read_cells(path: str) -> list[dict]:
         return json.load(f).get("cells", [])
 
 
-def _write_json(data, path: str) -> None:
-    """Atomically writes `data` to `path`, on process 0 only."""
-    if not mesh_flags.is_main():
-        return
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(path + ".tmp", path)
-
-
 def run(cfg: ExperimentConfig, workdir: str, *, mesh: Mesh | None = None) -> dict:
     """Runs the missing cells of the sweep into `workdir` on `mesh` (default one device);
     returns the results dict (files: process 0 only)."""
@@ -225,9 +216,9 @@ def run(cfg: ExperimentConfig, workdir: str, *, mesh: Mesh | None = None) -> dic
             data_key, data = (r, s), _train_set(r, s, cfg)
         results["cells"].append(train_cell(r, m, s, cfg, data, mesh=mesh))
         results["summary"] = summarize(results["cells"])
-        _write_json(results, path)
+        write_json(results, path)
     results["summary"] = summarize(results["cells"])
-    _write_json(results, path)
+    write_json(results, path)
     if main:
         plot(results["summary"], os.path.join(workdir, PLOT))
     return results
@@ -273,12 +264,7 @@ def config_from_flags() -> ExperimentConfig:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:  # a bad flag or --mesh fails here, before any training
-        mesh, _ = mesh_flags.setup(default_devices="one")  # first: joins the processes
-        cfg = config_from_flags()
-        cfg.check_mesh(mesh)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: the processes could not join
-        raise app.UsageError(str(e)) from e
+    mesh, cfg = mesh_flags.setup_sweep(config_from_flags)  # a bad flag: UsageError, here
     results = run(cfg, FLAGS.workdir, mesh=mesh)
     if not mesh_flags.is_main():
         return

@@ -74,6 +74,15 @@ def from_main(read: Callable[[], T]) -> T:
     return out["value"]
 
 
+def write_json(data: Any, path: str) -> None:
+    """Atomically writes `data` as JSON to `path`, on process 0 only."""
+    if not is_main():
+        return
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def check_mesh(mesh: Mesh | None, runs: Iterable[tuple[str, Any, Any, loop.TrainConfig]]
                ) -> None:
     """Refuses, before anything is trained, a mesh that some run of a sweep cannot use.
