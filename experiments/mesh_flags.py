@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 from absl import flags
 from jax.sharding import Mesh
 
@@ -46,7 +47,8 @@ def setup(*, default_devices: str = "all") -> tuple[Mesh, str | None]:
 
     Args:
       default_devices: without --mesh: "all" (every device on `data`) or "one" (the first
-        device alone: small sweep cells).
+        device alone: small sweep cells; with several processes every device on `data`,
+        since one device cannot hold a run of several processes).
 
     Returns:
       `(mesh, spec)`: the mesh and --mesh in canonical form (None when not given), for
@@ -65,7 +67,7 @@ def setup(*, default_devices: str = "all") -> tuple[Mesh, str | None]:
     distributed.check_same_on_every_process(values, what="flag")
     if spec is not None:
         return mesh_lib.mesh_from_spec(spec, name="--mesh"), spec
-    if default_devices == "one":
+    if default_devices == "one" and jax.process_count() == 1:
         return mesh_lib.single_device_mesh(), None
     return mesh_lib.make_mesh(), None
 
@@ -87,6 +89,4 @@ def setup_sweep(config_from_flags: Callable[[], Any]) -> tuple[Mesh, Any]:
 
 def is_main() -> bool:
     """Whether this process writes the run's files (process 0)."""
-    import jax
-
     return jax.process_index() == 0
