@@ -54,6 +54,7 @@ from moejax.finetune import dars
 from moejax.models import lm
 from moejax.train import loop
 from moejax.train.checkpoint import check_workdir
+from moejax.train.steps import device_batch
 
 RESULTS = "results.json"
 PLOT = "dars_finetune.png"
@@ -182,8 +183,7 @@ def _placed_like(tree, like):
     def put(x, ref):
         if isinstance(x, jax.Array) and (jax.process_count() == 1 or not x.is_fully_addressable):
             return jax.device_put(x, ref.sharding, may_alias=False)
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, ref.sharding, lambda i: x[i])
+        return device_batch(x, ref.sharding)
 
     return jax.tree.map(put, tree, like)
 
@@ -318,8 +318,7 @@ def run(cfg: ExperimentConfig, workdir: str, *, mesh: Mesh | None = None) -> dic
         # a mesh: the batches replicated on it, the results too (readable on every process).
         rep = None if mesh is None else NamedSharding(mesh, P())
         out = {} if rep is None else {"out_shardings": rep}
-        put = (lambda x: x) if rep is None else (
-            lambda x: jax.make_array_from_callback(np.shape(x), rep, lambda i: np.asarray(x)[i]))
+        put = (lambda x: x) if rep is None else (lambda x: device_batch(x, rep))
         block_inputs = jax.jit(lambda p, s, t: dars.lm_block_inputs(p, s, t, cfg=mcfg), **out)
         acts = dars.collect_activations(
             lambda t: block_inputs(params, state, put(t)),

@@ -57,6 +57,7 @@ from moejax.moe import metrics as moe_metrics
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel import sharding as sharding_lib
 from moejax.train import loop
+from moejax.train.steps import device_batch
 
 # Experiment-level router names -> (moejax router, fixed router kwargs). "star" takes `eta`.
 ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -264,10 +265,9 @@ def _to_mesh(x, mesh: Mesh | None):
     data×fsdp where they divide evenly, else replicated (every process passes the same array)."""
     if mesh is None:
         return jnp.asarray(x)
-    x = np.asarray(x)
-    spec = (sharding_lib.batch_spec(mesh) if x.shape[0] % mesh_lib.num_batch_shards(mesh) == 0
+    spec = (sharding_lib.batch_spec(mesh) if np.shape(x)[0] % mesh_lib.num_batch_shards(mesh) == 0
             else P())
-    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda i: x[i])
+    return device_batch(x, NamedSharding(mesh, spec))
 
 
 _mi_from_counts = jax.jit(moe_metrics.mutual_information_from_counts)

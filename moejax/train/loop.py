@@ -807,8 +807,7 @@ def _checkpoint_tree(state: TrainState, root_key: Array,
     saves only global arrays)."""
     data = jax.random.key_data(root_key)
     if sharding is not None:
-        host = np.asarray(data)
-        data = jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        data = device_batch(data, sharding)
     return {"state": state, "rng": data}
 
 
