@@ -26,6 +26,31 @@ would still carry a NaN at step s into rows t < s (`0 · NaN`), so `delta_rule_c
 math under `nonfinite.contain`: outputs before s, other sequences and heads, and their
 gradients are unaffected; outputs from s on are NaN.
 
+The authors' pairing (`pairing="authors"`, a compatibility option; DESIGN §3). The released
+Q-Delta chunk kernel (psmiz/Q-Delta, `qdelta/qdelta_rule/chunk.py`: `chunk_scaled_dot_kxt_fwd`,
+`solve_tril`, `recompute_w_u_fwd`, `chunk_gated_delta_rule_fwd_h`, `chunk_fwd_o`, with C = 64
+hard-coded) computes, per chunk of 64 steps counted from the call's first step, with `G` the
+chunk-local cumsum of g and `x_t = k_t + λ_t q_t` (unscaled q):
+
+    A_tj = β_t (k_t·x_j) exp(G_t − G_j), j < t    chunk_scaled_dot_kxt: the row's k, the column's x
+    Ai   = (I + A)⁻¹                               solve_tril
+    W    = Ai diag(β exp(G)) X,  Ũ = Ai diag(β) V  recompute_w_u: x (not k) in W, v in Ũ
+    U    = Ũ − W S0                                chunk_delta_h: the start state read with W
+    S_C  = exp(G_C) S0 + Kᵀ diag(exp(G_C − G)) U   chunk_delta_h: k writes
+    O    = scale (diag(exp G) Q S0 + (Q Kᵀ ⊙ Γ ⊙ tril_incl) U)   chunk_o: q reads k
+
+Everything but A is the recurrence's chunk form above; A pairs the row's k with the column's x
+where the recurrence needs the row's x and the column's k. In token form (what
+`reference.delta_rule_authors_scan` runs, with no matrix inverse):
+`u_t = β_t (v_t − (γ_t S0)ᵀ x_t − Σ_{j<t, same chunk} Γ_tj (k_t·x_j) u_j)`,
+`S_t = exp(g_t) S_{t−1} + k_t u_tᵀ`, `o_t = scale · S_tᵀ q_t`: the chunk's start state is read
+with x_t, as in the recurrence, but the writes made earlier in the same chunk are read with k_t
+against x-keys. At C = 1 it is the recurrence; for C > 1 the output depends on C and on where
+the chunks start, so the option runs C = 64 only (a call of T ≤ 64 steps is one chunk; a
+single-step call is the recurrence step). Without λ (x = k) A is the same matrix in both
+pairings, and λ = None runs the recurrence's code. Gradients are those of this forward (its A
+part in the released backward, `prepare_wy_repr_bwd`, is the same derivative).
+
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N number of chunks, C chunk length.
 """
 
@@ -112,7 +137,24 @@ def _gates(g, C):
     return Gam, gamma, decay_out
 
 
-def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size):
+# How A pairs the chunk's keys (module docstring): the default, and the released kernel's.
+PAIRINGS = ("recurrence", "authors")
+AUTHORS_CHUNK = 64  # the released Q-Delta kernel's fixed chunk length
+
+
+def check_pairing(pairing, chunk_size) -> None:
+    """`ValueError` unless `pairing` is one of `PAIRINGS`, and unless `chunk_size` is 64 with
+    `pairing="authors"` (the only chunk length the released kernel runs)."""
+    if not isinstance(pairing, str) or pairing not in PAIRINGS:
+        raise ValueError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
+    if pairing == "authors" and chunk_size != AUTHORS_CHUNK:
+        raise ValueError(
+            f"chunk_size must be {AUTHORS_CHUNK} with pairing='authors' (the released Q-Delta "
+            f"kernel's chunk length; its output depends on it), got {chunk_size!r}")
+
+
+def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size,
+                     pairing="recurrence"):
     """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
 
     Non-finite inputs are contained (`nonfinite.contain`): a NaN/±inf at step s of a sequence
@@ -127,22 +169,28 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
       lam: `[B, T, H]` Q-Delta query mixing or None.
       initial_state: `[B, H, Dk, Dv]` or None (zeros).
       scale: readout scale.
-      chunk_size: C, any positive int.
+      chunk_size: C, any positive int (64 with `pairing="authors"`).
+      pairing: "recurrence" (default: the recurrence, whatever C) or "authors" (the released
+        Q-Delta kernel's `A_tj = β_t k_t·x_j`, module docstring; C = 64, results depend on it).
 
     Returns:
       `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+
+    Raises:
+      ValueError: an unknown pairing, or `pairing="authors"` with chunk_size other than 64.
     """
+    check_pairing(pairing, chunk_size)
     return contain(_delta_rule_chunk, q, k, v, beta, g, lam, initial_state, scale=scale,
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, authors=pairing == "authors" and lam is not None)
 
 
-def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size):
+def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, authors):
     """`delta_rule_chunk` on finite inputs (g may be −inf)."""
     f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
     q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
-    C = min(chunk_size, T)  # results do not depend on C, so never pad past T
+    C = min(chunk_size, T)  # one chunk of T ≤ C steps is the same as one padded to C
     pad = -T % C
     if pad:
         widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
@@ -162,8 +210,10 @@ def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size
         gamma_C = gamma[..., -1]
     decayed = lambda M: M if Gam is None else M * Gam
 
-    # Masks are `where`s: a masked entry is 0 whatever the product held.
-    A = jnp.where(strict, b[..., :, None] * decayed(_mm("...tk,...jk->...tj", X, K)), 0.0)
+    # Masks are `where`s: a masked entry is 0 whatever the product held. A_tj pairs x_t with
+    # k_j (the recurrence) or, with the authors' pairing, k_t with x_j.
+    M = _mm("...tk,...jk->...tj", K, X) if authors else _mm("...tk,...jk->...tj", X, K)
+    A = jnp.where(strict, b[..., :, None] * decayed(M), 0.0)
     wb = b if gamma is None else b * gamma
     Tm = unit_lower_inverse(A)
     W = _mm("...tj,...jk->...tk", Tm, wb[..., None] * X)

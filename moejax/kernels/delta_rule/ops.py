@@ -12,6 +12,11 @@ GPU host), the TPU kernels on tpu, and the chunk path elsewhere.
 Both Pallas backends supply only `delta_rule_fwd` / `delta_rule_bwd` launchers; the one custom
 VJP (`_delta_rule_pallas`, static options `pallas_common.DeltaRuleOptions` passed by name) lives
 here; `delta_rule_pallas` runs it under `nonfinite.contain`.
+
+`pairing="authors"` (DESIGN §3, "Authors' kernel, as a compatibility option"; `chunk.py`, "The
+authors' pairing") reaches every impl: "chunk" and both Pallas backends build A as the released
+Q-Delta kernel does (forward and backward kernels), at C = 64; "reference" runs the same
+computation token by token (`reference.delta_rule_authors_scan`).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ import jax.numpy as jnp
 
 from moejax.kernels import dispatch
 from moejax.kernels.delta_rule import nonfinite, pallas_gpu, pallas_tpu
-from moejax.kernels.delta_rule.chunk import delta_rule_chunk
+from moejax.kernels.delta_rule.chunk import PAIRINGS, check_pairing, delta_rule_chunk
 from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.kernels.delta_rule.reference import (
     compute_dtype,
+    delta_rule_authors_scan,
     delta_rule_reference,
     recurrent_step,
 )
@@ -94,25 +100,26 @@ def delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
     return nonfinite.contain(_delta_rule_pallas, *args, opts.resolved())
 
 
-def _options(scale, chunk_size, backend, interpret) -> DeltaRuleOptions:
+def _options(scale, chunk_size, pairing, backend, interpret) -> DeltaRuleOptions:
     return DeltaRuleOptions(scale=scale, chunk_size=chunk_size, backend=backend,
-                            interpret=interpret)
+                            interpret=interpret, pairing=pairing)
 
 
-def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, backend,
+def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing, backend,
                    interpret):
     """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`."""
     if initial_state is None:
         B, _, H, Dk = q.shape
         initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
     return delta_rule_pallas(q, k, v, beta, g, lam, initial_state,
-                             _options(scale, chunk_size, backend, interpret))
+                             _options(scale, chunk_size, pairing, backend, interpret))
 
 
-def _check_pallas(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, backend,
+def _check_pallas(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing, backend,
                   interpret):
     """The backend's `check_supported`: `NotImplementedError` for inputs it does not cover."""
-    _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, backend, interpret))
+    _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, pairing, backend,
+                                                      interpret))
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,15 +131,23 @@ def _pallas(description, **bound) -> dispatch.Implementation:
                                    check=functools.partial(_check_pallas, **bound))
 
 
-_REFERENCE = dispatch.Implementation(
-    lambda *a, scale, chunk_size: delta_rule_reference(*a, scale=scale),
-    "the lax.scan reference")
+def _reference(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing):
+    """The token scans: the recurrence, or the released kernel's computation for
+    `pairing="authors"` with a λ (`reference.delta_rule_authors_scan`)."""
+    if pairing == "authors" and lam is not None:
+        return delta_rule_authors_scan(q, k, v, beta, g, lam, initial_state, scale=scale,
+                                       chunk_size=chunk_size)
+    return delta_rule_reference(q, k, v, beta, g, lam, initial_state, scale=scale)
+
+
+_REFERENCE = dispatch.Implementation(_reference, "the lax.scan reference")
 _CHUNK = dispatch.Implementation(delta_rule_chunk, "the jnp chunk path")
 _GPU = _pallas("the GPU kernels", backend="gpu", interpret=False)
 _GPU_INTERPRET = _pallas("the GPU kernels in interpret mode", backend="gpu", interpret=True)
 _TPU = _pallas("the TPU kernels", backend="tpu", interpret=False)
 
-# name -> platform -> implementations (signature of `delta_rule_reference` plus `chunk_size`).
+# name -> platform -> implementations (signature of `delta_rule_reference` plus `chunk_size`
+# and `pairing`).
 _IMPLS: dispatch.Table = MappingProxyType({
     "reference": {"default": (_REFERENCE,)},
     "chunk": {"default": (_CHUNK,)},
@@ -167,7 +182,7 @@ def _check_scale(scale) -> None:
 
 
 def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl,
-                   return_final_state) -> None:
+                   return_final_state, pairing="recurrence") -> None:
     """Checks kinds, ranks, shapes, dtypes and static options; raises `ValueError` (or its
     subclass `ArgumentTypeError`, also a `TypeError`, for a value of the wrong kind: None, a
     list, a str where an array belongs) naming the argument."""
@@ -199,18 +214,20 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
         if a is not None:
             _check_float(name, a)
     check_int("chunk_size", chunk_size, lo=1)
+    check_choice("pairing", pairing, PAIRINGS)
+    check_pairing(pairing, chunk_size)
     _check_scale(scale)
     check_choice("impl", impl, IMPL_NAMES)
     check_bool("return_final_state", return_final_state)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "chunk_size", "impl", "return_final_state")
+    jax.jit, static_argnames=("scale", "chunk_size", "impl", "return_final_state", "pairing")
 )
 def _delta_rule(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, impl,
-                return_final_state):
+                return_final_state, pairing):
     o, S = dispatch.dispatch("delta_rule", impl, _IMPLS, q, k, v, beta, g, lam, initial_state,
-                             scale=scale, chunk_size=chunk_size)
+                             scale=scale, chunk_size=chunk_size, pairing=pairing)
     return o.astype(q.dtype), (S if return_final_state else None)
 
 
@@ -227,6 +244,7 @@ def delta_rule(
     chunk_size: int = 64,
     impl: str = "auto",
     return_final_state: bool = True,
+    pairing: str = "recurrence",
 ) -> tuple[Array, Array | None]:
     r"""Delta-rule linear attention: DeltaNet, Gated DeltaNet, Q-Delta and gated Q-Delta.
 
@@ -259,7 +277,8 @@ def delta_rule(
       scale: readout scale, a finite number; default `Dk ** -0.5`. `x_t` always uses the
         unscaled q.
       chunk_size: chunk length C of the chunkwise path (any positive int; T need not be a
-        multiple of it). Results do not depend on it.
+        multiple of it). Results do not depend on it, except with `pairing="authors"`, which
+        requires 64 (the default) and raises ValueError for any other value.
       impl: "chunk" (jnp chunkwise), "reference" (token-by-token scan, the oracle), "pallas"
         (the Pallas kernels, chosen when lowering: Triton on cuda/rocm, Mosaic on tpu, the
         Triton kernels in interpret mode on cpu) or "auto" (pallas on cuda/rocm/tpu, chunk
@@ -268,6 +287,16 @@ def delta_rule(
         chunk path, with a warning on a GPU host). "pallas" runs chunks of
         `max(16, next_pow2(chunk_size))` steps, at most 64 (GPU) or 128 (TPU).
       return_final_state: return the final state (else None), a bool.
+      pairing: "recurrence" (default: the recurrence above, whatever the impl and C) or
+        "authors": the released Q-Delta chunk kernel's computation (psmiz/Q-Delta), whose A
+        pairs the row's k with the column's x (`A_tj = β_t k_t·x_j` instead of
+        `β_t x_t·k_j`; `chunk.py`, "The authors' pairing"), so models trained with that code
+        run as trained. It is not the recurrence: its output depends on the chunk length and on
+        where chunks start, so it runs chunks of 64 steps from the call's first step (a call of
+        ≤ 64 steps is one chunk; a one-step call, like `delta_rule_step`, is the recurrence).
+        Every impl runs it ("reference" token by token, `reference.delta_rule_authors_scan`),
+        gradients included. Without lam (x = k) both pairings are the same computation and
+        give identical results.
 
     Returns:
       `(o, S)`: `o` `[B, T, H, Dv]` in q's dtype; `S` `[B, H, Dk, Dv]` float32 or None.
@@ -279,6 +308,7 @@ def delta_rule(
       ValueError: a shape, dtype or option is wrong; the message names the argument.
         `ArgumentTypeError` (a `ValueError` and a `TypeError`) when a value is of the wrong
         kind: None, a list or a str where an array belongs, a float chunk_size, a str scale.
+        A `pairing` other than "recurrence"/"authors", or "authors" with chunk_size ≠ 64.
         `dispatch.KernelUnavailableError` (a `ValueError` and a `NotImplementedError`) for
         impl="pallas" on a GPU host with inputs outside the GPU kernels' compile check.
 
@@ -296,11 +326,11 @@ def delta_rule(
     """
     _validate_args(q=q, k=k, v=v, beta=beta, g=g, lam=lam, initial_state=initial_state,
                    scale=scale, chunk_size=chunk_size, impl=impl,
-                   return_final_state=return_final_state)
+                   return_final_state=return_final_state, pairing=pairing)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     return _delta_rule(q, k, v, beta, g, lam, initial_state, scale=scale,
                        chunk_size=int(chunk_size), impl=impl,
-                       return_final_state=bool(return_final_state))
+                       return_final_state=bool(return_final_state), pairing=pairing)
 
 
 def delta_rule_step(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from moejax.kernels import gpu_compile
+from moejax.kernels.delta_rule.chunk import check_pairing
 
 Array = jax.Array
 F32 = jnp.float32
@@ -48,7 +49,8 @@ class DeltaRuleOptions:
     Attributes:
       scale: readout scale.
       chunk_size: requested chunk length; each backend runs `kernel_chunk(opts, T)` steps per
-        chunk, a power of two in [16, 64] (GPU) or [16, 128] (TPU). Results do not depend on it.
+        chunk, a power of two in [16, 64] (GPU) or [16, 128] (TPU). Results do not depend on it
+        (with the default pairing; `pairing="authors"` fixes it at 64).
       backend: "gpu" (`pallas_gpu.py`, Triton) or "tpu" (`pallas_tpu.py`, Mosaic).
       interpret: run the kernels in Pallas interpret mode (CPU): GPU semantics
         (`interpret=True`) or `pltpu.InterpretParams()`, following `backend`.
@@ -57,6 +59,11 @@ class DeltaRuleOptions:
         tensor cores) or "ieee" (FMA, no tensor cores); None follows
         `jax_default_matmul_precision` (see `resolved`). Interpret mode always computes float32
         dots at HIGHEST; the TPU kernels always do.
+      pairing: "recurrence" (default) or "authors": A pairs the row's k with the column's x,
+        as the released Q-Delta chunk kernel does (`chunk.py`, "The authors' pairing"); then
+        `chunk_size` must be 64 (`chunk.AUTHORS_CHUNK`), the only C the released kernel runs, and
+        results depend on it. Without λ (x = k) the two pairings are the same computation;
+        `uses_authors_pairing` says which one the kernels run.
     """
 
     scale: float
@@ -65,8 +72,10 @@ class DeltaRuleOptions:
     interpret: bool = False
     block_v: int | None = None
     fp32_precision: str | None = None
+    pairing: str = "recurrence"
 
     def __post_init__(self):
+        check_pairing(self.pairing, self.chunk_size)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.fp32_precision is not None and self.fp32_precision not in FP32_PRECISIONS:
@@ -75,6 +84,11 @@ class DeltaRuleOptions:
         bv = self.block_v
         if bv is not None and (bv < MIN_BLOCK or bv & (bv - 1)):
             raise ValueError(f"block_v must be a power of two >= {MIN_BLOCK}, got {bv}")
+
+    def uses_authors_pairing(self, lam) -> bool:
+        """Whether the kernels build A with the authors' pairing: `pairing="authors"` and a λ
+        (without λ, x = k and both pairings are the same matrix)."""
+        return self.pairing == "authors" and lam is not None
 
     def resolved(self) -> DeltaRuleOptions:
         """`fp32_precision` fixed from the jax config (read at trace time):

@@ -2,10 +2,12 @@
 
 The design of flash-linear-attention's chunk kernels, for the four modes of DESIGN §3 (DeltaNet,
 Gated DeltaNet, Q-Delta, gated Q-Delta; `x_t = k_t + λ_t q_t` on the prediction side: `A` pairs
-the row's x with the column's k). Layout `[B·H, N, C, D]` (N chunks of C steps; head dims padded
-to powers of two ≥ 16; T padded with β = 0, g = 0, which leaves the state untouched, so padding
-is exact). Every kernel tiles Dk by 64 (`BK`) and Dv by `bv`, so none holds more than four
-`[64, bv]` float32 blocks of state, whatever Dk ≤ 256 and Dv.
+the row's x with the column's k; `pairing="authors"` the row's k with the column's x, as the
+released Q-Delta kernel does, which changes only kernels 1 (A) and 7 (its gradient)). Layout
+`[B·H, N, C, D]` (N chunks of C steps; head dims padded to powers of two ≥ 16; T padded with
+β = 0, g = 0, which leaves the state untouched, so padding is exact). Every kernel tiles Dk by
+64 (`BK`) and Dv by `bv`, so none holds more than four `[64, bv]` float32 blocks of state,
+whatever Dk ≤ 256 and Dv.
 
 Forward (`delta_rule_fwd`; the kernel bodies live in `pallas_gpu_kernel.py`):
 1. `solve_kernel` then `wy_fwd_kernel`, grid `(N, B·H)`: per chunk,
@@ -229,7 +231,8 @@ def _solve(cfg, opts, q, k, b, gv, lam):
     out_shape = jax.ShapeDtypeStruct((BH, N, C, C), cfg.store)
     at = lambda n, i: (i, n, 0, 0)
     kernel = functools.partial(pk.solve_kernel, cfg=cfg, has_g=gv is not None,
-                               has_lam=lam is not None, bk=min(BK, Dkp))
+                               has_lam=lam is not None, bk=min(BK, Dkp),
+                               authors=opts.uses_authors_pairing(lam))
     return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
                  out_specs=_chunk(out_shape, at=at), out_shape=out_shape, opts=opts,
                  name="delta_rule_solve", warps=warps, stages=stages,
@@ -384,7 +387,7 @@ def _wy_bwd(cfg, opts, q, k, v, b, gv, lam, Ai, dW, dU):
     # float32: Dk tiles of 32 (pass 2 is then a loop even at Dk = 64, and its operands halve)
     bk = min(BK // 2 if cfg.cd == "float32" else BK, Dkp)
     kernel = functools.partial(pk.wy_bwd_kernel, cfg=cfg, has_g=has_g, has_lam=has_lam, bk=bk,
-                               bv=bv)
+                               bv=bv, authors=opts.uses_authors_pairing(lam))
     outs = _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
                  out_specs=_specs(out_shape, at=at), out_shape=out_shape, opts=opts,
                  name="delta_rule_intra_bwd", warps=warps, stages=stages,

@@ -8,6 +8,10 @@ of C steps:
     W  = Ai diag(βγ) X,  Ũ = Ai diag(β) V,  U = Ũ − W S
     O  = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U),  S' = γ_C S + (diag(d) K)ᵀ U
 
+`authors=True` (`pairing="authors"` with a λ, `chunk.py` "The authors' pairing"): A is
+`strict_tril(diag(β)(K Xᵀ ⊙ Γ))`, the released Q-Delta kernel's pairing; only `solve_kernel`
+and the A part of `wy_bwd_kernel` change.
+
 Full resets (`exp(g_s) = 0`, e.g. g = −inf) are handled as in `chunk.py`: `G` sums only the
 other steps' g, and a running count `n` of resets masks (with `where`, before the exp) every
 factor whose span contains one. The per-step factors (`G`, `n`, `γ`, `d`, `γ_C`) arrive from
@@ -157,8 +161,9 @@ def _x_tile(q_ref, k_ref, lam, kb, bk):
     return q, k, (k if lam is None else k + lam[:, None] * q)
 
 
-def solve_kernel(*refs, cfg, has_g, has_lam, bk):
-    """Ai = (I + A)⁻¹ with A = strict(diag(β)(X Kᵀ ⊙ Γ)) (fla: scaled_dot_kkt + solve_tril)."""
+def solve_kernel(*refs, cfg, has_g, has_lam, bk, authors=False):
+    """Ai = (I + A)⁻¹ with A = strict(diag(β)(X Kᵀ ⊙ Γ)) (fla: scaled_dot_kkt + solve_tril);
+    `authors`: A = strict(diag(β)(K Xᵀ ⊙ Γ)) (Q-Delta's chunk_scaled_dot_kxt)."""
     it = iter(refs)
     q_ref, k_ref, b_ref = next(it), next(it), next(it)
     G_ref, n_ref = (next(it), next(it)) if has_g else (None, None)
@@ -170,7 +175,7 @@ def solve_kernel(*refs, cfg, has_g, has_lam, bk):
 
     def xk(kb, XK):
         _, k, x = _x_tile(q_ref, k_ref, lam, kb, bk)
-        return XK + mm(cfg, x, k, tb=True)
+        return XK + (mm(cfg, k, x, tb=True) if authors else mm(cfg, x, k, tb=True))
 
     XK = loop(Dkp // bk, xk, jnp.zeros((C, C), F32))
     Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
@@ -348,7 +353,7 @@ def dqkwg_kernel(*refs, cfg, has_g, bv):
                        + jnp.where(last, dGC, 0.0))
 
 
-def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv):
+def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv, authors=False):
     it = iter(refs)
     q_ref, k_ref, v_ref, b_ref = (next(it) for _ in range(4))
     G_ref, n_ref, gam_ref = (next(it) for _ in range(3)) if has_g else (None,) * 3
@@ -380,29 +385,38 @@ def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv):
 
     dAi = loop(Dkp // bk, pass1_k, jnp.zeros((C, C), F32))
     dAi, db = loop(v_ref.shape[1] // bv, pass1_v, (dAi, jnp.zeros((C,), F32)))
-    # Ai = (I + A)⁻¹: dA = −Aiᵀ dAi Aiᵀ (strict lower part); A = diag(β)(X Kᵀ ⊙ Γ), so
-    # d(X Kᵀ) = diag(β) dA ⊙ Γ. D = dA ⊙ Γ is all that pass 2 keeps besides Ai.
+    # Ai = (I + A)⁻¹: dA = −Aiᵀ dAi Aiᵀ (strict lower part); A = diag(β)(M ⊙ Γ) with
+    # M = X Kᵀ (K Xᵀ when `authors`), so dM = diag(β) dA ⊙ Γ. D = dA ⊙ Γ is all that pass 2
+    # keeps besides Ai.
     dA = -mm(cfg, mm(cfg, Ai, dAi, ta=True, f32=True), Ai, tb=True, f32=True)
     Gam = decay_matrix(r, c, G_ref[...] if has_g else None, n_ref[...] if has_g else None)
     D = jnp.where(r > c, dA * Gam, 0.0)
 
-    # Pass 2 (per Dk tile): dx = βγ ⊙ Aiᵀ dW + dXK K, dk = dXKᵀ X + dx, dq = λ dx,
-    # dλ = Σ dx ⊙ q; the A terms of dβ and dG, Σ over tiles of (D ⊙ X Kᵀ), by linearity.
+    # Pass 2 (per Dk tile): dx = βγ ⊙ Aiᵀ dW + dM K, dk = dMᵀ X + dx, dq = λ dx,
+    # dλ = Σ dx ⊙ q; the A terms of dβ and dG, Σ over tiles of (D ⊙ M), by linearity.
+    # `authors` (M = K Xᵀ): the roles of k and x in the A terms swap, dk = dM X + dx and
+    # dx = βγ ⊙ Aiᵀ dW + dMᵀ K.
     def pass2(kb, carry):
         db, dG, dl = carry
         q, k, x = _x_tile(q_ref, k_ref, lam, kb, bk)
         t = mm(cfg, Ai, dw_ref[:, tile(kb, bk)], ta=True)  # Aiᵀ dW
-        DK = mm(cfg, D, k)
-        dx = bw[:, None] * t + b[:, None] * DK  # dXK K = diag(β) D K
+        row, col = (k, x) if authors else (x, k)  # M = row · colᵀ
+        DC = mm(cfg, D, col)
+        dx = bw[:, None] * t
         xt = jnp.sum(x * t, axis=1)
-        # D ⊙ X Kᵀ by its row sums x · (D K) (and E = diag(β) D ⊙ X Kᵀ, dΓ ⊙ Γ of A, by its
-        # row sums β x · (D K) and column sums k · (dXKᵀ X)): no [C, C] X Kᵀ is formed.
-        DXr = jnp.sum(x * DK, axis=1)
+        # D ⊙ M by its row sums row · (D col) (and E = diag(β) D ⊙ M, dΓ ⊙ Γ of A, by its
+        # row sums β row · (D col) and column sums col · (dMᵀ row)): no [C, C] M is formed.
+        DXr = jnp.sum(row * DC, axis=1)
         db = db + DXr + (gam * xt if has_g else xt)
-        dkx = mm(cfg, D, b[:, None] * x, ta=True)  # dXKᵀ X
+        dcol = mm(cfg, D, b[:, None] * row, ta=True)  # dMᵀ row
         if has_g:
-            dG = dG + bw * xt + b * DXr - jnp.sum(k * dkx, axis=1)
-        dk_ref[:, tile(kb, bk)] = dkx + dx
+            dG = dG + bw * xt + b * DXr - jnp.sum(col * dcol, axis=1)
+        if authors:  # d row = dk, d col = dx
+            dx = dx + dcol
+            dk_ref[:, tile(kb, bk)] = b[:, None] * DC + dx
+        else:  # d row = dx, d col = dk
+            dx = dx + b[:, None] * DC
+            dk_ref[:, tile(kb, bk)] = dcol + dx
         if has_lam:
             dq_ref[:, tile(kb, bk)] = lam[:, None] * dx
             dl = dl + jnp.sum(dx * q, axis=1)

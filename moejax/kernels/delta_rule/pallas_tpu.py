@@ -15,6 +15,9 @@ math in `pallas_tpu_kernel.py`):
 4. `intra_bwd_kernel`, grid `(B·H, N)`: with the chunk's start state and end-state gradient,
    recomputes `Tm, W, Ũ, U` and returns dq, dk, dv, dβ, dg, dλ.
 
+`pairing="authors"` (A pairs the row's k with the column's x, as the released Q-Delta kernel
+does) changes only passes 1 and 4 (A and its gradient); its chunk length is 64.
+
 Head dims are zero-padded to multiples of 128 (the lane width), T to N·C (β = 0, g = 0 on the
 padding, which is exact). Every block's last two dims are `(C, D)`, `(C, 1)` or
 `(Dk, block_v)`: multiples of (8, 128) or full, as Mosaic requires. The backward keeps only the
@@ -141,7 +144,8 @@ def _intra_fwd(p: _Prepared, opts: DeltaRuleOptions):
                  jax.ShapeDtypeStruct((BH, N, C, Dvp), jnp.float32))
     flops = BH * N * (2 * C * C * Dkp + C**3 + 2 * C * C * (Dkp + Dvp))
     kernel = functools.partial(pk.intra_fwd_kernel, has_g=p.g is not None,
-                               has_lam=p.lam is not None)
+                               has_lam=p.lam is not None,
+                               authors=opts.uses_authors_pairing(p.lam))
     return _call(kernel, grid=(BH, N), in_specs=[_chunk_spec(a) for a in ins],
                  out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
                  cost=dict(flops=flops, transcendentals=BH * N * C * C if p.g is not None else 0,
@@ -163,7 +167,8 @@ def _intra_bwd(p: _Prepared, states, dhs, dO, opts: DeltaRuleOptions):
     out_shape += [f32(p.b.shape)] * (int(has_g) + int(has_lam))
     flops = BH * N * (C**3 + 2 * C * Dkp * Dvp * 4 + 2 * C * C * (8 * Dkp + 4 * Dvp) + 6 * C**3)
     kernel = functools.partial(pk.intra_bwd_kernel, has_g=has_g, has_lam=has_lam, scale=opts.scale,
-                               block_v=_block_v(opts, Dvp))
+                               block_v=_block_v(opts, Dvp),
+                               authors=opts.uses_authors_pairing(p.lam))
     outs = _call(kernel, grid=(BH, N), in_specs=in_specs,
                  out_specs=[_chunk_spec(s) for s in out_shape], out_shape=out_shape, opts=opts,
                  cost=dict(flops=flops, transcendentals=BH * N * C * C if has_g else 0,

@@ -10,6 +10,10 @@ iota, where, exp, sums, 2-D dot_general, fori_loop. Per chunk of C steps (DESIGN
     W  = Tm diag(βγ) X,  Ũ = Tm diag(β) V,  U = Ũ − W S
     O  = scale (diag(γ) Q S + (Q Kᵀ ⊙ Γ) U),  S' = γ_C S + (diag(d) K)ᵀ U
 
+`authors=True` (`pairing="authors"` with a λ, `chunk.py` "The authors' pairing"): A is
+`strict_tril(diag(β)(K Xᵀ ⊙ Γ))`, the released Q-Delta kernel's pairing (`_wy` and the A part
+of `chunk_bwd`).
+
 Full resets (`exp(g_s) = 0`, e.g. g = −inf) are handled as in `chunk.py`: G sums only the other
 steps' g and a running count of resets zeroes (with `where`) every factor whose span contains
 one, so no `−inf − (−inf)` is formed. Masks are `where`s, never multiplications. The kernels
@@ -141,19 +145,20 @@ def unit_lower_inverse(m: Masks, A):
     return jax.lax.fori_loop(jnp.int32(0), jnp.int32(C), body, _indicator(m.r == m.c))
 
 
-def _wy(m: Masks, q, k, b, g, lam):
-    """The WY pieces that do not involve V: `(x, gates, X Kᵀ, Tm, βγ, W)`."""
+def _wy(m: Masks, q, k, b, g, lam, authors=False):
+    """The WY pieces that do not involve V: `(x, gates, M, Tm, βγ, W)`, M = X Kᵀ (K Xᵀ when
+    `authors`)."""
     x = k if lam is None else k + lam * q
     gt = gates(m, g)
-    XK = dot_nt(x, k)
+    XK = dot_nt(k, x) if authors else dot_nt(x, k)
     Tm = unit_lower_inverse(m, jnp.where(m.strict, b * XK * gt.Gam, 0.0))
     bg = b if gt.gamma is None else b * gt.gamma
     return x, gt, XK, Tm, bg, dot(Tm, bg * x)
 
 
-def intra(m: Masks, q, k, v, b, g, lam):
+def intra(m: Masks, q, k, v, b, g, lam, authors=False):
     """Chunk-local pieces: `(x, gates, Tm, W, Ũ)`; all inputs float32."""
-    x, gt, _, Tm, _, W = _wy(m, q, k, b, g, lam)
+    x, gt, _, Tm, _, W = _wy(m, q, k, b, g, lam, authors)
     return x, gt, Tm, W, dot(Tm, b * v)
 
 
@@ -182,7 +187,8 @@ def chunk_state_bwd(m: Masks, gt: Gates, q, k, W, dO, dS, scale):
     return dS_prev + (dS if gt.gC is None else gt.gC * dS)
 
 
-def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale):
+def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale,
+              authors=False):
     """Gradients of one chunk given its start state S, end-state grad dS and output grad dO.
 
     Everything that involves Dv is done tile by tile (bounded register/VMEM use):
@@ -191,7 +197,7 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale)
 
     Returns `(dq, dk, db, dg, dlam)` (dg/dlam None when g/lam are None), float32.
     """
-    x, gt, XK, Tm, bg, W = _wy(m, q, k, b, g, lam)
+    x, gt, XK, Tm, bg, W = _wy(m, q, k, b, g, lam, authors)
     QK = dot_nt(q, k)
     P = jnp.where(m.incl, QK * gt.Gam, 0.0)
     Kd = k if gt.dec is None else gt.dec * k
@@ -236,12 +242,16 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale)
     db = (xTdW if gt.gamma is None else gt.gamma * xTdW) + dbV
     # Tm = (I + A)⁻¹: dA = −Tmᵀ dTm Tmᵀ (strict lower part)
     dA = jnp.where(m.strict, -dot_nt(dot_tn(Tm, dTm), Tm), 0.0)
-    # A = diag(β) (X Kᵀ ⊙ Γ)
+    # A = diag(β) (X Kᵀ ⊙ Γ) (`authors`: diag(β) (K Xᵀ ⊙ Γ); XK holds that product)
     db = db + jnp.sum(dA * XK * gt.Gam, axis=1, keepdims=True)
     dM = b * dA
     dXK = dM * gt.Gam
-    dx = dx + dot(dXK, k)
-    dk = dk + dot_tn(dXK, x)
+    if authors:
+        dk = dk + dot(dXK, x)
+        dx = dx + dot_tn(dXK, k)
+    else:
+        dx = dx + dot(dXK, k)
+        dk = dk + dot_tn(dXK, x)
     # x = k + λ q
     dk = dk + dx
     dlam = None
@@ -273,7 +283,7 @@ def load_f32(ref, idx=...):
     return ref[idx].astype(jnp.float32)
 
 
-def intra_fwd_kernel(*refs, has_g, has_lam):
+def intra_fwd_kernel(*refs, has_g, has_lam, authors=False):
     q_ref, k_ref, v_ref, b_ref, *rest = refs
     g_ref = rest.pop(0) if has_g else None
     l_ref = rest.pop(0) if has_lam else None
@@ -283,12 +293,12 @@ def intra_fwd_kernel(*refs, has_g, has_lam):
     g = None if g_ref is None else load_f32(g_ref)
     lam = None if l_ref is None else load_f32(l_ref)
     q, k, v, b = map(load_f32, (q_ref, k_ref, v_ref, b_ref))
-    _, _, _, W, Ut = intra(m, q, k, v, b, g, lam)
+    _, _, _, W, Ut = intra(m, q, k, v, b, g, lam, authors)
     w_ref[...] = W
     u_ref[...] = Ut
 
 
-def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v):
+def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v, authors=False):
     q_ref, k_ref, v_ref, b_ref, *rest = refs
     g_ref = rest.pop(0) if has_g else None
     l_ref = rest.pop(0) if has_lam else None
@@ -308,7 +318,8 @@ def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v):
         dv_ref[tile(j)] = dv
 
     dq, dk, db, dg, dl = chunk_bwd(m, q, k, b, g, lam, n_tiles=v_ref.shape[-1] // block_v,
-                                   load_tile=load_tile, store_dv=store_dv, scale=scale)
+                                   load_tile=load_tile, store_dv=store_dv, scale=scale,
+                                   authors=authors)
     dq_ref[...] = dq
     dk_ref[...] = dk
     db_ref[...] = db

@@ -87,3 +87,50 @@ def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, *,
 
     S, o = jax.lax.scan(body, S0, xs)
     return jnp.moveaxis(o, 0, 1), S
+
+
+def delta_rule_authors_scan(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale,
+                            chunk_size=64):
+    """The released Q-Delta chunk kernel's output (`pairing="authors"`), token by token.
+
+    That kernel is not the recurrence (`chunk.py`, "The authors' pairing"): within each chunk of
+    `chunk_size` steps (from step 0 of the call) the writes made earlier in the chunk are read
+    with k_t against x-keys. Per batch and head, with the state S, the decayed chunk-start
+    state P and a chunk-local memory R `[Dk, Dv]` keyed by x (P = S and R = 0 at a chunk start):
+
+        S' = exp(g_t) S,   P' = exp(g_t) P,   R' = exp(g_t) R
+        u_t = beta_t (v_t − P'ᵀ x_t − R'ᵀ k_t)
+        S_t = S' + k_t u_tᵀ,   P_t = P',   R_t = R' + x_t u_tᵀ,   o_t = scale · S_tᵀ q_t
+
+    Sequential and free of matrix inverses: the tests' check on the chunk path and the
+    kernels, and what `impl="reference"` runs with `pairing="authors"`. Without lam (x = k)
+    `R'ᵀ k_t = (S' − P')ᵀ x_t`, so this is the recurrence; `chunk_size=1` is too.
+
+    Args and returns: as `delta_rule_reference`; `chunk_size` the released kernel's 64.
+    """
+    f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
+    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    S0 = jnp.zeros((B, H, Dk, Dv), q.dtype) if initial_state is None else f32(initial_state)
+    tm = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
+    start = jnp.arange(T) % chunk_size == 0
+    xs = (tm(q), tm(k), tm(v), tm(beta), tm(g), tm(lam), start)
+    mv = lambda M, a: jnp.einsum("bhkv,bhk->bhv", M, a, precision=_HIGHEST)
+
+    def body(carry, inp):
+        S, P, R = carry
+        q_t, k_t, v_t, b_t, g_t, l_t, start_t = inp
+        P = jnp.where(start_t, S, P)
+        R = jnp.where(start_t, jnp.zeros_like(R), R)
+        if g_t is not None:
+            d = jnp.exp(g_t)[..., None, None]
+            S, P, R = d * S, d * P, d * R
+        x_t = k_t if l_t is None else k_t + l_t[..., None] * q_t
+        u = b_t[..., None] * (v_t - mv(P, x_t) - mv(R, k_t))
+        S = S + k_t[..., :, None] * u[..., None, :]
+        R = R + x_t[..., :, None] * u[..., None, :]
+        return (S, P, R), scale * mv(S, q_t)
+
+    (S, _, _), o = jax.lax.scan(body, (S0, S0, jnp.zeros_like(S0)), xs)
+    return jnp.moveaxis(o, 0, 1), S
