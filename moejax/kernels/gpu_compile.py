@@ -482,7 +482,9 @@ GMM_SHAPES = tuple((e, 2048, f) for e in (8, 64) for f in (1408, 5632))
 class Case:
     """One function to compile: a Pallas op, forward or gradient, at one shape and dtype."""
 
-    op: str  # "delta_rule[<mode>]" or "gmm[up]" / "gmm[down]"
+    # "delta_rule[<mode>]", "delta_rule[<mode>:authors]" (the released Q-Delta kernel's
+    # pairing, `delta_rule(pairing="authors")`) or "gmm[up]" / "gmm[down]"
+    op: str
     grad: bool
     dtype: str  # "bfloat16" or "float32"
     dims: tuple[int, ...]  # delta_rule: (B, T, H, Dk, Dv, C); gmm: (M, K, N, G)
@@ -543,7 +545,7 @@ class Case:
         if self.op.startswith("delta_rule"):
             from moejax.kernels.delta_rule import delta_rule
 
-            mode = self.op[self.op.index("[") + 1:-1]
+            mode, _, pairing = self.op[self.op.index("[") + 1:-1].partition(":")
             B, T, H, K, V, C = self.dims
             args = [S((B, T, H, K), dt), S((B, T, H, K), dt), S((B, T, H, V), dt),
                     S((B, T, H), dt)]
@@ -552,7 +554,8 @@ class Case:
 
             def fn(*a):
                 return delta_rule(*a[:4], **dict(zip(names, a[4:], strict=True)),
-                                  impl="pallas", chunk_size=C)[0]
+                                  impl="pallas", chunk_size=C,
+                                  pairing=pairing or "recurrence")[0]
 
             n_diff = 3
         else:
@@ -572,8 +575,9 @@ class Case:
 def cases(*, full: bool) -> list[Case]:
     """The compile matrix. `full=False`: forward kernels at one shape (the CI subset: the
     plainest and the fullest delta-rule mode, gmm up-projection), bf16. `full=True`: every
-    mode × head dims × forward/gradient in bf16, fp32 (TF32 dots) and fp32 at 3×TF32, gmm at
-    `GMM_SHAPES` (up and down projections) in bf16 and fp32."""
+    mode × head dims × forward/gradient in bf16, fp32 (TF32 dots) and fp32 at 3×TF32 (gated
+    Q-Delta also with `pairing="authors"`), gmm at `GMM_SHAPES` (up and down projections) in
+    bf16 and fp32."""
     if not full:
         return [Case("delta_rule[deltanet]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
                 Case("delta_rule[gated_qdelta]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
@@ -581,7 +585,7 @@ def cases(*, full: bool) -> list[Case]:
     out = []
     for dtype, fp32 in (("bfloat16", "tf32"), ("float32", "tf32"), ("float32", "tf32x3")):
         for grad in (False, True):
-            for mode in DELTA_RULE_MODES:
+            for mode in (*DELTA_RULE_MODES, "gated_qdelta:authors"):
                 for dk, dv in DELTA_RULE_HEAD_DIMS:
                     out.append(Case(f"delta_rule[{mode}]", grad, dtype, (2, 256, 4, dk, dv, 64),
                                     fp32))
