@@ -3,7 +3,10 @@
 MASS (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"):
 sort `probs = softmax(x W_g^T)` descending and keep an expert while the mass *before* it is
 below p, `mask = (cumsum(sorted) − sorted) < p`, so the first expert is always kept. Weights are
-the probabilities themselves, not renormalised. Axis letters: N tokens, d width, E experts.
+the selected probabilities renormalised to sum to 1 per token, as in the MASS authors' code
+(Park & Park 2025, psmiz/MASS: their tutel gate feeds the probs to a MoE layer built with
+`normalize_gate=True`); `renormalize=False` keeps the raw probabilities. Axis letters: N tokens,
+d width, E experts.
 
 Example:
   >>> cfg = Config(d_model=16, num_experts=4, top_p=0.5)
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routers import base, common, losses
-from moejax.validation import check_int, check_range
+from moejax.validation import check_bool, check_int, check_range
 
 Array = jax.Array
 
@@ -34,11 +37,14 @@ class Config(base.RouterConfig):
       top_p: confidence mass p in (0, 1] (MASS uses 0.5 or 0.3).
       max_k: optional cap on experts per token, 1 ≤ max_k ≤ num_experts (None: no cap).
       load_balance_weight: α of the Switch loss (≥ 0; 0, the default, disables it).
+      renormalize: rescale the selected probabilities to sum to 1 per token (default True, the
+        authors' `normalize_gate=True`); False: the weights are the probabilities themselves.
     """
 
     top_p: float = 0.5
     max_k: int | None = None
     load_balance_weight: float = 0.0
+    renormalize: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -49,6 +55,7 @@ class Config(base.RouterConfig):
                 raise ValueError(f"max_k={self.max_k} must be <= num_experts={self.num_experts}")
         check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
                     lo_open=False, hi_open=True)
+        check_bool("renormalize", self.renormalize)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
@@ -83,7 +90,8 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
       rng: unused.
 
     Returns:
-      `(RouterOutput, state)`; weights are the unrenormalised probs of the selected experts.
+      `(RouterOutput, state)`; weights are the probs of the selected experts, renormalised
+      over them per token when `cfg.renormalize` (0 elsewhere and for non-finite tokens).
     """
     del train, rng
     base.check_input(x, cfg)
@@ -91,7 +99,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     logits = common.mask_inactive(common.gate_logits(params, x), state)
     probs = jax.nn.softmax(logits, axis=-1)
     mask = top_p_mask(probs, cfg.top_p, cfg.max_k) & jnp.isfinite(logits) & valid[:, None]
-    weights = jnp.where(mask, probs, 0.0)
+    weights = common.masked_weights(probs, mask, renormalize=cfg.renormalize)
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     metrics = {"switch_loss": switch,

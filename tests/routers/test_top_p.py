@@ -63,6 +63,7 @@ def test_mass_rule(seed, scale, p, n_zero):
 @given(case=H.cases(), cfg=st.sampled_from([
     top_p.Config(d_model=H.D, num_experts=H.E, top_p=0.5),
     top_p.Config(d_model=H.D, num_experts=H.E, top_p=1.0, max_k=3, load_balance_weight=1e-2),
+    top_p.Config(d_model=H.D, num_experts=H.E, top_p=0.5, renormalize=False),
 ]))
 @H.FAST
 def test_properties(case, cfg):
@@ -71,10 +72,31 @@ def test_properties(case, cfg):
     x = H.make_x(seed, scale=scale)
     out, _ = H.jitted(top_p)(params, state, x, cfg=cfg, train=True)
     w, m, probs = np.asarray(out.weights), np.asarray(out.mask), np.asarray(out.probs)
-    np.testing.assert_array_equal(w[m], probs[m])  # not renormalised
+    assert np.all(w[~m] == 0)
+    if cfg.renormalize:  # the authors' normalize_gate=True: probs / their sum over the selection
+        want = np.where(m, probs, 0.0) / np.where(m, probs, 0.0).sum(-1, keepdims=True)
+        np.testing.assert_allclose(w, want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    else:
+        np.testing.assert_array_equal(w[m], probs[m])
     np.testing.assert_array_equal(m, np.asarray(top_p.top_p_mask(out.probs, cfg.top_p,
                                                                  cfg.max_k)) & active)
     assert top_p.max_assignments(cfg) == (cfg.max_k or H.E)
+
+
+def test_weights_by_hand():
+    # Gate = identity on 3 experts, so probs = softmax(x). x = log(0.5, 0.3, 0.2): p = 0.5 keeps
+    # expert 0 alone -> weight 1 (renormalised) or 0.5 (raw); x = log(0.2, 0.45, 0.35): experts 1
+    # and 2 -> 0.45/0.8, 0.35/0.8 (renormalised) or 0.45, 0.35 (raw).
+    x = jnp.log(jnp.asarray([[0.5, 0.3, 0.2], [0.2, 0.45, 0.35]], jnp.float32))
+    params = {"w_g": jnp.eye(3, dtype=jnp.float32)}
+    want = {True: [[1.0, 0, 0], [0, 0.45 / 0.8, 0.35 / 0.8]],
+            False: [[0.5, 0, 0], [0, 0.45, 0.35]]}
+    for renorm in (True, False):
+        cfg = top_p.Config(d_model=3, num_experts=3, top_p=0.5, renormalize=renorm)
+        out, _ = top_p.route(params, {}, x, cfg=cfg, train=True)
+        np.testing.assert_allclose(np.asarray(out.weights), want[renorm], rtol=1e-5, atol=1e-7)
+    assert top_p.Config(d_model=3, num_experts=3).renormalize  # the authors' default
 
 
 def test_loss():
@@ -89,6 +111,7 @@ def test_loss():
     ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"top_p": -0.1}, "top_p"),
     ({"max_k": 0}, "max_k"), ({"max_k": 5}, "max_k"), ({"load_balance_weight": -1.0},
                                                        "load_balance_weight"),
+    ({"renormalize": 1}, "renormalize"), ({"renormalize": "False"}, "renormalize"),
 ])
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
