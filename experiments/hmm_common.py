@@ -5,7 +5,11 @@ A small MoE language model is trained on GINC-style mixture-of-HMM sequences
 its routing is measured against that label. What lives here:
 
   ROUTERS / lm_config   named router variants (the experiment's names, e.g. `topk_switch`) and
-                        the `LMConfig` of the small model for one of them
+                        the `LMConfig` of the small model for one of them, optionally under a
+                        routing recipe (RECIPES: `synthetic` top-2 without aux loss, `lm` the
+                        authors' top-1 + Switch 1e-2) with extra STAR options
+  ModelSpec.gate_init   every router's gate N(0, 0.01²) (`authors`, default; `init_state` /
+                        `train(gate_std=)` rescale the non-STAR gates) or std d^-1/2 (`library`)
   train_batches, batches  a seed's training stream, and fixed labelled eval batches (numpy
                         dicts; pass `dataclasses.replace(hmm_cfg, shift=λ)` for shifted data)
   train                 a seed's model trained by the library loop (`loop.fit`), with an
@@ -17,8 +21,9 @@ its routing is measured against that label. What lives here:
 
     spec = ModelSpec()
     hmm_cfg = hmm.HMMConfig()
-    cfg = lm_config("star", spec, hmm_cfg, eta=5e-5)
-    state = train(cfg, TrainSpec(steps=300), hmm_cfg, seed)        # a loop.TrainState
+    cfg = lm_config("star", spec, hmm_cfg, eta=5e-5, recipe="synthetic")
+    state = train(cfg, TrainSpec(steps=600), hmm_cfg, seed,
+                  gate_std=gate_std(spec))                          # a loop.TrainState
     val = batches(hmm_cfg, split="val", seed=12345, batch_size=32, num_batches=4)
     ev = evaluate(state.params, state.model_state, cfg, val, num_labels=hmm_cfg.num_labels)
     ev["mi"], ev["load_entropy"], ev["val_loss"]
@@ -71,6 +76,21 @@ ROUTERS: dict[str, tuple[str, dict[str, Any]]] = {
 ROUTER_NAMES = tuple(ROUTERS)
 LABEL_KEYS = ("label", "state", "concept")
 
+# The two routing recipes STAR is compared under (the same for STAR and top-k): the authors'
+# synthetic setting (top-2, no aux loss) and their LM pre-training (`lm_recipe` of
+# `moejax.routers.star`: top-1, Switch loss 1e-2 on the router's probabilities, no z-loss).
+# `top_k` replaces `ModelSpec.top_k`; `load_balance_weight` is set on "topk" and "star" (the
+# other routers keep their own balancing).
+RECIPES: dict[str, dict[str, Any]] = {
+    "synthetic": {"top_k": 2, "load_balance_weight": 0.0},
+    "lm": {"top_k": 1, "load_balance_weight": 1e-2},
+}
+# Router gate inits: "authors" — every router's W_g ~ N(0, 0.01²) (their `--init-method-std
+# 0.01` applies to every Megatron router, STAR's and the baselines'); "library" — std d^-1/2
+# (moejax's top-k init; STAR with `gate_init_std=None`).
+GATE_INITS = ("authors", "library")
+AUTHORS_GATE_STD = 0.01
+
 
 def num_labels(hmm_cfg: hmm.HMMConfig, label_key: str) -> int:
     """How many values the latent label `label_key` (one of LABEL_KEYS) takes."""
@@ -84,10 +104,19 @@ def check_router(name: str) -> None:
         raise ValueError(f"unknown router {name!r}; valid routers: {', '.join(ROUTER_NAMES)}")
 
 
-def check_eta(eta: float) -> None:
-    """Raises ValueError unless `eta` (STAR's GHA step size) is a number > 0."""
-    if isinstance(eta, bool) or not isinstance(eta, int | float) or not eta > 0:
-        raise ValueError(f"eta (STAR's GHA step size) must be a number > 0, got {eta!r}")
+def check_eta(eta: float, *, allow_zero: bool = True) -> None:
+    """Raises ValueError unless `eta` (STAR's GHA step size) is a number ≥ 0 (> 0 without
+    `allow_zero`; η = 0 is the frozen-random-V control)."""
+    bad = isinstance(eta, bool) or not isinstance(eta, int | float) or not eta >= 0
+    if bad or (not allow_zero and eta == 0):
+        want = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"eta (STAR's GHA step size) must be a number {want}, got {eta!r}")
+
+
+def check_recipe(recipe: str | None) -> None:
+    """Raises ValueError unless `recipe` is None or one of RECIPES."""
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {tuple(RECIPES)} (or None), got {recipe!r}")
 
 
 def router_label(name: str, eta: float | None = None) -> str:
@@ -111,21 +140,31 @@ class ModelSpec:
     num_experts: int = 8
     top_k: int = 2
     mixer: str = "softmax"
+    gate_init: str = "authors"
+
+    def __post_init__(self):
+        if self.gate_init not in GATE_INITS:
+            raise ValueError(f"gate_init must be one of {GATE_INITS}, got {self.gate_init!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class TrainSpec:
-    """Optimiser and batch settings (AdamW, warmup + cosine; see `moejax.train.loop`)."""
+    """Optimiser and batch settings (AdamW, warmup + cosine; see `moejax.train.loop`).
+
+    `weight_decay` (0.01, Megatron's default in the authors' runs) decays every matrix, STAR's
+    free `R` included (`moejax.train.optim`'s mask), and no vector (σ(a), norms).
+    """
 
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3
     warmup_steps: int = 30
+    weight_decay: float = 0.01
 
     def train_config(self, seq_len: int) -> loop.TrainConfig:
         return loop.TrainConfig(steps=self.steps, lr=self.lr, batch_size=self.batch_size,
                                 warmup_steps=min(self.warmup_steps, self.steps),
-                                seq_len=seq_len, weight_decay=0.0)
+                                seq_len=seq_len, weight_decay=self.weight_decay)
 
 
 # The paper-scale (`--full`) model, training and data shared by routing_hmm and star_shift.
@@ -138,33 +177,47 @@ FULL_SETTING = dict(
 
 
 def lm_config(router: str, spec: ModelSpec, hmm_cfg: hmm.HMMConfig, *, eta: float | None = None,
-              test_time_update: bool = False) -> lm.LMConfig:
+              test_time_update: bool = False, recipe: str | None = None,
+              star_options: Mapping[str, Any] | None = None) -> lm.LMConfig:
     """The `LMConfig` of the small model routed by `router` (a name in ROUTERS).
 
     Args:
-      router: experiment router name; `"star"` needs `eta`.
-      spec: model sizes.
+      router: experiment router name; `"star"` needs `eta` (≥ 0; 0 = frozen random V).
+      spec: model sizes and the gate init (`spec.gate_init`; for routers other than STAR the
+        "authors" init is applied by `init_state`, STAR gets `gate_init_std`).
       hmm_cfg: the data (vocabulary and sequence length).
-      eta: STAR's GHA step size (> 0); ignored by other routers.
+      eta: STAR's GHA step size; ignored by other routers.
       test_time_update: STAR only: take the GHA step at eval (`train=False`) too. Params and
         state have the same structure either way, so a trained model can be re-run with it.
+      recipe: None (`spec.top_k`, the routers' own kwargs) or a name in RECIPES: its `top_k`
+        for every router, its `load_balance_weight` for "topk" and "star".
+      star_options: extra `moejax.routers.star.Config` fields (e.g. `v_dtype`, `gha_steps`).
 
     Raises:
-      ValueError: unknown router (the message lists the valid ones), eta ≤ 0 for STAR, or
-        test_time_update for a router other than STAR.
+      ValueError: unknown router (the message lists the valid ones) or recipe, a bad eta for
+        STAR, or test_time_update / star_options for a router other than STAR.
     """
     check_router(router)
+    check_recipe(recipe)
     base_name, kwargs = ROUTERS[router]
     kwargs = dict(kwargs)
+    top_k = spec.top_k
+    if recipe is not None:
+        top_k = RECIPES[recipe]["top_k"]
+        if router in ("topk", "star"):
+            kwargs["load_balance_weight"] = RECIPES[recipe]["load_balance_weight"]
     if router == "star":
         check_eta(eta)
-        kwargs.update(eta=float(eta), test_time_update=bool(test_time_update))
-    elif test_time_update:
-        raise ValueError(f"test_time_update is a STAR option; router {router!r} has none")
+        kwargs.update(eta=float(eta), test_time_update=bool(test_time_update),
+                      gate_init_std=AUTHORS_GATE_STD if spec.gate_init == "authors" else None)
+        kwargs.update(star_options or {})
+    elif test_time_update or star_options:
+        raise ValueError(f"test_time_update and star_options are STAR options; router "
+                         f"{router!r} has none")
     return lm.LMConfig(vocab_size=hmm_cfg.vocab_size, d_model=spec.d_model,
                        num_layers=spec.num_layers, num_heads=spec.num_heads,
                        head_dim=spec.head_dim, d_ff=spec.d_ff, mixer=spec.mixer,
-                       moe=dict(num_experts=spec.num_experts, top_k=spec.top_k, router=base_name,
+                       moe=dict(num_experts=spec.num_experts, top_k=top_k, router=base_name,
                                 router_kwargs=tuple(sorted(kwargs.items()))),
                        max_seq_len=max(hmm_cfg.seq_len, 8), chunk_size=min(64, hmm_cfg.seq_len))
 
@@ -199,27 +252,49 @@ def model_batch(batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def init_state(cfg: lm.LMConfig, train: TrainSpec, seq_len: int, seed: int, *,
-               mesh: Mesh | None = None) -> loop.TrainState:
+               mesh: Mesh | None = None, gate_std: float | None = None) -> loop.TrainState:
     """A fresh `loop.TrainState` for `cfg` (init key `jax.random.key(seed)`; the compiled init
-    is shared by the seeds) on `mesh` (default one device)."""
-    return loop.init_state(lm, cfg, train.train_config(seq_len), jax.random.key(seed), mesh=mesh)
+    is shared by the seeds) on `mesh` (default one device).
+
+    `gate_std`: if given, the `w_g` of every MoE router other than STAR (whose config draws its
+    own) is rescaled from the library's N(0, 1/d) to N(0, gate_std²) — the same draw, scaled by
+    `gate_std·√d` (the optimizer's moments start at 0 whatever the values).
+    """
+    state = loop.init_state(lm, cfg, train.train_config(seq_len), jax.random.key(seed),
+                            mesh=mesh)
+    if gate_std is None or cfg.moe is None or cfg.moe.router == "star":
+        return state
+    scale = gate_std * cfg.d_model**0.5
+    blocks = [dict(b) for b in state.params["blocks"]]
+    for b in blocks:
+        router = b.get("ffn", {}).get("router") if isinstance(b.get("ffn"), dict) else None
+        if router is not None and "w_g" in router:
+            b["ffn"] = {**b["ffn"], "router": {**router, "w_g": router["w_g"] * scale}}
+    return dataclasses.replace(state, params={**state.params, "blocks": blocks})
+
+
+def gate_std(spec: ModelSpec) -> float | None:
+    """The `init_state(gate_std=)` of `spec.gate_init` (None: the library's init)."""
+    return AUTHORS_GATE_STD if spec.gate_init == "authors" else None
 
 
 def train(cfg: lm.LMConfig, train_spec: TrainSpec, hmm_cfg: hmm.HMMConfig, seed: int, *,
-          callback=None, mesh: Mesh | None = None) -> loop.TrainState:
+          callback=None, mesh: Mesh | None = None,
+          gate_std: float | None = None) -> loop.TrainState:
     """Trains a fresh model on the un-shifted `hmm_cfg` stream of `seed` with the library loop
     (`loop.fit`; the seeds of a config share one compiled step; router state — aux-free bias,
     STAR's V — is updated inside the step).
 
     `callback(step, state, metrics)`, if given, runs before the first step (step 0, metrics
     None) and after every step (metrics: the step's device metrics). `mesh`: where it trains
-    (default one device; batch rows split over its data×fsdp).
+    (default one device; batch rows split over its data×fsdp). `gate_std`: as `init_state`'s.
     """
     tcfg = train_spec.train_config(hmm_cfg.seq_len)
     data = (model_batch(b) for b in train_batches(hmm_cfg, seed=seed,
                                                   batch_size=train_spec.batch_size,
                                                   steps=train_spec.steps))
-    return loop.fit(init_state(cfg, train_spec, hmm_cfg.seq_len, seed, mesh=mesh), data,
+    state = init_state(cfg, train_spec, hmm_cfg.seq_len, seed, mesh=mesh, gate_std=gate_std)
+    return loop.fit(state, data,
                     model=lm, model_cfg=cfg, train_cfg=tcfg,
                     rng=jax.random.key(seed + 1_000_003), callback=callback, mesh=mesh).state
 

@@ -9,7 +9,9 @@ There are C concepts; concept `c` is an HMM with S hidden states over V tokens:
     `num_successors - 1` other random states — with Dirichlet weights;
   * emissions `emission[c, s]`: `[V]`, non-zero on `emission_support` random tokens, Dirichlet
     weights. Supports are drawn independently per (concept, state), so concepts share the
-    vocabulary but differ in which tokens each state can produce.
+    vocabulary but differ in which tokens each state can produce (GINC's setting, the default).
+    With `disjoint_vocab=True` concept `c` emits only from its own slice of `V // C` tokens,
+    `[c·(V // C), (c + 1)·(V // C))` (a control: the concept is then readable from any token).
 
 All parameters are a pure function of `world_seed`, so the train and test streams (and every seed)
 see the same concepts. A sequence draws its concept uniformly (or takes the one asked for), then a
@@ -19,7 +21,8 @@ routing-specialisation studies.
 
 Shift (test-time adaptation): with `shift = λ ∈ [0, 1]` the emissions become
 `(1 - λ) * emission + λ * emission_alt`, where `emission_alt` is a second sparse table drawn from
-`(world_seed, shift_seed)` in the same way. Initial and transition probabilities are unchanged, so
+`(world_seed, shift_seed)` in the same way (with `disjoint_vocab`, in the same slices). Initial
+and transition probabilities are unchanged, so
 the latent labels keep their meaning while the surface tokens move. `λ = 0` is the original data.
 
 Axis letters: B batch, T sequence length, C concepts, S states, V vocabulary.
@@ -36,8 +39,8 @@ import grain
 import numpy as np
 
 from moejax.data.pipeline import example_rng, synthetic_dataset
+from moejax.validation import check_bool, check_range
 from moejax.validation import check_int as _check_int
-from moejax.validation import check_range
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,6 +58,8 @@ class HMMConfig:
       world_seed: seed of the HMM parameters (not of the sampled sequences), ≥ 0.
       shift: emission shift λ in [0, 1] (see the module docstring).
       shift_seed: seed of the alternative emission table used by `shift`, ≥ 0.
+      disjoint_vocab: give each concept its own slice of `V // C` tokens (needs
+        `emission_support ≤ V // C`); False (default): concepts share the vocabulary.
     """
 
     num_concepts: int = 4
@@ -67,6 +72,7 @@ class HMMConfig:
     world_seed: int = 0
     shift: float = 0.0
     shift_seed: int = 1
+    disjoint_vocab: bool = False
 
     def __post_init__(self):
         _check_int("num_concepts", self.num_concepts, lo=1)
@@ -79,6 +85,10 @@ class HMMConfig:
         _check_int("shift_seed", self.shift_seed, lo=0)
         check_range("concentration", self.concentration, 0.0, math.inf, hi_open=True)
         check_range("shift", self.shift, 0.0, 1.0, lo_open=False)
+        check_bool("disjoint_vocab", self.disjoint_vocab)
+        if self.disjoint_vocab:
+            _check_int("emission_support", self.emission_support, lo=1,
+                       hi=self.vocab_size // self.num_concepts)
 
     @property
     def num_labels(self) -> int:
@@ -118,8 +128,15 @@ def _sparse_rows(rng, n_rows: int, width: int, k: int, alpha: float, forced=None
 
 def _emission_table(cfg: HMMConfig, rng: np.random.Generator) -> np.ndarray:
     C, S, V = cfg.num_concepts, cfg.num_states, cfg.vocab_size
-    rows = _sparse_rows(rng, C * S, V, cfg.emission_support, cfg.concentration)
-    return rows.reshape(C, S, V)
+    if not cfg.disjoint_vocab:
+        rows = _sparse_rows(rng, C * S, V, cfg.emission_support, cfg.concentration)
+        return rows.reshape(C, S, V)
+    width = V // C
+    out = np.zeros((C, S, V))
+    for c in range(C):
+        out[c, :, c * width:(c + 1) * width] = _sparse_rows(rng, S, width, cfg.emission_support,
+                                                           cfg.concentration)
+    return out
 
 
 @functools.lru_cache(maxsize=16)

@@ -103,6 +103,29 @@ def test_shift_changes_emissions_only():
     assert outside > 0
 
 
+def test_disjoint_vocab_gives_each_concept_its_own_slice():
+    cfg = dataclasses.replace(CFG, disjoint_vocab=True)  # V // C = 13 tokens per concept
+    for shift in (0.0, 1.0):
+        p = make_hmm_params(dataclasses.replace(cfg, shift=shift))
+        np.testing.assert_allclose(p.emission.sum(-1), 1.0, rtol=1e-12)
+        support = p.emission.sum(1) > 0  # [C, V]
+        for c in range(3):
+            assert set(np.flatnonzero(support[c])) <= set(range(13 * c, 13 * (c + 1)))
+        if shift == 0.0:
+            assert np.all((p.emission > 0).sum(-1) == CFG.emission_support)
+    for i in range(10):
+        ex = hmm_example(cfg, seed=0, split="train", index=i)
+        c = int(ex["concept"][0])
+        assert np.all(ex["inputs"] // 13 == c)
+    # The overlapping default shares tokens across concepts (and is unchanged by the option).
+    shared = make_hmm_params(CFG).emission.sum(1) > 0
+    assert np.any(shared.sum(0) > 1)
+    with pytest.raises(ValueError, match="emission_support"):
+        HMMConfig(num_concepts=4, vocab_size=64, emission_support=17, disjoint_vocab=True)
+    with pytest.raises(ValueError, match="disjoint_vocab"):
+        HMMConfig(disjoint_vocab=1)
+
+
 def test_deterministic_per_seed_and_resumes_exactly():
     kw = dict(split="train", seed=5, batch_size=4, num_examples=9)
     a = [next(it) for it in [iterator(make_hmm_dataset(CFG, **kw))] for _ in range(3)]

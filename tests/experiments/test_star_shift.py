@@ -21,6 +21,7 @@ TINY = dict(model=hc.ModelSpec(d_model=16, num_layers=1, num_heads=1, head_dim=8
 def tiny(**kw) -> ss.ExperimentConfig:
     return ss.ExperimentConfig(**{**TINY, "seeds": (0,), "shifts": (0.0, 1.0), "eta": 5e-5,
                                   "tta_etas": (5e-3,), "baseline": "topk", "stream_batches": 3,
+                                  "eval_every": 2,
                                   "stream_batch_size": 4, "heldout_batches": 2,
                                   "heldout_batch_size": 4, **kw})
 
@@ -29,7 +30,9 @@ def tiny(**kw) -> ss.ExperimentConfig:
 def test_end_to_end_then_rerun_skips_done_cells(tmp_path, monkeypatch):
     cfg = tiny()
     out = ss.run(cfg, str(tmp_path), progress=False)
-    cells = {(c["variant"], c["shift"]): c for c in out["cells"]}
+    cells = {(c["variant"], c["shift"]): c for c in out["cells"] if c.get("kind") != "training"}
+    curves = {c["model"]: c["curve"] for c in out["cells"] if c.get("kind") == "training"}
+    assert set(curves) == {"star", "topk"} and curves["star"]["step"] == [0, 2, 4]
     assert set(cells) == {(v, lam) for v in ("topk_frozen", "star_frozen", "star_tta_eta0.005")
                           for lam in (0.0, 1.0)}
     for lam in (0.0, 1.0):
@@ -41,8 +44,13 @@ def test_end_to_end_then_rerun_skips_done_cells(tmp_path, monkeypatch):
     assert (cells["topk_frozen", 1.0]["before"]["val_loss"]
             != cells["topk_frozen", 0.0]["before"]["val_loss"])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert saved["experiment"] == "star_shift" and len(saved["cells"]) == 6
-    assert set(saved["summary"]) == {"topk_frozen", "star_frozen", "star_tta_eta0.005"}
+    assert saved["experiment"] == "star_shift" and len(saved["cells"]) == 6 + 2  # + training
+    summary = saved["summary"]
+    assert set(summary["variants"]) == {"topk_frozen", "star_frozen", "star_tta_eta0.005"}
+    assert summary["training"]["star"]["step"] == [0, 2, 4]
+    assert summary["plateau"]["model"] in ("star", "topk")
+    d = summary["variants"]["star_tta_eta0.005"]["1"]["delta_vs_star_frozen"]
+    assert d["n"] == 1 and d["verdict"] == "not separated"  # one seed: no interval
     assert (tmp_path / ss.PLOT).stat().st_size > 0
 
     monkeypatch.setattr(ss.hc, "train", lambda *a, **k: pytest.fail("retrained a done seed"))
@@ -91,6 +99,23 @@ def test_a_two_device_mesh_gives_the_one_device_results(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_summary_pairs_tta_with_frozen_star_per_seed():
+    def cell(variant, seed, loss, lam=1.0):
+        ev = {m: 0.0 for m in ss.METRICS} | {"val_loss": loss}
+        return {"variant": variant, "seed": seed, "shift": lam, "stream": ev, "before": ev,
+                "after": ev, "v_shift": 0.0}
+
+    cells = [*(cell("star_frozen", s, v) for s, v in enumerate([5.0, 5.1, 5.2, 5.0, 5.3])),
+             *(cell("star_tta_eta0.005", s, v) for s, v in enumerate([4.9, 5.0, 5.1, 4.95,
+                                                                      5.2])),
+             *(cell("topk_frozen", s, 5.0) for s in range(5))]
+    s = ss.summarize(cells)["variants"]["star_tta_eta0.005"]["1"]
+    d = s["delta_vs_star_frozen"]
+    assert d["signs"] == ["-"] * 5 and d["diff_mean"] == pytest.approx(-0.09)
+    assert d["verdict"] == "reproduced" and d["hi"] < 0
+    assert s["delta_vs_topk_frozen"]["signs"] == ["-", "0", "+", "-", "+"]
+
+
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="eta"):
         tiny(eta=0.0)
@@ -102,6 +127,8 @@ def test_bad_inputs(tmp_path):
         tiny(baseline="star")
     with pytest.raises(ValueError, match="shift"):
         tiny(shifts=(0.0, 1.5))
+    with pytest.raises(ValueError, match="recipe"):
+        tiny(recipe="paper")
     ResultsFile(tmp_path, "routing_hmm", fixed={}).write()
     with pytest.raises(ValueError, match="experiment 'routing_hmm', not 'star_shift'"):
         ss.run(tiny(), str(tmp_path), progress=False)

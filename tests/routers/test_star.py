@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from moejax.routers import star
 from tests.routers import helpers_p as H
 
-CFG = star.Config(d_model=H.D, num_experts=H.E, top_k=2)
+CFG = star.Config(d_model=H.D, num_experts=H.E, top_k=2, orthogonal_r=True)
 CFG_FREE = star.Config(d_model=H.D, num_experts=H.E, top_k=1, orthogonal_r=False,
                        gha_only=True, load_balance_weight=1e-2, eta=1e-2)
 CFG_ETA = star.Config(d_model=H.D, num_experts=H.E, eta=0.1, orthogonal_r=False)
@@ -37,9 +37,9 @@ def test_properties(case, cfg_train):
     np.testing.assert_allclose(float(out.metrics["mix_mean"]), 0.5)  # a = 0 at init
 
 
-# d = 8 > E = 3 (orthonormal V rows); η large so a few hundred GHA steps converge. R plays no
-# part in the GHA step, so the free R avoids compiling expm again.
-CFG_GHA = star.Config(d_model=8, num_experts=3, top_k=1, eta=0.02, orthogonal_r=False)
+# d = 8 > E = 3; η large so a few hundred GHA steps converge. R plays no part in the GHA step,
+# so the (default) free R avoids compiling expm again.
+CFG_GHA = star.Config(d_model=8, num_experts=3, top_k=1, eta=0.02)
 
 
 def test_init():
@@ -47,10 +47,41 @@ def test_init():
     params, state = H.setup(star, CFG, 0)
     v = np.asarray(state["v"])
     np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-6)  # E > d: unit rows
-    params, state = H.setup(star, CFG_GHA, 0)
-    v, r = np.asarray(state["v"]), np.asarray(star.rotation(params, CFG_GHA))
-    np.testing.assert_allclose(v @ v.T, np.eye(3), atol=1e-5)  # orthonormal rows (QR)
-    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-5)  # free R: orthogonal init
+    np.testing.assert_array_equal(star.rotation(params, CFG), np.eye(H.E))  # P = 0: R = I
+    # The authors' defaults: W_g ~ N(0, 0.01²), free R with orthogonal init, V = normalise(randn)
+    # (unit rows, not orthogonal to each other).
+    cfg = star.Config(d_model=64, num_experts=8)
+    params, state = H.setup(star, cfg, 0)
+    assert set(params) == {"w_g", "r", "a"} and state["v"].dtype == np.float32
+    np.testing.assert_allclose(np.std(np.asarray(params["w_g"])), 0.01, rtol=0.1)
+    r, v = np.asarray(params["r"]), np.asarray(state["v"])
+    np.testing.assert_allclose(r @ r.T, np.eye(8), atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=-1), 1.0, rtol=1e-6)
+    assert np.abs(v @ v.T - np.eye(8)).max() > 0.1  # independent random rows
+    # The old options: 1/√d gate, orthonormal V by QR.
+    old = dataclasses.replace(cfg, gate_init_std=None, v_init="orthonormal")
+    params, state = H.setup(star, old, 0)
+    np.testing.assert_allclose(np.std(np.asarray(params["w_g"])), 64**-0.5, rtol=0.1)
+    v = np.asarray(state["v"])
+    np.testing.assert_allclose(v @ v.T, np.eye(8), atol=1e-5)
+    # bf16 storage: the same normalised rows, rounded.
+    bf = dataclasses.replace(cfg, v_dtype="bfloat16")
+    _, state_bf = H.setup(star, bf, 0)
+    _, state_f = H.setup(star, cfg, 0)
+    assert state_bf["v"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(state_bf["v"], state_f["v"].astype(jnp.bfloat16))
+
+
+def test_lm_recipe():
+    cfg = star.lm_recipe(64, 8)
+    assert (cfg.top_k, cfg.load_balance_weight, cfg.eta, cfg.renormalize) == (1, 1e-2, 5e-5,
+                                                                             False)
+    assert (cfg.v_dtype, cfg.gha_steps, cfg.gate_init_std, cfg.orthogonal_r) == (
+        "float32", 1, 0.01, False)
+    quirks = star.lm_recipe(64, 8, quirks=True, eta=0.0)
+    assert (quirks.v_dtype, quirks.gha_steps, quirks.eta) == ("bfloat16", 2, 0.0)
+    with pytest.raises(ValueError, match="quirks"):
+        star.lm_recipe(64, 8, quirks=1)
 
 
 def test_gha_step_by_hand():
@@ -62,6 +93,53 @@ def test_gha_step_by_hand():
     x = jnp.array([[1.0, 1.0], [jnp.nan, 0.0], [jnp.inf, 1.0]])
     v = jax.jit(star.gha_step, static_argnames="eta")(jnp.eye(2), x, eta=0.5)
     np.testing.assert_allclose(v, [[1 / 1.25**0.5, 0.5 / 1.25**0.5], [0.0, 1.0]], rtol=1e-6)
+
+
+def test_bf16_storage_loses_small_steps():
+    # One row v = (0.6, 0.8) (exact in bf16? no: 0.6 rounds to 0.6015625), one token x = (1, 0):
+    # y = v_1, Δv = y (x − y v). At η = 1e-4 the step (≈ 4e-5) is far below half a bf16 ulp of
+    # the entries (2^-9), so the bf16 buffer never changes while the float32 one does.
+    gha = jax.jit(star.gha_step, static_argnames=("eta", "dtype"))
+    v0, x = jnp.array([[0.6, 0.8]]), jnp.array([[1.0, 0.0]])
+    v_bf = v0.astype(jnp.bfloat16)
+    out = gha(v_bf, x, eta=1e-4, dtype=jnp.bfloat16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(out, v_bf)
+    assert np.abs(np.asarray(gha(v0, x, eta=1e-4)) - np.asarray(v0)).max() > 1e-5
+    # A large step: the float32 step from the bf16 values, rounded after the add and the
+    # normalisation (computed here by hand in float64).
+    v = np.asarray(v_bf, np.float64)
+    y = v @ x[0]
+    s = v + 0.5 * y * (np.asarray(x[0]) - y * v)
+    s = np.asarray(jnp.asarray(s, jnp.float32).astype(jnp.bfloat16), np.float64)
+    want = jnp.asarray(s / np.linalg.norm(s), jnp.float32).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(gha(v_bf, x, eta=0.5, dtype=jnp.bfloat16), want)
+
+
+def test_gha_steps_and_routing_order():
+    # gha_steps=2 is two steps on the same tokens; the routing of that forward uses the updated
+    # V (the same weights as an eval forward from the updated state); η = 0 never moves V.
+    cfg = dataclasses.replace(CFG_ETA, gha_steps=2)
+    params, state = H.setup(star, cfg, 0)
+    x = H.make_x(9)
+    gha = jax.jit(star.gha_step, static_argnames="eta")
+    want = gha(gha(state["v"], x, eta=cfg.eta), x, eta=cfg.eta)
+    out, new_state = H.jitted(star)(params, state, x, cfg=cfg, train=True)
+    np.testing.assert_allclose(new_state["v"], want, atol=1e-6)
+    assert np.abs(np.asarray(want) - np.asarray(gha(state["v"], x, eta=cfg.eta))).max() > 1e-3
+    ref, _ = H.jitted(star)(params, {**state, "v": want}, x, cfg=cfg, train=False)
+    np.testing.assert_allclose(out.weights, ref.weights, atol=1e-6)
+    frozen = dataclasses.replace(cfg, eta=0.0)
+    _, still = H.jitted(star)(params, state, x, cfg=frozen, train=True)
+    np.testing.assert_array_equal(still["v"], state["v"])
+
+
+def test_overflowing_step_keeps_v():
+    # Finite tokens whose products overflow float32: the step is skipped, V stays finite.
+    v = jnp.eye(2)
+    x = jnp.array([[1e30, 1e30], [1.0, 0.0]])
+    out = jax.jit(star.gha_step, static_argnames="eta")(v, x, eta=0.1)
+    np.testing.assert_array_equal(out, v)
 
 
 def test_gha_converges_to_principal_subspace():
@@ -143,7 +221,9 @@ def test_global_means_over_axis_name():
 
 
 @pytest.mark.parametrize("kwargs, field", [
-    ({"eta": 0.0}, "eta"), ({"eta": -1e-3}, "eta"), ({"orthogonal_r": 1}, "orthogonal_r"),
+    ({"eta": -1e-3}, "eta"), ({"eta": float("nan")}, "eta"), ({"orthogonal_r": 1}, "orthogonal_r"),
+    ({"gate_init_std": 0.0}, "gate_init_std"), ({"v_init": "qr"}, "v_init"),
+    ({"v_dtype": "float16"}, "v_dtype"), ({"gha_steps": 0}, "gha_steps"),
     ({"test_time_update": None}, "test_time_update"), ({"axis_name": 3}, "axis_name"),
     ({"load_balance_weight": -1.0}, "load_balance_weight"), ({"axis_name": ("data", 1)},
                                                               "axis_name"),
