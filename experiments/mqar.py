@@ -1,46 +1,62 @@
-r"""Zoology MQAR (multi-query associative recall): accuracy against model width, per mixer.
+r"""Zoology MQAR (multi-query associative recall): does Q-Delta recall as well as Gated DeltaNet?
 
 Arora et al. (2023, arXiv:2312.04927) train 2-layer LMs on MQAR (DESIGN §8: `n_kv` key-value
 pairs, then the keys again as queries) and report, per sequence length L, the exact-match
 accuracy at the answer positions against the model width d, taking the best learning rate of a
-small sweep (`logspace(-4, -2)`). This script does the same for the delta-rule mixers and
-softmax attention: every (mixer, d_model, (L, n_kv), lr, seed) cell trains a fresh 2-layer LM
-(`ffn="dense"`, tied embeddings, vocabulary = the MQAR vocabulary) with the library loop
-(`moejax.train.loop.fit`: AdamW, linear warmup, cosine decay, clipping; the learning rates of a
-model shape share one compiled step).
+small sweep (`logspace(-4, -2)`). Every (mixer, d_model, (L, n_kv), lr, seed) cell here trains a
+fresh 2-layer LM (a SwiGLU FFN of width 2d; `--ffn=none` drops it, as Zoology's; tied embeddings,
+vocabulary = the MQAR vocabulary, the Q-Delta authors' N(0, 0.02²) init unless --init_std says
+otherwise) with the library loop
+(`moejax.train.loop.fit`: AdamW, linear warmup, cosine decay to 0.1×, clipping; the learning
+rates and seeds of a model shape share one compiled step).
 
 The loss and the logits are computed only at the `n_kv` answer positions of each example
 (`lm.apply(..., positions=answer_positions)`, `[B, n_kv, V]` logits; never `[B, L, V]`).
-Accuracy is the share of answers whose arg-max logit is the right value. Each cell reports it on
-two held-out splits: `val_acc` picks the best learning rate of a (mixer, d_model, L, n_kv)
-group, `test_acc` is the number reported for that lr (the plot, the summary and the README
-table), so the lr choice is not fitted on the reported examples. Chance is 1 / (V/2).
+Accuracy is the share of answers whose arg-max logit is the right value. Every `eval_every`
+steps a cell records its accuracy on the val split (the learning curve); at the end it is
+measured on the whole val and test splits. `val_acc` (mean over seeds) picks each mixer's
+learning rate per (d_model, L, n_kv); `test_acc` at that lr is the reported number, so the lr
+choice is not fitted on the reported examples. Chance is 1 / (V/2).
 
-Claim under test (Q-Delta's): Q-Delta recalls at least as well as DeltaNet and Gated DeltaNet at
-equal width.
+Claim under test (Q-Delta's): Q-Delta recalls at least as well as Gated DeltaNet at equal width.
+The authors' Q-Delta is gated, so the claim compares `gated_qdelta` with `gated_deltanet`;
+ungated `qdelta` against `deltanet` (moejax's extension) is reported apart when both are in
+the sweep. Each comparison is paired per seed (same seed = same init key, data and batch order)
+at each mixer's own best lr: `experiments.stats.compare` gives the mean difference of test
+accuracy with its 95 % Student-t interval, the per-seed signs and the verdict ("reproduced"
+only when the interval lies above 0). Convergence: `experiments.stats.plateau` on the baseline's
+mean val-accuracy curve says whether it stopped improving over the last 20 % of the run.
 
-The default is a reduced CPU setting, sized to finish in about ten minutes on a quiet 2-core CPU
-while still showing recall: vocabulary 256 instead of 8192, one setting (L, n_kv) = (64, 4),
-d_model in {32, 64}, learning rates {3e-3, 1e-2}, 400 steps of 32 examples from 8192 train
-examples. Every model here costs tens of milliseconds per step on such a CPU and the delta-rule
-mixers only start to recall after a few hundred steps, so the default cannot afford more
-settings or widths; it says so in its output and `results.json` (`summary.paper_scale`). Add
-`--settings=64:4,128:8 --d_models=32,64,128` for a wider (slower) CPU sweep. `--full` is the
-paper-scale setting for an accelerator: all four DESIGN §8 settings, vocabulary 8192, d_model in
-{64, 128, 256}, 4 learning rates in logspace(-4, -2), 100k train examples, 20k steps of 64.
+Default: a reduced CPU setting (results/mqar.md has its measured cost and whether the
+baseline converged: on a 2-core CPU about 0.16 s per step, so 5 seeds of the two gated mixers
+at 1500 steps take about 40 min alone, and Gated DeltaNet was still improving at the end; the
+CPU cannot give converged runs, 5 seeds and a 30 min budget at once, `--full` on an
+accelerator can): vocabulary 256 (paper 8192), (L, n_kv) = (64, 4) only,
+d_model 64, the two gated mixers, one learning rate 1e-2 (the top of Zoology's grid and the
+best of {3e-3, 1e-2} for every delta mixer in the earlier sweep; the lr sweep is a control),
+5 seeds, 1500 steps of 32 from 8192 train examples (about 5.9 epochs; paper 64 epochs of 100k
+at batch 512); `summary.claims[*].baseline_plateau` reports whether the baseline's val curve
+had stopped improving (`--steps=3000` or more for a longer run). `--controls` adds the issue's
+controls (d_model 64 and 128, (L, n_kv) = (64, 4) and (128, 8), the four delta mixers, a
+three-point lr sweep logspace(-3, -2)) — several CPU hours; `--full` is the paper scale for an
+accelerator (all four DESIGN §8 settings, vocabulary 8192, d_model in {64, 128, 256}, 4 lrs in
+logspace(-4, -2), 100k train examples, 20k steps of 64, every mixer). Both print and store what
+they are (`summary.paper_scale`).
 
 Writes `WORKDIR/results.json` (`experiments.sweep.ResultsFile`, experiment "mqar": rewritten
 after every cell; a rerun skips the finished cells and may add mixers, widths, settings, learning
 rates or seeds, while other fixed settings are refused), per-cell training curves in
-`WORKDIR/cells/<cell>/` (`metrics.jsonl` + TensorBoard, `moejax.train.logging.MetricsWriter`)
-and `WORKDIR/mqar.png` (best-lr test accuracy against d_model, one panel per (L, n_kv), one line
-per mixer).
+`WORKDIR/cells/<cell>/` (`metrics.jsonl` + TensorBoard, `moejax.train.logging.MetricsWriter`),
+`WORKDIR/mqar.png` (mean val accuracy against step at each mixer's best lr, one panel per
+(d_model, L, n_kv)) and, with several widths, `WORKDIR/mqar_width.png` (best-lr test accuracy
+against d_model).
 
 Scale out: --mesh and the multi-process flags of `experiments.mesh_flags` (default: one device;
 the batch size must divide over the mesh's data×fsdp); every process trains every cell, only
 process 0 writes.
 
   python -m experiments.mqar --workdir=runs/mqar
+  python -m experiments.mqar --workdir=runs/mqar_controls --controls
   python -m experiments.mqar --workdir=runs/mqar_full --full        # GPU
 """
 
@@ -62,7 +78,7 @@ from absl import app, flags
 from jax.sharding import Mesh
 from tqdm import tqdm
 
-from experiments import mesh_flags
+from experiments import mesh_flags, stats
 from experiments.sweep import ResultsFile, check_mesh, fixed_settings
 from moejax.data import mqar
 from moejax.models import lm
@@ -74,12 +90,15 @@ from moejax.train.steps import ModelFns
 
 EXPERIMENT = "mqar"
 PLOT = "mqar.png"
+WIDTH_PLOT = "mqar_width.png"
 CELLS_DIR = "cells"
 MIXERS = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet", "softmax")
-DELTANETS = ("deltanet", "gated_deltanet")
+# The claim's pairs (Q-Delta variant, its DeltaNet baseline): the authors' gated Q-Delta first.
+PAIRS = (("gated_qdelta", "gated_deltanet"), ("qdelta", "deltanet"))
 # Sweep axes: a rerun of a workdir may change these; every other field must match the saved one.
 SWEEP_FIELDS = ("mixers", "d_models", "settings", "lrs", "seeds")
 KEY = ("mixer", "d_model", "seq_len", "num_kv_pairs", "lr", "seed")
+FAN_IN = "fan_in"  # --init_std value for the fan-in init (LMConfig.init_std=None)
 
 FLAGS = flags.FLAGS
 
@@ -92,25 +111,37 @@ def define_flags(fv: flags.FlagValues = FLAGS) -> None:
                         flag_values=fv)
     flags.DEFINE_bool("full", False, "Paper-scale setting (for a GPU) instead of the reduced CPU "
                       "one.", flag_values=fv)
+    flags.DEFINE_bool("controls", False, "The issue's controls on CPU: d_model 64,128, settings "
+                      "64:4,128:8, the four delta mixers, lrs logspace(-3, -2, 3) (hours).",
+                      flag_values=fv)
     lists = {
-        "mixers": f"Mixers among {MIXERS} (default: all).",
-        "d_models": "Model widths (default 32,64; --full: 64,128,256).",
-        "settings": "(L, n_kv) pairs as L:n_kv, e.g. 64:4,128:8 (default 64:4; --full: "
-                    "64:4,128:8,256:16,512:64).",
-        "lrs": "Peak learning rates (default 3e-3,1e-2; --full: logspace(-4, -2, 4)).",
-        "seeds": "Seeds: model init, data and batch order (default 0).",
+        "mixers": f"Mixers among {MIXERS} (default gated_qdelta,gated_deltanet; --controls: the "
+                  "four delta mixers; --full: all).",
+        "d_models": "Model widths (default 64; --controls: 64,128; --full: 64,128,256).",
+        "settings": "(L, n_kv) pairs as L:n_kv, e.g. 64:4,128:8 (default 64:4; --controls: "
+                    "64:4,128:8; --full: 64:4,128:8,256:16,512:64).",
+        "lrs": "Peak learning rates (default 1e-2; --controls: logspace(-3, -2, 3); "
+               "--full: logspace(-4, -2, 4)).",
+        "seeds": "Seeds: model init, data and batch order (default 0,1,2,3,4).",
     }
     for name, help_ in lists.items():
         flags.DEFINE_list(name, None, help_, flag_values=fv)
     ints = {
-        "steps": "Optimizer steps per cell (default 400; --full: 20000).",
+        "steps": "Optimizer steps per cell (default 1500; --full: 20000).",
         "batch_size": "Examples per step (default 32; --full: 64).",
         "vocab_size": "MQAR vocabulary V (default 256; --full: 8192).",
         "num_train": "Distinct train examples per (L, n_kv, seed) (default 8192; --full: 100000).",
         "num_eval": "Examples in each held-out split, val and test (default 512; --full: 3000).",
+        "eval_every": "Steps between val-accuracy points of the learning curve (default 100; "
+                      "--full: 1000; 0: only at the end).",
     }
     for name, help_ in ints.items():
         flags.DEFINE_integer(name, None, help_, flag_values=fv)
+    flags.DEFINE_enum("ffn", None, ["none", "dense"], "The LM's FFN (default dense: a SwiGLU of "
+                      "width 2·d_model; none: no FFN, as Zoology's MQAR models).", flag_values=fv)
+    flags.DEFINE_string("init_std", None, "Init std of every projection, conv and the "
+                        f"embedding (default 0.02, the Q-Delta authors'; '{FAN_IN}': "
+                        "1/sqrt(fan_in), moejax's earlier init).", flag_values=fv)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -129,21 +160,28 @@ class ExperimentConfig:
       vocab_size: MQAR vocabulary V (keys from [1, V/2), values from [V/2, V)); also the LM's.
       num_train: distinct train examples per (setting, seed), cycled in shuffled epochs.
       num_eval: examples in each of the val and test splits (a multiple of batch_size is not
-        needed: the last partial batch is evaluated too).
+        needed: the last partial batch is evaluated too; the learning curve uses the full
+        batches of the val split).
       num_layers, num_heads: the LM (head_dim = d_model / num_heads for every mixer).
       expand_v: delta mixers' value head dim = expand_v · head_dim.
+      ffn: the LM's FFN: "dense" (default: a SwiGLU of width `ffn_mult · d_model`) or "none"
+        (no FFN sublayer, as Zoology's MQAR models, whose state mixer is the identity; with the
+        N(0, 0.02²) init gated Q-Delta did not leave chance in 1500 steps at d = 64 this way).
       ffn_mult: dense SwiGLU hidden width = ffn_mult · d_model.
       warmup_frac: share of the steps spent in linear warmup.
       weight_decay: AdamW weight decay (matrices only).
-      log_every: steps between the per-cell metrics records.
+      log_every: steps between the per-cell train metrics records.
+      eval_every: steps between the val-accuracy points of the learning curve (0: only the
+        last step).
+      init_std: the LM's `init_std` (0.02: the Q-Delta authors' N(0, 0.02²); None: fan-in).
     """
 
-    mixers: tuple[str, ...] = MIXERS
-    d_models: tuple[int, ...] = (32, 64)
+    mixers: tuple[str, ...] = ("gated_qdelta", "gated_deltanet")
+    d_models: tuple[int, ...] = (64,)
     settings: tuple[tuple[int, int], ...] = ((64, 4),)
-    lrs: tuple[float, ...] = (3e-3, 1e-2)
-    seeds: tuple[int, ...] = (0,)
-    steps: int = 400
+    lrs: tuple[float, ...] = (1e-2,)
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    steps: int = 1500
     batch_size: int = 32
     vocab_size: int = 256
     num_train: int = 8192
@@ -151,10 +189,13 @@ class ExperimentConfig:
     num_layers: int = 2
     num_heads: int = 2
     expand_v: float = 1.0
+    ffn: str = "dense"
     ffn_mult: int = 2
     warmup_frac: float = 0.1
     weight_decay: float = 0.1
     log_every: int = 25
+    eval_every: int = 100
+    init_std: float | None = 0.02
 
     def __post_init__(self):
         for name in ("mixers", "d_models", "settings", "lrs", "seeds"):
@@ -169,13 +210,21 @@ class ExperimentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if (isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int)
+                or self.eval_every < 0):
+            raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
         if self.num_train < self.batch_size:
             raise ValueError(f"num_train={self.num_train} must be >= batch_size="
                              f"{self.batch_size}")
+        if self.num_eval < self.batch_size:
+            raise ValueError(f"num_eval={self.num_eval} must be >= batch_size="
+                             f"{self.batch_size} (the learning curve evaluates full batches)")
         if any(not lr > 0 for lr in self.lrs):
             raise ValueError(f"lrs must be > 0, got {self.lrs}")
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in self.seeds):
             raise ValueError(f"seeds must be non-negative ints, got {self.seeds}")
+        if self.ffn not in ("none", "dense"):
+            raise ValueError(f"ffn must be 'none' or 'dense', got {self.ffn!r}")
         if not 0 <= self.warmup_frac < 1:
             raise ValueError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
         for setting in self.settings:
@@ -190,7 +239,7 @@ class ExperimentConfig:
             if isinstance(d, bool) or not isinstance(d, int) or d < 1 or d % self.num_heads:
                 raise ValueError(f"d_models: each must be a positive multiple of num_heads="
                                  f"{self.num_heads}, got {d!r}")
-            for mixer in self.mixers:  # LMConfig checks the rest (e.g. even rotary head dim)
+            for mixer in self.mixers:  # LMConfig checks the rest (init_std, even head dim, ...)
                 self.model(mixer, d, max(L for L, _ in self.settings))
 
     def task(self, setting: tuple[int, int]) -> mqar.MQARConfig:
@@ -201,14 +250,15 @@ class ExperimentConfig:
         return lm.LMConfig(
             vocab_size=self.vocab_size, d_model=d_model, num_layers=self.num_layers,
             num_heads=self.num_heads, head_dim=d_model // self.num_heads,
-            expand_v=self.expand_v, mixer=mixer, ffn="dense", d_ff=self.ffn_mult * d_model,
-            max_seq_len=seq_len)
+            expand_v=self.expand_v, mixer=mixer, ffn=self.ffn, d_ff=self.ffn_mult * d_model,
+            max_seq_len=seq_len, init_std=self.init_std)
 
     def train_config(self, lr: float, seq_len: int, seed: int) -> loop.TrainConfig:
         return loop.TrainConfig(
             steps=self.steps, lr=lr, warmup_steps=int(self.warmup_frac * self.steps),
             weight_decay=self.weight_decay, batch_size=self.batch_size, seq_len=seq_len,
-            log_every=self.log_every, seed=seed)
+            log_every=self.log_every, eval_every=self.eval_every,
+            eval_batches=self.num_eval // self.batch_size, seed=seed)
 
     def fixed(self) -> dict:
         """The settings every cell of a workdir shares (ResultsFile checks them on rerun)."""
@@ -228,9 +278,13 @@ class ExperimentConfig:
                 and self.num_train >= 100_000)
 
 
-FULL = dict(d_models=(64, 128, 256), settings=mqar.MQAR_SETTINGS,
+FULL = dict(mixers=MIXERS, d_models=(64, 128, 256), settings=mqar.MQAR_SETTINGS,
             lrs=tuple(float(x) for x in np.logspace(-4, -2, 4)), steps=20000, batch_size=64,
-            vocab_size=mqar.MQAR_VOCAB_SIZE, num_train=100_000, num_eval=3000, log_every=100)
+            vocab_size=mqar.MQAR_VOCAB_SIZE, num_train=100_000, num_eval=3000, log_every=100,
+            eval_every=1000)
+CONTROLS = dict(mixers=("qdelta", "gated_qdelta", "deltanet", "gated_deltanet"),
+                d_models=(64, 128), settings=((64, 4), (128, 8)),
+                lrs=tuple(float(f"{x:.3g}") for x in np.logspace(-3, -2, 3)))
 
 
 # ----------------------------------------------------------------------------- data
@@ -348,12 +402,21 @@ def cell_name(mixer: str, d_model: int, seq_len: int, n_kv: int, lr: float, seed
     return f"{mixer}_d{d_model}_L{seq_len}_kv{n_kv}_lr{lr:g}_s{seed}"
 
 
+def val_batches(cfg: ExperimentConfig, arrays: dict):
+    """The full batches of the val split in order (the learning curve's evaluation)."""
+    n = (len(arrays["inputs"]) // cfg.batch_size) * cfg.batch_size
+    return lambda: (_batch(arrays, np.arange(start, start + cfg.batch_size))
+                    for start in range(0, n, cfg.batch_size))
+
+
 def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[int, int],
                lr: float, seed: int, workdir: str, bar: tqdm | None = None, *,
                mesh: Mesh | None = None) -> dict:
     """Trains one model with the library loop (`loop.fit`; every lr and seed of a model shape
-    shares one compiled step) on `mesh` (default one device) and evaluates it on the held-out
-    splits; returns its cell."""
+    shares one compiled step) on `mesh` (default one device), recording the val accuracy every
+    `eval_every` steps (`curve_steps`, `curve_val_acc`), and evaluates it on the whole held-out
+    splits at the end; returns its cell. A run whose loss becomes non-finite (too large an lr)
+    stops there and is recorded with `diverged` (the message) and accuracy 0."""
     L, n_kv = setting
     mcfg = cfg.model(mixer, d_model, L)
     tcfg = cfg.train_config(lr, L, seed)
@@ -369,20 +432,33 @@ def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[i
                          "lr": lr, "seed": seed, "setting": [L, n_kv]})
     state = loop.init_state(MODEL, mcfg, tcfg, jax.random.key(seed), mesh=mesh)
     t0 = time.perf_counter()
-    fit = loop.fit(state, train_batches(cfg, data["train"], setting, seed), model=MODEL,
-                   model_cfg=mcfg, train_cfg=tcfg, rng=jax.random.key(seed), writer=writer,
-                   mesh=mesh,
-                   callback=None if bar is None else lambda step, *_: step and bar.update(1))
+    cell = {"mixer": mixer, "d_model": d_model, "seq_len": L, "num_kv_pairs": n_kv, "lr": lr,
+            "seed": seed}
+    try:
+        fit = loop.fit(state, train_batches(cfg, data["train"], setting, seed), model=MODEL,
+                       model_cfg=mcfg, train_cfg=tcfg, rng=jax.random.key(seed), writer=writer,
+                       mesh=mesh, val_data=val_batches(cfg, data["val"]), val_metrics=("acc",),
+                       callback=None if bar is None else lambda step, *_: step and bar.update(1))
+    except FloatingPointError as e:  # a too-large lr: the cell counts as accuracy 0
+        writer.write({"step": cfg.steps, "diverged": str(e)})
+        writer.close()
+        return {**cell, "diverged": str(e), "val_acc": 0.0, "val_loss": None, "test_acc": 0.0,
+                "test_loss": None, "final_train_loss": None, "curve_steps": [],
+                "curve_val_acc": [], "steps": cfg.steps,
+                "train_seconds": time.perf_counter() - t0,
+                "metrics": os.path.join(CELLS_DIR, name)}
     seconds = time.perf_counter() - t0
+    curve = [(r["step"], r["val_acc"]) for r in fit.records if "val_acc" in r]
     val = evaluate(mcfg, tcfg, fit.state, data["val"], cfg.batch_size, mesh=mesh)
     test = evaluate(mcfg, tcfg, fit.state, data["test"], cfg.batch_size, mesh=mesh)
     writer.write({"step": cfg.steps, "val_acc": val["acc"], "val_loss": val["loss"],
                   "test_acc": test["acc"], "test_loss": test["loss"]})
     writer.close()
-    return {"mixer": mixer, "d_model": d_model, "seq_len": L, "num_kv_pairs": n_kv, "lr": lr,
-            "seed": seed, "val_acc": val["acc"], "val_loss": val["loss"],
+    return {**cell, "val_acc": val["acc"], "val_loss": val["loss"],
             "test_acc": test["acc"], "test_loss": test["loss"],
             "final_train_loss": fit.records[-1]["loss"],
+            "curve_steps": [int(s) for s, _ in curve],
+            "curve_val_acc": [float(a) for _, a in curve],
             "num_params": lm.num_params(fit.state.params), "steps": cfg.steps,
             "train_seconds": seconds, "metrics": os.path.join(CELLS_DIR, name)}
 
@@ -390,11 +466,28 @@ def train_cell(cfg: ExperimentConfig, mixer: str, d_model: int, setting: tuple[i
 # ----------------------------------------------------------------------------- sweep
 
 
+def _mean_curve(cells: Sequence[dict]) -> tuple[list[int], list[float]]:
+    """The seeds' val-accuracy curves averaged on the steps they share."""
+    curves = [dict(zip(c.get("curve_steps", []), c.get("curve_val_acc", []), strict=True))
+              for c in cells if not c.get("diverged")]
+    steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+    return steps, [float(np.mean([c[s] for c in curves])) for s in steps]
+
+
+def _no_nan(d: dict) -> dict:
+    """`d` with NaN numbers as None (`stats.plateau` of a short curve), so results.json
+    round-trips equal."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in d.items()}
+
+
 def summarize(cells: Sequence[dict]) -> list[dict]:
     """Best learning rate per (mixer, d_model, L, n_kv).
 
-    The lr is chosen by mean `val_acc` over seeds; the row reports that lr's mean / std
-    `test_acc` (and `val_acc`), plus every lr's mean test accuracy in `by_lr`.
+    The lr is chosen by mean `val_acc` over seeds (ties: the smaller lr); the row reports that
+    lr's `test_acc` per seed (`test_acc_by_seed`), its mean, 95 % interval (`test_interval`,
+    `experiments.stats.interval`) and std, the mean `val_acc`, every lr's mean test accuracy
+    in `by_lr`, the mean val-accuracy curve (`curve_steps`, `curve_val_acc`) and whether it
+    has plateaued (`plateau`, `experiments.stats.plateau` with mode "max").
     """
     groups: dict = {}
     for c in cells:
@@ -404,37 +497,56 @@ def summarize(cells: Sequence[dict]) -> list[dict]:
     for (mixer, d, L, n_kv), by_lr in groups.items():
         mean = lambda cs, f: float(np.mean([c[f] for c in cs]))
         best = max(by_lr, key=lambda lr: (mean(by_lr[lr], "val_acc"), -lr))
-        cs = by_lr[best]
+        cs = sorted(by_lr[best], key=lambda c: c["seed"])
+        tests = [c["test_acc"] for c in cs]
+        steps, curve = _mean_curve(cs)
         rows.append({"mixer": mixer, "d_model": d, "seq_len": L, "num_kv_pairs": n_kv,
-                     "best_lr": best, "test_acc": mean(cs, "test_acc"),
-                     "test_acc_std": float(np.std([c["test_acc"] for c in cs])),
+                     "best_lr": best, "test_acc": float(np.mean(tests)),
+                     "test_acc_std": float(np.std(tests)),
+                     "test_interval": stats.interval(tests),
+                     "test_acc_by_seed": {str(c["seed"]): c["test_acc"] for c in cs},
                      "val_acc": mean(cs, "val_acc"), "n_seeds": len(cs),
-                     "by_lr": {f"{lr:g}": mean(v, "test_acc") for lr, v in sorted(by_lr.items())}})
+                     "by_lr": {f"{lr:g}": mean(v, "test_acc") for lr, v in sorted(by_lr.items())},
+                     "curve_steps": steps, "curve_val_acc": curve,
+                     "plateau": _no_nan(stats.plateau(steps, curve, mode="max"))})
     order = {m: i for i, m in enumerate(MIXERS)}
     return sorted(rows, key=lambda r: (r["seq_len"], r["num_kv_pairs"], r["d_model"],
                                        order[r["mixer"]]))
 
 
 def claim_check(rows: Sequence[dict]) -> list[dict]:
-    """Per (d_model, L, n_kv): Q-Delta's best-lr test accuracy minus the better of DeltaNet and
-    Gated DeltaNet (positive or zero = the claim holds there)."""
+    """Per (d_model, L, n_kv) and `PAIRS` entry present in `rows`: the Q-Delta variant against
+    its DeltaNet baseline, each at its own best lr, paired per seed on test accuracy
+    (`experiments.stats.compare(qdelta, deltanet, direction="greater")`, over the seeds both
+    have); `verdict` is the claim's ("reproduced": Q-Delta's advantage excludes 0), and
+    `baseline_plateau` says whether the baseline's mean val curve had stopped improving."""
     out = []
     by = {(r["mixer"], r["d_model"], r["seq_len"], r["num_kv_pairs"]): r for r in rows}
-    for (mixer, d, L, n_kv), r in sorted(by.items(), key=lambda kv: kv[0][1:]):
-        if mixer != "qdelta":
-            continue
-        rivals = [by[(m, d, L, n_kv)]["test_acc"] for m in DELTANETS if (m, d, L, n_kv) in by]
-        if rivals:
-            out.append({"d_model": d, "seq_len": L, "num_kv_pairs": n_kv,
-                        "qdelta": r["test_acc"], "best_deltanet": max(rivals),
-                        "margin": r["test_acc"] - max(rivals)})
+    cells = sorted({k[1:] for k in by})
+    for d, L, n_kv in cells:
+        for q, base in PAIRS:
+            if (q, d, L, n_kv) not in by or (base, d, L, n_kv) not in by:
+                continue
+            rq, rb = by[(q, d, L, n_kv)], by[(base, d, L, n_kv)]
+            seeds = sorted(set(rq["test_acc_by_seed"]) & set(rb["test_acc_by_seed"]), key=int)
+            if not seeds:
+                continue
+            a = [rq["test_acc_by_seed"][s] for s in seeds]
+            b = [rb["test_acc_by_seed"][s] for s in seeds]
+            cmp = stats.compare(a, b, direction="greater")
+            out.append({"qdelta_mixer": q, "baseline": base, "d_model": d, "seq_len": L,
+                        "num_kv_pairs": n_kv, "seeds": [int(s) for s in seeds],
+                        "qdelta_lr": rq["best_lr"], "baseline_lr": rb["best_lr"],
+                        "qdelta": stats.interval(a), "baseline_acc": stats.interval(b),
+                        "difference": cmp, "verdict": cmp["verdict"],
+                        "baseline_plateau": rb["plateau"], "qdelta_plateau": rq["plateau"]})
     return out
 
 
 def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
         mesh: Mesh | None = None) -> dict:
     """Runs the missing cells of the sweep into `workdir` on `mesh` (default one device);
-    returns the results dict (`experiment`, `fixed`, `cells`, `summary`) and writes the plot
+    returns the results dict (`experiment`, `fixed`, `cells`, `summary`) and writes the plots
     (process 0 only).
 
     Raises:
@@ -458,21 +570,53 @@ def run(cfg: ExperimentConfig, workdir: str, *, progress: bool = True,
     bar.close()
     sweep.write(summary=_summary(cfg, sweep.cells))
     if mesh_flags.is_main():
-        plot(sweep.summary["best_lr"], os.path.join(workdir, PLOT),
-             chance=2.0 / cfg.vocab_size, title=plot_title(cfg))
+        rows, chance = sweep.summary["best_lr"], 2.0 / cfg.vocab_size
+        plot_curves(rows, os.path.join(workdir, PLOT), chance=chance, title=plot_title(cfg))
+        if len({r["d_model"] for r in rows}) > 1:
+            plot(rows, os.path.join(workdir, WIDTH_PLOT), chance=chance, title=plot_title(cfg))
     return {"experiment": EXPERIMENT, "fixed": sweep.fixed, "cells": sweep.cells,
             "summary": sweep.summary}
 
 
 def plot_title(cfg: ExperimentConfig) -> str:
     scale = "paper scale" if cfg.is_paper_scale else "reduced CPU setting"
-    return f"MQAR, V={cfg.vocab_size}, {cfg.steps} steps × batch {cfg.batch_size}\n({scale})"
+    return (f"MQAR, V={cfg.vocab_size}, {cfg.steps} steps × batch {cfg.batch_size}, "
+            f"{len(cfg.seeds)} seeds\n({scale})")
 
 
 def _summary(cfg: ExperimentConfig, cells: Sequence[dict]) -> dict:
     rows = summarize(cells)
     return {"chance": 2.0 / cfg.vocab_size, "paper_scale": cfg.is_paper_scale,
-            "best_lr": rows, "claim_qdelta_ge_deltanets": claim_check(rows)}
+            "best_lr": rows, "claims": claim_check(rows)}
+
+
+_STYLES = {"qdelta": "-", "gated_qdelta": "-", "deltanet": "--", "gated_deltanet": "--",
+           "softmax": ":"}
+
+
+def plot_curves(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR") -> None:
+    """Mean val accuracy against step at each mixer's best lr: one panel per (d_model, L, n_kv),
+    one line per mixer (`summarize` rows' `curve_*`)."""
+    from matplotlib.figure import Figure
+
+    panels = sorted({(r["d_model"], r["seq_len"], r["num_kv_pairs"]) for r in rows})
+    fig = Figure(figsize=(max(5.0, 3.8 * len(panels)), 3.8), layout="constrained")
+    axes = fig.subplots(1, max(1, len(panels)), squeeze=False, sharey=True)[0]
+    for ax, (d, L, n_kv) in zip(axes, panels, strict=False):
+        for r in rows:
+            if (r["d_model"], r["seq_len"], r["num_kv_pairs"]) == (d, L, n_kv) and r[
+                    "curve_steps"]:
+                ax.plot(r["curve_steps"], r["curve_val_acc"], linestyle=_STYLES[r["mixer"]],
+                        label=f"{r['mixer']} (lr {r['best_lr']:g}, {r['n_seeds']} seeds)")
+        ax.axhline(chance, color="grey", lw=0.8, label="chance")
+        ax.set_title(f"d={d}, L={L}, n_kv={n_kv}")
+        ax.set_xlabel("step")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val accuracy (mean over seeds)")
+    axes[-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=110)
 
 
 def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR") -> None:
@@ -489,14 +633,12 @@ def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR")
     settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
     fig = Figure(figsize=(max(5.0, 3.6 * len(settings)), 3.8), layout="constrained")
     axes = fig.subplots(1, max(1, len(settings)), squeeze=False, sharey=True)[0]
-    styles = {"qdelta": "-", "gated_qdelta": "-", "deltanet": "--", "gated_deltanet": "--",
-              "softmax": ":"}
     for ax, (L, n_kv) in zip(axes, settings, strict=False):
         for mixer in MIXERS:
             pts = sorted((r["d_model"], r["test_acc"]) for r in rows
                          if (r["mixer"], r["seq_len"], r["num_kv_pairs"]) == (mixer, L, n_kv))
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", linestyle=styles[mixer],
+                ax.plot(*zip(*pts, strict=True), marker="o", linestyle=_STYLES[mixer],
                         label=mixer)
         ax.axhline(chance, color="grey", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
@@ -540,7 +682,9 @@ def _numbers(name: str, items: Sequence[str], kind: type) -> tuple:
 
 def config_from_flags(fv: flags.FlagValues = FLAGS) -> ExperimentConfig:
     """The `ExperimentConfig` of the parsed flags `fv`; a bad grid raises `app.UsageError`."""
-    over = dict(FULL) if fv.full else {}
+    if fv.full and fv.controls:
+        raise app.UsageError("--full and --controls are two presets; give one")
+    over = dict(FULL) if fv.full else dict(CONTROLS) if fv.controls else {}
     if fv.mixers is not None:
         over["mixers"] = tuple(fv.mixers)
     if fv.d_models is not None:
@@ -551,9 +695,13 @@ def config_from_flags(fv: flags.FlagValues = FLAGS) -> ExperimentConfig:
         over["lrs"] = _numbers("lrs", fv.lrs, float)
     if fv.seeds is not None:
         over["seeds"] = _numbers("seeds", fv.seeds, int)
-    for name in ("steps", "batch_size", "vocab_size", "num_train", "num_eval"):
+    for name in ("steps", "batch_size", "vocab_size", "num_train", "num_eval", "eval_every",
+                 "ffn"):
         if getattr(fv, name) is not None:
             over[name] = getattr(fv, name)
+    if fv.init_std is not None:
+        over["init_std"] = None if fv.init_std == FAN_IN else _numbers(
+            "init_std", [fv.init_std], float)[0]
     try:
         return ExperimentConfig(**over)
     except ValueError as e:  # a bad grid is a usage error of the command line
@@ -564,18 +712,36 @@ def describe(cfg: ExperimentConfig) -> str:
     scale = ("paper scale" if cfg.is_paper_scale else
              f"REDUCED setting (paper: V={mqar.MQAR_VOCAB_SIZE}, (L, n_kv) in "
              f"{list(mqar.MQAR_SETTINGS)}, 100k train examples, d_model up to 256+)")
+    init = "fan-in" if cfg.init_std is None else f"N(0, {cfg.init_std:g}²)"
     return (f"MQAR sweep, {scale}:\n  vocab={cfg.vocab_size} settings={list(cfg.settings)} "
             f"d_models={list(cfg.d_models)} lrs={list(cfg.lrs)} seeds={list(cfg.seeds)}\n"
             f"  steps={cfg.steps} batch_size={cfg.batch_size} num_train={cfg.num_train} "
-            f"num_eval={cfg.num_eval} (val and test) mixers={list(cfg.mixers)}")
+            f"num_eval={cfg.num_eval} (val and test) eval_every={cfg.eval_every} init={init} "
+            f"mixers={list(cfg.mixers)}")
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    lines = ["| mixer | d_model | L | n_kv | best lr | test acc | val acc |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    """Markdown table of `summarize` rows: test accuracy mean ± 95 % interval over seeds."""
+    lines = ["| mixer | d_model | L | n_kv | best lr | seeds | test acc | val acc | "
+             "val curve plateaued |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(f"| {r['mixer']} | {r['d_model']} | {r['seq_len']} | {r['num_kv_pairs']} "
-                     f"| {r['best_lr']:g} | {r['test_acc']:.3f} | {r['val_acc']:.3f} |")
+                     f"| {r['best_lr']:g} | {r['n_seeds']} | {stats.fmt(r['test_interval'])} "
+                     f"| {r['val_acc']:.3f} | {'yes' if r['plateau']['plateaued'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def format_claims(claims: Sequence[dict]) -> str:
+    """One line per paired comparison of `claim_check`."""
+    lines = []
+    for c in claims:
+        lines.append(
+            f"  d={c['d_model']} L={c['seq_len']} n_kv={c['num_kv_pairs']}: {c['qdelta_mixer']} "
+            f"(lr {c['qdelta_lr']:g}) {stats.fmt(c['qdelta'])} vs {c['baseline']} (lr "
+            f"{c['baseline_lr']:g}) {stats.fmt(c['baseline_acc'])}; difference "
+            f"{stats.fmt(c['difference'], signed=True)}, signs {''.join(c['difference']['signs'])}"
+            f" -> {c['verdict']}; baseline plateaued: {c['baseline_plateau']['plateaued']}")
     return "\n".join(lines)
 
 
@@ -586,16 +752,16 @@ def main(argv):
     main = mesh_flags.is_main()
     if main:
         print(describe(cfg), flush=True)
+    t0 = time.perf_counter()
     results = run(cfg, FLAGS.workdir, mesh=mesh)
     if not main:
         return
     print(format_table(results["summary"]["best_lr"]))
     print(f"chance = {results['summary']['chance']:.4f}")
-    for c in results["summary"]["claim_qdelta_ge_deltanets"]:
-        print(f"  d={c['d_model']} L={c['seq_len']} n_kv={c['num_kv_pairs']}: qdelta "
-              f"{c['qdelta']:.3f} vs best DeltaNet/GDN {c['best_deltanet']:.3f} "
-              f"({'holds' if c['margin'] >= 0 else 'fails'}, margin {c['margin']:+.3f})")
-    print(f"wrote {os.path.join(FLAGS.workdir, 'results.json')} and {PLOT}")
+    print("Claim: Q-Delta recalls at least as well as (Gated) DeltaNet, paired per seed:")
+    print(format_claims(results["summary"]["claims"]))
+    print(f"wall {time.perf_counter() - t0:.0f} s; wrote "
+          f"{os.path.join(FLAGS.workdir, 'results.json')} and {PLOT}")
 
 
 if __name__ == "__main__":

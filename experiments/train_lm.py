@@ -2,9 +2,15 @@
 
   python -m experiments.train_lm --workdir=runs/demo --preset=demo --steps=300
 
-The model is a preset of `moejax.models.lm` (tiny, demo, small, 340m) whose fields --mixer,
---ffn, --router, --num_experts and --top_k override. The data is the default corpus (the running
-Python's standard-library sources) or --data=GLOB, byte-level; its val split is used for
+The model is a preset of `moejax.models.lm` (tiny, demo, small, hybrid, 340m, 1b) whose fields
+--mixer, --ffn, --router, --num_experts and --top_k override; its vocabulary is the data's (256
+bytes), whatever the preset's. The paper presets 340m and 1b (the Q-Delta authors' models: gated
+Q-Delta, untied embeddings, N(0, 0.02²) init) also bring the authors' optimiser
+(`moejax.train.config.OPTIMIZER_PRESETS`: AdamW ε 1e-15, clip 1, warmup 1024 / 2048, cosine to
+0.1×, lr 1e-3 / 4e-4, 128 × 4096 tokens per step, 28600 / 57200 steps) as the defaults of
+--lr, --warmup_steps, --eps, --batch_size, --seq_len and --steps; the other presets default to
+lr 3e-3, warmup 100, ε 1e-8, 16 × 256 tokens, 1000 steps. The data is the default corpus (the
+running Python's standard-library sources) or --data=GLOB, byte-level; its val split is used for
 validation loss and bits per byte. Writes DIR/metrics.jsonl, DIR/checkpoints, DIR/tensorboard
 and DIR/*.png; rerunning with the same DIR resumes from the latest checkpoint and continues the
 same trajectory (a DIR holding a run with other settings is refused). Ends by printing a sample.
@@ -38,10 +44,12 @@ from experiments import mesh_flags
 from moejax import data
 from moejax.models import decode, lm
 from moejax.train import checkpoint, loop
+from moejax.train import config as train_config
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; resumed if it holds a run.",
                                required=True)
-_PRESET = flags.DEFINE_string("preset", "demo", "Model preset: tiny, demo, small or 340m.")
+_PRESET = flags.DEFINE_string("preset", "demo", "Model preset: tiny, demo, small, hybrid, 340m "
+                              "or 1b (340m / 1b: the Q-Delta authors' models and optimiser).")
 _MIXER = flags.DEFINE_string("mixer", None, "Token mixer (default: the preset's), e.g. qdelta, "
                              "gated_qdelta, deltanet, gated_deltanet, softmax, gated_softmax.")
 _FFN = flags.DEFINE_string("ffn", None, "Feed-forward: moe or dense (default: the preset's).")
@@ -49,11 +57,18 @@ _ROUTER = flags.DEFINE_string("router", None, "MoE router name (default: the pre
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", None, "Routed experts (default: preset's).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Experts per token (default: the preset's).")
 _DATA = flags.DEFINE_string("data", None, "Glob of text files; default: stdlib .py sources.")
-_STEPS = flags.DEFINE_integer("steps", 1000, "Total training steps (> 0).")
-_LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate (cosine decay to 10% of it).")
-_WARMUP = flags.DEFINE_integer("warmup_steps", 100, "Linear warmup steps.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Sequences per step (all devices).")
-_SEQ_LEN = flags.DEFINE_integer("seq_len", 256, "Tokens (bytes) per sequence.")
+_STEPS = flags.DEFINE_integer("steps", None, "Total training steps (> 0; default 1000, or the "
+                              "paper preset's).")
+_LR = flags.DEFINE_float("lr", None, "Peak learning rate, cosine decay to 10% of it (default "
+                         "3e-3, or the paper preset's).")
+_WARMUP = flags.DEFINE_integer("warmup_steps", None, "Linear warmup steps (default 100, or the "
+                               "paper preset's).")
+_EPS = flags.DEFINE_float("eps", None, "AdamW epsilon (default 1e-8, or the paper preset's "
+                          "1e-15).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", None, "Sequences per step, all devices "
+                                   "(default 16, or the paper preset's).")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", None, "Tokens (bytes) per sequence (default 256, or "
+                                "the paper preset's).")
 _LOG_EVERY = flags.DEFINE_integer("log_every", 10, "Steps between metrics lines.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Steps between evals (0: only at the end).")
 _EVAL_BATCHES = flags.DEFINE_integer("eval_batches", 8, "Validation batches per eval.")
@@ -64,6 +79,18 @@ _INIT_FROM = flags.DEFINE_string("init_from", None, "Model directory to fine-tun
                                  "experiments.convert_hf); replaces --preset and model flags.")
 
 _MODEL_FLAGS = (_MIXER, _FFN, _ROUTER, _NUM_EXPERTS, _TOP_K)
+# Defaults of the run flags for presets without an entry in OPTIMIZER_PRESETS.
+_RUN_DEFAULTS = dict(steps=1000, lr=3e-3, warmup_steps=100, eps=1e-8, batch_size=16,
+                     seq_len=256)
+_RUN_FLAGS = (_STEPS, _LR, _WARMUP, _EPS, _BATCH_SIZE, _SEQ_LEN)
+
+
+def run_settings(preset: str | None) -> dict:
+    """The TrainConfig fields of the run flags: a flag given wins, else the preset's optimiser
+    (`OPTIMIZER_PRESETS`, for the paper presets; with --init_from: none), else `_RUN_DEFAULTS`."""
+    base = {**_RUN_DEFAULTS, **train_config.OPTIMIZER_PRESETS.get(preset, {})}
+    given = {f.name: f.value for f in _RUN_FLAGS if f.value is not None}
+    return {**base, **given}
 
 
 def main(argv):
@@ -92,10 +119,12 @@ def main(argv):
         else:
             if moe_overrides:
                 overrides["moe"] = moe_overrides
-            model_cfg = lm.get_preset(_PRESET.value, **overrides)
+            # The vocabulary is the data's (bytes), whatever the preset's tokenizer had.
+            model_cfg = lm.get_preset(_PRESET.value, vocab_size=data.BYTE_VOCAB_SIZE,
+                                      **overrides)
+        preset = None if _INIT_FROM.value is not None else _PRESET.value
         train_cfg = loop.TrainConfig(
-            steps=_STEPS.value, lr=_LR.value, warmup_steps=_WARMUP.value,
-            batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value, log_every=_LOG_EVERY.value,
+            **run_settings(preset), log_every=_LOG_EVERY.value,
             eval_every=_EVAL_EVERY.value, eval_batches=_EVAL_BATCHES.value,
             ckpt_every=_CKPT_EVERY.value, seed=_SEED.value, mesh=mesh_spec)
         if train_cfg.seq_len > model_cfg.max_seq_len:

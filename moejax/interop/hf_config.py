@@ -311,6 +311,8 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
         bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs {sorted(mixers)})")
     if next_ and not {"gated_deltanet", "gated_softmax"} <= set(cfg.mixers):
         bad.append("Qwen3-Next needs both gated_deltanet and gated_softmax layers")
+    if "none" in cfg.ffns:
+        bad.append("layers without FFN (ffn='none')")
     if model_type == "mixtral" and "dense" in cfg.ffns:
         bad.append("dense FFN layers (Mixtral has MoE on every layer)")
     if model_type == "mixtral" and not renormalize:

@@ -1,8 +1,10 @@
 """Upcycling a trained LM's parts into this research line's, starting (almost) where it was.
 
   to_qdelta(params, cfg, lam_init)        Gated DeltaNet → gated Q-Delta (DeltaNet → Q-Delta):
-                                          W_λ = 0 and b_λ set so that λ = lam_init on every
-                                          token; λ → 0 recovers the original layer exactly.
+                                          W_λ = 0 and a learnable λ bias b_λ
+                                          (`learnable_lam_bias`) set so that λ = lam_init on
+                                          every token; λ → 0 recovers the original layer
+                                          exactly.
   to_star(params, state, cfg, mix_init)   top-k router → STAR: the learned gate keeps W_g and
                                           σ(a) = mix_init (near 1), R = I; V starts random and
                                           `gha_warmup` moves it onto the principal subspace of
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.layers.delta_mixer import LAM_SHIFT
 from moejax.models import lm
 from moejax.routers import star
 from moejax.validation import ArgumentTypeError, check_range
@@ -45,6 +48,10 @@ def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
               ) -> tuple[lm.LMConfig, dict]:
     """Turns every (Gated) DeltaNet layer into (gated) Q-Delta with λ ≡ `lam_init` at start.
 
+    The new config has `learnable_lam_bias=True` (λ = σ(W_λ h + b_λ − 0.9)): with W_λ = 0 the
+    fixed −0.9 alone would give λ = σ(−0.9) ≈ 0.29, far from the trained layer, so b_λ starts
+    at logit(lam_init) + 0.9 and is trained with the rest.
+
     Raises:
       ValueError: `lam_init` not in (0, 1) (with `allow_neg_eigval`: (0, 2)), or the model has
         no DeltaNet / Gated DeltaNet layer (`ArgumentTypeError` for a non-number `lam_init` or
@@ -58,8 +65,9 @@ def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
         raise ValueError(f"no deltanet / gated_deltanet layer to turn into Q-Delta; this "
                          f"model's layers are {sorted(set(cfg.mixers))}")
     mixers = tuple(QDELTA_OF.get(m, m) for m in cfg.mixers)
-    new_cfg = dataclasses.replace(cfg, layer_mixers=mixers, mixer=mixers[0])
-    b_lam = _logit(lam_init / scale) + 0.9  # λ = scale · σ(W_λ h + b_λ − 0.9)
+    new_cfg = dataclasses.replace(cfg, layer_mixers=mixers, mixer=mixers[0],
+                                  learnable_lam_bias=True)
+    b_lam = _logit(lam_init / scale) + LAM_SHIFT  # λ = scale · σ(W_λ h + b_λ − 0.9)
     blocks = list(params["blocks"])
     for i in layers:
         mixer = dict(blocks[i]["mixer"])

@@ -16,12 +16,13 @@ Dh head dim, d width.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
 
 from moejax.layers.norms import rms_norm, rms_norm_init
-from moejax.validation import check_array, check_bool, check_int, check_number
+from moejax.validation import check_array, check_bool, check_int, check_number, check_range
 
 Array = jax.Array
 
@@ -42,6 +43,9 @@ class AttentionConfig:
       qk_norm: RMSNorm over each query and key head before rotary (Qwen3).
       zero_centered_norm: the q/k norms scale by `(1 + w)` (Qwen3-Next) instead of `w`.
       norm_eps: epsilon of the q/k norms (> 0).
+      init_std: std of the N(0, init_std²) init of every projection (> 0; default 0.02, fla's
+        `initializer_range`, as the Q-Delta authors' hybrid layers); None = fan-in init,
+        N(0, 1/fan_in).
 
     Raises (on construction):
       ValueError / ArgumentTypeError (also a `TypeError`): naming the field.
@@ -57,6 +61,7 @@ class AttentionConfig:
     qk_norm: bool = False
     zero_centered_norm: bool = False
     norm_eps: float = 1e-6
+    init_std: float | None = 0.02
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim"):
@@ -77,6 +82,8 @@ class AttentionConfig:
             check_number(name, getattr(self, name))
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.init_std is not None:
+            check_range("init_std", self.init_std, 0.0, math.inf, hi_open=True)
 
     @property
     def kv_heads(self) -> int:
@@ -89,10 +96,12 @@ class AttentionConfig:
 
 def init(key: Array, cfg: AttentionConfig) -> dict:
     """Params `w_q: [d, H·Dh]`, `w_k, w_v: [d, Hkv·Dh]`, `w_out: [H·Dh, d]` (+ `w_gate:
-    [d, H·Dh]` when gated, `q_norm, k_norm: {"scale": [Dh]}` with qk_norm)."""
+    [d, H·Dh]` when gated, `q_norm, k_norm: {"scale": [Dh]}` with qk_norm); projections
+    N(0, init_std²), or N(0, 1/fan_in) when `init_std` is None."""
     d, hd, kvd = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     ks = jax.random.split(key, 5)
-    dense = lambda k, i, o: jax.random.normal(k, (i, o), jnp.float32) * i**-0.5
+    std = lambda fan_in: fan_in**-0.5 if cfg.init_std is None else cfg.init_std
+    dense = lambda k, i, o: jax.random.normal(k, (i, o), jnp.float32) * std(i)
     p = {"w_q": dense(ks[0], d, hd), "w_k": dense(ks[1], d, kvd), "w_v": dense(ks[2], d, kvd),
          "w_out": dense(ks[3], hd, d)}
     if cfg.gated:

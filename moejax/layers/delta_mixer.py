@@ -5,11 +5,21 @@ Per head h, from the input `h_t` `[d]` (fla / Gated DeltaNet conventions):
     q, k, v  = SiLU(ShortConv(W_q h)), SiLU(ShortConv(W_k h)), SiLU(ShortConv(W_v h))
     q, k     = L2Norm(q), L2Norm(k)                         per head
     beta     = σ(W_β h)                 (2σ(·) with allow_neg_eigval)
-    lam      = σ(W_λ h + b_λ − 0.9)     (2σ(·) with allow_neg_eigval; Q-Delta modes only; b_λ
-                                         starts at 0, and very negative makes Q-Delta ≈ DeltaNet)
+    lam      = σ(W_λ h − 0.9)           (2σ(·) with allow_neg_eigval; Q-Delta modes only; 0.9 is
+                                         a fixed constant, as the authors' `lamb_bias`. With
+                                         `learnable_lam_bias`: σ(W_λ h + b_λ − 0.9), b_λ a
+                                         trained per-head bias starting at 0 — the upcycling
+                                         path sets it very negative, so Q-Delta ≈ DeltaNet)
     g        = −exp(A_log) · softplus(W_a h + dt_bias)      (gated modes only)
     o        = delta_rule(q, k, v, beta, g=g, lam=lam)
     y        = W_out · [RMSNorm(o_h) ⊙ SiLU(W_o' h)]_h
+
+Initialisation (`init_std`, default 0.02, the authors' and fla's `initializer_range`): every
+projection and the short convs (no bias) N(0, init_std²); `init_std=None` gives the fan-in
+alternative, N(0, 1/fan_in) projections and uniform ±1/√K convs. Gated modes, as the authors'
+`QDelta` layer and fla's Gated DeltaNet: A ~ U(a_init_min, 16) with a_init_min = 0 (A_log =
+log A), dt log-uniform in [1e-3, 1e-1] floored at 1e-4, dt_bias = softplus⁻¹(dt). The output
+norm's scale starts at 1.
 
 Grouped key heads (Qwen3-Next): q and k may have fewer heads than v (`num_key_heads` divides
 `num_heads`); value head h then reads key/query head h // (num_heads / num_key_heads).
@@ -32,11 +42,24 @@ from moejax.kernels.delta_rule import delta_rule, delta_rule_step
 from moejax.kernels.delta_rule.ops import IMPL_NAMES
 from moejax.layers.norms import gated_rms_norm, l2_normalize, rms_norm_init
 from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
-from moejax.validation import check_array, check_bool, check_choice, check_int, check_number
+from moejax.validation import (
+    check_array,
+    check_bool,
+    check_choice,
+    check_int,
+    check_number,
+    check_range,
+)
 
 Array = jax.Array
 
 MODES = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet")
+
+LAM_SHIFT = 0.9  # λ = σ(W_λ h − LAM_SHIFT): the authors' fixed `lamb_bias`
+INIT_STD = 0.02  # the authors' / fla's `initializer_range`
+A_INIT_MAX = 16.0  # A ~ U(a_init_min, 16)
+_A_FLOOR = 1e-6  # A = 0 exactly (probability 2^-23 per head) would give A_log = -inf
+_DT_MIN, _DT_MAX, _DT_FLOOR = 1e-3, 1e-1, 1e-4
 
 
 _EXACT = 1e-6  # relative slack when a float product must be an integer (float rounding)
@@ -94,6 +117,13 @@ class DeltaMixerConfig:
       chunk_size: chunk length of the chunkwise path.
       impl: `delta_rule` implementation ("auto", "reference", "chunk", "pallas").
       norm_eps: epsilon of the output RMSNorm (> 0).
+      init_std: std of the N(0, init_std²) init of every projection and short conv (> 0;
+        default 0.02, the authors'); None = fan-in init (N(0, 1/fan_in), convs U(±1/√K)).
+      learnable_lam_bias: Q-Delta modes get a trained per-head bias b_λ (starting at 0) in
+        λ = σ(W_λ h + b_λ − 0.9); off by default (the authors' λ has only the fixed 0.9). The
+        upcycling path (`moejax.interop.upcycle.to_qdelta`) turns it on to start at λ ≈ 0.
+      a_init_min: A ~ U(a_init_min, 16) in the gated modes' decay (in [0, 16); default 0, the
+        authors' and fla's; 1.0 is moejax's earlier init).
 
     Raises (on construction):
       ValueError / ArgumentTypeError: naming the field (a str or None where a number belongs is
@@ -112,6 +142,9 @@ class DeltaMixerConfig:
     chunk_size: int = 64
     impl: str = "auto"
     norm_eps: float = 1e-6
+    init_std: float | None = INIT_STD
+    learnable_lam_bias: bool = False
+    a_init_min: float = 0.0
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim", "conv_size", "chunk_size"):
@@ -124,6 +157,9 @@ class DeltaMixerConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("impl", self.impl, IMPL_NAMES)
         check_bool("allow_neg_eigval", self.allow_neg_eigval)
+        check_bool("learnable_lam_bias", self.learnable_lam_bias)
+        check_init_std(self.init_std)
+        check_range("a_init_min", self.a_init_min, 0.0, A_INIT_MAX, lo_open=False, hi_open=True)
         check_number("norm_eps", self.norm_eps)
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
@@ -148,38 +184,52 @@ class DeltaMixerConfig:
         return self.mode in ("qdelta", "gated_qdelta")
 
 
-def _dense_init(key, fan_in, fan_out):
-    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * fan_in**-0.5
+def check_init_std(init_std, name: str = "init_std") -> None:
+    """`init_std` must be None (fan-in init) or a finite number > 0 (ValueError naming `name`)."""
+    if init_std is not None:
+        check_range(name, init_std, 0.0, math.inf, hi_open=True)
+
+
+def dense_init(key: jax.Array, fan_in: int, fan_out: int, std: float | None) -> Array:
+    """A `[fan_in, fan_out]` float32 matrix, N(0, std²); `std=None`: N(0, 1/fan_in)."""
+    scale = fan_in**-0.5 if std is None else std
+    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * scale
 
 
 def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
-    """Parameters of one mixer layer (float32)."""
+    """Parameters of one mixer layer (float32); see the module docstring for the init."""
     d, H, Dk, Dv = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.value_dim
     Hk = cfg.key_heads
+    std = cfg.init_std
     ks = iter(jax.random.split(key, 12))
+    dense = lambda fan_in, fan_out: dense_init(next(ks), fan_in, fan_out, std)
+    conv = lambda channels: short_conv_init(next(ks), channels, cfg.conv_size, std=std)
     p = {
-        "w_q": _dense_init(next(ks), d, Hk * Dk),
-        "w_k": _dense_init(next(ks), d, Hk * Dk),
-        "w_v": _dense_init(next(ks), d, H * Dv),
-        "conv_q": short_conv_init(next(ks), Hk * Dk, cfg.conv_size),
-        "conv_k": short_conv_init(next(ks), Hk * Dk, cfg.conv_size),
-        "conv_v": short_conv_init(next(ks), H * Dv, cfg.conv_size),
-        "w_beta": _dense_init(next(ks), d, H),
-        "w_og": _dense_init(next(ks), d, H * Dv),
+        "w_q": dense(d, Hk * Dk),
+        "w_k": dense(d, Hk * Dk),
+        "w_v": dense(d, H * Dv),
+        "conv_q": conv(Hk * Dk),
+        "conv_k": conv(Hk * Dk),
+        "conv_v": conv(H * Dv),
+        "w_beta": dense(d, H),
+        "w_og": dense(d, H * Dv),
         "o_norm": rms_norm_init(Dv),
-        "w_out": _dense_init(next(ks), H * Dv, d),
+        "w_out": dense(H * Dv, d),
     }
     if cfg.query_mixing:
-        p["w_lam"] = _dense_init(next(ks), d, H)
-        p["b_lam"] = jnp.zeros((H,), jnp.float32)
+        p["w_lam"] = dense(d, H)
+        if cfg.learnable_lam_bias:
+            p["b_lam"] = jnp.zeros((H,), jnp.float32)
     if cfg.gated:
         k_a, k_dt = jax.random.split(next(ks))
-        p["w_a"] = _dense_init(k_a, d, H)
-        # Mamba-2 / GDN init: A ~ U(1, 16), dt log-uniform [1e-3, 1e-1], dt_bias = softplus⁻¹(dt).
-        p["A_log"] = jnp.log(jax.random.uniform(next(ks), (H,), jnp.float32, 1.0, 16.0))
-        dt = jnp.exp(
-            jax.random.uniform(k_dt, (H,), jnp.float32, math.log(1e-3), math.log(1e-1))
-        )
+        p["w_a"] = dense_init(k_a, d, H, std)
+        # The authors' / fla's init: A ~ U(a_init_min, 16), dt log-uniform in [1e-3, 1e-1]
+        # floored at 1e-4, dt_bias = softplus⁻¹(dt).
+        A = jax.random.uniform(next(ks), (H,), jnp.float32, cfg.a_init_min, A_INIT_MAX)
+        p["A_log"] = jnp.log(jnp.maximum(A, _A_FLOOR))
+        dt = jnp.exp(jax.random.uniform(k_dt, (H,), jnp.float32, math.log(_DT_MIN),
+                                        math.log(_DT_MAX)))
+        dt = jnp.maximum(dt, _DT_FLOOR)
         p["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))
     return p
 
@@ -214,7 +264,10 @@ def _features(params, x, cache, cfg):
     feats = {"q": q, "k": k, "v": v, "beta": mult * jax.nn.sigmoid(f32(params["w_beta"])),
              "g": None, "lam": None}
     if cfg.query_mixing:
-        feats["lam"] = mult * jax.nn.sigmoid(f32(params["w_lam"]) + params["b_lam"] - 0.9)
+        logit = f32(params["w_lam"]) - LAM_SHIFT
+        if cfg.learnable_lam_bias:
+            logit = logit + params["b_lam"]
+        feats["lam"] = mult * jax.nn.sigmoid(logit)
     if cfg.gated:
         a = jax.nn.softplus(f32(params["w_a"]) + params["dt_bias"])
         feats["g"] = -jnp.exp(params["A_log"]) * a

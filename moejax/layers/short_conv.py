@@ -13,10 +13,23 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def short_conv_init(key: jax.Array, channels: int, kernel_size: int = 4) -> dict:
-    """Params `{"w": [K, D]}`, uniform in ±1/√K (PyTorch Conv1d's default for depthwise)."""
-    bound = kernel_size**-0.5
-    w = jax.random.uniform(key, (kernel_size, channels), jnp.float32, -bound, bound)
+def short_conv_init(key: jax.Array, channels: int, kernel_size: int = 4, *,
+                    std: float | None = None) -> dict:
+    """Params `{"w": [K, D]}` (no bias, as fla's `ShortConvolution(bias=False)`).
+
+    Args:
+      key: PRNG key.
+      channels: D.
+      kernel_size: K.
+      std: the weights are N(0, std²) (fla's `_init_weights` with `initializer_range`, the
+        Q-Delta authors' 0.02); None = uniform in ±1/√K (PyTorch Conv1d's own default for a
+        depthwise conv).
+    """
+    if std is None:
+        bound = kernel_size**-0.5
+        w = jax.random.uniform(key, (kernel_size, channels), jnp.float32, -bound, bound)
+    else:
+        w = jax.random.normal(key, (kernel_size, channels), jnp.float32) * std
     return {"w": w}
 
 

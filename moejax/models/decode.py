@@ -100,9 +100,11 @@ def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LM
         y, c = _DECODERS[cfg.mixer_module(i)].step(block["mixer"], x, cache[i],
                                                    cfg=cfg.mixer_config(i))
         h = h + y
-        y, _, _ = lm.ffn_apply(block["ffn"], state["blocks"][i],
-                               lm.norm(block["norm2"], h, cfg), cfg, i, train=False, rng=None)
-        h = h + y
+        if cfg.ffns[i] != "none":  # a layer without FFN has neither `ffn` nor `norm2`
+            y, _, _ = lm.ffn_apply(block["ffn"], state["blocks"][i],
+                                   lm.norm(block["norm2"], h, cfg), cfg, i, train=False,
+                                   rng=None)
+            h = h + y
         new_caches.append(c)
     h = lm.norm(params["final_norm"], h, cfg)
     return lm.logits_from_hidden(params, h, cfg), new_caches

@@ -3,7 +3,8 @@
     h_0 = Embed(tokens)
     h  ← h + Mixer(RMSNorm(h))          mixer ∈ qdelta, gated_qdelta, deltanet, gated_deltanet,
                                          softmax, gated_softmax
-    h  ← h + FFN(RMSNorm(h))            ffn ∈ dense (SwiGLU), moe (any router of moejax.routers)
+    h  ← h + FFN(RMSNorm(h))            ffn ∈ dense (SwiGLU), moe (any router of moejax.routers),
+                                         none (no FFN sublayer, as Zoology's MQAR models)
     logits = RMSNorm(h) · Eᵀ            (tied embeddings by default)
 
 Pure functions: `init`, `apply`, `loss_fn` (and `checked_apply` / `checked_loss_fn`). Decoding
@@ -62,7 +63,7 @@ MIXER_MODULES: dict[str, ModuleType] = {
     "gated_softmax": attention,
 }
 MIXERS = tuple(MIXER_MODULES)
-FFNS = ("moe", "dense")
+FFNS = ("moe", "dense", "none")
 DTYPES = ("float32", "bfloat16")
 DELTA_IMPLS = delta_rule_ops.IMPL_NAMES
 
@@ -79,7 +80,13 @@ _INT_FIELDS = (("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads
                ("max_seq_len", 1))
 _OPTIONAL_INT_FIELDS = ("dense_d_ff", "num_key_heads", "attn_num_heads", "attn_head_dim",
                         "num_kv_heads")  # value_head_dim: resolve_value_dim
-_BOOL_FIELDS = ("allow_neg_eigval", "qk_norm", "zero_centered_norm", "tie_embeddings")
+_BOOL_FIELDS = ("allow_neg_eigval", "qk_norm", "zero_centered_norm", "tie_embeddings",
+                "learnable_lam_bias")
+# Fields added after configs were first saved, with the value that reproduces how a model saved
+# without them was built and run (`from_dict` fills them in): the fan-in init, A ~ U(1, 16) and
+# the trained λ bias every Q-Delta layer then had.
+_LEGACY_DEFAULTS: dict[str, Any] = {"init_std": None, "a_init_min": 1.0,
+                                    "learnable_lam_bias": True}
 _POSITIVE_FLOAT_FIELDS = ("rope_theta", "norm_eps")
 
 
@@ -116,7 +123,9 @@ class LMConfig:
         Qwen3-Next's key/value head dims 22 and 30); None = expand_v · head_dim. See
         `value_dim`.
       mixer: one of MIXERS, used by every layer unless `layer_mixers` is given.
-      ffn: "moe" or "dense", used by every layer unless `layer_ffns` is given.
+      ffn: "moe", "dense" or "none" (no FFN sublayer and no second norm: the block is the
+        mixer alone, as Zoology's MQAR models with an identity state mixer), used by every
+        layer unless `layer_ffns` is given.
       layer_mixers: per-layer mixers (length L), e.g. Qwen3-Next's three Gated DeltaNet layers
         then one gated softmax layer; () = `mixer` everywhere.
       layer_ffns: per-layer FFN kinds (length L); () = `ffn` everywhere.
@@ -149,6 +158,15 @@ class LMConfig:
       dtype: compute dtype, "float32" or "bfloat16" (params stay float32; logits and losses are
         float32).
       norm_eps: RMSNorm epsilon.
+      init_std: std of the N(0, init_std²) init of every projection (mixers, FFNs, output
+        head), the delta mixers' short convs and the embedding (> 0; default 0.02, the Q-Delta
+        authors' and fla's `initializer_range`). None = fan-in init: N(0, 1/fan_in) matrices,
+        convs U(±1/√K), embedding N(0, 0.02²). MoE experts and routers keep their own init
+        (`moejax.moe.layer`).
+      learnable_lam_bias: Q-Delta layers get a trained per-head λ bias (`DeltaMixerConfig`);
+        off by default (the authors' λ = σ(W_λ h − 0.9)); `upcycle.to_qdelta` turns it on.
+      a_init_min: gated delta mixers draw A ~ U(a_init_min, 16) (default 0, the authors'; 1.0
+        is moejax's earlier init).
 
     Every field is checked on construction, whether or not the model uses it (a `moe` given
     for a dense model too): ints must be ints (Python or NumPy, never bool or str), numbers real
@@ -188,6 +206,9 @@ class LMConfig:
     tie_embeddings: bool = True
     dtype: str = "float32"
     norm_eps: float = 1e-6
+    init_std: float | None = delta_mixer.INIT_STD
+    learnable_lam_bias: bool = False
+    a_init_min: float = 0.0
 
     def __post_init__(self):
         for name, lo in _INT_FIELDS:
@@ -207,6 +228,12 @@ class LMConfig:
                 raise ValueError(f"{name} must be > 0, got {value}")
             object.__setattr__(self, name, float(value))
         check_range("rotary_fraction", self.rotary_fraction, 0.0, 1.0, lo_open=False)
+        delta_mixer.check_init_std(self.init_std)
+        if self.init_std is not None:
+            object.__setattr__(self, "init_std", float(self.init_std))
+        check_range("a_init_min", self.a_init_min, 0.0, delta_mixer.A_INIT_MAX, lo_open=False,
+                    hi_open=True)
+        object.__setattr__(self, "a_init_min", float(self.a_init_min))
         object.__setattr__(self, "rotary_fraction", float(self.rotary_fraction))
         _, expand_v = delta_mixer.resolve_value_dim(self.head_dim, self.expand_v,
                                                     self.value_head_dim)
@@ -271,7 +298,9 @@ class LMConfig:
         become `moe`, with the old defaults for any missing; for a model without MoE layers
         whose flat fields never formed a valid MoEConfig (they were not checked together
         then) `moe` is None. Configs saved before `value_head_dim` existed (only `expand_v`)
-        load unchanged.
+        load unchanged; configs saved before `init_std`, `a_init_min` and
+        `learnable_lam_bias` existed get the values their models were built with (fan-in
+        init, A ~ U(1, 16), a trained λ bias `b_lam`), so their checkpoints load.
 
         Args:
           fields: the parsed JSON object.
@@ -291,6 +320,7 @@ class LMConfig:
                              f"fields: {', '.join(known)}")
         flat = {k: fields[k] for k in FLAT_MOE_FIELDS if k in fields}
         kw = {k: v for k, v in fields.items() if k not in FLAT_MOE_FIELDS}
+        kw = {**{k: v for k, v in _LEGACY_DEFAULTS.items() if k not in kw}, **kw}
         if flat and "moe" in kw:
             raise ValueError(f"{source}: holds both 'moe' and the old top-level MoE field(s) "
                              f"{', '.join(flat)}; keep one layout")
@@ -389,7 +419,9 @@ def _delta_mixer_config(cfg: LMConfig, mixer: str) -> delta_mixer.DeltaMixerConf
         num_key_heads=cfg.num_key_heads, expand_v=cfg.expand_v,
         value_head_dim=cfg.value_dim, mode=mixer,
         conv_size=cfg.conv_size, allow_neg_eigval=cfg.allow_neg_eigval,
-        chunk_size=cfg.chunk_size, impl=cfg.delta_impl, norm_eps=cfg.norm_eps)
+        chunk_size=cfg.chunk_size, impl=cfg.delta_impl, norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std, learnable_lam_bias=cfg.learnable_lam_bias,
+        a_init_min=cfg.a_init_min)
 
 
 def _attention_config(cfg: LMConfig, mixer: str) -> attention.AttentionConfig:
@@ -400,7 +432,8 @@ def _attention_config(cfg: LMConfig, mixer: str) -> attention.AttentionConfig:
         d_model=cfg.d_model, num_heads=cfg.attn_num_heads or cfg.num_heads,
         head_dim=head_dim, gated=mixer == "gated_softmax", rope_theta=cfg.rope_theta,
         num_kv_heads=cfg.num_kv_heads, rotary_dim=rotary_dim, qk_norm=cfg.qk_norm,
-        zero_centered_norm=cfg.zero_centered_norm, norm_eps=cfg.norm_eps)
+        zero_centered_norm=cfg.zero_centered_norm, norm_eps=cfg.norm_eps,
+        init_std=cfg.init_std)
 
 
 # The config builder of each mixer module (keyed like MIXER_MODULES' values).
@@ -433,9 +466,20 @@ PRESETS: dict[str, dict] = {
                             shared_gate=True, router="star", router_kwargs=(("eta", 5e-5),))),
     "small": dict(d_model=512, num_layers=8, num_heads=8, head_dim=64, d_ff=1024,
                   chunk_size=64, max_seq_len=4096, moe=dict(num_experts=16, top_k=2)),
-    # DESIGN §3 paper-scale mixer config (340M with a dense SwiGLU FFN); for GPU/TPU.
-    "340m": dict(d_model=1024, num_layers=21, num_heads=6, head_dim=128, expand_v=2.0,
-                 ffn="dense", d_ff=2816, chunk_size=64, max_seq_len=4096),
+    # The Q-Delta authors' configs (psmiz/Q-Delta `configs/qdelta_{340M,1B}.json`), for GPU/TPU:
+    # gated Q-Delta in every layer, dense SwiGLU FFN of fla's width (hidden_ratio 4 → 2/3 · 4d
+    # rounded up to a multiple of 256), untied embeddings, norm eps 1e-6, N(0, 0.02²) init,
+    # vocabulary 32000 (their tokenizer, fla-hub/transformer-1.3B-100B; give the data's own
+    # `vocab_size` to override), context 4096. Their optimiser: `moejax.train.config.
+    # OPTIMIZER_PRESETS` (experiments/train_lm.py applies it with these presets).
+    "340m": dict(vocab_size=32000, d_model=1024, num_layers=21, num_heads=6, head_dim=128,
+                 expand_v=2.0, mixer="gated_qdelta", ffn="dense", d_ff=2816,
+                 tie_embeddings=False, chunk_size=64, max_seq_len=4096, norm_eps=1e-6,
+                 init_std=0.02),
+    "1b": dict(vocab_size=32000, d_model=2048, num_layers=21, num_heads=6, head_dim=256,
+               expand_v=2.0, mixer="gated_qdelta", ffn="dense", d_ff=5632,
+               tie_embeddings=False, chunk_size=64, max_seq_len=4096, norm_eps=1e-6,
+               init_std=0.02),
 }
 
 
@@ -457,26 +501,38 @@ def get_preset(name: str, **overrides) -> LMConfig:
 
 
 def init(key: Array, cfg: LMConfig) -> tuple[dict, dict]:
-    """Returns `(params, state)`; state holds each MoE layer's router state."""
+    """Returns `(params, state)`; state holds each MoE layer's router state.
+
+    Init (`cfg.init_std`, see `LMConfig`): embedding, untied output head and every mixer / dense
+    FFN projection N(0, init_std²); with `init_std=None` the embedding is N(0, 0.02²), the
+    other matrices N(0, 1/fan_in). Norm scales start at 1 (0 when zero-centred)."""
     k_emb, k_out, *k_layers = jax.random.split(key, 2 + cfg.num_layers)
+    emb_std = 0.02 if cfg.init_std is None else cfg.init_std
     params: dict = {
-        "embed": jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), jnp.float32) * 0.02,
+        "embed": jax.random.normal(k_emb, (cfg.vocab_size, cfg.d_model), jnp.float32) * emb_std,
         "blocks": [],
     }
     if not cfg.tie_embeddings:
+        out_std = cfg.d_model**-0.5 if cfg.init_std is None else cfg.init_std
         params["unembed"] = (jax.random.normal(k_out, (cfg.d_model, cfg.vocab_size), jnp.float32)
-                             * cfg.d_model**-0.5)
+                             * out_std)
     state: dict = {"blocks": []}
     norm_init = functools.partial(rms_norm_init, zero_centered=cfg.zero_centered_norm)
     params["final_norm"] = norm_init(cfg.d_model)
     for i, k in enumerate(k_layers):
         k_mix, k_ffn = jax.random.split(k)
-        block = {"norm1": norm_init(cfg.d_model), "norm2": norm_init(cfg.d_model),
+        block = {"norm1": norm_init(cfg.d_model),
                  "mixer": cfg.mixer_module(i).init(k_mix, cfg.mixer_config(i))}
-        if cfg.ffns[i] == "moe":
+        if cfg.ffns[i] != "none":
+            block["norm2"] = norm_init(cfg.d_model)
+        if cfg.ffns[i] == "none":
+            moe_state = {}
+        elif cfg.ffns[i] == "moe":
             block["ffn"], moe_state = moe_layer.init(k_ffn, cfg.moe)
         else:
-            block["ffn"], moe_state = ffn.init(k_ffn, cfg.d_model, cfg.dense_d_ff or cfg.d_ff), {}
+            block["ffn"] = ffn.init(k_ffn, cfg.d_model, cfg.dense_d_ff or cfg.d_ff,
+                                    init_std=cfg.init_std)
+            moe_state = {}
         params["blocks"].append(block)
         state["blocks"].append(moe_state)
     return params, state
@@ -589,7 +645,10 @@ def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=N
 
 def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, layer: int, *,
               train: bool, rng: Array | None):
-    """Layer `layer`'s FFN on normed inputs → `(y, new_moe_state, aux or None)`."""
+    """Layer `layer`'s FFN on normed inputs → `(y, new_moe_state, aux or None)` (zeros for an
+    "none" layer, which `forward` skips)."""
+    if cfg.ffns[layer] == "none":
+        return jnp.zeros_like(h), moe_state, None
     if cfg.ffns[layer] == "dense":
         return ffn.apply(block_params, h), moe_state, None
     return moe_layer.moe_apply(block_params, moe_state, h, cfg=cfg.moe, train=train,
@@ -607,6 +666,10 @@ def forward(params: dict, state: dict, tokens: Array, cfg: LMConfig, *, train: b
         y, cache = mixer_apply(block["mixer"], norm(block["norm1"], h, cfg), cfg, i,
                                None if caches is None else caches[i])
         h = h + y
+        if cfg.ffns[i] == "none":
+            new_blocks.append(state["blocks"][i])
+            new_caches.append(cache)
+            continue
         layer_rng = None if rng is None else jax.random.fold_in(rng, i)
         y, moe_state, aux = ffn_apply(block["ffn"], state["blocks"][i],
                                       norm(block["norm2"], h, cfg), cfg, i, train=train,

@@ -17,7 +17,7 @@ _INT_FIELDS = (("steps", 1), ("warmup_steps", 0), ("batch_size", 1), ("seq_len",
                ("keep_checkpoints", 1), ("seed", 0))
 _FLOAT_FIELDS = (("lr", 0.0, math.inf, True, True), ("min_lr_ratio", 0.0, 1.0, False, False),
                  ("weight_decay", 0.0, math.inf, False, True), ("b1", 0.0, 1.0, False, True),
-                 ("b2", 0.0, 1.0, False, True))
+                 ("b2", 0.0, 1.0, False, True), ("eps", 0.0, math.inf, False, True))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -34,6 +34,11 @@ class TrainConfig:
       weight_decay: AdamW decoupled weight decay, applied to matrices (ndim >= 2) only, >= 0.
       b1: Adam first-moment decay, in [0, 1).
       b2: Adam second-moment decay, in [0, 1).
+      eps: Adam's ε in the update denominator `√v̂ + ε`, in [0, ∞). Default 1e-8 (optax's and
+        PyTorch's, what moejax always used); the Q-Delta authors train with 1e-15, which
+        `OPTIMIZER_PRESETS` (their 340m / 1b runs) set. A tiny ε matters mostly for small
+        gradients (late in training, or tiny models), so the default stays 1e-8 for the CPU
+        experiments and the paper presets carry the authors' value.
       clip_norm: clip gradients to this global norm; None disables clipping.
       batch_size: B, sequences per step (global, over all devices), > 0.
       seq_len: T, tokens per sequence, > 0.
@@ -56,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
+    eps: float = 1e-8
     clip_norm: float | None = 1.0
     batch_size: int = 16
     seq_len: int = 256
@@ -85,5 +91,19 @@ class TrainConfig:
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with `changes` applied (and validated)."""
         return dataclasses.replace(self, **changes)
+
+
+# The Q-Delta authors' optimiser for their model presets (`moejax.models.lm.PRESETS` "340m" /
+# "1b"; psmiz/Q-Delta `scripts/launch_qdelta_340m.sh`, `qdelta_script/launch_qdelta_1b.sh`, run
+# with flame): AdamW ε 1e-15, clip 1.0, linear warmup then cosine to 0.1× the peak, and ≈0.5M
+# tokens per step (128 sequences of 4096: 65536 tokens × 4 GPUs × 2 accumulation steps for 340M,
+# 32768 × 4 × 4 for 1B) for 28600 / 57200 steps (15B / 30B tokens). Weight decay 0.1 and betas
+# (0.9, 0.95) are flame's defaults, which the scripts do not change (and TrainConfig's).
+OPTIMIZER_PRESETS: dict[str, dict[str, Any]] = {
+    "340m": dict(lr=1e-3, warmup_steps=1024, min_lr_ratio=0.1, eps=1e-15, clip_norm=1.0,
+                 weight_decay=0.1, b1=0.9, b2=0.95, batch_size=128, seq_len=4096, steps=28600),
+    "1b": dict(lr=4e-4, warmup_steps=2048, min_lr_ratio=0.1, eps=1e-15, clip_norm=1.0,
+               weight_decay=0.1, b1=0.9, b2=0.95, batch_size=128, seq_len=4096, steps=57200),
+}
 
 

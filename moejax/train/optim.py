@@ -45,11 +45,12 @@ def optimizer_settings(cfg: TrainConfig) -> TrainConfig:
     differ only in `lr`, batch shape, logging, checkpointing or seed)."""
     return TrainConfig(steps=cfg.steps, warmup_steps=cfg.warmup_steps,
                        min_lr_ratio=cfg.min_lr_ratio, weight_decay=cfg.weight_decay, b1=cfg.b1,
-                       b2=cfg.b2, clip_norm=cfg.clip_norm, lr=1.0)
+                       b2=cfg.b2, eps=cfg.eps, clip_norm=cfg.clip_norm, lr=1.0)
 
 
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with the run's schedule, after global-norm clipping; peak lr injected.
+    """AdamW (`b1`, `b2`, `eps`, `weight_decay` of `cfg`) with the run's schedule, after
+    global-norm clipping; peak lr injected.
 
     Weight decay skips vectors and scalars (norm scales, biases, router biases).
 
@@ -65,7 +66,7 @@ def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, opta
 
     def chain(learning_rate):
         adamw = optax.adamw(
-            lambda count: learning_rate * unit(count), b1=cfg.b1, b2=cfg.b2,
+            lambda count: learning_rate * unit(count), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
             weight_decay=cfg.weight_decay,
             mask=lambda params: jax.tree.map(lambda p: jnp.ndim(p) >= 2, params),
         )

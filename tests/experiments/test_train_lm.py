@@ -122,3 +122,21 @@ def test_init_from_fine_tunes_a_saved_model_and_refuses_model_flags(tmp_path):
             pytest.raises(app.UsageError, match="vocab_size=64; byte-level data needs >= 256"):
         train_lm.main(["train_lm"])
     assert not (tmp_path / "run2").exists() and not (tmp_path / "run3").exists()
+
+
+def test_paper_presets_bring_the_authors_optimiser():
+    """--preset=340m / 1b: the run flags default to OPTIMIZER_PRESETS (AdamW ε 1e-15, warmup
+    1024 / 2048, lr 1e-3 / 4e-4, 128 × 4096 tokens); a flag given wins; other presets keep the
+    plain defaults."""
+    with flagsaver.flagsaver():
+        assert train_lm.run_settings("340m") == dict(
+            steps=28600, lr=1e-3, warmup_steps=1024, eps=1e-15, batch_size=128, seq_len=4096,
+            min_lr_ratio=0.1, clip_norm=1.0, weight_decay=0.1, b1=0.9, b2=0.95)
+        assert train_lm.run_settings("1b")["lr"] == 4e-4
+        assert train_lm.run_settings("1b")["warmup_steps"] == 2048
+        assert train_lm.run_settings("demo") == dict(steps=1000, lr=3e-3, warmup_steps=100,
+                                                     eps=1e-8, batch_size=16, seq_len=256)
+    with flagsaver.flagsaver(lr=5e-4, eps=1e-12, steps=7):
+        got = train_lm.run_settings("340m")
+        assert (got["lr"], got["eps"], got["steps"], got["warmup_steps"]) == (5e-4, 1e-12, 7,
+                                                                               1024)

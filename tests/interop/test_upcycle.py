@@ -26,6 +26,7 @@ def test_qdelta_starts_where_gdn_was(lam_init):
     params, state, toks = _setup()
     cfg, new = upcycle.to_qdelta(params, CFG, lam_init=lam_init)
     assert cfg.mixers == ("gated_qdelta", "gated_softmax")
+    assert cfg.learnable_lam_bias and not CFG.learnable_lam_bias  # λ needs its bias here
     lam = jax.nn.sigmoid(new["blocks"][0]["mixer"]["b_lam"] - 0.9)
     np.testing.assert_allclose(np.asarray(lam), lam_init, rtol=1e-4)
     diff = upcycle.logit_difference(params, state, CFG, new, state, cfg, toks)

@@ -137,6 +137,20 @@ def test_init_matches_the_documented_structure():
     assert set(shapes) == {"w_q", "w_k", "w_v", "w_out"}
 
 
+def test_init_std_default_and_fan_in_option():
+    """Projections N(0, 0.02²) by default (fla's `initializer_range`), N(0, 1/fan_in) with
+    `init_std=None`."""
+    cfg = attn.AttentionConfig(d_model=256, num_heads=4, head_dim=64, gated=True)
+    assert cfg.init_std == 0.02
+    p = attn.init(jax.random.key(0), cfg)
+    for name in ("w_q", "w_k", "w_v", "w_gate", "w_out"):
+        np.testing.assert_allclose(float(jnp.std(p[name])), 0.02, rtol=0.05, err_msg=name)
+    q = attn.init(jax.random.key(0), dataclasses.replace(cfg, init_std=None))
+    np.testing.assert_allclose(float(jnp.std(q["w_q"])), 256**-0.5, rtol=0.05)
+    with pytest.raises(ValueError, match="init_std must be in"):
+        attn.AttentionConfig(d_model=D, num_heads=2, head_dim=8, init_std=0.0)
+
+
 def test_causal_output_ignores_future_tokens():
     cfg, params, x = _setup("qwen3_next")
     f = lambda p, a: _apply(cfg)(p, a)[0]

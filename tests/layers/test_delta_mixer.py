@@ -43,9 +43,72 @@ def test_mode_parameters():
         assert ("A_log" in params) == cfg.gated
     cfg, params, _ = _setup("gated_qdelta")
     A = np.exp(np.asarray(params["A_log"]))
-    assert ((A >= 1) & (A <= 16)).all()
+    assert ((A > 0) & (A <= 16)).all()
     dt = np.asarray(jax.nn.softplus(params["dt_bias"]))
     assert ((dt >= 1e-3 - 1e-7) & (dt <= 1e-1 + 1e-7)).all()
+
+
+def _init(**kw):
+    cfg = dm.DeltaMixerConfig(**{"d_model": 256, "num_heads": 128, "head_dim": 4, **kw})
+    return cfg, jax.jit(dm.init, static_argnums=1)(jax.random.key(0), cfg)
+
+
+def test_init_std_default_is_the_authors_and_fan_in_stays_an_option():
+    """Default: every projection and conv N(0, 0.02²) (fla's `initializer_range`);
+    `init_std=None`: N(0, 1/fan_in) projections and U(±1/√K) convs, as before."""
+    cfg, p = _init(mode="gated_qdelta")
+    assert cfg.init_std == 0.02
+    for name in ("w_q", "w_k", "w_v", "w_beta", "w_og", "w_out", "w_lam", "w_a"):
+        np.testing.assert_allclose(float(jnp.std(p[name])), 0.02, rtol=0.05, err_msg=name)
+        assert abs(float(jnp.mean(p[name]))) < 0.002, name
+    for name in ("conv_q", "conv_k", "conv_v"):
+        np.testing.assert_allclose(float(jnp.std(p[name]["w"])), 0.02, rtol=0.05, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(p["o_norm"]["scale"]), 1.0)
+    _, q = _init(mode="gated_qdelta", init_std=None)
+    np.testing.assert_allclose(float(jnp.std(q["w_q"])), 256**-0.5, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(q["w_out"])), (128 * 8) ** -0.5, rtol=0.05)
+    w = np.asarray(q["conv_v"]["w"])
+    assert np.abs(w).max() <= 0.5 and np.abs(w).max() > 0.45  # U(±1/√4)
+    _, r = _init(mode="gated_qdelta", init_std=0.1)
+    np.testing.assert_allclose(float(jnp.std(r["w_k"])), 0.1, rtol=0.05)
+
+
+def test_gate_init_follows_the_authors():
+    """A ~ U(0, 16) (a_init_min=1 gives the earlier U(1, 16)); dt log-uniform in [1e-3, 1e-1],
+    dt_bias = softplus⁻¹(dt)."""
+    _, p = _init(mode="gated_deltanet")
+    A = np.exp(np.asarray(p["A_log"]))
+    assert A.shape == (128,) and np.isfinite(np.asarray(p["A_log"])).all()
+    assert A.min() > 0 and A.max() <= 16 and A.min() < 1  # P(min ≥ 1) = (15/16)^128 < 1e-3
+    assert 6 < A.mean() < 10  # U(0, 16): mean 8, sd of the mean 0.41
+    _, old = _init(mode="gated_deltanet", a_init_min=1.0)
+    A_old = np.exp(np.asarray(old["A_log"]))
+    assert A_old.min() >= 1 - 1e-6 and A_old.max() <= 16
+    log_dt = np.log(np.asarray(jax.nn.softplus(p["dt_bias"])))
+    assert log_dt.min() >= np.log(1e-3) - 1e-4 and log_dt.max() <= np.log(1e-1) + 1e-4
+    assert abs(log_dt.mean() - 0.5 * (np.log(1e-3) + np.log(1e-1))) < 0.4  # log-uniform
+
+
+def test_lam_is_sigmoid_of_projection_minus_fixed_0_9():
+    """Default: no λ bias parameter, λ = σ(W_λ h − 0.9); `learnable_lam_bias` adds b_λ."""
+    cfg, params, x = _setup("gated_qdelta")
+    assert "b_lam" not in params
+    f, _ = dm._features(params, x, None, cfg)
+    want = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ np.asarray(params["w_lam"], np.float64)
+                             - 0.9)))
+    np.testing.assert_allclose(np.asarray(f["lam"]), want, rtol=1e-5)
+    cfg_b = dm.DeltaMixerConfig(**{**cfg.__dict__, "learnable_lam_bias": True})
+    params_b = dm.init(jax.random.key(0), cfg_b)
+    np.testing.assert_array_equal(np.asarray(params_b["b_lam"]), 0.0)
+    bias = jnp.array([-3.0, 1.5])
+    fb, _ = dm._features({**params, "b_lam": bias}, x, None, cfg_b)
+    np.testing.assert_allclose(np.asarray(fb["lam"]), 1 / (1 + np.exp(-(np.log(
+        want / (1 - want)) + np.asarray(bias)))), rtol=1e-4)
+    grads = jax.grad(lambda p: jnp.sum(dm.apply(p, x, cfg=cfg_b)[0] ** 2))(
+        {**params, "b_lam": bias})
+    assert np.abs(np.asarray(grads["b_lam"])).sum() > 0  # trained
+    assert "b_lam" not in dm.init(jax.random.key(0), dm.DeltaMixerConfig(
+        **{**cfg.__dict__, "mode": "gated_deltanet", "learnable_lam_bias": True}))
 
 
 def test_allow_neg_eigval_doubles_beta_and_lam():
@@ -78,6 +141,12 @@ def test_grad_and_bf16():
         ({"num_heads": 0}, "num_heads must be >= 1"),
         ({"expand_v": 0.3}, "expand_v must be > 0"),
         ({"chunk_size": 2.5}, "chunk_size must be an int"),
+        ({"init_std": 0.0}, r"init_std must be in \(0.0, inf\)"),
+        ({"init_std": float("nan")}, "init_std must be in"),
+        ({"init_std": "0.02"}, "init_std must be a"),
+        ({"a_init_min": 16.0}, r"a_init_min must be in \[0.0, 16.0\)"),
+        ({"a_init_min": -1.0}, "a_init_min must be in"),
+        ({"learnable_lam_bias": 1}, "learnable_lam_bias must be a bool"),
     ],
 )
 def test_config_rejects(kw, match):

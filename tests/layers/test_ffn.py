@@ -33,6 +33,14 @@ def test_init_shapes_and_fan_in_scale():
         ffn.init(jax.random.key(0), D, F, "relu")
 
 
+def test_init_std_scales_every_matrix():
+    p = ffn.init(jax.random.key(0), 64, 128, init_std=0.02)
+    for name in ("w_up", "w_gate", "w_down"):
+        np.testing.assert_allclose(float(jnp.std(p[name])), 0.02, rtol=0.05, err_msg=name)
+    with pytest.raises(ValueError, match="init_std must be in"):
+        ffn.init(jax.random.key(0), 64, 128, init_std=-1.0)
+
+
 def test_swiglu_matches_numpy():
     p = ffn.init(jax.random.key(0), D, F)
     x = _x()

@@ -90,3 +90,13 @@ def test_bf16_keeps_dtype():
     np.testing.assert_allclose(np.asarray(y, np.float32),
                                _np_conv(params["w"], x.astype(jnp.bfloat16).astype(jnp.float32)),
                                rtol=2e-2, atol=2e-2)
+
+
+def test_init_std_gives_normal_weights():
+    """`std` (the delta mixers' `init_std`, fla's N(0, 0.02²)) replaces the uniform default."""
+    w = np.asarray(sc.short_conv_init(jax.random.key(0), 4096, 4, std=0.02)["w"])
+    assert w.shape == (4, 4096)
+    np.testing.assert_allclose(w.std(), 0.02, rtol=0.03)
+    assert abs(w.mean()) < 1e-3 and np.abs(w).max() > 0.06  # normal tails, not U(±0.5)
+    u = np.asarray(sc.short_conv_init(jax.random.key(0), 4096, 4)["w"])
+    np.testing.assert_allclose(u.std(), 0.5 / np.sqrt(3), rtol=0.03)

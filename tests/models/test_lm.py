@@ -101,9 +101,85 @@ def test_presets_build():
     for name in lm.PRESETS:
         cfg = lm.get_preset(name)
         assert cfg.to_dict()["d_model"] == cfg.d_model
-    n = lm.num_params(jax.eval_shape(lambda: init_lm(jax.random.key(0),
-                                                     lm.get_preset("340m"))[0]))
-    assert 3.0e8 < n < 3.6e8, n
+
+
+def _param_count(cfg):
+    return lm.num_params(jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0]))
+
+
+@pytest.mark.parametrize("name, d, head_dim, d_ff, lo, hi", [
+    ("340m", 1024, 128, 2816, 3.6e8, 4.2e8),
+    ("1b", 2048, 256, 5632, 1.3e9, 1.45e9),
+])
+def test_paper_presets_are_the_authors_configs(name, d, head_dim, d_ff, lo, hi):
+    """psmiz/Q-Delta configs/qdelta_{340M,1B}.json: gated Q-Delta, 21 layers, 6 heads, expand_v
+    2, SwiGLU of fla's width (4d · 2/3 rounded up to 256), untied embeddings, vocab 32000."""
+    cfg = lm.get_preset(name)
+    assert (cfg.d_model, cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.value_dim) == (
+        d, 21, 6, head_dim, 2 * head_dim)
+    assert cfg.mixers == ("gated_qdelta",) * 21 and cfg.ffns == ("dense",) * 21
+    assert d_ff == 256 * -(-int(4 * d * 2 / 3) // 256) == cfg.d_ff
+    assert (cfg.tie_embeddings, cfg.vocab_size, cfg.init_std, cfg.norm_eps) == (
+        False, 32000, 0.02, 1e-6)
+    assert not cfg.learnable_lam_bias and cfg.a_init_min == 0.0
+    n = _param_count(cfg)
+    # Per layer: q, k (d·6·Dk each), v, g, o (d·6·2Dk each), β, λ, a (d·6 each), 3 convs,
+    # o-norm, A_log, dt_bias, two norms and the SwiGLU; plus embed, unembed and final norm.
+    key_dim = 6 * head_dim
+    per_layer = (2 * d * key_dim + 3 * d * 2 * key_dim + 3 * d * 6 + 4 * (2 * key_dim
+                 + 2 * key_dim) + 2 * head_dim + 12 + 2 * d + 3 * d * d_ff)
+    assert n == 21 * per_layer + 2 * 32000 * d + d
+    assert lo < n < hi, n
+    assert _param_count(lm.get_preset(name, vocab_size=256)) == n - 2 * (32000 - 256) * d
+
+
+def test_init_std_sets_every_projection_and_the_embedding():
+    """Default N(0, 0.02²) everywhere (the authors'); `init_std=None` is the fan-in init (with
+    the embedding kept at N(0, 0.02²), as moejax had it)."""
+    cfg = lm.LMConfig(vocab_size=512, d_model=256, num_layers=1, num_heads=2, head_dim=64,
+                      mixer="gated_qdelta", ffn="dense", d_ff=512, tie_embeddings=False)
+    assert cfg.init_std == 0.02 and cfg.mixer_config(0).init_std == 0.02
+    params, _ = lm.init(jax.random.key(0), cfg)
+    block = params["blocks"][0]
+    for name, w in [("embed", params["embed"]), ("unembed", params["unembed"]),
+                    ("mixer.w_v", block["mixer"]["w_v"]), ("ffn.w_down", block["ffn"]["w_down"]),
+                    ("conv", block["mixer"]["conv_v"]["w"])]:
+        np.testing.assert_allclose(float(jnp.std(w)), 0.02, rtol=0.05, err_msg=name)
+    fan = cfg.replace(init_std=None)
+    assert fan.mixer_config(0).init_std is None
+    p2, _ = lm.init(jax.random.key(0), fan)
+    np.testing.assert_allclose(float(jnp.std(p2["embed"])), 0.02, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(p2["unembed"])), 256**-0.5, rtol=0.05)
+    np.testing.assert_allclose(float(jnp.std(p2["blocks"][0]["ffn"]["w_down"])), 512**-0.5,
+                               rtol=0.05)
+    attn_cfg = lm.LMConfig(mixer="softmax", ffn="dense", init_std=0.05)
+    assert attn_cfg.mixer_config(0).init_std == 0.05
+    with pytest.raises(ValueError, match="init_std must be in"):
+        lm.LMConfig(init_std=0.0)
+    with pytest.raises(ValueError, match="a_init_min must be in"):
+        lm.LMConfig(a_init_min=20.0)
+
+
+def test_configs_saved_before_the_init_fields_load_as_they_were_built(tmp_path):
+    """A config saved without `init_std` / `a_init_min` / `learnable_lam_bias` is read with the
+    values its model had (fan-in init, A ~ U(1, 16), a trained λ bias `b_lam`), so a Q-Delta
+    model directory of that time loads; a config saved now round-trips unchanged."""
+    from moejax.train import checkpoint as ckpt_lib
+
+    now = lm.get_preset("tiny", mixer="gated_qdelta")
+    assert lm.LMConfig.from_dict(json.loads(json.dumps(now.to_dict()))) == now
+    old = now.replace(init_std=None, a_init_min=1.0, learnable_lam_bias=True)
+    params, state = init_lm(jax.random.key(0), old)
+    assert "b_lam" in params["blocks"][0]["mixer"]
+    directory = ckpt_lib.save_model(tmp_path / "m", old, params, state)
+    meta = json.loads((directory / ckpt_lib.MODEL_CONFIG).read_text())
+    for name in ("init_std", "a_init_min", "learnable_lam_bias"):
+        meta["model"].pop(name)
+    (directory / ckpt_lib.MODEL_CONFIG).write_text(json.dumps(meta))
+    got, loaded, _, _ = ckpt_lib.load_model(directory, lm.LMConfig, lm.init)
+    assert got == old
+    np.testing.assert_array_equal(np.asarray(loaded["blocks"][0]["mixer"]["b_lam"]),
+                                  np.asarray(params["blocks"][0]["mixer"]["b_lam"]))
 
 
 @pytest.mark.parametrize(
@@ -304,3 +380,33 @@ def test_old_flat_dense_config_with_unchecked_moe_fields_loads():
     assert lm.LMConfig.from_dict(valid).moe.num_experts == 1
     with pytest.raises(ValueError, match="top_k=4 must be <= num_experts=1"):
         lm.LMConfig.from_dict({**old, "ffn": "moe"})
+
+
+def test_ffn_none_blocks_are_the_mixer_alone():
+    """ffn="none" (Zoology's MQAR models): no FFN sublayer and no second norm; the forward pass
+    equals the blocks applied by hand and decoding equals it token by token."""
+    cfg = lm.LMConfig(d_model=32, num_layers=2, num_heads=2, head_dim=16, ffn="none",
+                      layer_mixers=("gated_deltanet", "softmax"), chunk_size=16, max_seq_len=32)
+    assert cfg.moe is None
+    params, state = init_lm(jax.random.key(0), cfg)
+    assert [set(b) for b in params["blocks"]] == [{"norm1", "mixer"}] * 2
+    toks = _tokens(T=12)
+    logits, new_state, _ = lm.apply(params, state, toks, cfg=cfg)
+    h = lm.embed(params, toks, cfg)
+    for i, block in enumerate(params["blocks"]):
+        h = h + lm.mixer_apply(block["mixer"], lm.norm(block["norm1"], h, cfg), cfg, i)[0]
+    want = lm.logits_from_hidden(params, lm.norm(params["final_norm"], h, cfg), cfg)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert new_state == state
+    cache = decode.init_cache(cfg, 2)
+    _, cache = decode.prefill(params, state, toks[:, :8], cache, cfg=cfg)
+    for t in range(8, 12):
+        step_logits, cache = decode.decode_step(params, state, toks[:, t], cache, cfg=cfg)
+        np.testing.assert_allclose(np.asarray(step_logits), np.asarray(logits[:, t]),
+                                   rtol=2e-4, atol=2e-4)
+    from moejax.interop import hf_config
+
+    moe_cfg = lm.get_preset("tiny", mixer="softmax", layer_ffns=("moe", "none"),
+                            moe=dict(router_kwargs={"renormalize": True}))
+    with pytest.raises(ValueError, match=r"layers without FFN \(ffn='none'\)"):
+        hf_config.hf_config_from_lm(moe_cfg, "mixtral")

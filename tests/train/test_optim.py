@@ -47,3 +47,21 @@ def test_injected_learning_rate_equals_baked_in_schedule():
         u2, s2 = update2(grads, s2, params)
         for a, b in zip(jax.tree.leaves(u1), jax.tree.leaves(u2), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("eps", [1e-15, 1e-8, 1e-3])
+def test_eps_reaches_adam(eps):
+    """The update equals optax's AdamW with that ε; a tiny gradient shows ε's effect."""
+    tcfg = TrainConfig(steps=10, lr=1e-2, warmup_steps=0, eps=eps, clip_norm=None,
+                       weight_decay=0.0)
+    opt, _ = optim.make_optimizer(tcfg)
+    params = {"w": jnp.ones((2, 2))}
+    grads = {"w": jnp.full((2, 2), 1e-6)}
+    u, _ = opt.update(grads, opt.init(params), params)
+    ref = optax.adamw(optim.make_schedule(tcfg), b1=tcfg.b1, b2=tcfg.b2, eps=eps,
+                      weight_decay=0.0)
+    want, _ = ref.update(grads, ref.init(params), params)
+    np.testing.assert_allclose(np.asarray(u["w"]), np.asarray(want["w"]), rtol=1e-6)
+    # By hand, step 1: m̂ = g, v̂ = g², update = −lr · g / (|g| + ε) (lr at count 0 is lr).
+    np.testing.assert_allclose(np.asarray(u["w"]), -1e-2 * 1e-6 / (1e-6 + eps), rtol=1e-5)
+    assert optim.optimizer_settings(tcfg).eps == eps  # other ε: another compiled step
