@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.kernels.delta_rule import delta_rule, delta_rule_step
-from moejax.kernels.delta_rule.ops import IMPL_NAMES
+from moejax.kernels.delta_rule.ops import IMPL_NAMES, PAIRINGS  # noqa: F401 (PAIRINGS re-exported)
 from moejax.layers.norms import gated_rms_norm, l2_normalize, rms_norm_init
 from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
 from moejax.validation import (
@@ -116,6 +116,10 @@ class DeltaMixerConfig:
         eigenvalues.
       chunk_size: chunk length of the chunkwise path.
       impl: `delta_rule` implementation ("auto", "reference", "chunk", "pallas").
+      pairing: "recurrence" (default, the recurrence of DESIGN §3) or "authors" (the released
+        Q-Delta chunk kernel's k_t·x_j pairing, `delta_rule(pairing=...)`: its output depends on
+        the chunk size, so it needs chunk_size 64, the size their models were trained at; for
+        running models trained with their code as trained. Decoding steps are the same in both).
       norm_eps: epsilon of the output RMSNorm (> 0).
       init_std: std of the N(0, init_std²) init of every projection and short conv (> 0;
         default 0.02, the authors'); None = fan-in init (N(0, 1/fan_in), convs U(±1/√K)).
@@ -141,6 +145,7 @@ class DeltaMixerConfig:
     allow_neg_eigval: bool = False
     chunk_size: int = 64
     impl: str = "auto"
+    pairing: str = "recurrence"
     norm_eps: float = 1e-6
     init_std: float | None = INIT_STD
     learnable_lam_bias: bool = False
@@ -156,6 +161,10 @@ class DeltaMixerConfig:
                                  f"{self.num_heads}")
         check_choice("mode", self.mode, MODES)
         check_choice("impl", self.impl, IMPL_NAMES)
+        check_choice("pairing", self.pairing, PAIRINGS)
+        if self.pairing == "authors" and self.chunk_size != 64:
+            raise ValueError(f"chunk_size must be 64 with pairing='authors' (the released "
+                             f"kernel's chunk size), got {self.chunk_size}")
         check_bool("allow_neg_eigval", self.allow_neg_eigval)
         check_bool("learnable_lam_bias", self.learnable_lam_bias)
         check_init_std(self.init_std)
@@ -307,7 +316,7 @@ def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None =
     o, S = delta_rule(
         f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"],
         initial_state=None if cache is None else cache["state"],
-        chunk_size=cfg.chunk_size, impl=cfg.impl,
+        chunk_size=cfg.chunk_size, impl=cfg.impl, pairing=cfg.pairing,
     )
     return _output(params, x, o, cfg), {**conv, "state": S}
 

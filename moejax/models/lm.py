@@ -144,6 +144,8 @@ class LMConfig:
         Stored as a `MoEConfig` (or None). To change the widths of a config keep `moe` in step
         with `LMConfig.replace` (`dataclasses.replace(cfg, d_model=...)` refuses the old moe).
       conv_size, chunk_size, allow_neg_eigval, delta_impl: delta-mixer options.
+      delta_pairing: the delta mixers' `DeltaMixerConfig.pairing` ("recurrence", or "authors"
+        to run a model trained with the released Q-Delta kernel as trained; chunk_size 64).
       num_key_heads: delta mixers' query/key heads (grouped, divides num_heads); None = all.
       attn_num_heads, attn_head_dim: softmax mixers' heads and head dim; None = num_heads,
         head_dim (hybrid models give their attention layers other shapes).
@@ -194,6 +196,7 @@ class LMConfig:
     chunk_size: int = 64
     allow_neg_eigval: bool = False
     delta_impl: str = "auto"
+    delta_pairing: str = "recurrence"
     num_key_heads: int | None = None
     attn_num_heads: int | None = None
     attn_head_dim: int | None = None
@@ -251,6 +254,7 @@ class LMConfig:
         self._check_choices("layer_ffns", self.layer_ffns, FFNS, per_layer=True)
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("delta_impl", self.delta_impl, DELTA_IMPLS)
+        check_choice("delta_pairing", self.delta_pairing, delta_mixer.PAIRINGS)
         object.__setattr__(self, "moe", self._resolve_moe(self.moe))
         for layer in range(self.num_layers):  # the mixer configs validate their own fields
             self.mixer_config(layer)
@@ -419,7 +423,8 @@ def _delta_mixer_config(cfg: LMConfig, mixer: str) -> delta_mixer.DeltaMixerConf
         num_key_heads=cfg.num_key_heads, expand_v=cfg.expand_v,
         value_head_dim=cfg.value_dim, mode=mixer,
         conv_size=cfg.conv_size, allow_neg_eigval=cfg.allow_neg_eigval,
-        chunk_size=cfg.chunk_size, impl=cfg.delta_impl, norm_eps=cfg.norm_eps,
+        chunk_size=cfg.chunk_size, impl=cfg.delta_impl, pairing=cfg.delta_pairing,
+        norm_eps=cfg.norm_eps,
         init_std=cfg.init_std, learnable_lam_bias=cfg.learnable_lam_bias,
         a_init_min=cfg.a_init_min)
 

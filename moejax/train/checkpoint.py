@@ -86,6 +86,11 @@ def config_to_json(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
+# Fields added to the configs after runs were saved with them, with the value those runs used:
+# a saved config without the key resumes when the new run has that value.
+ADDED_FIELDS = {"train.eps": 1e-8}
+
+
 def config_differences(saved: Any, new: Any, *, prefix: str = "") -> list[str]:
     """Dotted paths where two JSON configs differ, each as `path: saved != new`.
 
@@ -97,14 +102,15 @@ def config_differences(saved: Any, new: Any, *, prefix: str = "") -> list[str]:
     Returns:
       one line per differing leaf. A key present on one side only counts as differing, except
       a key absent from `saved` whose new value is None: a field added to a config class after
-      the run was saved, left at its default (None means "not set" in every config here).
+      the run was saved, left at its default (None means "not set" in every config here), or
+      equal to what the old runs used (`ADDED_FIELDS`).
     """
     if isinstance(saved, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(saved) | set(new)):
             path = f"{prefix}.{key}" if prefix else key
             if key not in saved:
-                if new[key] is not None:
+                if new[key] is not None and ADDED_FIELDS.get(path, ...) != new[key]:
                     out.append(f"{path}: (absent) != {new[key]!r}")
             elif key not in new:
                 out.append(f"{path}: {saved[key]!r} != (absent)")

@@ -36,6 +36,30 @@ def test_prefill_and_decode_equal_full_apply(mode):
         assert_close(f"cache[{name}]", cache[name], c[name], ratio=RATIO_F32)
 
 
+@pytest.mark.parametrize("mode", ["gated_qdelta", "gated_deltanet"])
+def test_authors_pairing_reaches_the_op_and_decodes_after_prefill(mode):
+    """The layer's `pairing` is the op's: the mixer's output equals `delta_rule(pairing=...)` on
+    its own features, differs from the recurrence only where λ is present, and a prefill with
+    the authors' pairing continues with ordinary decode steps (their one-token calls)."""
+    from moejax.kernels.delta_rule import delta_rule
+
+    cfg = dm.DeltaMixerConfig(d_model=24, num_heads=2, head_dim=6, mode=mode, pairing="authors")
+    params = dm.init(jax.random.key(0), cfg)
+    x = jax.random.normal(jax.random.key(1), (1, 70, 24))
+    y, cache = dm.apply(params, x, cfg=cfg)
+    f, _ = dm._features(params, x, None, cfg)
+    o, _ = delta_rule(f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"],
+                      pairing="authors")
+    assert_close("y", dm._output(params, x, o, cfg), y, ratio=RATIO_F32)
+    rec = dm.DeltaMixerConfig(**{**cfg.__dict__, "pairing": "recurrence"})
+    y_rec, _ = dm.apply(params, x, cfg=rec)
+    diff = float(jnp.max(jnp.abs(y - y_rec)))
+    assert diff > 1e-4 if mode == "gated_qdelta" else diff == 0.0
+    # Step 64 opens the second chunk: a decode step after a 64-token prefill gives it exactly.
+    yt, _ = dm.step(params, x[:, 64], dm.apply(params, x[:, :64], cfg=cfg)[1], cfg=cfg)
+    assert_close("step after prefill", y[:, 64], yt, ratio=RATIO_F32)
+
+
 def test_mode_parameters():
     for mode in dm.MODES:
         cfg, params, _ = _setup(mode)
@@ -147,6 +171,8 @@ def test_grad_and_bf16():
         ({"a_init_min": 16.0}, r"a_init_min must be in \[0.0, 16.0\)"),
         ({"a_init_min": -1.0}, "a_init_min must be in"),
         ({"learnable_lam_bias": 1}, "learnable_lam_bias must be a bool"),
+        ({"pairing": "author"}, "pairing must be one of"),
+        ({"pairing": "authors", "chunk_size": 32}, "chunk_size must be 64 with pairing='authors'"),
     ],
 )
 def test_config_rejects(kw, match):

@@ -410,3 +410,10 @@ def test_ffn_none_blocks_are_the_mixer_alone():
                             moe=dict(router_kwargs={"renormalize": True}))
     with pytest.raises(ValueError, match=r"layers without FFN \(ffn='none'\)"):
         hf_config.hf_config_from_lm(moe_cfg, "mixtral")
+
+
+def test_delta_pairing_is_validated_by_name_and_reaches_the_mixers():
+    with pytest.raises(ValueError, match="delta_pairing must be one of"):
+        lm.LMConfig(delta_pairing="authorz")
+    cfg = lm.LMConfig(mixer="gated_qdelta", delta_pairing="authors")
+    assert cfg.mixer_config(0).pairing == "authors"

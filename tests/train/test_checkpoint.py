@@ -152,6 +152,11 @@ def test_config_differences_lists_nested_and_missing_fields():
     assert ckpt_lib.config_differences({"m": {"a": 1}}, {"m": {"a": 1, "new": None}}) == []
     assert ckpt_lib.config_differences({"m": {"old": None}}, {"m": {}}) == [
         "m.old: None != (absent)"]
+    # A run saved before TrainConfig.eps resumes at the eps it used, and only at that one.
+    assert ckpt_lib.config_differences({"train": {"lr": 0.1}}, {"train": {"lr": 0.1,
+                                                                         "eps": 1e-8}}) == []
+    assert ckpt_lib.config_differences({"train": {}}, {"train": {"eps": 1e-15}}) == [
+        "train.eps: (absent) != 1e-15"]
     assert ckpt_lib.check_config({"train": {"steps": 2}}, {"train": {"steps": 5}},
                                  where="x") == ["train.steps: 2 != 5"]
 
