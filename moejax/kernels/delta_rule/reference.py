@@ -55,6 +55,18 @@ def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, *, scale):
     return o_t, S
 
 
+def _scan_inputs(q, k, v, beta, g, lam, initial_state):
+    """The scans' inputs: `(xs, S0)`, the per-step arrays cast to the compute dtype and made
+    time-major (None stays None), and the start state (zeros when None)."""
+    f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
+    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
+    B, _, H, Dk = q.shape
+    S0 = (jnp.zeros((B, H, Dk, v.shape[-1]), q.dtype) if initial_state is None
+          else f32(initial_state))
+    tm = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
+    return tuple(map(tm, (q, k, v, beta, g, lam))), S0
+
+
 def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale):
     """`lax.scan` over time of `recurrent_step`.
 
@@ -70,15 +82,7 @@ def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, *,
     Returns:
       `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
     """
-    f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
-    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
-    B, _, H, Dk = q.shape
-    Dv = v.shape[-1]
-    S0 = jnp.zeros((B, H, Dk, Dv), q.dtype) if initial_state is None else f32(initial_state)
-
-    # Time-major for the scan.
-    tm = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
-    xs = (tm(q), tm(k), tm(v), tm(beta), tm(g), tm(lam))
+    xs, S0 = _scan_inputs(q, k, v, beta, g, lam, initial_state)
 
     def body(S, inp):
         q_t, k_t, v_t, b_t, g_t, l_t = inp
@@ -108,14 +112,8 @@ def delta_rule_authors_scan(q, k, v, beta, g=None, lam=None, initial_state=None,
 
     Args and returns: as `delta_rule_reference`; `chunk_size` the released kernel's 64.
     """
-    f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
-    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    S0 = jnp.zeros((B, H, Dk, Dv), q.dtype) if initial_state is None else f32(initial_state)
-    tm = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
-    start = jnp.arange(T) % chunk_size == 0
-    xs = (tm(q), tm(k), tm(v), tm(beta), tm(g), tm(lam), start)
+    xs, S0 = _scan_inputs(q, k, v, beta, g, lam, initial_state)
+    xs = (*xs, jnp.arange(q.shape[1]) % chunk_size == 0)  # chunk starts
     mv = lambda M, a: jnp.einsum("bhkv,bhk->bhv", M, a, precision=_HIGHEST)
 
     def body(carry, inp):
