@@ -2,6 +2,8 @@
 
 import gc
 import os
+import signal
+import warnings
 
 # 8 simulated devices; XLA:CPU backend optimisation off, which halves compile time (the suite is
 # compile-bound; benchmarks run fully optimised).
@@ -17,13 +19,22 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _free_compiled_code_after_each_module():
-    """Drops jax's compiled executables (and what only they keep alive) when a test file ends.
+def _module_hygiene(request):
+    """What one test file leaves behind must not reach the next one on the same xdist worker.
 
-    Without it each xdist worker keeps every executable the suite compiled: about 5 GB per worker
-    half-way through, on course for more than the CI machine's 24 GB by the end (the CI run of
-    stop 24 lost a worker that way). Compiled fixtures are shared within a file, so clearing at a
-    file's end costs no recompiles inside one."""
+    * jax's compiled executables (and what only they keep alive) are dropped when a file ends.
+      Without it each worker kept every executable the suite compiled: about 5 GB per worker
+      half-way through, on course for more than the CI machine's 24 GB (the CI run of stop 24
+      lost a worker). Compiled fixtures are shared within a file, so this costs no recompiles
+      inside one.
+    * The SIGINT/SIGTERM handlers are put back if the file changed them (with a warning naming
+      it): the preemption tests check what a second signal reaches."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     yield
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not handler and handler is not None:
+            warnings.warn(f"{request.node.nodeid} left the {sig.name} handler changed "
+                          f"({signal.getsignal(sig)!r}); put back", stacklevel=1)
+            signal.signal(sig, handler)
     jax.clear_caches()
     gc.collect()

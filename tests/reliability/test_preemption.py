@@ -87,6 +87,7 @@ class SignalAt:
 
     def __init__(self, it, *, at: int, sig: int, times: int = 1):
         self.it, self.at, self.sig, self.times, self.n = it, at, sig, times, 0
+        self.handlers = []  # the handler in place before each signal
 
     def __iter__(self):
         return self
@@ -95,6 +96,7 @@ class SignalAt:
         self.n += 1
         if self.n == self.at:
             for _ in range(self.times):
+                self.handlers.append(signal.getsignal(self.sig))
                 signal.pthread_kill(threading.get_ident(), self.sig)
         return next(self.it)
 
@@ -165,13 +167,26 @@ def test_sigint_stops_after_the_step_and_restores_the_handlers(tmp_path, capsys,
 
 @needs_main_thread
 def test_a_second_sigint_interrupts_at_once_and_the_workdir_stays_restorable(tmp_path):
+    """The second SIGINT goes to the handler that was there before `run` (here the test's own,
+    which raises KeyboardInterrupt as Python's default does), so it interrupts the step."""
     cfg = dict(steps=12, ckpt_every=2)
-    before = signal.getsignal(signal.SIGINT)
+
+    def previous(signum, frame):
+        raise KeyboardInterrupt
+
+    outer = signal.signal(signal.SIGINT, previous)
     work = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_child.run_in_process(
-            work, train_data=SignalAt(batches(), at=5, sig=signal.SIGINT, times=2), **cfg)
-    assert signal.getsignal(signal.SIGINT) == before
+    data = SignalAt(batches(), at=5, sig=signal.SIGINT, times=2)
+    try:
+        run_child.run_in_process(work, train_data=data, **cfg)
+    except KeyboardInterrupt:
+        pass
+    else:
+        pytest.fail("the second SIGINT did not interrupt the run; the SIGINT handler before each "
+                    f"signal was {data.handlers} (before the run: {previous})")
+    finally:
+        restored = signal.signal(signal.SIGINT, outer)
+    assert data.handlers[1] is previous and restored is previous
     assert checkpoint_steps(work) == [2, 4]  # the interrupted step 5 saved nothing
     state, _ = loop.load_checkpoint(work, stand_in.StandInConfig(), model=stand_in)
     assert int(state.step) == 4
