@@ -247,7 +247,8 @@ def test_default_controls_and_init_flags():
     fv(["mqar"])
     cfg = mqar.config_from_flags(fv)
     assert cfg.mixers == ("gated_qdelta", "gated_deltanet") and len(cfg.seeds) >= 5
-    assert cfg.lrs == (1e-2,) and cfg.steps == 1500 and cfg.eval_every > 0 and cfg.ffn == "dense"
+    assert cfg.lrs == (1e-2,) and cfg.steps == 2000 and cfg.settings == ((32, 4),)
+    assert cfg.eval_every > 0 and cfg.ffn == "dense"
     assert cfg.init_std == 0.02 and cfg.model("gated_qdelta", 64, 64).init_std == 0.02
     fv = flags.FlagValues()
     mqar.define_flags(fv)
