@@ -596,24 +596,38 @@ _STYLES = {"qdelta": "-", "gated_qdelta": "-", "deltanet": "--", "gated_deltanet
 def plot_curves(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR") -> None:
     """Mean val accuracy against step at each mixer's best lr: one panel per (d_model, L, n_kv),
     one line per mixer (`summarize` rows' `curve_*`)."""
-    from matplotlib.figure import Figure
-
     panels = sorted({(r["d_model"], r["seq_len"], r["num_kv_pairs"]) for r in rows})
-    fig = Figure(figsize=(max(5.0, 3.8 * len(panels)), 3.8), layout="constrained")
-    axes = fig.subplots(1, max(1, len(panels)), squeeze=False, sharey=True)[0]
+    fig, axes = _accuracy_panels(len(panels), 3.8)
     for ax, (d, L, n_kv) in zip(axes, panels, strict=False):
         for r in rows:
             if (r["d_model"], r["seq_len"], r["num_kv_pairs"]) == (d, L, n_kv) and r[
                     "curve_steps"]:
                 ax.plot(r["curve_steps"], r["curve_val_acc"], linestyle=_STYLES[r["mixer"]],
                         label=f"{r['mixer']} (lr {r['best_lr']:g}, {r['n_seeds']} seeds)")
-        ax.axhline(chance, color="grey", lw=0.8, label="chance")
         ax.set_title(f"d={d}, L={L}, n_kv={n_kv}")
         ax.set_xlabel("step")
+    _save_accuracy_panels(fig, axes, path, chance=chance, title=title,
+                          ylabel="val accuracy (mean over seeds)", legend_size=7)
+
+
+def _accuracy_panels(n: int, width: float):
+    """A row of `n` (at least 1) panels sharing the accuracy axis: `(figure, axes)`."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(5.0, width * n), 3.8), layout="constrained")
+    return fig, fig.subplots(1, max(1, n), squeeze=False, sharey=True)[0]
+
+
+def _save_accuracy_panels(fig, axes, path: str, *, chance: float, title: str, ylabel: str,
+                          legend_size: int) -> None:
+    """Chance line, [0, 1] range and grid on every panel, the labels, legend and title; writes
+    the PNG."""
+    for ax in axes:
+        ax.axhline(chance, color="grey", lw=0.8, label="chance")
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("val accuracy (mean over seeds)")
-    axes[-1].legend(fontsize=7)
+    axes[0].set_ylabel(ylabel)
+    axes[-1].legend(fontsize=legend_size)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
 
@@ -627,11 +641,8 @@ def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR")
       chance: the accuracy of guessing a value (drawn as a grey line).
       title: the figure title.
     """
-    from matplotlib.figure import Figure
-
     settings = sorted({(r["seq_len"], r["num_kv_pairs"]) for r in rows})
-    fig = Figure(figsize=(max(5.0, 3.6 * len(settings)), 3.8), layout="constrained")
-    axes = fig.subplots(1, max(1, len(settings)), squeeze=False, sharey=True)[0]
+    fig, axes = _accuracy_panels(len(settings), 3.6)
     for ax, (L, n_kv) in zip(axes, settings, strict=False):
         for mixer in MIXERS:
             pts = sorted((r["d_model"], r["test_acc"]) for r in rows
@@ -639,18 +650,13 @@ def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR")
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", linestyle=_STYLES[mixer],
                         label=mixer)
-        ax.axhline(chance, color="grey", lw=0.8, label="chance")
         ax.set_xscale("log", base=2)
         ds = sorted({r["d_model"] for r in rows})
         ax.set_xticks(ds, [str(d) for d in ds])
         ax.set_title(f"L={L}, n_kv={n_kv}")
         ax.set_xlabel("d_model")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("MQAR accuracy (best lr, test)")
-    axes[-1].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.savefig(path, dpi=110)
+    _save_accuracy_panels(fig, axes, path, chance=chance, title=title,
+                          ylabel="MQAR accuracy (best lr, test)", legend_size=8)
 
 
 # ----------------------------------------------------------------------------- CLI
