@@ -21,6 +21,25 @@ log decays are split: `G` sums only the other steps' g, and a count of resets ma
 (j, t], `γ_t = 0` if one lies in [0, t], `exp(G_C − G_t) = 0` if one lies in (t, C−1]. Results
 equal the recurrence's, gradients included.
 
+Per-channel decay (`gk`, KDA). With `gk_t ∈ R^{Dk}` the decay scales row d of the state by
+`exp(gk_td)` (the scalar g, if also given, is added to every channel). `γ`, `exp(G_C − G_t)`
+become per-channel vectors, and the pair factors per-channel: `A_tj = β_t Σ_d x_td k_jd
+exp(G_td − G_jd)` and `P_tj = Σ_d q_td k_jd exp(G_td − G_jd)`, no longer a matrix product times
+a `[C, C]` mask. They are formed exactly in log space by secondary chunking (as
+flash-linear-attention's KDA kernels): the chunk is cut into sub-chunks of c steps (the largest
+divisor of C that is ≤ √C). A pair in one sub-chunk takes `exp(G_td − G_jd)` element by element
+(`[C/c, c, c, Dk]`); a pair across sub-chunks is split at r, the last step before the row's
+sub-chunk: `exp(G_t − G_r) · exp(G_r − G_j)`, a row factor times a column factor, so it is one
+matrix product per row sub-chunk. With gk ≤ 0 every factor is ≤ 1: nothing overflows, and a
+factor underflows only where the product does. Resets (`gk_td = −inf`) are counted per channel
+as above. Results do not depend on C.
+
+Packed sequences (`cu_seqlens`, B = 1). Each sequence is moved to start on a chunk boundary
+(a static bound of `(T + N(C − 1)) / C` chunks holds them all; the gaps are padding with β = 0,
+which leaves the state as it is). The scan over chunks then sets the state to the sequence's
+initial state at its first chunk and records it after its last one; the outputs are gathered
+back to the packed positions. So every sequence gets exactly its result alone, for any C.
+
 Non-finite inputs. All masks are `where`s, never multiplications; the products of the chunk
 would still carry a NaN at step s into rows t < s (`0 · NaN`), so `delta_rule_chunk` runs the
 math under `nonfinite.contain`: outputs before s, other sequences and heads, and their
@@ -56,11 +75,13 @@ Axis letters: B batch, T time, H heads, Dk/Dv head dims, N number of chunks, C c
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
 from moejax.kernels.delta_rule.nonfinite import contain
-from moejax.kernels.delta_rule.reference import compute_dtype
+from moejax.kernels.delta_rule.reference import compute_dtype, sequence_index
 
 Array = jax.Array
 
@@ -153,13 +174,14 @@ def check_pairing(pairing, chunk_size) -> None:
             f"kernel's chunk length; its output depends on it), got {chunk_size!r}")
 
 
-def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale, chunk_size,
-                     pairing="recurrence"):
+def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, gk=None,
+                     cu_seqlens=None, *, scale, chunk_size, pairing="recurrence"):
     """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
 
     Non-finite inputs are contained (`nonfinite.contain`): a NaN/±inf at step s of a sequence
     and head leaves its outputs before s, everything of other sequences and heads, and their
-    gradients as they are without it; g = −inf is a full reset, as in the recurrence.
+    gradients as they are without it; g = −inf (or gk = −inf in a channel) is a reset, as in
+    the recurrence.
 
     Args:
       q, k: `[B, T, H, Dk]`.
@@ -167,70 +189,194 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, *, sca
       beta: `[B, T, H]`.
       g: `[B, T, H]` log decays or None.
       lam: `[B, T, H]` Q-Delta query mixing or None.
-      initial_state: `[B, H, Dk, Dv]` or None (zeros).
+      initial_state: `[B, H, Dk, Dv]` (`[N, H, Dk, Dv]` with cu_seqlens) or None (zeros).
+      gk: `[B, T, H, Dk]` per-key-channel log decays (module docstring) or None.
+      cu_seqlens: `[N + 1]` int boundaries of packed sequences in a row of B = 1, or None.
       scale: readout scale.
       chunk_size: C, any positive int (64 with `pairing="authors"`).
       pairing: "recurrence" (default: the recurrence, whatever C) or "authors" (the released
-        Q-Delta kernel's `A_tj = β_t k_t·x_j`, module docstring; C = 64, results depend on it).
+        Q-Delta kernel's `A_tj = β_t k_t·x_j`, module docstring; C = 64, results depend on it;
+        not with gk or cu_seqlens).
 
     Returns:
-      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`; S is `[N, H, Dk, Dv]` with
+      cu_seqlens.
 
     Raises:
-      ValueError: an unknown pairing, or `pairing="authors"` with chunk_size other than 64.
+      ValueError: an unknown pairing, or `pairing="authors"` with chunk_size other than 64, or
+        with gk or cu_seqlens.
     """
     check_pairing(pairing, chunk_size)
-    return contain(_delta_rule_chunk, q, k, v, beta, g, lam, initial_state, scale=scale,
-                   chunk_size=chunk_size, authors=pairing == "authors" and lam is not None)
+    authors = pairing == "authors" and lam is not None
+    if authors and (gk is not None or cu_seqlens is not None):
+        raise ValueError("pairing='authors' runs the released Q-Delta kernel, which has no "
+                         "per-channel decay (gk) nor packed sequences (cu_seqlens)")
+    return contain(_delta_rule_chunk, q, k, v, beta, g, lam, initial_state, gk=gk,
+                   cu_seqlens=cu_seqlens, scale=scale, chunk_size=chunk_size, authors=authors)
 
 
-def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, authors):
-    """`delta_rule_chunk` on finite inputs (g may be −inf)."""
+def _delta_rule_chunk(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, authors,
+                      gk=None, cu_seqlens=None):
+    """`delta_rule_chunk` on finite inputs (g, gk may be −inf)."""
     f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
-    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
+    steps = tuple(map(f32, (q, k, v, beta, g, lam, gk)))
+    initial_state = f32(initial_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = min(chunk_size, T)  # one chunk of T ≤ C steps is the same as one padded to C
-    pad = -T % C
-    if pad:
-        widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
-        pad_t = lambda a: None if a is None else jnp.pad(a, widths(a))
-        q, k, v, beta, g, lam = map(pad_t, (q, k, v, beta, g, lam))
+    if cu_seqlens is None:
+        pad = -T % C
+        if pad:
+            widths = lambda a: [(0, 0), (0, pad)] + [(0, 0)] * (a.ndim - 2)
+            steps = tuple(None if a is None else jnp.pad(a, widths(a)) for a in steps)
+        S0 = (jnp.zeros((B, H, Dk, Dv), steps[0].dtype) if initial_state is None
+              else initial_state)
+        O, S, _ = _chunk_scan(*steps, S0, scale=scale, C=C, authors=authors)
+        return O[:, :T], S
+    return _packed_chunk(steps, initial_state, cu_seqlens, scale=scale, C=C)
 
+
+def _packed_chunk(steps, initial_state, cu_seqlens, *, scale, C):
+    """`_delta_rule_chunk` for packed sequences (module docstring, "Packed sequences")."""
+    q, v = steps[0], steps[2]
+    _, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    N = cu_seqlens.shape[0] - 1
+    NC = (T + N * (C - 1)) // C  # chunks enough for every sequence to start on a boundary
+    cu = cu_seqlens.astype(jnp.int32)
+    lengths = cu[1:] - cu[:-1]
+    nchunks = (lengths + C - 1) // C
+    first = jnp.cumsum(nchunks) - nchunks  # each sequence's first chunk
+    seq, _, _ = sequence_index(cu, T)
+    pos = first[seq] * C + jnp.arange(T, dtype=jnp.int32) - cu[seq]  # packed step -> padded
+    spread = lambda a: None if a is None else (
+        jnp.zeros((1, NC * C, *a.shape[2:]), a.dtype).at[:, pos].set(a))
+    steps = tuple(map(spread, steps))
+    chunk = jnp.arange(NC, dtype=jnp.int32)
+    chunk_seq = jnp.clip(jnp.searchsorted(first, chunk, side="right") - 1, 0, N - 1)
+    restart = chunk == first[chunk_seq]  # the chunk starts a sequence
+    h0 = (jnp.zeros((N, H, Dk, Dv), q.dtype) if initial_state is None else initial_state)
+    S0 = jnp.zeros((1, H, Dk, Dv), q.dtype)
+    O, _, ends = _chunk_scan(*steps, S0, scale=scale, C=C, authors=False,
+                             restart=(restart, h0[chunk_seq][:, None]))
+    return O[:, pos], ends[first + nchunks - 1, 0]
+
+
+def _sub_chunk(C):
+    """The secondary chunk length for per-channel decays: the largest divisor of C ≤ √C."""
+    return max(c for c in range(1, math.isqrt(C) + 1) if C % c == 0)
+
+
+def _channel_gates(gk):
+    """Per-channel log decays of every chunk, resets taken out: `(G [..., C, Dk]` the cumsum of
+    the finite steps, `n [..., C, Dk]` the count of resets in [0, t]); `exp(G_t − G_j)` is the
+    decay over (j, t] where `n_t == n_j`, else 0."""
+    reset = jnp.exp(gk) == 0
+    G = jnp.cumsum(jnp.where(reset, 0.0, gk), axis=-2)
+    n = jnp.cumsum(reset, axis=-2, dtype=jnp.int32)
+    return G, n
+
+
+def _masked_exp(valid, diff):
+    return jnp.where(valid, jnp.exp(jnp.where(valid, diff, 0.0)), 0.0)
+
+
+def _channel_pairs(R, K, G, n, *, inclusive):
+    """`M_tj = Σ_d R_td K_jd exp(G_td − G_jd)` for j < t (j ≤ t if `inclusive`), 0 elsewhere and
+    wherever a reset lies in (j, t] — by secondary chunking (module docstring).
+
+    Args:
+      R, K: `[..., C, Dk]` row and column vectors; G, n: `_channel_gates` of the chunk.
+
+    Returns:
+      `[..., C, C]`.
+    """
+    C, D = R.shape[-2:]
+    c = _sub_chunk(C)
+    ns = C // c
+    blocks = lambda a: a.reshape(*a.shape[:-2], ns, c, D)
+    Rb, Kb, Gb, nb = map(blocks, (R, K, G, n))  # [..., ns, c, D]
+    # Pairs inside a sub-chunk: element by element.
+    idx = jnp.arange(c)
+    tri = idx[:, None] >= idx[None, :] if inclusive else idx[:, None] > idx[None, :]
+    keep = tri[:, :, None] & (nb[..., :, None, :] == nb[..., None, :, :])  # [..., ns, c, c, D]
+    E = _masked_exp(keep, Gb[..., :, None, :] - Gb[..., None, :, :])
+    diag = jnp.einsum("...btd,...bjd,...btjd->...btj", Rb, Kb, E, precision=_HIGHEST)
+    # Pairs across sub-chunks: split at r_b, the last step before sub-chunk b.
+    r = jnp.maximum(jnp.arange(ns) * c - 1, 0)
+    Gr, nr = G[..., r, :], n[..., r, :]  # [..., ns, D]
+    has_r = (jnp.arange(ns) > 0)[:, None, None]
+    row = _masked_exp(has_r & (nb == nr[..., None, :]), Gb - Gr[..., None, :])  # [..., ns, c, D]
+    earlier = jnp.arange(C)[None, :] < (jnp.arange(ns) * c)[:, None]  # [ns, C]: j before b
+    col = _masked_exp(earlier[..., None] & (n[..., None, :, :] == nr[..., :, None, :]),
+                      Gr[..., :, None, :] - G[..., None, :, :])  # [..., ns, C, D]
+    off = _mm("...btd,...bjd->...btj", Rb * row, K[..., None, :, :] * col)  # [..., ns, c, C]
+    same = jnp.arange(ns)[:, None] == jnp.arange(ns)[None, :]  # [ns (row b), ns (col block)]
+    off = off.reshape(*off.shape[:-1], ns, c)
+    M = jnp.where(same[:, None, :, None], diag[..., :, :, None, :], off)
+    return M.reshape(*M.shape[:-4], C, C)
+
+
+def _chunk_scan(q, k, v, beta, g, lam, gk, S0, *, scale, C, authors, restart=None):
+    """The chunk math on padded inputs (T a multiple of C).
+
+    Args:
+      q .. gk: as `delta_rule_chunk`, T a multiple of C (float, finite but for −inf decays).
+      S0: `[B, H, Dk, Dv]` start state.
+      restart: None, or `(start [N] bool, h0 [N, B, H, Dk, Dv])`: chunk c begins with state
+        `h0[c]` where `start[c]` (packed sequences).
+
+    Returns:
+      `(O [B, T, H, Dv], S [B, H, Dk, Dv] the final state, ends [N, B, H, Dk, Dv] the state after
+      each chunk, or None without restart)`.
+    """
+    B, T, H, Dk = q.shape
     x = k if lam is None else k + lam[..., None] * q
     Q, K, X, V = (_to_chunks(a, C) for a in (q, k, x, v))  # [N, B, H, C, D]
     b = _to_chunks(beta, C)  # [N, B, H, C]
 
     incl = jnp.tril(jnp.ones((C, C), jnp.bool_))
     strict = jnp.tril(jnp.ones((C, C), jnp.bool_), -1)
-    if g is None:
-        Gam = gamma = gamma_C = decay_out = None
+    # Per row t: the decay since the chunk start (γ) and to the chunk end, [N, B, H, C, 1 or Dk].
+    if gk is not None:
+        gk = gk if g is None else gk + g[..., None]
+        G, n = _channel_gates(_to_chunks(gk, C))  # [N, B, H, C, Dk]
+        gamma = _masked_exp(n == 0, G)
+        decay_out = _masked_exp(n == n[..., -1:, :], G[..., -1:, :] - G)
+        pairs = lambda R, Kc, inclusive: _channel_pairs(R, Kc, G, n, inclusive=inclusive)
+        M = pairs(X, K, False)
+        P = pairs(Q, K, True)
     else:
-        Gam, gamma, decay_out = _gates(_to_chunks(g, C), C)  # [N, B, H, C(, C)]
-        gamma_C = gamma[..., -1]
-    decayed = lambda M: M if Gam is None else M * Gam
-
-    # Masks are `where`s: a masked entry is 0 whatever the product held. A_tj pairs x_t with
-    # k_j (the recurrence) or, with the authors' pairing, k_t with x_j.
-    M = _mm("...tk,...jk->...tj", K, X) if authors else _mm("...tk,...jk->...tj", X, K)
-    A = jnp.where(strict, b[..., :, None] * decayed(M), 0.0)
-    wb = b if gamma is None else b * gamma
+        if g is None:
+            Gam = gamma = decay_out = None
+        else:
+            Gam, gamma, decay_out = _gates(_to_chunks(g, C), C)  # [N, B, H, C(, C)]
+            gamma, decay_out = gamma[..., None], decay_out[..., None]
+        decayed = lambda M: M if Gam is None else M * Gam
+        # A_tj pairs x_t with k_j (the recurrence) or, with the authors' pairing, k_t with x_j.
+        M = decayed(_mm("...tk,...jk->...tj", K, X) if authors
+                    else _mm("...tk,...jk->...tj", X, K))
+        P = decayed(_mm("...tk,...jk->...tj", Q, K))
+    # Masks are `where`s: a masked entry is 0 whatever the product held.
+    A = jnp.where(strict, b[..., :, None] * M, 0.0)
+    P = jnp.where(incl, P, 0.0)
     Tm = unit_lower_inverse(A)
-    W = _mm("...tj,...jk->...tk", Tm, wb[..., None] * X)
+    Xw = b[..., None] * X if gamma is None else (b[..., None] * gamma) * X
+    W = _mm("...tj,...jk->...tk", Tm, Xw)
     Ut = _mm("...tj,...jv->...tv", Tm, b[..., None] * V)
-    P = jnp.where(incl, decayed(_mm("...tk,...jk->...tj", Q, K)), 0.0)
-    Qd = Q if gamma is None else gamma[..., None] * Q
-    Kd = K if decay_out is None else decay_out[..., None] * K
-
-    S0 = jnp.zeros((B, H, Dk, Dv), q.dtype) if initial_state is None else f32(initial_state)
+    Qd = Q if gamma is None else gamma * Q
+    Kd = K if decay_out is None else decay_out * K
+    gamma_C = None if gamma is None else gamma[..., -1, :]  # [N, B, H, 1 or Dk]
 
     def body(S, xs):
-        W_c, Ut_c, P_c, Qd_c, Kd_c, gC = xs
+        W_c, Ut_c, P_c, Qd_c, Kd_c, gC, rs = xs
+        if rs is not None:
+            S = jnp.where(rs[0], rs[1], S)
         U = Ut_c - _mm("bhck,bhkv->bhcv", W_c, S)
         O = scale * (_mm("bhck,bhkv->bhcv", Qd_c, S) + _mm("bhct,bhtv->bhcv", P_c, U))
-        S = S if gC is None else gC[..., None, None] * S
+        S = S if gC is None else gC[..., None] * S
         S = S + _mm("bhck,bhcv->bhkv", Kd_c, U)
-        return S, O
+        return S, (O, None if rs is None else S)
 
-    S, O = jax.lax.scan(body, S0, (W, Ut, P, Qd, Kd, gamma_C))
-    return _from_chunks(O)[:, :T], S
+    S, (O, ends) = jax.lax.scan(body, S0, (W, Ut, P, Qd, Kd, gamma_C, restart))
+    return _from_chunks(O), S, ends

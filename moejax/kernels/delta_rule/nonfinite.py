@@ -33,6 +33,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.delta_rule.reference import sequence_index
+
 Array = jax.Array
 
 
@@ -40,7 +42,8 @@ def _clean(a, ok):
     return jnp.where(ok, a, jnp.zeros((), a.dtype))
 
 
-def contain(fn: Callable, q, k, v, beta, g, lam, initial_state, *args, **kwargs):
+def contain(fn: Callable, q, k, v, beta, g, lam, initial_state, *args, gk=None,
+            cu_seqlens=None, **kwargs):
     """`fn(q, k, v, beta, g, lam, initial_state, *args, **kwargs)` with non-finite inputs
     contained (module docstring): fn sees only finite values (and g = −inf), and its outputs
     are NaN on every row (step) that the bad values reach in the recurrence.
@@ -49,8 +52,12 @@ def contain(fn: Callable, q, k, v, beta, g, lam, initial_state, *args, **kwargs)
       fn: a delta-rule implementation returning `(o [B, T, H, Dv], S [B, H, Dk, Dv])`.
       q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`.
       g, lam: `[B, T, H]` or None.
-      initial_state: `[B, H, Dk, Dv]` or None.
+      initial_state: `[B, H, Dk, Dv]` (`[N, H, Dk, Dv]` with cu_seqlens) or None.
       *args, **kwargs: passed on to fn.
+      gk: `[B, T, H, Dk]` per-channel log decays or None (like g: NaN and +inf are bad, −inf
+        a reset); passed on to fn by name when given.
+      cu_seqlens: `[N + 1]` packed-sequence boundaries (B = 1) or None: the poisoning then
+        stops at each sequence's end; passed on to fn by name when given.
 
     Returns:
       fn's `(o, S)` with the poisoned rows of o and states of S set to NaN.
@@ -64,16 +71,33 @@ def contain(fn: Callable, q, k, v, beta, g, lam, initial_state, *args, **kwargs)
         g_ok = g < jnp.inf  # False for NaN and +inf; −inf (a full reset) is kept
         write_bad = write_bad | ~g_ok
         g = _clean(g, g_ok)
+    if gk is not None:
+        gk_ok = gk < jnp.inf
+        write_bad = write_bad | ~jnp.all(gk_ok, axis=-1)
+        gk = _clean(gk, gk_ok)
+        kwargs["gk"] = gk
     if lam is not None:
         l_ok = fin(lam)
         write_bad = write_bad | read_bad | ~l_ok  # x = k + λ q carries q into the state
         lam = _clean(lam, l_ok)
-    poisoned = jnp.cumsum(write_bad, axis=1, dtype=jnp.int32) > 0  # [B, T, H]
+    count = jnp.cumsum(write_bad, axis=1, dtype=jnp.int32)  # [B, T, H]
+    if cu_seqlens is None:
+        poisoned = count > 0
+        last = poisoned[:, -1]  # [B, H]: the final state's
+    else:  # count each sequence's bad steps from its own start
+        kwargs["cu_seqlens"] = cu_seqlens
+        seq, _, _ = sequence_index(cu_seqlens, q.shape[1])
+        starts = cu_seqlens.astype(jnp.int32)[seq]
+        poisoned = count - (count - write_bad)[:, starts] > 0
+        last = poisoned[0, cu_seqlens[1:] - 1]  # [N, H]
     if initial_state is not None:
         s_ok = fin(initial_state)
-        poisoned = poisoned | ~jnp.all(s_ok, axis=(-2, -1))[:, None, :]
+        bad_start = ~jnp.all(s_ok, axis=(-2, -1))  # [B or N, H]
+        poisoned = poisoned | (bad_start[:, None, :] if cu_seqlens is None
+                               else bad_start[seq][None])
+        last = last | bad_start
         initial_state = _clean(initial_state, s_ok)
     o, S = fn(q, k, v, beta, g, lam, initial_state, *args, **kwargs)
     o = jnp.where((poisoned | read_bad)[..., None], jnp.asarray(jnp.nan, o.dtype), o)
-    S = jnp.where(poisoned[:, -1, :, None, None], jnp.asarray(jnp.nan, S.dtype), S)
+    S = jnp.where(last[..., None, None], jnp.asarray(jnp.nan, S.dtype), S)
     return o, S

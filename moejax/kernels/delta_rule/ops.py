@@ -26,6 +26,7 @@ from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.kernels import dispatch
 from moejax.kernels.delta_rule import nonfinite, pallas_gpu, pallas_tpu
@@ -105,9 +106,16 @@ def _options(scale, chunk_size, pairing, backend, interpret) -> DeltaRuleOptions
                             interpret=interpret, pairing=pairing)
 
 
-def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing, backend,
-                   interpret):
-    """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`."""
+def _pallas_kernel(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
+                   chunk_size, pairing, backend, interpret):
+    """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`.
+
+    The kernels take no gk or cu_seqlens yet: on the host `_check_pallas` refuses them first;
+    a branch traced only for `jax.export` to another platform (`dispatch`) runs the chunk path
+    for them, so that the host's own branch still lowers."""
+    if gk is not None or cu_seqlens is not None:
+        return delta_rule_chunk(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens,
+                                scale=scale, chunk_size=chunk_size, pairing=pairing)
     if initial_state is None:
         B, _, H, Dk = q.shape
         initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
@@ -115,9 +123,20 @@ def _pallas_kernel(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, p
                              _options(scale, chunk_size, pairing, backend, interpret))
 
 
-def _check_pallas(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing, backend,
-                  interpret):
+def _check_pallas_options(gk, cu_seqlens) -> None:
+    """`NotImplementedError` for the options the Pallas kernels do not take yet."""
+    if gk is not None:
+        raise NotImplementedError("the Pallas delta-rule kernels take no per-channel decay gk "
+                                  "yet (impl='chunk' or 'reference' do)")
+    if cu_seqlens is not None:
+        raise NotImplementedError("the Pallas delta-rule kernels take no cu_seqlens yet "
+                                  "(impl='chunk' or 'reference' do)")
+
+
+def _check_pallas(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
+                  chunk_size, pairing, backend, interpret):
     """The backend's `check_supported`: `NotImplementedError` for inputs it does not cover."""
+    _check_pallas_options(gk, cu_seqlens)
     _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, pairing, backend,
                                                       interpret))
 
@@ -131,13 +150,16 @@ def _pallas(description, **bound) -> dispatch.Implementation:
                                    check=functools.partial(_check_pallas, **bound))
 
 
-def _reference(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, pairing):
+def _reference(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
+               chunk_size, pairing):
     """The token scans: the recurrence, or the released kernel's computation for
-    `pairing="authors"` with a λ (`reference.delta_rule_authors_scan`)."""
+    `pairing="authors"` with a λ (`reference.delta_rule_authors_scan`; `_validate_args` has
+    refused it with gk or cu_seqlens)."""
     if pairing == "authors" and lam is not None:
         return delta_rule_authors_scan(q, k, v, beta, g, lam, initial_state, scale=scale,
                                        chunk_size=chunk_size)
-    return delta_rule_reference(q, k, v, beta, g, lam, initial_state, scale=scale)
+    return delta_rule_reference(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens,
+                                scale=scale)
 
 
 _REFERENCE = dispatch.Implementation(_reference, "the lax.scan reference")
@@ -181,13 +203,32 @@ def _check_scale(scale) -> None:
         check_number("scale", scale)
 
 
+def _check_cu_seqlens(cu_seqlens, B, T) -> int:
+    """`cu_seqlens` is `[N + 1]` integers with B = 1; its values (when concrete, not traced)
+    start at 0, increase strictly and end at T. Returns N."""
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be [N + 1] (1-D, N >= 1 sequences), got shape "
+                         f"{_shape(cu_seqlens)}")
+    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+        raise ValueError(f"cu_seqlens must be an integer array, got dtype {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences into one row: q must have B = 1, got B={B}")
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        cu = np.asarray(cu_seqlens)
+        if cu[0] != 0 or cu[-1] != T or not np.all(np.diff(cu) > 0):
+            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={T}, "
+                             f"got {cu.tolist()}")
+    return cu_seqlens.shape[0] - 1
+
+
 def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl,
-                   return_final_state, pairing="recurrence") -> None:
+                   return_final_state, pairing="recurrence", gk=None, cu_seqlens=None) -> None:
     """Checks kinds, ranks, shapes, dtypes and static options; raises `ValueError` (or its
     subclass `ArgumentTypeError`, also a `TypeError`, for a value of the wrong kind: None, a
     list, a str where an array belongs) naming the argument."""
     _check_arrays((("q", q), ("k", k), ("v", v), ("beta", beta)),
-                  (("g", g), ("lam", lam), ("initial_state", initial_state)))
+                  (("g", g), ("lam", lam), ("initial_state", initial_state), ("gk", gk),
+                   ("cu_seqlens", cu_seqlens)))
     for name, a in (("q", q), ("k", k), ("v", v)):
         if a.ndim != 4:
             raise ValueError(f"{name} must be [B, T, H, D] (4-D), got shape {_shape(a)}")
@@ -204,18 +245,27 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
             continue
         if _shape(a) != (B, T, H):
             raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}], got shape {_shape(a)}")
-    if initial_state is not None and _shape(initial_state) != (B, H, Dk, Dv):
+    if gk is not None and _shape(gk) != (B, T, H, Dk):
+        raise ValueError(f"gk must be [B, T, H, Dk] = [{B}, {T}, {H}, {Dk}] (a log decay per key "
+                         f"channel), got shape {_shape(gk)}")
+    rows, rows_name = B, "B"
+    if cu_seqlens is not None:
+        rows, rows_name = _check_cu_seqlens(cu_seqlens, B, T), "N"
+    if initial_state is not None and _shape(initial_state) != (rows, H, Dk, Dv):
         raise ValueError(
-            f"initial_state must be [B, H, Dk, Dv] = [{B}, {H}, {Dk}, {Dv}], "
+            f"initial_state must be [{rows_name}, H, Dk, Dv] = [{rows}, {H}, {Dk}, {Dv}], "
             f"got shape {_shape(initial_state)}"
         )
     for name, a in (("q", q), ("k", k), ("v", v), ("beta", beta), ("g", g), ("lam", lam),
-                    ("initial_state", initial_state)):
+                    ("initial_state", initial_state), ("gk", gk)):
         if a is not None:
             _check_float(name, a)
     check_int("chunk_size", chunk_size, lo=1)
     check_choice("pairing", pairing, PAIRINGS)
     check_pairing(pairing, chunk_size)
+    if pairing == "authors" and lam is not None and (gk is not None or cu_seqlens is not None):
+        raise ValueError("pairing='authors' (the released Q-Delta kernel) has no per-channel "
+                         "decay gk nor packed sequences cu_seqlens; use pairing='recurrence'")
     _check_scale(scale)
     check_choice("impl", impl, IMPL_NAMES)
     check_bool("return_final_state", return_final_state)
@@ -224,10 +274,11 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
 @functools.partial(
     jax.jit, static_argnames=("scale", "chunk_size", "impl", "return_final_state", "pairing")
 )
-def _delta_rule(q, k, v, beta, g, lam, initial_state, *, scale, chunk_size, impl,
-                return_final_state, pairing):
+def _delta_rule(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens, *, scale, chunk_size,
+                impl, return_final_state, pairing):
     o, S = dispatch.dispatch("delta_rule", impl, _IMPLS, q, k, v, beta, g, lam, initial_state,
-                             scale=scale, chunk_size=chunk_size, pairing=pairing)
+                             gk, cu_seqlens, scale=scale, chunk_size=chunk_size,
+                             pairing=pairing)
     return o.astype(q.dtype), (S if return_final_state else None)
 
 
@@ -245,13 +296,17 @@ def delta_rule(
     impl: str = "auto",
     return_final_state: bool = True,
     pairing: str = "recurrence",
+    gk: Array | None = None,
+    cu_seqlens: Array | None = None,
 ) -> tuple[Array, Array | None]:
     r"""Delta-rule linear attention: DeltaNet, Gated DeltaNet, Q-Delta and gated Q-Delta.
 
     Per batch and head, with state `S` `[Dk, Dv]` (DESIGN §3):
     `x_t = k_t + lam_t q_t`, `S_t = exp(g_t)(I − beta_t k_t x_tᵀ) S_{t−1} + beta_t k_t v_tᵀ`,
     `o_t = scale · S_tᵀ q_t`. `g=None` is DeltaNet, `g` alone Gated DeltaNet, `lam` alone Q-Delta,
-    both gated Q-Delta.
+    both gated Q-Delta. `gk` replaces the scalar decay by one per key channel (Kimi Delta
+    Attention: `exp(g_t)` becomes `diag(exp(gk_t))`, alone, or times `exp(g_t)` with both);
+    with `lam` it is gated Q-Delta with a per-channel gate. `cu_seqlens` runs packed sequences.
 
     Non-finite inputs stay causal. If q, k, v, beta, g (NaN or +inf) or lam holds a
     non-finite value at step s of sequence b, head h, the outputs of (b, h) before s, all
@@ -296,7 +351,17 @@ def delta_rule(
         ≤ 64 steps is one chunk; a one-step call, like `delta_rule_step`, is the recurrence).
         Every impl runs it ("reference" token by token, `reference.delta_rule_authors_scan`),
         gradients included. Without lam (x = k) both pairings are the same computation and
-        give identical results.
+        give identical results. Not with gk or cu_seqlens.
+      gk: per-key-channel log decays `[B, T, H, Dk]` (≤ 0 for a decay; −inf resets that row
+        of the state), or None. "reference" and "chunk" take it (the chunk path exactly in log
+        space, `chunk.py`, "Per-channel decay"); the Pallas kernels do not yet, so "pallas"
+        raises `KernelUnavailableError` and "auto" takes the chunk path.
+      cu_seqlens: `[N + 1]` int boundaries of N sequences packed into one row (B = 1;
+        `0 = cu[0] < cu[1] < … < cu[N] = T`, checked when not traced), or None. The state
+        restarts at each sequence's start from row n of `initial_state` (then `[N, H, Dk, Dv]`;
+        zeros when None) and S is each sequence's final state `[N, H, Dk, Dv]`: every sequence
+        gets what it gets alone. "reference" and "chunk" take it, not yet the Pallas kernels
+        (as for gk).
 
     Returns:
       `(o, S)`: `o` `[B, T, H, Dv]` in q's dtype; `S` `[B, H, Dk, Dv]` float32 or None.
@@ -326,9 +391,10 @@ def delta_rule(
     """
     _validate_args(q=q, k=k, v=v, beta=beta, g=g, lam=lam, initial_state=initial_state,
                    scale=scale, chunk_size=chunk_size, impl=impl,
-                   return_final_state=return_final_state, pairing=pairing)
+                   return_final_state=return_final_state, pairing=pairing, gk=gk,
+                   cu_seqlens=cu_seqlens)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _delta_rule(q, k, v, beta, g, lam, initial_state, scale=scale,
+    return _delta_rule(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens, scale=scale,
                        chunk_size=int(chunk_size), impl=impl,
                        return_final_state=bool(return_final_state), pairing=pairing)
 
@@ -343,6 +409,7 @@ def delta_rule_step(
     g_t: Array | None = None,
     lam_t: Array | None = None,
     scale: float | None = None,
+    gk_t: Array | None = None,
 ) -> tuple[Array, Array]:
     """One decoding step of `delta_rule` (Q-Delta's `lam_t` included).
 
@@ -354,6 +421,7 @@ def delta_rule_step(
       g_t: `[B, H]` log decay, or None.
       lam_t: `[B, H]` Q-Delta mixing, or None.
       scale: default `Dk ** -0.5`.
+      gk_t: `[B, H, Dk]` per-key-channel log decay, or None.
 
     Returns:
       `(o_t [B, H, Dv] in q_t's dtype, S_t [B, H, Dk, Dv] float32)` (float64 for float64
@@ -364,7 +432,7 @@ def delta_rule_step(
       of the wrong kind, such as None or a list where an array belongs).
     """
     _check_arrays((("S", S), ("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("beta_t", beta_t)),
-                  (("g_t", g_t), ("lam_t", lam_t)))
+                  (("g_t", g_t), ("lam_t", lam_t), ("gk_t", gk_t)))
     _check_scale(scale)
     for name, a in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
         if a.ndim != 3:
@@ -380,11 +448,14 @@ def delta_rule_step(
     for name, a in (("beta_t", beta_t), ("g_t", g_t), ("lam_t", lam_t)):
         if a is not None and _shape(a) != (B, H):
             raise ValueError(f"{name} must be [B, H] = [{B}, {H}], got shape {_shape(a)}")
+    if gk_t is not None and _shape(gk_t) != (B, H, Dk):
+        raise ValueError(f"gk_t must be [B, H, Dk] = [{B}, {H}, {Dk}], got shape {_shape(gk_t)}")
     for name, a in (("S", S), ("q_t", q_t), ("k_t", k_t), ("v_t", v_t), ("beta_t", beta_t),
-                    ("g_t", g_t), ("lam_t", lam_t)):
+                    ("g_t", g_t), ("lam_t", lam_t), ("gk_t", gk_t)):
         if a is not None:
             _check_float(name, a)
     scale = float(Dk**-0.5 if scale is None else scale)
     up = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
-    o_t, S = recurrent_step(*map(up, (S, q_t, k_t, v_t, beta_t, g_t, lam_t)), scale=scale)
+    o_t, S = recurrent_step(*map(up, (S, q_t, k_t, v_t, beta_t, g_t, lam_t, gk_t)),
+                            scale=scale)
     return o_t.astype(q_t.dtype), S

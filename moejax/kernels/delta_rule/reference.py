@@ -3,13 +3,19 @@
 DESIGN §3 "Recurrence", per batch b and head h, with state `S` of shape `[Dk, Dv]`:
 
     x_t = k_t + lam_t * q_t                  (x_t = k_t when lam is None: DeltaNet / GDN)
-    S'  = exp(g_t) * S_{t-1}                 (S' = S_{t-1} when g is None)
+    S'  = exp(g_t) * diag(exp(gk_t)) S_{t-1} (g, gk: each 0 when None; gk is KDA's per-key-
+                                              channel log decay [Dk], scaling row d of S)
     S_t = S' + beta_t * k_t (v_t - S'^T x_t)^T
     o_t = scale * S_t^T q_t                  (x_t uses the unscaled q)
 
 Axis letters: B batch, T time, H heads, Dk key/query head dim, Dv value head dim.
 Everything is computed in float32 (float64 for float64 inputs) with full-precision dots.
-`g_t = −inf` is a full reset (`exp(g_t) S = 0`). Non-finite inputs go through plain IEEE
+`g_t = −inf` is a full reset (`exp(g_t) S = 0`), `gk_t[d] = −inf` a reset of row d.
+
+Packed sequences (`cu_seqlens`, B = 1): the sequences `[cu[n], cu[n+1])` run one after the
+other in one row; at each start the state is set to that sequence's initial state (row n of
+`initial_state` `[N, H, Dk, Dv]`, zeros when None) and at each end it is recorded, so the final
+state is `[N, H, Dk, Dv]` and every sequence's outputs are those it has alone. Non-finite inputs go through plain IEEE
 arithmetic: outputs stay causal (a NaN at step s reaches no output before s, nor other
 sequences or heads), but the backward can form `0 · NaN` at earlier steps of the same
 sequence and head; the chunkwise paths contain that (`nonfinite.py`).
@@ -30,7 +36,7 @@ def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, *, scale):
+def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, gk_t=None, *, scale):
     """One step of the recurrence (all float32).
 
     Args:
@@ -40,6 +46,7 @@ def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, *, scale):
       beta_t: `[B, H]` write strength.
       g_t: `[B, H]` log decay, or None (no decay).
       lam_t: `[B, H]` query mixing of Q-Delta, or None (x_t = k_t).
+      gk_t: `[B, H, Dk]` per-key-channel log decay (KDA), or None.
       scale: readout scale.
 
     Returns:
@@ -48,6 +55,8 @@ def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, *, scale):
     x_t = k_t if lam_t is None else k_t + lam_t[..., None] * q_t
     if g_t is not None:
         S = jnp.exp(g_t)[..., None, None] * S
+    if gk_t is not None:
+        S = jnp.exp(gk_t)[..., None] * S
     pred = jnp.einsum("bhkv,bhk->bhv", S, x_t, precision=_HIGHEST)
     err = beta_t[..., None] * (v_t - pred)
     S = S + k_t[..., :, None] * err[..., None, :]
@@ -55,19 +64,30 @@ def recurrent_step(S, q_t, k_t, v_t, beta_t, g_t=None, lam_t=None, *, scale):
     return o_t, S
 
 
-def _scan_inputs(q, k, v, beta, g, lam, initial_state):
-    """The scans' inputs: `(xs, S0)`, the per-step arrays cast to the compute dtype and made
-    time-major (None stays None), and the start state (zeros when None)."""
+def _scan_inputs(q, k, v, beta, g, lam, initial_state, gk=None):
+    """The scans' inputs: `(xs, S0)`, the per-step arrays `(q, k, v, beta, g, lam, gk)` cast to
+    the compute dtype and made time-major (None stays None), and the start state (zeros when
+    None)."""
     f32 = lambda a: None if a is None else a.astype(compute_dtype(a.dtype))
-    q, k, v, beta, g, lam = map(f32, (q, k, v, beta, g, lam))
+    q, k, v, beta, g, lam, gk = map(f32, (q, k, v, beta, g, lam, gk))
     B, _, H, Dk = q.shape
     S0 = (jnp.zeros((B, H, Dk, v.shape[-1]), q.dtype) if initial_state is None
           else f32(initial_state))
     tm = lambda a: None if a is None else jnp.moveaxis(a, 1, 0)
-    return tuple(map(tm, (q, k, v, beta, g, lam))), S0
+    return tuple(map(tm, (q, k, v, beta, g, lam, gk))), S0
 
 
-def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale):
+def sequence_index(cu_seqlens, T):
+    """Per step of a packed row: `(seq [T] int32, start [T] bool, end [T] bool)`, the sequence
+    each step belongs to and whether it is that sequence's first / last step."""
+    cu = cu_seqlens.astype(jnp.int32)
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
+    return seq, t == cu[seq], t == cu[seq + 1] - 1
+
+
+def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, gk=None,
+                         cu_seqlens=None, *, scale):
     """`lax.scan` over time of `recurrent_step`.
 
     Args:
@@ -76,21 +96,50 @@ def delta_rule_reference(q, k, v, beta, g=None, lam=None, initial_state=None, *,
       beta: `[B, T, H]`.
       g: `[B, T, H]` log decays or None.
       lam: `[B, T, H]` Q-Delta query mixing or None.
-      initial_state: `[B, H, Dk, Dv]` or None (zeros).
+      initial_state: `[B, H, Dk, Dv]` (`[N, H, Dk, Dv]` with cu_seqlens) or None (zeros).
+      gk: `[B, T, H, Dk]` per-key-channel log decays or None.
+      cu_seqlens: `[N + 1]` int sequence boundaries of a packed row (B = 1), or None.
       scale: readout scale.
 
     Returns:
-      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`; S is `[N, H, Dk, Dv]`, each
+      sequence's final state, with cu_seqlens.
     """
-    xs, S0 = _scan_inputs(q, k, v, beta, g, lam, initial_state)
+    if cu_seqlens is not None:
+        return _packed_reference(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens,
+                                 scale=scale)
+    xs, S0 = _scan_inputs(q, k, v, beta, g, lam, initial_state, gk)
 
     def body(S, inp):
-        q_t, k_t, v_t, b_t, g_t, l_t = inp
-        o_t, S = recurrent_step(S, q_t, k_t, v_t, b_t, g_t, l_t, scale=scale)
+        o_t, S = recurrent_step(S, *inp, scale=scale)
         return S, o_t
 
     S, o = jax.lax.scan(body, S0, xs)
     return jnp.moveaxis(o, 0, 1), S
+
+
+def _packed_reference(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens, *, scale):
+    """`delta_rule_reference` for a packed row (module docstring, "Packed sequences")."""
+    N = cu_seqlens.shape[0] - 1
+    _, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    xs, _ = _scan_inputs(q, k, v, beta, g, lam, None, gk)
+    dt = xs[0].dtype
+    h0 = (jnp.zeros((N, H, Dk, Dv), dt) if initial_state is None
+          else initial_state.astype(compute_dtype(initial_state.dtype)))
+    seq, start, end = sequence_index(cu_seqlens, T)
+
+    def body(carry, inp):
+        S, finals = carry
+        n, first, last, step = inp
+        S = jnp.where(first, h0[n][None], S)
+        o_t, S = recurrent_step(S, *step, scale=scale)
+        finals = finals.at[n].set(jnp.where(last, S[0], finals[n]))
+        return (S, finals), o_t
+
+    S0 = jnp.zeros((1, H, Dk, Dv), dt)
+    (_, finals), o = jax.lax.scan(body, (S0, jnp.zeros_like(h0)), (seq, start, end, xs))
+    return jnp.moveaxis(o, 0, 1), finals
 
 
 def delta_rule_authors_scan(q, k, v, beta, g=None, lam=None, initial_state=None, *, scale,
@@ -113,7 +162,7 @@ def delta_rule_authors_scan(q, k, v, beta, g=None, lam=None, initial_state=None,
     Args and returns: as `delta_rule_reference`; `chunk_size` the released kernel's 64.
     """
     xs, S0 = _scan_inputs(q, k, v, beta, g, lam, initial_state)
-    xs = (*xs, jnp.arange(q.shape[1]) % chunk_size == 0)  # chunk starts
+    xs = (*xs[:6], jnp.arange(q.shape[1]) % chunk_size == 0)  # gk is None; chunk starts
     mv = lambda M, a: jnp.einsum("bhkv,bhk->bhv", M, a, precision=_HIGHEST)
 
     def body(carry, inp):
