@@ -15,10 +15,12 @@ Everything is computed in float32 (float64 for float64 inputs) with full-precisi
 Packed sequences (`cu_seqlens`, B = 1): the sequences `[cu[n], cu[n+1])` run one after the
 other in one row; at each start the state is set to that sequence's initial state (row n of
 `initial_state` `[N, H, Dk, Dv]`, zeros when None) and at each end it is recorded, so the final
-state is `[N, H, Dk, Dv]` and every sequence's outputs are those it has alone. Non-finite inputs go through plain IEEE
-arithmetic: outputs stay causal (a NaN at step s reaches no output before s, nor other
-sequences or heads), but the backward can form `0 · NaN` at earlier steps of the same
-sequence and head; the chunkwise paths contain that (`nonfinite.py`).
+state is `[N, H, Dk, Dv]` and every sequence's outputs are those it has alone.
+
+Non-finite inputs go through plain IEEE arithmetic: outputs stay causal (a NaN at step s
+reaches no output before s, nor other sequences or heads), but the backward can form `0 · NaN`
+at earlier steps of the same sequence and head; the chunkwise paths contain that
+(`nonfinite.py`).
 """
 
 from __future__ import annotations
