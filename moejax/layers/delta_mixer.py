@@ -1,4 +1,5 @@
-"""Delta-rule token mixer: Q-Delta, gated Q-Delta, DeltaNet and Gated DeltaNet (DESIGN §3 "Layer").
+"""Delta-rule token mixer: Q-Delta, gated Q-Delta, DeltaNet, Gated DeltaNet and Kimi Delta
+Attention (DESIGN §3 "Layer").
 
 Per head h, from the input `h_t` `[d]` (fla / Gated DeltaNet conventions):
 
@@ -13,6 +14,15 @@ Per head h, from the input `h_t` `[d]` (fla / Gated DeltaNet conventions):
     g        = −exp(A_log) · softplus(W_a h + dt_bias)      (gated modes only)
     o        = delta_rule(q, k, v, beta, g=g, lam=lam)
     y        = W_out · [RMSNorm(o_h) ⊙ SiLU(W_o' h)]_h
+
+Kimi Delta Attention (`kda`, Kimi Linear; and `kda_qdelta`, gated Q-Delta with KDA's gate) has a
+decay per key channel instead of g, from a low-rank projection (rank `decay_rank`, default Dk),
+with A per head and dt_bias per channel, and a low-rank output gate (rank `gate_rank`, default
+Dk) through a sigmoid:
+
+    gk       = −exp(A_log_h) · softplus(W_fb W_fa h + dt_bias)    [H, Dk]
+    o        = delta_rule(q, k, v, beta, gk=gk, lam=lam)
+    y        = W_out · [RMSNorm(o_h) ⊙ σ(W_gb W_ga h)]_h
 
 Initialisation (`init_std`, default 0.02, the authors' and fla's `initializer_range`): every
 projection and the short convs (no bias) N(0, init_std²); `init_std=None` gives the fan-in
@@ -40,7 +50,7 @@ import jax.numpy as jnp
 
 from moejax.kernels.delta_rule import delta_rule, delta_rule_step
 from moejax.kernels.delta_rule.ops import IMPL_NAMES, PAIRINGS  # noqa: F401 (PAIRINGS re-exported)
-from moejax.layers.norms import gated_rms_norm, l2_normalize, rms_norm_init
+from moejax.layers.norms import GATE_ACTIVATIONS, gated_rms_norm, l2_normalize, rms_norm_init
 from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
 from moejax.validation import (
     check_array,
@@ -53,7 +63,8 @@ from moejax.validation import (
 
 Array = jax.Array
 
-MODES = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet")
+MODES = ("qdelta", "gated_qdelta", "deltanet", "gated_deltanet", "kda", "kda_qdelta")
+CHANNEL_DECAY_MODES = ("kda", "kda_qdelta")  # a decay per key channel (gk), KDA's gate
 
 LAM_SHIFT = 0.9  # λ = σ(W_λ h − LAM_SHIFT): the authors' fixed `lamb_bias`
 INIT_STD = 0.02  # the authors' / fla's `initializer_range`
@@ -110,7 +121,9 @@ class DeltaMixerConfig:
         `value_head_dim / head_dim` (a value other than the default must agree with it).
       value_head_dim: Dv as an integer (exact for any Dk, Dv, e.g. Qwen3-Next's 22 and 30);
         None = expand_v · Dk.
-      mode: one of "qdelta", "gated_qdelta", "deltanet", "gated_deltanet".
+      mode: one of "qdelta", "gated_qdelta", "deltanet", "gated_deltanet", "kda" (Kimi Delta
+        Attention: Gated DeltaNet with a decay per key channel) and "kda_qdelta" (gated Q-Delta
+        with KDA's per-channel decay).
       conv_size: short-conv kernel size (≥ 1; 1 disables the temporal mixing of the conv).
       allow_neg_eigval: beta = 2σ(·), lam = 2σ(· − 0.9), so transitions may have negative
         eigenvalues.
@@ -127,7 +140,13 @@ class DeltaMixerConfig:
         λ = σ(W_λ h + b_λ − 0.9); off by default (the authors' λ has only the fixed 0.9). The
         upcycling path (`moejax.interop.upcycle.to_qdelta`) turns it on to start at λ ≈ 0.
       a_init_min: A ~ U(a_init_min, 16) in the gated modes' decay (in [0, 16); default 0, the
-        authors' and fla's; 1.0 is moejax's earlier init).
+        authors' and fla's; 1.0 is moejax's earlier init and Kimi Linear's KDA init).
+      decay_rank: rank of KDA's low-rank decay projection `W_fb W_fa` (KDA modes); None = Dk,
+        Kimi Linear's.
+      gate_rank: rank of a low-rank output gate `W_gb W_ga`; None = the mode's (Dk for the KDA
+        modes, as Kimi Linear; a full `[d, H·Dv]` matrix otherwise), 0 = full.
+      output_gate: the output gate's activation, "silu" or "sigmoid"; None = the mode's
+        (sigmoid for KDA modes, as Kimi Linear; SiLU otherwise, as Gated DeltaNet).
 
     Raises (on construction):
       ValueError / ArgumentTypeError: naming the field (a str or None where a number belongs is
@@ -150,6 +169,9 @@ class DeltaMixerConfig:
     init_std: float | None = INIT_STD
     learnable_lam_bias: bool = False
     a_init_min: float = 0.0
+    decay_rank: int | None = None
+    gate_rank: int | None = None
+    output_gate: str | None = None
 
     def __post_init__(self):
         for name in ("d_model", "num_heads", "head_dim", "conv_size", "chunk_size"):
@@ -162,6 +184,9 @@ class DeltaMixerConfig:
         check_choice("mode", self.mode, MODES)
         check_choice("impl", self.impl, IMPL_NAMES)
         check_choice("pairing", self.pairing, PAIRINGS)
+        if self.pairing == "authors" and self.mode in CHANNEL_DECAY_MODES:
+            raise ValueError(f"pairing='authors' (the released Q-Delta kernel) has no "
+                             f"per-channel decay: not with mode={self.mode!r}")
         if self.pairing == "authors" and self.chunk_size != 64:
             raise ValueError(f"chunk_size must be 64 with pairing='authors' (the released "
                              f"kernel's chunk size), got {self.chunk_size}")
@@ -174,6 +199,20 @@ class DeltaMixerConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         _, expand_v = resolve_value_dim(self.head_dim, self.expand_v, self.value_head_dim)
         object.__setattr__(self, "expand_v", expand_v)
+        kda = self.mode in CHANNEL_DECAY_MODES
+        if self.decay_rank is not None:
+            check_int("decay_rank", self.decay_rank, lo=1)
+            if not kda:
+                raise ValueError(f"decay_rank is the rank of KDA's decay projection: only for "
+                                 f"modes {CHANNEL_DECAY_MODES}, got mode={self.mode!r}")
+        elif kda:
+            object.__setattr__(self, "decay_rank", self.head_dim)
+        if self.gate_rank is None:
+            object.__setattr__(self, "gate_rank", self.head_dim if kda else 0)
+        check_int("gate_rank", self.gate_rank, lo=0)
+        if self.output_gate is None:
+            object.__setattr__(self, "output_gate", "sigmoid" if kda else "silu")
+        check_choice("output_gate", self.output_gate, tuple(GATE_ACTIVATIONS))
 
     @property
     def value_dim(self) -> int:
@@ -186,11 +225,17 @@ class DeltaMixerConfig:
 
     @property
     def gated(self) -> bool:
-        return self.mode in ("gated_qdelta", "gated_deltanet")
+        """Whether the state decays (a scalar g per head, or KDA's gk per key channel)."""
+        return self.mode in ("gated_qdelta", "gated_deltanet", *CHANNEL_DECAY_MODES)
+
+    @property
+    def channel_decay(self) -> bool:
+        """Whether the decay is per key channel (KDA's gk) rather than per head."""
+        return self.mode in CHANNEL_DECAY_MODES
 
     @property
     def query_mixing(self) -> bool:
-        return self.mode in ("qdelta", "gated_qdelta")
+        return self.mode in ("qdelta", "gated_qdelta", "kda_qdelta")
 
 
 def check_init_std(init_std, name: str = "init_std") -> None:
@@ -203,6 +248,17 @@ def dense_init(key: jax.Array, fan_in: int, fan_out: int, std: float | None) -> 
     """A `[fan_in, fan_out]` float32 matrix, N(0, std²); `std=None`: N(0, 1/fan_in)."""
     scale = fan_in**-0.5 if std is None else std
     return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * scale
+
+
+def _output_gate_init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
+    """The output gate's weights: `w_og` `[d, H·Dv]`, or the low-rank `w_og_a` `[d, r]` and
+    `w_og_b` `[r, H·Dv]` (`gate_rank` r > 0)."""
+    d, HDv, std = cfg.d_model, cfg.num_heads * cfg.value_dim, cfg.init_std
+    if not cfg.gate_rank:
+        return {"w_og": dense_init(key, d, HDv, std)}
+    k_a, k_b = jax.random.split(key)
+    return {"w_og_a": dense_init(k_a, d, cfg.gate_rank, std),
+            "w_og_b": dense_init(k_b, cfg.gate_rank, HDv, std)}
 
 
 def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
@@ -221,7 +277,7 @@ def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
         "conv_k": conv(Hk * Dk),
         "conv_v": conv(H * Dv),
         "w_beta": dense(d, H),
-        "w_og": dense(d, H * Dv),
+        **_output_gate_init(next(ks), cfg),
         "o_norm": rms_norm_init(Dv),
         "w_out": dense(H * Dv, d),
     }
@@ -231,12 +287,18 @@ def init(key: jax.Array, cfg: DeltaMixerConfig) -> dict:
             p["b_lam"] = jnp.zeros((H,), jnp.float32)
     if cfg.gated:
         k_a, k_dt = jax.random.split(next(ks))
-        p["w_a"] = dense_init(k_a, d, H, std)
+        if cfg.channel_decay:  # KDA: low-rank projection to a decay per key channel
+            k_a, k_b = jax.random.split(k_a)
+            p["w_f_a"] = dense_init(k_a, d, cfg.decay_rank, std)
+            p["w_f_b"] = dense_init(k_b, cfg.decay_rank, H * Dk, std)
+        else:
+            p["w_a"] = dense_init(k_a, d, H, std)
         # The authors' / fla's init: A ~ U(a_init_min, 16), dt log-uniform in [1e-3, 1e-1]
-        # floored at 1e-4, dt_bias = softplus⁻¹(dt).
+        # floored at 1e-4, dt_bias = softplus⁻¹(dt) (per key channel for KDA).
         A = jax.random.uniform(next(ks), (H,), jnp.float32, cfg.a_init_min, A_INIT_MAX)
         p["A_log"] = jnp.log(jnp.maximum(A, _A_FLOOR))
-        dt = jnp.exp(jax.random.uniform(k_dt, (H,), jnp.float32, math.log(_DT_MIN),
+        n_dt = H * Dk if cfg.channel_decay else H
+        dt = jnp.exp(jax.random.uniform(k_dt, (n_dt,), jnp.float32, math.log(_DT_MIN),
                                         math.log(_DT_MAX)))
         dt = jnp.maximum(dt, _DT_FLOOR)
         p["dt_bias"] = dt + jnp.log(-jnp.expm1(-dt))
@@ -271,13 +333,17 @@ def _features(params, x, cache, cfg):
     mult = 2.0 if cfg.allow_neg_eigval else 1.0
     f32 = lambda w: mm(w).astype(jnp.float32)
     feats = {"q": q, "k": k, "v": v, "beta": mult * jax.nn.sigmoid(f32(params["w_beta"])),
-             "g": None, "lam": None}
+             "g": None, "lam": None, "gk": None}
     if cfg.query_mixing:
         logit = f32(params["w_lam"]) - LAM_SHIFT
         if cfg.learnable_lam_bias:
             logit = logit + params["b_lam"]
         feats["lam"] = mult * jax.nn.sigmoid(logit)
-    if cfg.gated:
+    if cfg.channel_decay:
+        low = (x @ params["w_f_a"].astype(x.dtype)) @ params["w_f_b"].astype(x.dtype)
+        a = jax.nn.softplus(low.astype(jnp.float32) + params["dt_bias"]).reshape(B, T, H, Dk)
+        feats["gk"] = -jnp.exp(params["A_log"])[:, None] * a
+    elif cfg.gated:
         a = jax.nn.softplus(f32(params["w_a"]) + params["dt_bias"])
         feats["g"] = -jnp.exp(params["A_log"]) * a
     return feats, {"conv_q": cq, "conv_k": ck, "conv_v": cv}
@@ -286,8 +352,13 @@ def _features(params, x, cache, cfg):
 def _output(params, x, o, cfg):
     """Gated RMSNorm per head and out-projection: `o` `[B, T, H, Dv]` → `[B, T, d]`."""
     B, T, _ = x.shape
-    gate = (x @ params["w_og"].astype(x.dtype)).reshape(B, T, cfg.num_heads, cfg.value_dim)
-    y = gated_rms_norm(params["o_norm"], o, gate, eps=cfg.norm_eps).astype(x.dtype)
+    if cfg.gate_rank:
+        gate = (x @ params["w_og_a"].astype(x.dtype)) @ params["w_og_b"].astype(x.dtype)
+    else:
+        gate = x @ params["w_og"].astype(x.dtype)
+    gate = gate.reshape(B, T, cfg.num_heads, cfg.value_dim)
+    y = gated_rms_norm(params["o_norm"], o, gate, eps=cfg.norm_eps,
+                       activation=cfg.output_gate).astype(x.dtype)
     return y.reshape(B, T, -1) @ params["w_out"].astype(x.dtype)
 
 
@@ -314,7 +385,7 @@ def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None =
     _check_x(x, cfg, ndim=3)
     f, conv = _features(params, x, cache, cfg)
     o, S = delta_rule(
-        f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"],
+        f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"], gk=f["gk"],
         initial_state=None if cache is None else cache["state"],
         chunk_size=cfg.chunk_size, impl=cfg.impl, pairing=cfg.pairing,
     )
@@ -328,6 +399,7 @@ def step(params: dict, x_t: Array, cache: dict, *, cfg: DeltaMixerConfig) -> tup
     f, conv = _features(params, x, cache, cfg)
     first = lambda a: None if a is None else a[:, 0]
     o_t, S = delta_rule_step(cache["state"], first(f["q"]), first(f["k"]), first(f["v"]),
-                             first(f["beta"]), g_t=first(f["g"]), lam_t=first(f["lam"]))
+                             first(f["beta"]), g_t=first(f["g"]), lam_t=first(f["lam"]),
+                             gk_t=first(f["gk"]))
     y = _output(params, x, o_t[:, None], cfg)
     return y[:, 0], {**conv, "state": S}

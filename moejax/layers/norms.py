@@ -22,10 +22,15 @@ def rms_norm(params: dict, x: Array, *, eps: float = 1e-6, zero_centered: bool =
     return (y * w).astype(x.dtype)
 
 
-def gated_rms_norm(params: dict, x: Array, gate: Array, *, eps: float = 1e-6) -> Array:
-    """`RMSNorm(x) ⊙ SiLU(gate)` (the Gated DeltaNet output norm), float32 inside."""
+GATE_ACTIVATIONS = {"silu": jax.nn.silu, "sigmoid": jax.nn.sigmoid}
+
+
+def gated_rms_norm(params: dict, x: Array, gate: Array, *, eps: float = 1e-6,
+                   activation: str = "silu") -> Array:
+    """`RMSNorm(x) ⊙ act(gate)`, float32 inside: SiLU is the Gated DeltaNet output norm, sigmoid
+    Kimi Linear's (KDA)."""
     y = rms_norm(params, x.astype(jnp.float32), eps=eps)
-    return (y * jax.nn.silu(gate.astype(jnp.float32))).astype(x.dtype)
+    return (y * GATE_ACTIVATIONS[activation](gate.astype(jnp.float32))).astype(x.dtype)
 
 
 def l2_normalize(x: Array, *, eps: float = 1e-6) -> Array:
