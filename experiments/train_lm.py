@@ -57,6 +57,10 @@ _ROUTER = flags.DEFINE_string("router", None, "MoE router name (default: the pre
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", None, "Routed experts (default: preset's).")
 _TOP_K = flags.DEFINE_integer("top_k", None, "Experts per token (default: the preset's).")
 _DATA = flags.DEFINE_string("data", None, "Glob of text files; default: stdlib .py sources.")
+_DOC_BOUNDARIES = flags.DEFINE_bool(
+    "document_boundaries", True, "Model each file of the packed windows as if alone (attention "
+    "masked and delta-rule states reset across files); --nodocument_boundaries trains on the "
+    "plain token stream.")
 _STEPS = flags.DEFINE_integer("steps", None, "Total training steps (> 0; default 1000, or the "
                               "paper preset's).")
 _LR = flags.DEFINE_float("lr", None, "Peak learning rate, cosine decay to 10% of it (default "
@@ -132,7 +136,8 @@ def main(argv):
                              f"max_seq_len={model_cfg.max_seq_len}")
         if _SAMPLE_TOKENS.value < 0:
             raise ValueError(f"--sample_tokens must be >= 0, got {_SAMPLE_TOKENS.value}")
-        corpus = data.CorpusConfig(data_glob=_DATA.value)
+        corpus = data.CorpusConfig(data_glob=_DATA.value,
+                                   document_boundaries=_DOC_BOUNDARIES.value)
         # This process reads rows [index·B/count, (index+1)·B/count) of every global batch.
         index, count = loop.process_batch_shard(lm, model_cfg, train_cfg)
         shard = grain.sharding.ShardOptions(index, count, drop_remainder=True)

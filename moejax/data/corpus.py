@@ -29,7 +29,9 @@ alphabetically first files. Loaded splits are cached per (config, split).
 
 Windows: a split of `n` tokens yields `(n - 1) // T` windows; window `i` is tokens
 `[i*T, i*T + T + 1)`, so `inputs` are its first `T` tokens and `targets` its last `T` (the same
-tokens shifted by one) and every token is a target exactly once.
+tokens shifted by one) and every token is a target exactly once. With `document_boundaries`
+(default) a window also carries `segment_ids`, the file of each input, so the LM attends and
+carries state only within a file.
 
 Pipeline (`make_corpus_dataset`): `MapDataset.range(num_windows)` → `shuffle(seed)` (train) →
 `repeat(num_epochs)` (a new order every epoch) → window lookup → `batch(B, drop_remainder=True)`.
@@ -89,12 +91,17 @@ class CorpusConfig:
       max_bytes: cap on the bytes read per split (`None`: no cap, the whole source is loaded).
       eos_token: separate documents with the special token `EOS_ID = 256` (vocabulary 257) instead
         of the NUL byte (vocabulary 256).
+      document_boundaries: batches carry `segment_ids` `[B, T]`, each window's documents
+        numbered from 0 (a new one begins after each separator), so the LM models every file
+        as if alone (`moejax.models.lm.apply`); False: windows are plain token streams that
+        run across files.
     """
 
     data_glob: str | None = None
     val_fraction: float = 0.02
     max_bytes: int | None = DEFAULT_MAX_BYTES
     eos_token: bool = False
+    document_boundaries: bool = True
 
     def __post_init__(self):
         if self.data_glob is not None and not isinstance(self.data_glob, str):
@@ -105,6 +112,7 @@ class CorpusConfig:
         if self.max_bytes is not None:
             _check_int("max_bytes", self.max_bytes, lo=1)
         check_bool("eos_token", self.eos_token)
+        check_bool("document_boundaries", self.document_boundaries)
 
     @property
     def vocab_size(self) -> int:
@@ -321,7 +329,10 @@ def make_corpus_dataset(
 
     Returns:
       a `MapDataset` of dicts `{"inputs": <int32>[B, T], "targets": <int32>[B, T]}` with
-      `targets[:, t] == inputs[:, t + 1]` inside a row.
+      `targets[:, t] == inputs[:, t + 1]` inside a row, plus `"segment_ids": <int32>[B, T]`
+      with `cfg.document_boundaries` (the document of each input within its window: 0 from the
+      window's start, +1 after each separator; the separator belongs to the file it ends and
+      its target is the next file's first token).
 
     Raises:
       ValueError: a bad argument (the message names it) or a split too short for one batch.
@@ -355,10 +366,17 @@ def make_corpus_dataset(
             f"x num_epochs={num_epochs}, fewer than batch_size={batch_size}"
         )
 
+    sep = cfg.separator_id
+
     def window(i: int) -> dict[str, np.ndarray]:
         start = int(i) * seq_len
         w = tokens[start : start + seq_len + 1].astype(np.int32)
-        return {"inputs": w[:-1], "targets": w[1:]}
+        out = {"inputs": w[:-1], "targets": w[1:]}
+        if cfg.document_boundaries:
+            ends = (w[:-2] == sep).astype(np.int32)
+            out["segment_ids"] = np.concatenate([np.zeros(1, np.int32), np.cumsum(ends,
+                                                                                 dtype=np.int32)])
+        return out
 
     return _index_pipeline(
         num_windows, window, seed=seed, batch_size=batch_size, num_epochs=num_epochs,

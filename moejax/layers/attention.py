@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.norms import rms_norm, rms_norm_init
+from moejax.layers.segments import check_segment_ids
 from moejax.validation import check_array, check_bool, check_int, check_number, check_range
 
 Array = jax.Array
@@ -137,9 +138,13 @@ def rotary(x: Array, positions: Array, theta: float, rotary_dim: int | None = No
     return jnp.concatenate([rot, x[..., rd:]], -1)
 
 
-def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = None
-          ) -> tuple[Array, dict | None]:
+def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = None,
+          segment_ids: Array | None = None) -> tuple[Array, dict | None]:
     """Causal attention over `x` `[B, T, d]`; with `cache`, appends to it and attends to it.
+
+    `segment_ids` (`[B, T]` int document ids of packed rows, no cache): a query attends only
+    to keys of its own document. Positions keep counting across documents; rotary scores
+    depend only on the distance, so each document gets what it gets alone.
 
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
@@ -147,6 +152,10 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     check_array("x", x)
     if x.ndim != 3 or x.shape[-1] != cfg.d_model:
         raise ValueError(f"x must be [B, T, d_model] with d_model={cfg.d_model}, got {x.shape}")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, x.shape[:2])
+        if cache is not None:
+            raise ValueError("segment_ids is for packed training rows, not with a decode cache")
     B, T, _ = x.shape
     H, Dh = cfg.num_heads, cfg.head_dim
     proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, -1, Dh)
@@ -160,7 +169,9 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     q = rotary(q, positions, cfg.rope_theta, cfg.rotary)
     k = rotary(k, positions, cfg.rope_theta, cfg.rotary)
     if cache is None:
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        mask = None if segment_ids is None else (
+            segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, T, T]
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
         new_cache = None
     else:
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)

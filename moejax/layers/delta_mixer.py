@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from moejax.kernels.delta_rule import delta_rule, delta_rule_step
 from moejax.kernels.delta_rule.ops import IMPL_NAMES, PAIRINGS  # noqa: F401 (PAIRINGS re-exported)
 from moejax.layers.norms import GATE_ACTIVATIONS, gated_rms_norm, l2_normalize, rms_norm_init
+from moejax.layers.segments import check_segment_ids, document_starts
 from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
 from moejax.validation import (
     check_array,
@@ -317,15 +318,18 @@ def init_cache(cfg: DeltaMixerConfig, batch: int, dtype=jnp.float32) -> dict:
     }
 
 
-def _features(params, x, cache, cfg):
-    """Projections, convs and gates for `x` `[B, T, d]`; returns (feats dict, new conv caches)."""
+def _features(params, x, cache, cfg, segment_ids=None):
+    """Projections, convs and gates for `x` `[B, T, d]`; returns (feats dict, new conv caches).
+    With `segment_ids` the convs restart at each document and the decay is −inf at its first
+    step (`document_starts`), so the delta-rule state restarts from zero there."""
     B, T, _ = x.shape
     H, Dk, Dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
     mm = lambda w: x @ w.astype(x.dtype)
     cache = cache or {}
-    q, cq = short_conv(params["conv_q"], mm(params["w_q"]), cache.get("conv_q"))
-    k, ck = short_conv(params["conv_k"], mm(params["w_k"]), cache.get("conv_k"))
-    v, cv = short_conv(params["conv_v"], mm(params["w_v"]), cache.get("conv_v"))
+    conv = lambda name, w: short_conv(params[name], mm(params[w]), cache.get(name), segment_ids)
+    q, cq = conv("conv_q", "w_q")
+    k, ck = conv("conv_k", "w_k")
+    v, cv = conv("conv_v", "w_v")
     rep = H // cfg.key_heads  # grouped key heads: value head h reads key head h // rep
     q = jnp.repeat(l2_normalize(jax.nn.silu(q).reshape(B, T, -1, Dk)), rep, axis=2)
     k = jnp.repeat(l2_normalize(jax.nn.silu(k).reshape(B, T, -1, Dk)), rep, axis=2)
@@ -346,6 +350,13 @@ def _features(params, x, cache, cfg):
     elif cfg.gated:
         a = jax.nn.softplus(f32(params["w_a"]) + params["dt_bias"])
         feats["g"] = -jnp.exp(params["A_log"]) * a
+    if segment_ids is not None:
+        start = document_starts(segment_ids)  # [B, T]
+        if feats["gk"] is not None:
+            feats["gk"] = jnp.where(start[..., None, None], -jnp.inf, feats["gk"])
+        else:  # a reset needs a decay: g = 0 elsewhere in the ungated modes (no decay)
+            g = jnp.zeros((B, T, H), jnp.float32) if feats["g"] is None else feats["g"]
+            feats["g"] = jnp.where(start[..., None], -jnp.inf, g)
     return feats, {"conv_q": cq, "conv_k": ck, "conv_v": cv}
 
 
@@ -369,8 +380,8 @@ def _check_x(x, cfg, *, ndim):
         raise ValueError(f"x must be {shape} with d_model={cfg.d_model}, got shape {x.shape}")
 
 
-def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None = None
-          ) -> tuple[Array, dict]:
+def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None = None,
+          segment_ids: Array | None = None) -> tuple[Array, dict]:
     """Mixes a sequence; with `cache`, continues the sequence the cache came from.
 
     Args:
@@ -378,12 +389,17 @@ def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None =
       x: `[B, T, d]`.
       cfg: layer config.
       cache: from `init_cache`, a previous `apply` or `step`; None starts a fresh sequence.
+      segment_ids: `[B, T]` int document ids of packed rows, or None: each document (a run of
+        equal ids) is mixed as if alone — short convs and the delta-rule state restart at its
+        first step (a reset, `g` or `gk` = −inf there, so every impl takes it).
 
     Returns:
       `(y [B, T, d] in x's dtype, new_cache)`.
     """
     _check_x(x, cfg, ndim=3)
-    f, conv = _features(params, x, cache, cfg)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, x.shape[:2])
+    f, conv = _features(params, x, cache, cfg, segment_ids)
     o, S = delta_rule(
         f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"], gk=f["gk"],
         initial_state=None if cache is None else cache["state"],

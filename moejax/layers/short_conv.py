@@ -38,13 +38,18 @@ def short_conv_cache(batch: int, channels: int, kernel_size: int = 4, dtype=jnp.
     return jnp.zeros((batch, kernel_size - 1, channels), dtype)
 
 
-def short_conv(params: dict, x: Array, cache: Array | None = None) -> tuple[Array, Array]:
+def short_conv(params: dict, x: Array, cache: Array | None = None,
+               segment_ids: Array | None = None) -> tuple[Array, Array]:
     """Causal depthwise conv over time.
 
     Args:
       params: `{"w": [K, D]}`.
       x: `[B, T, D]`.
       cache: `[B, K−1, D]` previous inputs, or None for zeros.
+      segment_ids: `[B, T]` int document ids of packed rows, or None. A tap reads only inputs
+        of the output's own document (the others count as zeros), so the conv restarts at each
+        document's first step as for a fresh sequence; the cache's inputs belong to the
+        document of step 0.
 
     Returns:
       `(y [B, T, D], new_cache [B, K−1, D])` — the cache holds the last K−1 inputs.
@@ -55,5 +60,10 @@ def short_conv(params: dict, x: Array, cache: Array | None = None) -> tuple[Arra
     if cache is None:
         cache = jnp.zeros((B, K - 1, D), x.dtype)
     xp = jnp.concatenate([cache.astype(x.dtype), x], axis=1)  # [B, K-1+T, D]
-    y = sum(w[i].astype(jnp.float32) * xp[:, i : i + T].astype(jnp.float32) for i in range(K))
+    taps = [xp[:, i : i + T].astype(jnp.float32) for i in range(K)]
+    if segment_ids is not None:
+        sp = jnp.concatenate([jnp.repeat(segment_ids[:, :1], K - 1, axis=1), segment_ids], 1)
+        taps = [jnp.where((sp[:, i : i + T] == segment_ids)[..., None], tap, 0.0)
+                for i, tap in enumerate(taps)]
+    y = sum(w[i].astype(jnp.float32) * tap for i, tap in enumerate(taps))
     return y.astype(x.dtype), xp[:, T:]

@@ -40,6 +40,7 @@ from jax.experimental import checkify
 from moejax.kernels.delta_rule import ops as delta_rule_ops
 from moejax.layers import attention, delta_mixer, ffn
 from moejax.layers.norms import rms_norm, rms_norm_init
+from moejax.layers.segments import check_segment_ids
 from moejax.moe import layer as moe_layer
 from moejax.parallel import mesh as mesh_lib
 from moejax.parallel.expert_parallel import ExpertParallel
@@ -56,7 +57,8 @@ from moejax.validation import (
 Array = jax.Array
 
 DELTA_MIXERS = delta_mixer.MODES
-# The layer module of each mixer: its `init(key, mixer_cfg)` and `apply(params, x, cfg=, cache=)`.
+# The layer module of each mixer: its `init(key, mixer_cfg)` and `apply(params, x, cfg=, cache=,
+# segment_ids=)`.
 MIXER_MODULES: dict[str, ModuleType] = {
     **{mode: delta_mixer for mode in DELTA_MIXERS},
     "softmax": attention,
@@ -642,10 +644,12 @@ def norm(params: dict, h: Array, cfg: LMConfig) -> Array:
     return rms_norm(params, h, eps=cfg.norm_eps, zero_centered=cfg.zero_centered_norm)
 
 
-def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=None):
-    """Layer `layer`'s token mixer on normed inputs `h` `[B, T, d]` → `(y, new_cache)`."""
+def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=None,
+                segment_ids: Array | None = None):
+    """Layer `layer`'s token mixer on normed inputs `h` `[B, T, d]` → `(y, new_cache)`;
+    `segment_ids` `[B, T]`: packed documents, each mixed as if alone."""
     return cfg.mixer_module(layer).apply(block_params, h, cfg=cfg.mixer_config(layer),
-                                         cache=cache)
+                                         cache=cache, segment_ids=segment_ids)
 
 
 def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, layer: int, *,
@@ -661,15 +665,16 @@ def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, laye
 
 
 def forward(params: dict, state: dict, tokens: Array, cfg: LMConfig, *, train: bool,
-            rng: Array | None, caches: list | None = None):
+            rng: Array | None, caches: list | None = None,
+            segment_ids: Array | None = None):
     """Runs the blocks (no input checks); returns `(final normed hidden [B, T, d], new_state,
     aux, new caches)`. `caches`: per-layer mixer caches (`moejax.models.decode.init_cache`) to
-    run on top of, or None."""
+    run on top of, or None. `segment_ids`: packed documents (`apply`)."""
     h = embed(params, tokens, cfg)
     new_blocks, new_caches, auxes = [], [], []
     for i, block in enumerate(params["blocks"]):
         y, cache = mixer_apply(block["mixer"], norm(block["norm1"], h, cfg), cfg, i,
-                               None if caches is None else caches[i])
+                               None if caches is None else caches[i], segment_ids)
         h = h + y
         if cfg.ffns[i] == "none":
             new_blocks.append(state["blocks"][i])
@@ -707,8 +712,8 @@ def logits_from_hidden(params: dict, h: Array, cfg: LMConfig) -> Array:
 
 
 def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: bool = False,
-          rng: Array | None = None, positions: Array | None = None
-          ) -> tuple[Array, dict, dict]:
+          rng: Array | None = None, positions: Array | None = None,
+          segment_ids: Array | None = None) -> tuple[Array, dict, dict]:
     """Forward pass.
 
     Args:
@@ -719,6 +724,11 @@ def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: boo
       rng: PRNG key for stochastic routers.
       positions: optional `[B, P]` int indices in [0, T); logits are then computed only there
         (`[B, P, V]`), e.g. MQAR answer positions, never materialising `[B, T, V]`.
+      segment_ids: optional `[B, T]` int document ids of packed rows (a run of equal ids is one
+        document): attention stays inside a document and delta-rule states and short convs
+        restart at each document's first token, so every document is modelled as if alone
+        (MoE routing is per token anyway; capacity-limited routers still share capacity
+        across the row).
 
     Returns:
       `(logits float32 [B, T or P, V], new_state, aux)`; `aux` has `aux_loss` (summed over MoE
@@ -735,18 +745,22 @@ def apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig, train: boo
     reports both under `jit`.
     """
     return _apply(params, state, tokens, cfg=cfg, train=train, rng=rng, positions=positions,
-                  check=False)
+                  segment_ids=segment_ids, check=False)
 
 
-def _apply(params, state, tokens, *, cfg, train, rng, positions, check, name="tokens"):
+def _apply(params, state, tokens, *, cfg, train, rng, positions, check, name="tokens",
+           segment_ids=None):
     check_tokens(tokens, cfg, name=name)
     if positions is not None:
         _check_positions(positions, tokens)
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, tokens.shape)
     if check:
         _in_range_check(name, tokens, cfg.vocab_size, "vocab_size")
         if positions is not None:
             _in_range_check("positions", positions, tokens.shape[1], "T")
-    h, new_state, aux, _ = forward(params, state, tokens, cfg, train=train, rng=rng)
+    h, new_state, aux, _ = forward(params, state, tokens, cfg, train=train, rng=rng,
+                                   segment_ids=segment_ids)
     if positions is not None:
         T = tokens.shape[1]
         valid = (positions >= 0) & (positions < T)
@@ -757,7 +771,7 @@ def _apply(params, state, tokens, *, cfg, train, rng, positions, check, name="to
 
 def checked_apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig,
                   train: bool = False, rng: Array | None = None,
-                  positions: Array | None = None):
+                  positions: Array | None = None, segment_ids: Array | None = None):
     """`apply` with `checkify` checks that token ids lie in [0, vocab_size) and positions in
     [0, T), so out-of-range values are reported under `jit` too (plain `apply` clamps them).
 
@@ -771,7 +785,8 @@ def checked_apply(params: dict, state: dict, tokens: Array, *, cfg: LMConfig,
       >>> err.throw()
     """
     fn = functools.partial(_apply, cfg=cfg, train=train, check=True)
-    return checkify.checkify(fn)(params, state, tokens, rng=rng, positions=positions)
+    return checkify.checkify(fn)(params, state, tokens, rng=rng, positions=positions,
+                                 segment_ids=segment_ids)
 
 
 def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: bool,
@@ -779,7 +794,8 @@ def loss_fn(params: dict, state: dict, batch: dict, *, cfg: LMConfig, train: boo
     """Mean next-token cross-entropy (over `loss_mask` if given) plus MoE aux losses.
 
     Args:
-      batch: `{"inputs": [B, T] int, "targets": [B, T] int, optional "loss_mask": [B, T]}`.
+      batch: `{"inputs": [B, T] int, "targets": [B, T] int, optional "loss_mask": [B, T],
+        optional "segment_ids": [B, T] int}` (packed documents, `apply`).
 
     Returns:
       `(loss, (new_state, metrics))`; metrics: `loss`, `ce` (nats/token), `aux_loss`, MoE
@@ -809,7 +825,8 @@ def _loss_fn(params, state, batch, *, cfg, train, rng, check):
     if check:
         _in_range_check("batch['targets']", targets, cfg.vocab_size, "vocab_size")
     logits, new_state, aux = _apply(params, state, batch["inputs"], cfg=cfg, train=train,
-                                    rng=rng, positions=None, check=check, name="batch['inputs']")
+                                    rng=rng, positions=None, check=check, name="batch['inputs']",
+                                    segment_ids=batch.get("segment_ids"))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch.get("loss_mask")
     if mask is not None:

@@ -1,5 +1,6 @@
 """Byte corpus: split, packing, determinism, exact resume, bad input."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -229,3 +230,25 @@ def test_cache_returns_read_only_array():
     assert tokens is load_corpus_tokens(STDLIB, "train")  # cached
     with pytest.raises(ValueError):
         tokens[0] = 1
+
+
+def test_segment_ids_mark_the_files_of_each_window():
+    """With `document_boundaries` (default) every window numbers its files from 0, a new one
+    beginning right after each separator; without it the batches are plain token windows."""
+    cfg = CorpusConfig(max_bytes=2**16)
+    b = make_corpus_dataset(cfg, split="train", seed=0, batch_size=64, seq_len=512)[0]
+    inputs, seg = b["inputs"], b["segment_ids"]
+    assert seg.dtype == np.int32 and seg.shape == inputs.shape
+    expected = np.concatenate([np.zeros((64, 1), np.int32),
+                               np.cumsum(inputs[:, :-1] == cfg.separator_id, axis=1)], axis=1)
+    np.testing.assert_array_equal(seg, expected)
+    assert seg.max() >= 1  # the 64 windows of 512 bytes cross at least one file boundary
+    plain = make_corpus_dataset(dataclasses.replace(cfg, document_boundaries=False),
+                                split="train", seed=0, batch_size=64, seq_len=512)[0]
+    assert set(plain) == {"inputs", "targets"}
+    np.testing.assert_array_equal(plain["inputs"], inputs)
+
+
+def test_document_boundaries_must_be_a_bool():
+    with pytest.raises(ValueError, match="document_boundaries"):
+        CorpusConfig(document_boundaries="yes")
