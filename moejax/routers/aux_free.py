@@ -6,6 +6,13 @@ selected experts, normalised to sum 1. After each training forward
 `b_e += γ · sign(mean_load − load_e)` with loads counted from this batch's assignments (mean over
 active slots only; inactive slots keep their bias; a token with NaN/Inf input selects nothing, so
 it is in no load). No auxiliary loss and no gradient into `b`.
+
+DeepSeek-V3's full router (transformers' `DeepseekV3TopkRouter`; `b` is its
+`e_score_correction_bias`) adds, as options: group-limited selection (`n_group` groups of
+E / n_group experts; a group scores the sum of its two largest `s + b`, only the `topk_group`
+best groups are eligible), `norm_topk_prob` (False: the weights are the raw `s` of the selected
+experts) and `routed_scaling_factor` (the weights are multiplied by it). The defaults
+(`n_group=1`, normalised, factor 1) are the plain aux-free router above.
 Shared (always-on) and fine-grained experts are expert-bank settings, not router ones.
 Under data parallelism the loads must be summed over replicas before the update, so that every
 replica holds the same `b`: set `axis_name` when routing inside `shard_map`/`pmap` (under `jit`
@@ -21,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.routers import base, common
-from moejax.validation import check_axis_name, check_range
+from moejax.validation import check_axis_name, check_bool, check_int, check_range
 
 Array = jax.Array
 
@@ -38,12 +45,30 @@ class Config(base.RouterConfig):
 
     bias_update_rate: float = 1e-3
     axis_name: str | tuple[str, ...] | None = None
+    n_group: int = 1
+    topk_group: int | None = None
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
         check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
                     lo_open=False, hi_open=True)
         check_axis_name("axis_name", self.axis_name)
+        check_int("n_group", self.n_group, lo=1)
+        E = self.num_experts
+        if E % self.n_group or (self.n_group > 1 and E // self.n_group < 2):
+            raise ValueError(f"n_group={self.n_group} must divide num_experts={E} into groups of "
+                             f">= 2 experts (a group scores its two best)")
+        if self.topk_group is None:
+            object.__setattr__(self, "topk_group", self.n_group)
+        check_int("topk_group", self.topk_group, lo=1, hi=self.n_group)
+        if self.top_k > self.topk_group * (E // self.n_group):
+            raise ValueError(f"top_k={self.top_k} exceeds the topk_group={self.topk_group} "
+                             f"eligible groups of {E // self.n_group} experts")
+        check_bool("norm_topk_prob", self.norm_topk_prob)
+        check_range("routed_scaling_factor", self.routed_scaling_factor, 0.0, float("inf"),
+                    hi_open=True)
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
@@ -90,9 +115,13 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     valid = jnp.isfinite(logits) & finite[:, None]
     bias = jax.lax.stop_gradient(state["bias"].astype(jnp.float32))
     s = jax.nn.sigmoid(logits)  # sigmoid(-inf) = 0 on inactive slots
-    mask = common.topk_mask(jnp.where(valid, s + bias, -jnp.inf), cfg.top_k) & valid
-    selected = jnp.where(mask, s, 0.0)
-    weights = selected / jnp.maximum(jnp.sum(selected, axis=-1, keepdims=True), 1e-30)
+    choice = jnp.where(valid, s + bias, -jnp.inf)
+    if cfg.topk_group < cfg.n_group:
+        choice = jnp.where(_eligible_groups(choice, cfg), choice, -jnp.inf)
+    mask = common.topk_mask(choice, cfg.top_k) & jnp.isfinite(choice)
+    weights = common.masked_weights(s, mask, renormalize=cfg.norm_topk_prob)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = cfg.routed_scaling_factor * weights
     probs = s / jnp.maximum(jnp.sum(s, axis=-1, keepdims=True), 1e-30)
     new_state = state
     if train:
@@ -103,6 +132,16 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
                             aux_loss=jnp.zeros((), jnp.float32),
                             metrics={"bias_abs_max": jnp.max(jnp.abs(bias))})
     return out, new_state
+
+
+def _eligible_groups(choice: Array, cfg: Config) -> Array:
+    """`<bool>[N, E]`: the experts of each token's `topk_group` best groups, a group scored by
+    the sum of its two largest selection scores (DeepSeek-V3)."""
+    N, E = choice.shape
+    grouped = choice.reshape(N, cfg.n_group, E // cfg.n_group)
+    score = jnp.sum(jax.lax.top_k(grouped, 2)[0], axis=-1)  # [N, n_group]
+    best = common.topk_mask(score, cfg.topk_group)
+    return jnp.repeat(best, E // cfg.n_group, axis=-1)
 
 
 def max_assignments(cfg: Config) -> int:

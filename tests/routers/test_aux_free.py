@@ -101,8 +101,43 @@ def test_missing_bias_raises():
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(bias_update_rate=-1e-3), "bias_update_rate"), (dict(axis_name=3), "axis_name"),
-     (dict(axis_name=()), "axis_name")],
+     (dict(axis_name=()), "axis_name"), (dict(n_group=3), "n_group=3 must divide"),
+     (dict(n_group=4), "groups of >= 2"), (dict(n_group=2, topk_group=3), "topk_group"),
+     (dict(n_group=2, topk_group=1, top_k=3), "top_k=3 exceeds"),
+     (dict(norm_topk_prob=1), "norm_topk_prob"),
+     (dict(routed_scaling_factor=-1.0), "routed_scaling_factor")],
 )
 def test_bad_config(kwargs, field):
     with pytest.raises(ValueError, match=field):
         aux_free.Config(d_model=4, num_experts=4, **kwargs)
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm,factor", [
+    (1, 1, True, 1.0), (4, 2, True, 2.5), (4, 1, False, 1.0), (8, 3, False, 0.7)])
+def test_deepseek_v3_routing_equals_transformers(n_group, topk_group, norm, factor):
+    """Group-limited selection, `norm_topk_prob` and `routed_scaling_factor` as transformers'
+    `DeepseekV3TopkRouter`, whose `e_score_correction_bias` is our state's bias."""
+    torch = pytest.importorskip("torch")
+    ds = pytest.importorskip("transformers.models.deepseek_v3.modeling_deepseek_v3")
+    from transformers import DeepseekV3Config
+
+    E, d, k, N = 16, 12, 3, 64
+    cfg = aux_free.Config(d_model=d, num_experts=E, top_k=k, n_group=n_group,
+                          topk_group=topk_group, norm_topk_prob=norm,
+                          routed_scaling_factor=factor)
+    ks = jax.random.split(jax.random.key(n_group), 3)
+    w = jax.random.normal(ks[0], (E, d))
+    bias = 0.3 * jax.random.normal(ks[1], (E,))
+    x = jax.random.normal(ks[2], (N, d))
+    out, _ = aux_free.route({"w_g": w}, {"bias": bias}, x, cfg=cfg, train=False)
+    hf = ds.DeepseekV3TopkRouter(DeepseekV3Config(
+        hidden_size=d, n_routed_experts=E, num_experts_per_tok=k, n_group=n_group,
+        topk_group=topk_group, norm_topk_prob=norm, routed_scaling_factor=factor))
+    with torch.no_grad():
+        hf.weight.copy_(torch.tensor(np.asarray(w)))
+        hf.e_score_correction_bias.copy_(torch.tensor(np.asarray(bias)))
+        _, tw, ti = hf(torch.tensor(np.asarray(x)))
+    ref = np.zeros((N, E), np.float32)
+    np.put_along_axis(ref, ti.numpy(), tw.numpy(), axis=1)
+    np.testing.assert_array_equal(np.asarray(out.mask), ref > 0)
+    np.testing.assert_allclose(np.asarray(out.weights), ref, rtol=1e-5, atol=1e-7)
