@@ -5,7 +5,8 @@
   logits, cache = decode_step(params, state, token, cache, cfg=cfg)   one token per sequence
   tokens = generate(params, state, prompt, cfg=cfg, key=key, max_new_tokens=n)
 
-Softmax mixers keep a KV cache (`moejax.layers.attention`), delta mixers their recurrent state
+Softmax mixers keep a KV cache (`moejax.layers.attention`), MLA its compressed latents
+(`moejax.layers.mla`), delta mixers their recurrent state
 and convolution cache (`moejax.layers.delta_mixer`); each mixer module's cache and one-token step
 come from `_DECODERS`. Token ids are checked as in `lm.apply` (their range only outside `jit`;
 under `jit` they are clamped, see `lm.embed`).
@@ -20,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.layers import attention, delta_mixer
+from moejax.layers import attention, delta_mixer, mla
 from moejax.models import lm
 from moejax.validation import check_array, check_int, check_number, check_range
 
@@ -34,9 +35,12 @@ class _Decoder(NamedTuple):
     step: Callable[..., tuple[Array, Any]]  # (params, x, cache, *, cfg)
 
 
-def _attention_step(params, x, cache, *, cfg):
-    y, cache = attention.apply(params, x[:, None], cfg=cfg, cache=cache)
-    return y[:, 0], cache
+def _cached_step(apply: Callable) -> Callable:
+    """The one-token step of a mixer whose `apply` appends to a position cache (softmax, MLA)."""
+    def step(params, x, cache, *, cfg):
+        y, cache = apply(params, x[:, None], cfg=cfg, cache=cache)
+        return y[:, 0], cache
+    return step
 
 
 # Keyed by the modules of `lm.MIXER_MODULES`.
@@ -44,7 +48,8 @@ _DECODERS = {
     delta_mixer: _Decoder(
         init_cache=lambda mcfg, batch, max_len, dtype: delta_mixer.init_cache(mcfg, batch, dtype),
         step=delta_mixer.step),
-    attention: _Decoder(init_cache=attention.init_cache, step=_attention_step),
+    attention: _Decoder(init_cache=attention.init_cache, step=_cached_step(attention.apply)),
+    mla: _Decoder(init_cache=mla.init_cache, step=_cached_step(mla.apply)),
 }
 
 

@@ -38,7 +38,7 @@ import optax
 from jax.experimental import checkify
 
 from moejax.kernels.delta_rule import ops as delta_rule_ops
-from moejax.layers import attention, delta_mixer, ffn
+from moejax.layers import attention, delta_mixer, ffn, mla
 from moejax.layers.norms import rms_norm, rms_norm_init
 from moejax.layers.segments import check_segment_ids
 from moejax.moe import layer as moe_layer
@@ -63,6 +63,7 @@ MIXER_MODULES: dict[str, ModuleType] = {
     **{mode: delta_mixer for mode in DELTA_MIXERS},
     "softmax": attention,
     "gated_softmax": attention,
+    "mla": mla,
 }
 MIXERS = tuple(MIXER_MODULES)
 FFNS = ("moe", "dense", "none")
@@ -81,7 +82,8 @@ _INT_FIELDS = (("vocab_size", 1), ("d_model", 1), ("num_layers", 1), ("num_heads
                ("head_dim", 1), ("d_ff", 1), ("conv_size", 1), ("chunk_size", 1),
                ("max_seq_len", 1))
 _OPTIONAL_INT_FIELDS = ("dense_d_ff", "num_key_heads", "attn_num_heads", "attn_head_dim",
-                        "num_kv_heads")  # value_head_dim: resolve_value_dim
+                        "num_kv_heads", "mla_q_lora_rank", "mla_qk_nope_head_dim",
+                        "mla_v_head_dim")  # value_head_dim: resolve_value_dim
 _BOOL_FIELDS = ("allow_neg_eigval", "qk_norm", "zero_centered_norm", "tie_embeddings",
                 "learnable_lam_bias")
 # Fields added after configs were first saved, with the value that reproduces how a model saved
@@ -155,6 +157,10 @@ class LMConfig:
       qk_norm: RMSNorm on each query/key head of softmax mixers (Qwen3).
       rope_theta: rotary base of softmax mixers.
       rotary_fraction: share of each attention head's channels that rotate (Qwen3-Next: 0.25).
+      mla_kv_lora_rank, mla_q_lora_rank, mla_qk_nope_head_dim, mla_qk_rope_head_dim,
+        mla_v_head_dim, mla_rope: the "mla" mixer's `moejax.layers.mla.MLAConfig` fields (its
+        heads are `attn_num_heads`); the head dims default (None) to `attn_head_dim` (Dn, Dv)
+        and half of it (Dr).
       zero_centered_norm: every RMSNorm of the model except the delta mixers' output norm scales
         by `(1 + w)`, w starting at 0 (Qwen3-Next).
       max_seq_len: longest sequence the model accepts (positions of attention caches).
@@ -214,6 +220,12 @@ class LMConfig:
     init_std: float | None = delta_mixer.INIT_STD
     learnable_lam_bias: bool = False
     a_init_min: float = 0.0
+    mla_kv_lora_rank: int = 64
+    mla_q_lora_rank: int | None = None
+    mla_qk_nope_head_dim: int | None = None
+    mla_qk_rope_head_dim: int | None = None
+    mla_v_head_dim: int | None = None
+    mla_rope: str = "interleave"
 
     def __post_init__(self):
         for name, lo in _INT_FIELDS:
@@ -257,6 +269,10 @@ class LMConfig:
         check_choice("dtype", self.dtype, DTYPES)
         check_choice("delta_impl", self.delta_impl, DELTA_IMPLS)
         check_choice("delta_pairing", self.delta_pairing, delta_mixer.PAIRINGS)
+        check_int("mla_kv_lora_rank", self.mla_kv_lora_rank, lo=1)
+        if self.mla_qk_rope_head_dim is not None:
+            check_int("mla_qk_rope_head_dim", self.mla_qk_rope_head_dim, lo=0)
+        check_choice("mla_rope", self.mla_rope, mla.ROPE_LAYOUTS)
         object.__setattr__(self, "moe", self._resolve_moe(self.moe))
         for layer in range(self.num_layers):  # the mixer configs validate their own fields
             self.mixer_config(layer)
@@ -443,8 +459,21 @@ def _attention_config(cfg: LMConfig, mixer: str) -> attention.AttentionConfig:
         init_std=cfg.init_std)
 
 
+def _mla_config(cfg: LMConfig, mixer: str) -> mla.MLAConfig:
+    head_dim = cfg.attn_head_dim or cfg.head_dim
+    pick = lambda value, default: default if value is None else value
+    return mla.MLAConfig(
+        d_model=cfg.d_model, num_heads=cfg.attn_num_heads or cfg.num_heads,
+        kv_lora_rank=cfg.mla_kv_lora_rank, q_lora_rank=cfg.mla_q_lora_rank,
+        qk_nope_head_dim=pick(cfg.mla_qk_nope_head_dim, head_dim),
+        qk_rope_head_dim=pick(cfg.mla_qk_rope_head_dim, 2 * (head_dim // 4)),
+        v_head_dim=pick(cfg.mla_v_head_dim, head_dim), rope=cfg.mla_rope,
+        rope_theta=cfg.rope_theta, init_std=cfg.init_std)
+
+
 # The config builder of each mixer module (keyed like MIXER_MODULES' values).
-_MIXER_CONFIGS = {delta_mixer: _delta_mixer_config, attention: _attention_config}
+_MIXER_CONFIGS = {delta_mixer: _delta_mixer_config, attention: _attention_config,
+                  mla: _mla_config}
 
 
 @functools.lru_cache(maxsize=256)

@@ -20,7 +20,9 @@ _MIXER_CASES = [pytest.param(dict(mixer=m), id=m, marks=() if m in _DEFAULT_MIXE
 
 
 @pytest.mark.parametrize("overrides", [*_MIXER_CASES, pytest.param(
-    HYBRID, id="hybrid-gqa-qknorm-partial-rotary")])
+    HYBRID, id="hybrid-gqa-qknorm-partial-rotary"), pytest.param(
+    dict(layer_mixers=("kda", "mla"), mla_q_lora_rank=8, mla_kv_lora_rank=16),
+    id="kimi-kda-mla")])
 def test_prefill_and_decode_equal_full_forward(overrides):
     cfg = lm.get_preset("tiny", **overrides)
     params, state = init_lm(jax.random.key(0), cfg)
