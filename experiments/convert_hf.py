@@ -147,15 +147,16 @@ def saved_model_config(path: Path) -> lm.LMConfig:
     return lm.LMConfig.from_dict(saved["model"], source=f"{file} ['model']")
 
 
-def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
-    """(cfg, params, info) of a model directory, or of a train_lm run's latest checkpoint."""
+def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict, dict]:
+    """(cfg, params, router state, info) of a model directory, or of a train_lm run's latest
+    checkpoint."""
     path = Path(workdir)
     if not path.is_dir():
         raise ValueError(f"--workdir {workdir} is not a directory")
     if (path / checkpoint.MODEL_CONFIG).exists():
         saved_model_config(path)  # names a broken config before orbax reads the tree
-        cfg, params, _, info = checkpoint.load_model(path, lm.LMConfig, lm.init)
-        return cfg, params, info
+        cfg, params, state, info = checkpoint.load_model(path, lm.LMConfig, lm.init)
+        return cfg, params, state, info
     ckpt = checkpoint.Checkpointer(path, keep=1, read_only=True)
     step = ckpt.latest_step()
     if step is None:
@@ -169,7 +170,7 @@ def load_any(workdir: str) -> tuple[lm.LMConfig, dict, dict]:
     state, _ = loop.load_checkpoint(path, cfg, model=lm, step=step)
     init_from = saved.get("data", {}).get("init_from")
     info = checkpoint.read_model_config(init_from)["info"] if init_from else {}
-    return cfg, state.params, info
+    return cfg, state.params, state.model_state, info
 
 
 def main(argv):
@@ -180,13 +181,13 @@ def main(argv):
         if not FLAGS.to_hf:
             convert()
             return
-        cfg, params, info = load_any(FLAGS.workdir)
+        cfg, params, state, info = load_any(FLAGS.workdir)
         model_type = FLAGS.model_type or info.get("hf_model_type")
         if model_type is None:
             raise ValueError(f"--model_type is needed: {FLAGS.workdir} records none; one of "
                              f"{SUPPORTED}")
         params = jax.tree.map(lambda a: jnp.asarray(a, FLAGS.dtype), params)
-        out = export_hf(params, cfg, FLAGS.hf_dir, model_type=model_type)
+        out = export_hf(params, cfg, FLAGS.hf_dir, model_type=model_type, state=state)
         print(f"Wrote {model_type} to {out}")
     except ValueError as e:
         raise app.UsageError(str(e)) from e

@@ -56,6 +56,10 @@ def _open_shard(path: Path):
                          f"{e}") from e
 
 
+# Tensors transformers keeps in float32 whatever the declared dtype (`_keep_in_fp32_modules`).
+_FP32_TENSORS = ("e_score_correction_bias",)
+
+
 class _Tensors:
     """Lazy reader of the safetensors shards of a directory, with shape and dtype checks.
 
@@ -139,7 +143,8 @@ class _Tensors:
         if dtype not in _FLOAT_DTYPES:
             raise ValueError(f"tensor {name!r} has dtype {dtype}; only float checkpoints "
                              f"({', '.join(_FLOAT_DTYPES)}) can be converted (in shard {shard})")
-        if self.declared is not None and _FLOAT_DTYPES[dtype] != self.declared:
+        if (self.declared is not None and _FLOAT_DTYPES[dtype] != self.declared
+                and not name.endswith(_FP32_TENSORS)):
             raise ValueError(f"tensor {name!r} is {_FLOAT_DTYPES[dtype]} but config.json "
                              f"declares dtype {self.declared!r} (in shard {shard})")
         self.used.add(name)
@@ -149,9 +154,16 @@ class _Tensors:
             raise ValueError(f"tensor {name!r} in shard {self.hf_dir / shard} cannot be read: "
                              f"{e}") from e
 
+    def _empty(self, name: str) -> bool:
+        """A tensor with no elements (DeepSeek-V3 with `n_shared_experts=0` saves its shared
+        expert at width 0): nothing to convert."""
+        handle, _ = self.where[name]
+        return 0 in handle.get_slice(name).get_shape()
+
     def check_all_used(self) -> None:
         left = sorted(n for n in self.where if n not in self.used
-                      and not n.startswith(_IGNORED_PREFIXES) and not n.endswith(_IGNORED_SUFFIXES))
+                      and not n.startswith(_IGNORED_PREFIXES) and not n.endswith(_IGNORED_SUFFIXES)
+                      and not self._empty(n))
         if left:
             more = f" (and {len(left) - 5} more)" if len(left) > 5 else ""
             raise ValueError(f"{self.hf_dir} holds tensors a {self.model_type} with this "
@@ -198,24 +210,29 @@ def load_hf(hf_dir: str | os.PathLike, *, dtype: str = "float32",
                                       source=str(hf_dir / "config.json"))
     tensors = _Tensors(hf_dir, hf["model_type"], _declared_dtype(hf))
     params = hf_weights.params_from_hf(tensors.get, cfg, hf["model_type"])
+    state = jax.jit(lambda k: lm.init(k, cfg)[1])(jax.random.key(0))  # router state
+    state = hf_weights.state_from_hf(tensors.get, cfg, hf["model_type"], state)
+    state = jax.tree.map(jnp.asarray, state)
     tensors.check_all_used()
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
     # The converted tree must be exactly lm.init's (structure and shapes).
     want = jax.eval_shape(lambda: lm.init(jax.random.key(0), cfg)[0])
     check_same_shapes("converted params", want, params)
-    state = jax.jit(lambda k: lm.init(k, cfg)[1])(jax.random.key(0))  # router state only
     return cfg, params, state, hf
 
 
 def export_hf(params: dict, cfg: lm.LMConfig, out_dir: str | os.PathLike, *,
-              model_type: str) -> Path:
+              model_type: str, state: dict | None = None) -> Path:
     """Writes moejax params as a HF model directory (config.json + model.safetensors).
 
     Args:
       params: LM params of an architecture `model_type` can express.
       cfg: their config.
       out_dir: the new directory (must not exist, or be empty).
-      model_type: "mixtral", "qwen3_moe" or "qwen3_next".
+      model_type: one of `hf_config.SUPPORTED` ("mixtral", "qwen3_moe", "qwen3_next",
+        "deepseek_v3").
+      state: the LM's router state; needed for "deepseek_v3" (its aux-free router biases are
+        the checkpoint's `e_score_correction_bias`), ignored otherwise.
 
     Raises:
       ValueError: the architecture cannot express `cfg` (fields named), or `out_dir` is not
@@ -239,7 +256,9 @@ def export_hf(params: dict, cfg: lm.LMConfig, out_dir: str | os.PathLike, *,
     if len(dtypes) != 1:
         raise ValueError(f"params mix dtypes {sorted(dtypes)}; cast them to one first")
     hf["dtype"] = dtypes.pop()
-    tensors = hf_weights.hf_from_params(host, cfg, model_type)
+    if state is not None:
+        state = jax.tree.map(np.asarray, jax.device_get(state))
+    tensors = hf_weights.hf_from_params(host, cfg, model_type, state=state)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:

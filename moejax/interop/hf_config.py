@@ -1,4 +1,4 @@
-"""Hugging Face `config.json` ↔ `LMConfig` for Mixtral, Qwen3-MoE and Qwen3-Next.
+"""Hugging Face `config.json` ↔ `LMConfig` for Mixtral, Qwen3-MoE, Qwen3-Next and DeepSeek-V3.
 
 What each architecture becomes in moejax (every layer pre-norm, SwiGLU experts, softmax router
 with top-k over all experts):
@@ -10,6 +10,13 @@ with top-k over all experts):
               RMSNorm output), `full_attention` layers → gated_softmax (sigmoid output gate,
               q/k norm, partial rotary); every norm but the delta output norm is zero-centred
               `(1 + w)`; MoE with one sigmoid-gated shared expert.
+  deepseek_v3 every layer MLA (`mla`: low-rank q if `q_lora_rank`, kv latent, interleaved or
+              rotate-half rope); the first `first_k_dense_replace` layers dense SwiGLU, the
+              rest MoE routed by `aux_free` (sigmoid scores, `e_score_correction_bias` as its
+              state's bias, group-limited top-k, `norm_topk_prob`, `routed_scaling_factor`)
+              plus one ungated shared expert of width `n_shared_experts · moe_intermediate_size`.
+              The multi-token-prediction layers (`num_nextn_predict_layers`) are not part of
+              the causal LM (transformers drops them too).
 
 Options we do not implement (sliding windows, attention biases, rope scaling, activations other
 than SiLU) are refused with the field's name rather than converted approximately. Every key that is
@@ -30,9 +37,9 @@ from typing import Any
 from moejax.models.lm import MOE_DEFAULTS, LMConfig
 from moejax.moe.layer import MoEConfig
 
-SUPPORTED = ("mixtral", "qwen3_moe", "qwen3_next")
+SUPPORTED = ("mixtral", "qwen3_moe", "qwen3_next", "deepseek_v3")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "qwen3_next": "Qwen3NextForCausalLM"}
+                 "qwen3_next": "Qwen3NextForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
 _NEXT_MIXERS = {"linear_attention": "gated_deltanet", "full_attention": "gated_softmax"}
 
 
@@ -219,6 +226,8 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
     model_type = c.model_type
     c.require("hidden_act", c.get("hidden_act", "str", "silu") == "silu", "'silu'")
     c.require("attention_bias", not c.get("attention_bias", "bool", False), "False")
+    if model_type == "deepseek_v3":
+        return _deepseek_v3_config(c, dtype=dtype, max_seq_len=max_seq_len)
     if model_type == "mixtral":
         c.require("sliding_window", c.hf.get("sliding_window") is None, "None")
     else:
@@ -285,6 +294,95 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
         raise ValueError(f"{source}: these values give no valid moejax model: {e}") from e
 
 
+def _deepseek_v3_config(c: _Config, *, dtype: str, max_seq_len: int | None) -> LMConfig:
+    """`lm_config_from_hf` for DeepSeek-V3 (module docstring)."""
+    theta, fraction = _rope(c)
+    c.require("partial_rotary_factor", fraction == 1.0, "1.0")
+    heads = c.get("num_attention_heads", "int", lo=1)
+    layers = c.get("num_hidden_layers", "int", lo=1)
+    first_dense = c.get("first_k_dense_replace", "int", 0, lo=0)
+    experts = c.get("n_routed_experts", "int", lo=1)
+    f = c.get("moe_intermediate_size", "int", lo=1)
+    shared = c.get("n_shared_experts", "int", 0, lo=0)
+    v_dim = c.get("v_head_dim", "int", lo=1)
+    router_kwargs = (
+        ("n_group", c.get("n_group", "int", 1, lo=1)),
+        ("topk_group", c.get("topk_group", "int", 1, lo=1)),
+        ("norm_topk_prob", c.get("norm_topk_prob", "bool", True)),
+        ("routed_scaling_factor", float(c.get("routed_scaling_factor", "number", 1.0, lo=0))))
+    moe = dict(num_experts=experts, top_k=c.get("num_experts_per_tok", "int", lo=1),
+               router="aux_free", router_kwargs=router_kwargs, num_shared=min(shared, 1),
+               d_ff_shared=shared * f if shared else None)
+    kw = dict(
+        vocab_size=c.get("vocab_size", "int", lo=1), d_model=c.get("hidden_size", "int", lo=1),
+        num_layers=layers, num_heads=heads, head_dim=v_dim, attn_num_heads=heads,
+        attn_head_dim=v_dim, mixer="mla",
+        mla_kv_lora_rank=c.get("kv_lora_rank", "int", lo=1),
+        mla_q_lora_rank=c.get("q_lora_rank", "int", None, lo=1, nullable=True),
+        mla_qk_nope_head_dim=c.get("qk_nope_head_dim", "int", lo=0),
+        mla_qk_rope_head_dim=c.get("qk_rope_head_dim", "int", lo=0), mla_v_head_dim=v_dim,
+        mla_rope="interleave" if c.get("rope_interleave", "bool", True) else "half",
+        layer_ffns=tuple("dense" if i < first_dense else "moe" for i in range(layers)),
+        d_ff=f, dense_d_ff=c.get("intermediate_size", "int", lo=1), rope_theta=theta,
+        tie_embeddings=c.get("tie_word_embeddings", "bool", False), dtype=dtype,
+        norm_eps=float(c.get("rms_norm_eps", "number", 1e-6)), moe=moe,
+        max_seq_len=max_seq_len or c.get("max_position_embeddings", "int", 2048, lo=1))
+    try:
+        return LMConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"{c.source}: these values give no valid moejax model: {e}") from e
+
+
+def _deepseek_v3_hf_config(cfg: LMConfig) -> dict[str, Any]:
+    """`hf_config_from_lm` for DeepSeek-V3: the inverse of `_deepseek_v3_config`."""
+    moe = cfg.moe
+    bad = []
+    if set(cfg.mixers) != {"mla"}:
+        bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs ['mla'])")
+    ffns = cfg.ffns
+    first = ffns.index("moe") if "moe" in ffns else len(ffns)
+    if set(ffns[:first]) - {"dense"} or set(ffns[first:]) - {"moe"}:
+        bad.append(f"layer ffns {list(ffns)} (needs dense layers, then MoE layers)")
+    if moe is None or moe.router != "aux_free":
+        bad.append("router (needs 'aux_free')")
+    elif moe.shared_gate:
+        bad.append("shared_gate=True (DeepSeek-V3's shared experts are ungated)")
+    if cfg.qk_norm or cfg.zero_centered_norm:
+        bad.append("qk_norm / zero_centered_norm (DeepSeek-V3 has neither)")
+    if bad:
+        raise ValueError("this model cannot be exported as deepseek_v3: " + "; ".join(bad))
+    a = cfg.mixer_config(0)
+    rk = moe.router_config
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES["deepseek_v3"]], "model_type": "deepseek_v3",
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": a.num_heads,
+        "num_key_value_heads": a.num_heads, "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "attention_bias": False,
+        "attention_dropout": 0.0, "kv_lora_rank": a.kv_lora_rank, "q_lora_rank": a.q_lora_rank,
+        "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+        "v_head_dim": a.v_head_dim, "rope_interleave": a.rope == "interleave",
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "first_k_dense_replace": first, "intermediate_size": cfg.dense_d_ff or cfg.d_ff,
+        "moe_intermediate_size": cfg.d_ff, "n_routed_experts": moe.num_experts,
+        "num_experts_per_tok": moe.top_k, "n_group": rk.n_group, "topk_group": rk.topk_group,
+        "norm_topk_prob": rk.norm_topk_prob, "routed_scaling_factor": rk.routed_scaling_factor,
+        "n_shared_experts": 0, "num_nextn_predict_layers": 0, "dtype": "float32",
+        "use_cache": True}
+    if moe.num_shared:
+        width = moe.d_ff_shared or cfg.d_ff
+        if moe.num_shared != 1 or width % cfg.d_ff:
+            raise ValueError(f"this model cannot be exported as deepseek_v3: {moe.num_shared} "
+                             f"shared experts of width {width} (needs one, a multiple of "
+                             f"d_ff={cfg.d_ff})")
+        hf["n_shared_experts"] = width // cfg.d_ff
+    if a.rope == "none":
+        raise ValueError("this model cannot be exported as deepseek_v3: mla_rope='none' "
+                         "(DeepSeek-V3 rotates the rope channels)")
+    return hf
+
+
 def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     """The HF config.json dict of a moejax model of a supported architecture.
 
@@ -294,6 +392,8 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     """
     if model_type not in SUPPORTED:
         raise ValueError(f"model_type must be one of {SUPPORTED}, got {model_type!r}")
+    if model_type == "deepseek_v3":
+        return _deepseek_v3_hf_config(cfg)
     # A model without MoE options (all layers dense) exports the LM's default ones.
     moe = cfg.moe or MoEConfig(d_model=cfg.d_model, d_ff=cfg.d_ff, **MOE_DEFAULTS)
     router_kw = dict(moe.router_kwargs)

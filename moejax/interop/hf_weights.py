@@ -1,4 +1,5 @@
-"""Hugging Face tensor names and layouts ↔ moejax LM params (Mixtral, Qwen3-MoE, Qwen3-Next).
+"""Hugging Face tensor names and layouts ↔ moejax LM params (Mixtral, Qwen3-MoE, Qwen3-Next,
+DeepSeek-V3).
 
 HF linear weights are `[out, in]`; ours are `[in, out]`, so most tensors are transposed. The
 non-trivial layouts:
@@ -10,7 +11,12 @@ non-trivial layouts:
     beta rows then the r decay rows. `conv1d.weight` `[2·Hk·Dk + H·Dv, 1, K]` convolves the
     concatenation [q | k | v]: ours are three `[K, channels]` convs.
   * Experts are stored one tensor per expert (`experts.{e}.w1/w3/w2` in Mixtral,
-    `experts.{e}.gate_proj/up_proj/down_proj` in Qwen), the layout of the published checkpoints.
+    `experts.{e}.gate_proj/up_proj/down_proj` in Qwen and DeepSeek), the layout of the published
+    checkpoints.
+  * DeepSeek-V3 MLA: `q_a_proj`/`q_a_layernorm`/`q_b_proj` (or `q_proj`), `kv_a_proj_with_mqa`
+    `[r + Dr, d]`, `kv_a_layernorm`, `kv_b_proj` `[H·(Dn + Dv), r]` are ours transposed; its
+    router's `e_score_correction_bias` is not a parameter but the aux-free router's state
+    (`state_from_hf`; `hf_from_params(..., state=)` writes it back).
 
 `params_from_hf(get, cfg, model_type)` reads through `get(name, shape)`, which must return the
 tensor with that exact shape or raise; `hf_from_params` is its exact inverse.
@@ -28,7 +34,10 @@ Getter = Callable[[str, tuple[int, ...]], np.ndarray]
 
 _EXPERT_NAMES = {"mixtral": ("w1", "w3", "w2"),
                  "qwen3_moe": ("gate_proj", "up_proj", "down_proj"),
-                 "qwen3_next": ("gate_proj", "up_proj", "down_proj")}
+                 "qwen3_next": ("gate_proj", "up_proj", "down_proj"),
+                 "deepseek_v3": ("gate_proj", "up_proj", "down_proj")}
+_SHARED_NAMES = {"qwen3_next": "shared_expert.", "deepseek_v3": "shared_experts."}
+_BIAS = "gate.e_score_correction_bias"  # DeepSeek-V3: the aux-free router's state bias
 
 
 def _moe_prefix(model_type: str, i: int) -> str:
@@ -53,6 +62,8 @@ def params_from_hf(get: Getter, cfg: LMConfig, model_type: str) -> dict:
                  "norm2": {"scale": vec(pre + "post_attention_layernorm.weight", d)}}
         if cfg.mixers[i] in DELTA_MIXERS:
             block["mixer"] = _gdn_from_hf(get, cfg.mixer_config(i), pre + "linear_attn.")
+        elif cfg.mixers[i] == "mla":
+            block["mixer"] = _mla_from_hf(get, cfg.mixer_config(i), pre + "self_attn.")
         else:
             block["mixer"] = _attn_from_hf(get, cfg.mixer_config(i), pre + "self_attn.")
         if cfg.ffns[i] == "moe":
@@ -61,6 +72,35 @@ def params_from_hf(get: Getter, cfg: LMConfig, model_type: str) -> dict:
             block["ffn"] = _swiglu_from_hf(get, pre + "mlp.", d, cfg.dense_d_ff or cfg.d_ff)
         params["blocks"].append(block)
     return params
+
+
+def state_from_hf(get: Getter, cfg: LMConfig, model_type: str, state: dict) -> dict:
+    """`state` (from `lm.init`) with DeepSeek-V3's `e_score_correction_bias` of every MoE layer
+    as the aux-free router's bias; unchanged for the other architectures."""
+    if model_type != "deepseek_v3":
+        return state
+    E = cfg.moe.num_experts
+    blocks = [{**b, "router": {**b["router"], "bias": get(
+        _moe_prefix(model_type, i) + "." + _BIAS, (E,))}} if cfg.ffns[i] == "moe" else b
+        for i, b in enumerate(state["blocks"])]
+    return {**state, "blocks": blocks}
+
+
+def _mla_from_hf(get: Getter, m, pre: str) -> dict:
+    d, H, r = m.d_model, m.num_heads, m.kv_lora_rank
+    qk, Dr = m.qk_head_dim, m.qk_rope_head_dim
+    lin = lambda name, out, inp: get(pre + name + ".weight", (out, inp)).T
+    p = {"w_kv_a": lin("kv_a_proj_with_mqa", r + Dr, d),
+         "kv_a_norm": {"scale": get(pre + "kv_a_layernorm.weight", (r,))},
+         "w_kv_b": lin("kv_b_proj", H * (m.qk_nope_head_dim + m.v_head_dim), r),
+         "w_out": lin("o_proj", d, H * m.v_head_dim)}
+    if m.q_lora_rank is None:
+        p["w_q"] = lin("q_proj", H * qk, d)
+    else:
+        p["w_q_a"] = lin("q_a_proj", m.q_lora_rank, d)
+        p["q_a_norm"] = {"scale": get(pre + "q_a_layernorm.weight", (m.q_lora_rank,))}
+        p["w_q_b"] = lin("q_b_proj", H * qk, m.q_lora_rank)
+    return p
 
 
 def _swiglu_from_hf(get: Getter, pre: str, d: int, f: int) -> dict:
@@ -113,18 +153,21 @@ def _moe_from_hf(get: Getter, cfg: LMConfig, model_type: str, pre: str) -> dict:
     p = {"router": {"w_g": get(pre + "gate.weight", (E, d))},
          "experts": {"w_gate": ex(g, (f, d)), "w_up": ex(u, (f, d)), "w_down": ex(o, (d, f))}}
     if cfg.moe.num_shared:
-        s = _swiglu_from_hf(get, pre + "shared_expert.", d, cfg.moe.d_ff_shared or f)
-        p["shared"] = {"bank": {k: w[None] for k, w in s.items()},
-                       "gate": get(pre + "shared_expert_gate.weight", (1, d))[0]}
+        s = _swiglu_from_hf(get, pre + _SHARED_NAMES[model_type], d, cfg.moe.d_ff_shared or f)
+        p["shared"] = {"bank": {k: w[None] for k, w in s.items()}}
+        if cfg.moe.shared_gate:
+            p["shared"]["gate"] = get(pre + "shared_expert_gate.weight", (1, d))[0]
     return p
 
 
 # ----------------------------------------------------------------------------- moejax → HF
 
 
-def hf_from_params(params: dict, cfg: LMConfig, model_type: str) -> dict[str, np.ndarray]:
+def hf_from_params(params: dict, cfg: LMConfig, model_type: str,
+                   state: dict | None = None) -> dict[str, np.ndarray]:
     """HF tensors (contiguous numpy, params' dtype) of moejax params: the inverse of
-    `params_from_hf`."""
+    `params_from_hf` (and, for DeepSeek-V3, of `state_from_hf`: its router biases come from
+    `state`, which it then needs)."""
     out: dict[str, np.ndarray] = {"model.embed_tokens.weight": params["embed"],
                                   "model.norm.weight": params["final_norm"]["scale"]}
     if not cfg.tie_embeddings:
@@ -135,13 +178,31 @@ def hf_from_params(params: dict, cfg: LMConfig, model_type: str) -> dict[str, np
         out[pre + "post_attention_layernorm.weight"] = block["norm2"]["scale"]
         if cfg.mixers[i] in DELTA_MIXERS:
             out.update(_gdn_to_hf(block["mixer"], cfg.mixer_config(i), pre + "linear_attn."))
+        elif cfg.mixers[i] == "mla":
+            out.update(_mla_to_hf(block["mixer"], pre + "self_attn."))
         else:
             out.update(_attn_to_hf(block["mixer"], cfg.mixer_config(i), pre + "self_attn."))
         if cfg.ffns[i] == "moe":
             out.update(_moe_to_hf(block["ffn"], model_type, _moe_prefix(model_type, i) + "."))
+            if model_type == "deepseek_v3":
+                if state is None:
+                    raise ValueError("deepseek_v3 export needs the router state (its bias is "
+                                     "e_score_correction_bias): pass state=")
+                out[_moe_prefix(model_type, i) + "." + _BIAS] = np.asarray(
+                    state["blocks"][i]["router"]["bias"], np.float32)
         else:
             out.update(_swiglu_to_hf(block["ffn"], pre + "mlp."))
     return {k: np.ascontiguousarray(np.asarray(v)) for k, v in out.items()}
+
+
+def _mla_to_hf(p: dict, pre: str) -> dict:
+    names = {"w_kv_a": "kv_a_proj_with_mqa", "w_kv_b": "kv_b_proj", "w_out": "o_proj",
+             "w_q": "q_proj", "w_q_a": "q_a_proj", "w_q_b": "q_b_proj"}
+    out = {f"{pre}{hf}.weight": p[ours].T for ours, hf in names.items() if ours in p}
+    out[pre + "kv_a_layernorm.weight"] = p["kv_a_norm"]["scale"]
+    if "q_a_norm" in p:
+        out[pre + "q_a_layernorm.weight"] = p["q_a_norm"]["scale"]
+    return out
 
 
 def _swiglu_to_hf(p: dict, pre: str) -> dict:
@@ -188,6 +249,7 @@ def _moe_to_hf(p: dict, model_type: str, pre: str) -> dict:
         out[f"{pre}experts.{e}.{o}.weight"] = bank["w_down"][e].T
     if "shared" in p:
         out.update(_swiglu_to_hf({k: w[0] for k, w in p["shared"]["bank"].items()},
-                                 pre + "shared_expert."))
-        out[pre + "shared_expert_gate.weight"] = np.asarray(p["shared"]["gate"])[None]
+                                 pre + _SHARED_NAMES[model_type]))
+        if "gate" in p["shared"]:
+            out[pre + "shared_expert_gate.weight"] = np.asarray(p["shared"]["gate"])[None]
     return out

@@ -1,4 +1,5 @@
-"""HF interop against transformers itself: tiny random Mixtral / Qwen3-MoE / Qwen3-Next models
+"""HF interop against transformers itself: tiny random Mixtral / Qwen3-MoE / Qwen3-Next /
+DeepSeek-V3 models
 saved with `save_pretrained`, converted, and compared (prefill logits, step-by-step decoding
 against HF's own cache), exported back exactly, and the conversion's bad inputs."""
 
@@ -22,12 +23,35 @@ from moejax.models import decode, lm  # noqa: E402
 from moejax.testing import init_lm  # noqa: E402
 from moejax.train import checkpoint  # noqa: E402
 
-ARCHS = ("mixtral", "qwen3_moe", "qwen3_next")
+ARCHS = ("mixtral", "qwen3_moe", "qwen3_next", "deepseek_v3")
 COMMON = dict(vocab_size=256, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
               num_key_value_heads=2, num_experts_per_tok=2, max_position_embeddings=128)
 
 
+def _deepseek_config(**over):
+    kw = dict(COMMON, num_key_value_heads=COMMON["num_attention_heads"], intermediate_size=40,
+              moe_intermediate_size=16, n_routed_experts=8, n_shared_experts=2, n_group=4,
+              topk_group=2, kv_lora_rank=16, q_lora_rank=12, qk_nope_head_dim=8,
+              qk_rope_head_dim=4, v_head_dim=6, first_k_dense_replace=1,
+              routed_scaling_factor=2.5, rope_interleave=True)
+    return transformers.DeepseekV3Config(**{**kw, **over})
+
+
+def _randomise(model):
+    """Every weight moved off its init (norms and gates included), and the DeepSeek routers'
+    `e_score_correction_bias` buffers (zeros at init) drawn too."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model
+
+
 def _hf_config(arch):
+    if arch == "deepseek_v3":
+        return _deepseek_config()
     if arch == "mixtral":
         return transformers.MixtralConfig(**COMMON, intermediate_size=24, num_local_experts=4)
     if arch == "qwen3_moe":  # layer 1 dense; top-k weights not renormalised
@@ -47,11 +71,8 @@ def hf_models(tmp_path_factory):
     out = {}
     for i, arch in enumerate(ARCHS):
         torch.manual_seed(i)
-        model = transformers.AutoModelForCausalLM.from_config(
-            _hf_config(arch), attn_implementation="eager").eval()
-        with torch.no_grad():
-            for p in model.parameters():
-                p.add_(0.1 * torch.randn_like(p))
+        model = _randomise(transformers.AutoModelForCausalLM.from_config(
+            _hf_config(arch), attn_implementation="eager").eval())
         path = tmp_path_factory.mktemp(arch)
         model.save_pretrained(path)
         out[arch] = (path, model)
@@ -112,11 +133,11 @@ def test_decoding_matches_transformers_cache(hf_models, arch):
 def test_round_trip_is_exact_and_transformers_reads_the_export(hf_models, arch, tmp_path):
     path, model = hf_models[arch]
     cfg, params, state, _ = load_hf(path)
-    export_hf(params, cfg, tmp_path / "out", model_type=arch)
-    cfg2, params2, _, _ = load_hf(tmp_path / "out")
+    export_hf(params, cfg, tmp_path / "out", model_type=arch, state=state)
+    cfg2, params2, state2, _ = load_hf(tmp_path / "out")
     assert cfg2 == cfg
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                 params, params2)
+                 (params, state), (params2, state2))
     again = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "out", attn_implementation="eager").eval()
     toks = torch.tensor(_tokens(T=9, seed=2))
@@ -223,8 +244,9 @@ def test_export_names_what_the_architecture_cannot_express(tmp_path):
                   model_type="mixtral")
 
 
-def test_greedy_generation_matches_transformers(hf_models):
-    path, model = hf_models["qwen3_next"]
+@pytest.mark.parametrize("arch", ["qwen3_next", "deepseek_v3"])
+def test_greedy_generation_matches_transformers(hf_models, arch):
+    path, model = hf_models[arch]
     cfg, params, state, _ = load_hf(path)
     prompt = _tokens(B=2, T=6, seed=3)
     ours = decode.generate(params, state, jnp.asarray(prompt, jnp.int32), cfg=cfg,
@@ -266,3 +288,37 @@ def test_qwen3_next_with_unequal_odd_head_dims_matches_transformers(tmp_path):
     assert cfg2 == cfg
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  params, params2)
+
+
+# Varied DeepSeek-V3 options beyond the fixture's one config: full-rank q, rotate-half rope,
+# one group, unnormalised weights, no shared expert, no dense layer, another scaling.
+DEEPSEEK_VARIANTS = [
+    dict(q_lora_rank=None, rope_interleave=False, n_group=1, topk_group=1),
+    dict(norm_topk_prob=False, n_shared_experts=0, first_k_dense_replace=0,
+         routed_scaling_factor=1.0),
+    dict(n_group=2, topk_group=1, num_experts_per_tok=3, qk_rope_head_dim=8, v_head_dim=10,
+         first_k_dense_replace=3),
+]
+
+
+@pytest.mark.parametrize("over", DEEPSEEK_VARIANTS, ids=["fullq-half", "raw-noshared", "grp2"])
+def test_deepseek_v3_variants_match_transformers(over, tmp_path):
+    torch.manual_seed(11)
+    model = _randomise(transformers.AutoModelForCausalLM.from_config(
+        _deepseek_config(**over), attn_implementation="eager").eval())
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params, state, _ = load_hf(tmp_path / "hf")
+    toks = _tokens(T=13, seed=5)
+    with torch.no_grad():
+        ref = model(torch.tensor(toks)).logits.numpy()
+    ours, _, _ = lm.apply(params, state, jnp.asarray(toks, jnp.int32), cfg=cfg)
+    _assert_rel(ours, ref)
+    export_hf(params, cfg, tmp_path / "out", model_type="deepseek_v3", state=state)
+    assert load_hf(tmp_path / "out")[0] == cfg
+
+
+def test_deepseek_v3_export_needs_the_router_state(hf_models, tmp_path):
+    cfg, params, _, _ = load_hf(hf_models["deepseek_v3"][0])
+    with pytest.raises(ValueError, match="needs the router state .*e_score_correction_bias"):
+        export_hf(params, cfg, tmp_path / "out", model_type="deepseek_v3")
+    assert not (tmp_path / "out").exists()

@@ -281,27 +281,29 @@ def _masked_exp(valid, diff):
     return jnp.where(valid, jnp.exp(jnp.where(valid, diff, 0.0)), 0.0)
 
 
-def _channel_pairs(R, K, G, n, *, inclusive):
-    """`M_tj = Σ_d R_td K_jd exp(G_td − G_jd)` for j < t (j ≤ t if `inclusive`), 0 elsewhere and
-    wherever a reset lies in (j, t] — by secondary chunking (module docstring).
+def _channel_pairs(rows, K, G, n):
+    """`M_tj = Σ_d R_td K_jd exp(G_td − G_jd)` for j ≤ t, 0 above the diagonal and wherever a
+    reset lies in (j, t], for each `R` of `rows` — by secondary chunking (module docstring).
+    The decay factors are formed once for all of `rows` (A's X and P's Q share them; A's strict
+    mask is applied by the caller).
 
     Args:
-      R, K: `[..., C, Dk]` row and column vectors; G, n: `_channel_gates` of the chunk.
+      rows: `[..., C, Dk]` row vectors (a tuple); K: `[..., C, Dk]` column vectors; G, n:
+        `_channel_gates` of the chunk.
 
     Returns:
-      `[..., C, C]`.
+      a tuple of `[..., C, C]`, one per row array.
     """
-    C, D = R.shape[-2:]
+    C, D = K.shape[-2:]
     c = _sub_chunk(C)
     ns = C // c
     blocks = lambda a: a.reshape(*a.shape[:-2], ns, c, D)
-    Rb, Kb, Gb, nb = map(blocks, (R, K, G, n))  # [..., ns, c, D]
+    Kb, Gb, nb = blocks(K), blocks(G), blocks(n)  # [..., ns, c, D]
     # Pairs inside a sub-chunk: element by element.
     idx = jnp.arange(c)
-    tri = idx[:, None] >= idx[None, :] if inclusive else idx[:, None] > idx[None, :]
+    tri = idx[:, None] >= idx[None, :]
     keep = tri[:, :, None] & (nb[..., :, None, :] == nb[..., None, :, :])  # [..., ns, c, c, D]
     E = _masked_exp(keep, Gb[..., :, None, :] - Gb[..., None, :, :])
-    diag = jnp.einsum("...btd,...bjd,...btjd->...btj", Rb, Kb, E, precision=_HIGHEST)
     # Pairs across sub-chunks: split at r_b, the last step before sub-chunk b.
     r = jnp.maximum(jnp.arange(ns) * c - 1, 0)
     Gr, nr = G[..., r, :], n[..., r, :]  # [..., ns, D]
@@ -310,11 +312,18 @@ def _channel_pairs(R, K, G, n, *, inclusive):
     earlier = jnp.arange(C)[None, :] < (jnp.arange(ns) * c)[:, None]  # [ns, C]: j before b
     col = _masked_exp(earlier[..., None] & (n[..., None, :, :] == nr[..., :, None, :]),
                       Gr[..., :, None, :] - G[..., None, :, :])  # [..., ns, C, D]
-    off = _mm("...btd,...bjd->...btj", Rb * row, K[..., None, :, :] * col)  # [..., ns, c, C]
+    Kc = K[..., None, :, :] * col
     same = jnp.arange(ns)[:, None] == jnp.arange(ns)[None, :]  # [ns (row b), ns (col block)]
-    off = off.reshape(*off.shape[:-1], ns, c)
-    M = jnp.where(same[:, None, :, None], diag[..., :, :, None, :], off)
-    return M.reshape(*M.shape[:-4], C, C)
+
+    def pairs(R):
+        Rb = blocks(R)
+        diag = jnp.einsum("...btd,...bjd,...btjd->...btj", Rb, Kb, E, precision=_HIGHEST)
+        off = _mm("...btd,...bjd->...btj", Rb * row, Kc)  # [..., ns, c, C]
+        off = off.reshape(*off.shape[:-1], ns, c)
+        M = jnp.where(same[:, None, :, None], diag[..., :, :, None, :], off)
+        return M.reshape(*M.shape[:-4], C, C)
+
+    return tuple(pairs(R) for R in rows)
 
 
 def _chunk_scan(q, k, v, beta, g, lam, gk, S0, *, scale, C, authors, restart=None):
@@ -343,9 +352,7 @@ def _chunk_scan(q, k, v, beta, g, lam, gk, S0, *, scale, C, authors, restart=Non
         G, n = _channel_gates(_to_chunks(gk, C))  # [N, B, H, C, Dk]
         gamma = _masked_exp(n == 0, G)
         decay_out = _masked_exp(n == n[..., -1:, :], G[..., -1:, :] - G)
-        pairs = lambda R, Kc, inclusive: _channel_pairs(R, Kc, G, n, inclusive=inclusive)
-        M = pairs(X, K, False)
-        P = pairs(Q, K, True)
+        M, P = _channel_pairs((X, Q), K, G, n)  # A's strict mask comes below
     else:
         if g is None:
             Gam = gamma = decay_out = None
