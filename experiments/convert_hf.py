@@ -7,7 +7,7 @@ HF → moejax (writes a model directory that `train_lm --init_from=` fine-tunes)
 
   --mixer_override=gated_qdelta   Gated DeltaNet layers become gated Q-Delta with λ ≡ --lam_init
                                   (W_λ = 0), so the model starts where GDN was; `qdelta` does the
-                                  same for DeltaNet layers.
+                                  same for DeltaNet layers, `kda_qdelta` for Kimi Linear's KDA.
   --router_override=star          top-k routers become STAR with σ(a) = --star_mix_init, R = I,
                                   and V from a GHA warm-up over --gha_batches batches of text
                                   (tokenised by the checkpoint's tokenizer when transformers can
@@ -39,7 +39,7 @@ from moejax.models import lm
 from moejax.train import checkpoint, loop
 
 FLAGS = flags.FLAGS
-MIXER_OVERRIDES = ("", "qdelta", "gated_qdelta")
+MIXER_OVERRIDES = ("", "qdelta", "gated_qdelta", "kda_qdelta")
 ROUTER_OVERRIDES = ("", "star")
 
 

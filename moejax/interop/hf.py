@@ -33,7 +33,7 @@ from moejax.validation import ArgumentTypeError, check_choice, check_int
 
 # Stored tensors moejax has no use for: Qwen3-Next's multi-token-prediction head (transformers
 # ignores it too) and rotary caches some exporters write.
-_IGNORED_PREFIXES = ("mtp.",)
+_IGNORED_PREFIXES = ("mtp.", "model.visual.")  # multi-token prediction, Qwen3.5's vision tower
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _FLOAT_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 PARAM_DTYPES = ("float32", "bfloat16")
@@ -208,10 +208,15 @@ def load_hf(hf_dir: str | os.PathLike, *, dtype: str = "float32",
     hf = hf_config.read_hf_config(hf_dir)
     cfg = hf_config.lm_config_from_hf(hf, dtype=dtype, max_seq_len=max_seq_len,
                                       source=str(hf_dir / "config.json"))
-    tensors = _Tensors(hf_dir, hf["model_type"], _declared_dtype(hf))
-    params = hf_weights.params_from_hf(tensors.get, cfg, hf["model_type"])
+    text = hf_config.text_config(hf)
+    tensors = _Tensors(hf_dir, hf["model_type"], _declared_dtype(text))
+    get = tensors.get
+    if text is not hf:  # a vision-language checkpoint: its LM is under model.language_model
+        get = lambda name, shape: tensors.get(  # noqa: E731
+            name.replace("model.", "model.language_model.", 1), shape)
+    params = hf_weights.params_from_hf(get, cfg, text["model_type"])
     state = jax.jit(lambda k: lm.init(k, cfg)[1])(jax.random.key(0))  # router state
-    state = hf_weights.state_from_hf(tensors.get, cfg, hf["model_type"], state)
+    state = hf_weights.state_from_hf(get, cfg, text["model_type"], state)
     state = jax.tree.map(jnp.asarray, state)
     tensors.check_all_used()
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype=dtype), params)
@@ -229,8 +234,8 @@ def export_hf(params: dict, cfg: lm.LMConfig, out_dir: str | os.PathLike, *,
       params: LM params of an architecture `model_type` can express.
       cfg: their config.
       out_dir: the new directory (must not exist, or be empty).
-      model_type: one of `hf_config.SUPPORTED` ("mixtral", "qwen3_moe", "qwen3_next",
-        "deepseek_v3").
+      model_type: one of `hf_config.SUPPORTED` but "qwen3_5_moe" (the vision-language
+        checkpoint; its language model exports as "qwen3_5_moe_text").
       state: the LM's router state; needed for "deepseek_v3" (its aux-free router biases are
         the checkpoint's `e_score_correction_bias`), ignored otherwise.
 

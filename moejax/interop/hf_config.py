@@ -1,4 +1,5 @@
-"""Hugging Face `config.json` ↔ `LMConfig` for Mixtral, Qwen3-MoE, Qwen3-Next and DeepSeek-V3.
+"""Hugging Face `config.json` ↔ `LMConfig` for Mixtral, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE,
+DeepSeek-V3 and Kimi Linear.
 
 What each architecture becomes in moejax (every layer pre-norm, SwiGLU experts, softmax router
 with top-k over all experts):
@@ -10,6 +11,11 @@ with top-k over all experts):
               RMSNorm output), `full_attention` layers → gated_softmax (sigmoid output gate,
               q/k norm, partial rotary); every norm but the delta output norm is zero-centred
               `(1 + w)`; MoE with one sigmoid-gated shared expert.
+  qwen3_5_moe_text  Qwen3-Next's layers in Qwen3.5's weight layout (separate `in_proj_qkv`,
+              `in_proj_z`, `in_proj_b`, `in_proj_a`); every layer MoE, top-k always renormalised.
+  qwen3_5_moe the vision-language checkpoint: its `text_config` is read as qwen3_5_moe_text
+              and its `model.language_model.*` tensors are the LM (the vision tower,
+              `model.visual.*`, is left out); it exports as qwen3_5_moe_text.
   deepseek_v3 every layer MLA (`mla`: low-rank q if `q_lora_rank`, kv latent, interleaved or
               rotate-half rope); the first `first_k_dense_replace` layers dense SwiGLU, the
               rest MoE routed by `aux_free` (sigmoid scores, `e_score_correction_bias` as its
@@ -17,6 +23,12 @@ with top-k over all experts):
               plus one ungated shared expert of width `n_shared_experts · moe_intermediate_size`.
               The multi-token-prediction layers (`num_nextn_predict_layers`) are not part of
               the causal LM (transformers drops them too).
+  kimi_linear `linear_attention` layers → kda (Kimi Delta Attention: per-channel decay from a
+              rank-Dk projection, sigmoid low-rank output gate, Dv = Dk), `full_attention`
+              layers → mla without RoPE (`mla_rope="none"`); `mlp_layer_types` dense/sparse;
+              DeepSeek-V3's router and shared experts (Kimi's key names: `num_experts`,
+              `num_experts_per_token`, `num_expert_group`, `moe_renormalize`,
+              `num_shared_experts`, `model_max_length`, `linear_attn_config`).
 
 Options we do not implement (sliding windows, attention biases, rope scaling, activations other
 than SiLU) are refused with the field's name rather than converted approximately. Every key that is
@@ -37,9 +49,27 @@ from typing import Any
 from moejax.models.lm import MOE_DEFAULTS, LMConfig
 from moejax.moe.layer import MoEConfig
 
-SUPPORTED = ("mixtral", "qwen3_moe", "qwen3_next", "deepseek_v3")
+SUPPORTED = ("mixtral", "qwen3_moe", "qwen3_next", "qwen3_5_moe_text", "qwen3_5_moe",
+             "deepseek_v3", "kimi_linear")
 ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                 "qwen3_next": "Qwen3NextForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
+                 "qwen3_next": "Qwen3NextForCausalLM",
+                 "qwen3_5_moe_text": "Qwen3_5MoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM", "kimi_linear": "KimiLinearForCausalLM"}
+# Architectures with Qwen3-Next's layers (gated DeltaNet + gated softmax, shared expert).
+NEXT_LIKE = ("qwen3_next", "qwen3_5_moe_text")
+
+
+def text_config(hf: dict, *, source: str = "config.json") -> dict:
+    """The language model's config of `hf`: Qwen3.5-MoE's `text_config` for the
+    vision-language checkpoint, else `hf` itself."""
+    if hf.get("model_type") != "qwen3_5_moe":
+        return hf
+    text = hf.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{source}: a qwen3_5_moe config needs its 'text_config' object")
+    outer = {k: hf[k] for k in ("dtype", "tie_word_embeddings") if k in hf and k not in text}
+    return {**text, **outer, "model_type": "qwen3_5_moe_text"}
+_KIMI_MIXERS = {"linear_attention": "kda", "full_attention": "mla"}
 _NEXT_MIXERS = {"linear_attention": "gated_deltanet", "full_attention": "gated_softmax"}
 
 
@@ -219,6 +249,7 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
       ValueError: a missing key, a value of the wrong type or range, or an option moejax does
         not implement; the message names `source` and the key.
     """
+    hf = text_config(hf, source=source)
     c = _Config(hf, source)
     if c.model_type not in SUPPORTED:
         raise ValueError(f"{source}: unsupported model_type {c.model_type!r}; supported: "
@@ -226,7 +257,7 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
     model_type = c.model_type
     c.require("hidden_act", c.get("hidden_act", "str", "silu") == "silu", "'silu'")
     c.require("attention_bias", not c.get("attention_bias", "bool", False), "False")
-    if model_type == "deepseek_v3":
+    if model_type in ("deepseek_v3", "kimi_linear"):
         return _deepseek_v3_config(c, dtype=dtype, max_seq_len=max_seq_len)
     if model_type == "mixtral":
         c.require("sliding_window", c.hf.get("sliding_window") is None, "None")
@@ -254,14 +285,17 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
     if model_type == "mixtral":
         renormalize, d_ff = True, c.get("intermediate_size", "int", lo=1)
     else:
-        renormalize = c.get("norm_topk_prob", "bool", False)
+        renormalize = (model_type == "qwen3_5_moe_text"  # its router always renormalises
+                       or c.get("norm_topk_prob", "bool", False))
         d_ff = c.get("moe_intermediate_size", "int", lo=1)
+    dense_d_ff = (c.get("intermediate_size", "int", d_ff, lo=1) if model_type == "qwen3_5_moe_text"
+                  else c.get("intermediate_size", "int", lo=1))
     kw: dict[str, Any] = dict(
         vocab_size=c.get("vocab_size", "int", lo=1), d_model=hidden,
         num_layers=layers, num_heads=heads, head_dim=head_dim,
         num_kv_heads=kv_heads, mixer="softmax",
         layer_ffns=tuple("moe" if m else "dense" for m in is_moe),
-        d_ff=d_ff, dense_d_ff=c.get("intermediate_size", "int", lo=1),
+        d_ff=d_ff, dense_d_ff=dense_d_ff,
         qk_norm=model_type != "mixtral", rope_theta=theta, rotary_fraction=fraction,
         tie_embeddings=c.get("tie_word_embeddings", "bool", False), dtype=dtype,
         norm_eps=float(c.get("rms_norm_eps", "number", 1e-6)),
@@ -271,7 +305,7 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
         num_experts=max(experts, 1), top_k=top_k, router="topk",
         router_kwargs=(("load_balance_weight", aux_coef), ("renormalize", renormalize),
                        ("z_loss_weight", 0.0)))
-    if model_type == "qwen3_next":
+    if model_type in NEXT_LIKE:
         dk = c.get("linear_key_head_dim", "int", lo=1)
         dv = c.get("linear_value_head_dim", "int", lo=1)
         v_heads = c.get("linear_num_value_heads", "int", lo=1)
@@ -294,23 +328,59 @@ def lm_config_from_hf(hf: dict[str, Any], *, dtype: str = "float32",
         raise ValueError(f"{source}: these values give no valid moejax model: {e}") from e
 
 
+def _first_of(c: _Config, keys: tuple[str, ...], kind: str, default: Any = _MISSING, **kw):
+    """The first of `keys` present (Kimi Linear's names before DeepSeek-V3's), read as `get`."""
+    for key in keys[:-1]:
+        if c.hf.get(key) is not None:
+            return c.get(key, kind, **kw)
+    return c.get(keys[-1], kind, default, **kw)
+
+
+def _kimi_layers(c: _Config, layers: int) -> tuple[list[str], list[str]]:
+    """Kimi Linear's `(layer_types, mlp_layer_types)`, from the lists or from
+    `linear_attn_config`'s 1-based `kda_layers` / `full_attn_layers` and `first_k_dense_replace`."""
+    lin = c.get("linear_attn_config", "dict", {})
+    types = c.get("layer_types", "list", None)
+    if types is None:
+        full = set(lin.get("full_attn_layers", []))
+        types = ["full_attention" if i + 1 in full else "linear_attention" for i in range(layers)]
+    mlp = c.get("mlp_layer_types", "list", None)
+    if mlp is None:
+        first = c.get("first_k_dense_replace", "int", 1, lo=0)
+        mlp = ["dense" if i < first else "sparse" for i in range(layers)]
+    for key, value, valid in (("layer_types", types, _KIMI_MIXERS),
+                              ("mlp_layer_types", mlp, ("dense", "sparse"))):
+        bad = [t for t in value if t not in valid]
+        if bad or len(value) != layers:
+            raise ValueError(f"{c.source}: {key!r} must list one of {', '.join(valid)} per layer "
+                             f"(num_hidden_layers={layers}), got {value!r}")
+    return list(types), list(mlp)
+
+
 def _deepseek_v3_config(c: _Config, *, dtype: str, max_seq_len: int | None) -> LMConfig:
-    """`lm_config_from_hf` for DeepSeek-V3 (module docstring)."""
+    """`lm_config_from_hf` for DeepSeek-V3 and Kimi Linear (module docstring)."""
+    kimi = c.model_type == "kimi_linear"
     theta, fraction = _rope(c)
     c.require("partial_rotary_factor", fraction == 1.0, "1.0")
     heads = c.get("num_attention_heads", "int", lo=1)
     layers = c.get("num_hidden_layers", "int", lo=1)
-    first_dense = c.get("first_k_dense_replace", "int", 0, lo=0)
-    experts = c.get("n_routed_experts", "int", lo=1)
+    if kimi:
+        types, mlp = _kimi_layers(c, layers)
+        ffns = tuple("moe" if t == "sparse" else "dense" for t in mlp)
+    else:
+        first_dense = c.get("first_k_dense_replace", "int", 0, lo=0)
+        ffns = tuple("dense" if i < first_dense else "moe" for i in range(layers))
+    experts = _first_of(c, ("num_experts", "n_routed_experts"), "int", lo=1)
     f = c.get("moe_intermediate_size", "int", lo=1)
-    shared = c.get("n_shared_experts", "int", 0, lo=0)
+    shared = _first_of(c, ("num_shared_experts", "n_shared_experts"), "int", 0, lo=0)
     v_dim = c.get("v_head_dim", "int", lo=1)
     router_kwargs = (
-        ("n_group", c.get("n_group", "int", 1, lo=1)),
+        ("n_group", _first_of(c, ("num_expert_group", "n_group"), "int", 1, lo=1)),
         ("topk_group", c.get("topk_group", "int", 1, lo=1)),
-        ("norm_topk_prob", c.get("norm_topk_prob", "bool", True)),
+        ("norm_topk_prob", _first_of(c, ("moe_renormalize", "norm_topk_prob"), "bool", True)),
         ("routed_scaling_factor", float(c.get("routed_scaling_factor", "number", 1.0, lo=0))))
-    moe = dict(num_experts=experts, top_k=c.get("num_experts_per_tok", "int", lo=1),
+    moe = dict(num_experts=experts,
+               top_k=_first_of(c, ("num_experts_per_token", "num_experts_per_tok"), "int", lo=1),
                router="aux_free", router_kwargs=router_kwargs, num_shared=min(shared, 1),
                d_ff_shared=shared * f if shared else None)
     kw = dict(
@@ -322,27 +392,44 @@ def _deepseek_v3_config(c: _Config, *, dtype: str, max_seq_len: int | None) -> L
         mla_qk_nope_head_dim=c.get("qk_nope_head_dim", "int", lo=0),
         mla_qk_rope_head_dim=c.get("qk_rope_head_dim", "int", lo=0), mla_v_head_dim=v_dim,
         mla_rope="interleave" if c.get("rope_interleave", "bool", True) else "half",
-        layer_ffns=tuple("dense" if i < first_dense else "moe" for i in range(layers)),
+        layer_ffns=ffns,
         d_ff=f, dense_d_ff=c.get("intermediate_size", "int", lo=1), rope_theta=theta,
         tie_embeddings=c.get("tie_word_embeddings", "bool", False), dtype=dtype,
         norm_eps=float(c.get("rms_norm_eps", "number", 1e-6)), moe=moe,
-        max_seq_len=max_seq_len or c.get("max_position_embeddings", "int", 2048, lo=1))
+        max_seq_len=max_seq_len or _first_of(c, ("model_max_length", "max_position_embeddings"),
+                                             "int", 2048, lo=1))
+    if kimi:  # KDA's heads are the model's delta heads; Dv = Dk; MLA without RoPE
+        lin = c.get("linear_attn_config", "dict", {})
+        kw.update(layer_mixers=tuple(_KIMI_MIXERS[t] for t in types), mla_rope="none",
+                  num_heads=lin.get("num_heads", c.get("linear_num_heads", "int", 32, lo=1)),
+                  head_dim=lin.get("head_dim", c.get("linear_head_dim", "int", 128, lo=1)),
+                  expand_v=1.0, conv_size=lin.get("short_conv_kernel_size", c.get(
+                      "linear_conv_kernel_dim", "int", 4, lo=1)))
     try:
         return LMConfig(**kw)
     except ValueError as e:
         raise ValueError(f"{c.source}: these values give no valid moejax model: {e}") from e
 
 
-def _deepseek_v3_hf_config(cfg: LMConfig) -> dict[str, Any]:
-    """`hf_config_from_lm` for DeepSeek-V3: the inverse of `_deepseek_v3_config`."""
+def _deepseek_v3_hf_config(cfg: LMConfig, model_type: str = "deepseek_v3") -> dict[str, Any]:
+    """`hf_config_from_lm` for DeepSeek-V3 and Kimi Linear: the inverse of
+    `_deepseek_v3_config`."""
     moe = cfg.moe
+    kimi = model_type == "kimi_linear"
     bad = []
-    if set(cfg.mixers) != {"mla"}:
-        bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs ['mla'])")
+    mixers = {"kda", "mla"} if kimi else {"mla"}
+    if set(cfg.mixers) - mixers or "mla" not in cfg.mixers:
+        bad.append(f"layer mixers {sorted(set(cfg.mixers))} (needs {sorted(mixers)})")
     ffns = cfg.ffns
     first = ffns.index("moe") if "moe" in ffns else len(ffns)
-    if set(ffns[:first]) - {"dense"} or set(ffns[first:]) - {"moe"}:
+    if "none" in ffns or (not kimi and set(ffns[first:]) - {"moe"}):
         bad.append(f"layer ffns {list(ffns)} (needs dense layers, then MoE layers)")
+    if kimi and "kda" in cfg.mixers:
+        k = cfg.mixer_config(cfg.mixers.index("kda"))
+        if (k.decay_rank, k.gate_rank, k.value_dim, k.key_heads) != (k.head_dim,) * 3 + (
+                k.num_heads,) or k.output_gate != "sigmoid" or k.allow_neg_eigval:
+            bad.append("KDA options (needs decay_rank = gate_rank = value dim = head_dim, all "
+                       "key heads, a sigmoid output gate, no negative eigenvalues)")
     if moe is None or moe.router != "aux_free":
         bad.append("router (needs 'aux_free')")
     elif moe.shared_gate:
@@ -350,8 +437,8 @@ def _deepseek_v3_hf_config(cfg: LMConfig) -> dict[str, Any]:
     if cfg.qk_norm or cfg.zero_centered_norm:
         bad.append("qk_norm / zero_centered_norm (DeepSeek-V3 has neither)")
     if bad:
-        raise ValueError("this model cannot be exported as deepseek_v3: " + "; ".join(bad))
-    a = cfg.mixer_config(0)
+        raise ValueError(f"this model cannot be exported as {model_type}: " + "; ".join(bad))
+    a = cfg.mixer_config(cfg.mixers.index("mla"))
     rk = moe.router_config
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURES["deepseek_v3"]], "model_type": "deepseek_v3",
@@ -373,14 +460,41 @@ def _deepseek_v3_hf_config(cfg: LMConfig) -> dict[str, Any]:
     if moe.num_shared:
         width = moe.d_ff_shared or cfg.d_ff
         if moe.num_shared != 1 or width % cfg.d_ff:
-            raise ValueError(f"this model cannot be exported as deepseek_v3: {moe.num_shared} "
+            raise ValueError(f"this model cannot be exported as {model_type}: {moe.num_shared} "
                              f"shared experts of width {width} (needs one, a multiple of "
                              f"d_ff={cfg.d_ff})")
         hf["n_shared_experts"] = width // cfg.d_ff
+    if kimi:
+        return _kimi_hf_config(cfg, hf, a)
     if a.rope == "none":
         raise ValueError("this model cannot be exported as deepseek_v3: mla_rope='none' "
                          "(DeepSeek-V3 rotates the rope channels)")
     return hf
+
+
+def _kimi_hf_config(cfg: LMConfig, hf: dict[str, Any], a) -> dict[str, Any]:
+    """DeepSeek-V3's dict in Kimi Linear's names, with its layer lists and KDA shape."""
+    if a.rope != "none":
+        raise ValueError(f"this model cannot be exported as kimi_linear: mla_rope={a.rope!r} "
+                         "(Kimi Linear's MLA has no RoPE: 'none')")
+    rename = {"n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_token",
+              "n_group": "num_expert_group", "norm_topk_prob": "moe_renormalize",
+              "n_shared_experts": "num_shared_experts",
+              "max_position_embeddings": "model_max_length"}
+    out = {rename.get(k, k): v for k, v in hf.items()
+           if k not in ("rope_interleave", "num_nextn_predict_layers", "first_k_dense_replace")}
+    types = {v: k for k, v in _KIMI_MIXERS.items()}
+    kda = cfg.mixer_config(cfg.mixers.index("kda")) if "kda" in cfg.mixers else None
+    lin = {"num_heads": cfg.num_heads, "head_dim": cfg.head_dim,
+           "short_conv_kernel_size": kda.conv_size if kda else cfg.conv_size,
+           "kda_layers": [i + 1 for i, m in enumerate(cfg.mixers) if m == "kda"],
+           "full_attn_layers": [i + 1 for i, m in enumerate(cfg.mixers) if m == "mla"]}
+    out.update(architectures=[ARCHITECTURES["kimi_linear"]], model_type="kimi_linear",
+               layer_types=[types[m] for m in cfg.mixers], linear_attn_config=lin,
+               mlp_layer_types=["sparse" if f == "moe" else "dense" for f in cfg.ffns],
+               # transformers' defaults are Kimi's 163k-vocabulary ids; moejax keeps none
+               pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    return out
 
 
 def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
@@ -392,13 +506,16 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
     """
     if model_type not in SUPPORTED:
         raise ValueError(f"model_type must be one of {SUPPORTED}, got {model_type!r}")
-    if model_type == "deepseek_v3":
-        return _deepseek_v3_hf_config(cfg)
+    if model_type in ("deepseek_v3", "kimi_linear"):
+        return _deepseek_v3_hf_config(cfg, model_type)
     # A model without MoE options (all layers dense) exports the LM's default ones.
     moe = cfg.moe or MoEConfig(d_model=cfg.d_model, d_ff=cfg.d_ff, **MOE_DEFAULTS)
     router_kw = dict(moe.router_kwargs)
     renormalize = bool(router_kw.get("renormalize", False))
-    next_ = model_type == "qwen3_next"
+    if model_type == "qwen3_5_moe":
+        raise ValueError("model_type 'qwen3_5_moe' is the vision-language checkpoint; moejax "
+                         "holds its language model: export it as 'qwen3_5_moe_text'")
+    next_ = model_type in NEXT_LIKE
     want = {"router": (moe.router, "topk"),
             "qk_norm": (cfg.qk_norm, model_type != "mixtral"),
             "zero_centered_norm": (cfg.zero_centered_norm, next_),
@@ -415,8 +532,11 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
         bad.append("layers without FFN (ffn='none')")
     if model_type == "mixtral" and "dense" in cfg.ffns:
         bad.append("dense FFN layers (Mixtral has MoE on every layer)")
-    if model_type == "mixtral" and not renormalize:
-        bad.append("router_kwargs renormalize=False (Mixtral renormalises the top-k weights)")
+    if model_type in ("mixtral", "qwen3_5_moe_text") and not renormalize:
+        bad.append(f"router_kwargs renormalize=False ({model_type} renormalises the top-k "
+                   "weights)")
+    if model_type == "qwen3_5_moe_text" and "dense" in cfg.ffns:
+        bad.append("dense FFN layers (Qwen3.5-MoE has MoE on every layer)")
     if bad:
         raise ValueError(f"this model cannot be exported as {model_type}: " + "; ".join(bad))
     attn = cfg.mixer_config(cfg.mixers.index("gated_softmax") if next_ else 0)
@@ -451,4 +571,8 @@ def hf_config_from_lm(cfg: LMConfig, model_type: str) -> dict[str, Any]:
               linear_key_head_dim=delta.head_dim, linear_value_head_dim=delta.value_dim,
               linear_conv_kernel_dim=delta.conv_size,
               shared_expert_intermediate_size=moe.d_ff_shared or cfg.d_ff)
+    if model_type == "qwen3_5_moe_text":  # no dense layers, always renormalised
+        for key in ("intermediate_size", "norm_topk_prob", "decoder_sparse_step",
+                    "mlp_only_layers"):
+            hf.pop(key)
     return hf

@@ -31,7 +31,7 @@ from moejax.validation import ArgumentTypeError, check_range
 
 Array = jax.Array
 
-QDELTA_OF = {"gated_deltanet": "gated_qdelta", "deltanet": "qdelta"}
+QDELTA_OF = {"gated_deltanet": "gated_qdelta", "deltanet": "qdelta", "kda": "kda_qdelta"}
 _STAR_FIELDS = {f.name for f in dataclasses.fields(star.Config)}
 
 
@@ -46,7 +46,8 @@ def _logit(p: float) -> float:
 
 def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
               ) -> tuple[lm.LMConfig, dict]:
-    """Turns every (Gated) DeltaNet layer into (gated) Q-Delta with λ ≡ `lam_init` at start.
+    """Turns every (Gated) DeltaNet layer into (gated) Q-Delta, and every KDA layer (Kimi Linear)
+    into gated Q-Delta with KDA's per-channel gate, with λ ≡ `lam_init` at start.
 
     The new config has `learnable_lam_bias=True` (λ = σ(W_λ h + b_λ − 0.9)): with W_λ = 0 the
     fixed −0.9 alone would give λ = σ(−0.9) ≈ 0.29, far from the trained layer, so b_λ starts
@@ -62,7 +63,7 @@ def to_qdelta(params: dict, cfg: lm.LMConfig, *, lam_init: float = 1e-4
     check_range("lam_init", lam_init, 0.0, scale, hi_open=True)
     layers = [i for i, m in enumerate(cfg.mixers) if m in QDELTA_OF]
     if not layers:
-        raise ValueError(f"no deltanet / gated_deltanet layer to turn into Q-Delta; this "
+        raise ValueError(f"no deltanet / gated_deltanet / kda layer to turn into Q-Delta; this "
                          f"model's layers are {sorted(set(cfg.mixers))}")
     mixers = tuple(QDELTA_OF.get(m, m) for m in cfg.mixers)
     new_cfg = dataclasses.replace(cfg, layer_mixers=mixers, mixer=mixers[0],

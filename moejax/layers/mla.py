@@ -3,7 +3,7 @@ with the compressed-latent KV cache for decoding.
 
     q        = W_q h                         or, with `q_lora_rank`, W_qb RMSNorm(W_qa h)
     q        = [q_nope (Dn), q_rope (Dr)]    per head
-    [c, kr]  = W_kva h                       c the kv latent [r], kr one rope key shared by all heads
+    [c, kr]  = W_kva h                       c the kv latent [r]; kr one rope key for all heads
     c        = RMSNorm(c)
     [k_nope, v] = W_kvb c                    per head: Dn key and Dv value channels
     q_rope, kr ← rotary(q_rope), rotary(kr)  `rope`: "interleave" (DeepSeek's pair layout),

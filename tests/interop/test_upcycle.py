@@ -79,3 +79,15 @@ def test_bad_overrides_are_named():
     ec = lm.get_preset("tiny", moe=dict(router="expert_choice"))
     with pytest.raises(ValueError, match="upcycles a 'topk' router, got 'expert_choice'"):
         upcycle.to_star(*init_lm(jax.random.key(0), ec), ec)
+
+
+def test_kda_upcycles_to_qdelta_with_its_per_channel_gate():
+    """Kimi Linear's KDA layers become kda_qdelta (gated Q-Delta with KDA's gate), starting at
+    λ ≈ 0 where the KDA model was."""
+    cfg = lm.get_preset("tiny", layer_mixers=("kda", "mla"), mla_kv_lora_rank=16)
+    params, state = init_lm(jax.random.key(0), cfg)
+    toks = jax.random.randint(jax.random.key(1), (2, 24), 0, 256, dtype=jnp.int32)
+    new_cfg, new = upcycle.to_qdelta(params, cfg, lam_init=1e-4)
+    assert new_cfg.mixers == ("kda_qdelta", "mla")
+    diff = upcycle.logit_difference(params, state, cfg, new, state, new_cfg, toks)
+    assert diff["max_rel"] < 1e-3 + 1e-6, diff
