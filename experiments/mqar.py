@@ -603,11 +603,17 @@ def plot_curves(rows: Sequence[dict], path: str, *, chance: float, title: str = 
             if (r["d_model"], r["seq_len"], r["num_kv_pairs"]) == (d, L, n_kv) and r[
                     "curve_steps"]:
                 ax.plot(r["curve_steps"], r["curve_val_acc"], linestyle=_STYLES[r["mixer"]],
+                        color=_color(r["mixer"]),
                         label=f"{r['mixer']} (lr {r['best_lr']:g}, {r['n_seeds']} seeds)")
         ax.set_title(f"d={d}, L={L}, n_kv={n_kv}")
         ax.set_xlabel("step")
     _save_accuracy_panels(fig, axes, path, chance=chance, title=title,
                           ylabel="val accuracy (mean over seeds)", legend_size=7)
+
+
+def _color(mixer: str) -> str:
+    """One colour per mixer across every panel and plot."""
+    return f"C{MIXERS.index(mixer)}"
 
 
 def _accuracy_panels(n: int, width: float):
@@ -627,7 +633,8 @@ def _save_accuracy_panels(fig, axes, path: str, *, chance: float, title: str, yl
         ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(ylabel)
-    axes[-1].legend(fontsize=legend_size)
+    for ax in axes:  # panels may hold different mixers: each names its own lines
+        ax.legend(fontsize=legend_size)
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
 
@@ -649,7 +656,7 @@ def plot(rows: Sequence[dict], path: str, *, chance: float, title: str = "MQAR")
                          if (r["mixer"], r["seq_len"], r["num_kv_pairs"]) == (mixer, L, n_kv))
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", linestyle=_STYLES[mixer],
-                        label=mixer)
+                        color=_color(mixer), label=mixer)
         ax.set_xscale("log", base=2)
         ds = sorted({r["d_model"] for r in rows})
         ax.set_xticks(ds, [str(d) for d in ds])
