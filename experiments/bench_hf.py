@@ -1,6 +1,7 @@
-r"""Training throughput of a converted Hugging Face Qwen3-Next: moejax vs transformers, one run.
+r"""Training throughput of a converted Hugging Face model: moejax vs transformers, one run.
 
-Builds a tiny random Qwen3-Next with transformers (seeded), saves it to `WORKDIR/hf_model`,
+Builds a tiny random model of --arch (Qwen3-Next by default; also Qwen3.5-MoE, DeepSeek-V3 and
+Kimi Linear) with transformers (seeded), saves it to `WORKDIR/hf_model`,
 converts it with `moejax.interop.hf.load_hf`, and times one forward+backward step of the same
 batch on both sides:
 
@@ -25,13 +26,15 @@ masked out. `router_aux_loss_coef` is set to 0 (transformers adds no router loss
 cross-entropy. The run fails unless the losses agree to a relative difference of 1e-3 and the
 gradients of the embedding and LM head agree to a relative RMSE of 1e-2.
 
-Model: --num_layers layers, every 4th a gated softmax attention layer and the others gated
-DeltaNet (Qwen3-Next's 3:1 pattern; with fewer than 4 layers the last is attention so that both
-mixers are timed), a MoE with --num_experts experts (top --top_k) plus a gated shared expert on
-every layer; head widths follow --d_model (4 heads of d_model/4, 2 KV heads / 2 key heads).
-Writes `WORKDIR/bench_hf.json`.
+Model: --num_layers layers, every 4th a full-attention layer and the others linear attention
+(the 3:1 pattern of Qwen3-Next, Qwen3.5-MoE and Kimi Linear; with fewer than 4 layers the last
+is attention so that both mixers are timed; DeepSeek-V3 is MLA everywhere, its first layer
+dense), a MoE with --num_experts experts (top --top_k) plus a shared expert on every other
+layer; head widths follow --d_model (4 heads of d_model/4, 2 KV heads / 2 key heads; MLA latent
+rank d_model/4). Writes `WORKDIR/bench_hf.json`.
 
   python -m experiments.bench_hf --workdir=runs/bench_hf
+  python -m experiments.bench_hf --workdir=runs/bench_hf_kimi --arch=kimi_linear
 """
 
 from __future__ import annotations
@@ -67,13 +70,15 @@ flags.DEFINE_enum("device", "default", ["default", "cpu"],
                   "on the CPU.")
 flags.DEFINE_enum("attn_impl", "sdpa", ["sdpa", "eager"],
                   "transformers attention implementation of the full-attention layers.")
+ARCHS = ("qwen3_next", "qwen3_5_moe_text", "deepseek_v3", "kimi_linear")
+flags.DEFINE_enum("arch", "qwen3_next", list(ARCHS), "The architecture benchmarked.")
 
 LOSS_RTOL = 1e-3  # relative difference of the two losses
 GRAD_RATIO = 1e-2  # relative RMSE of the embedding / LM-head gradients
 
 
 def hf_config_kwargs() -> dict:
-    """Qwen3NextConfig arguments of the benchmarked model (see the module docstring)."""
+    """The transformers config arguments of the benchmarked model (module docstring)."""
     d, n = FLAGS.d_model, FLAGS.num_layers
     if d % 4:
         raise ValueError(f"--d_model must be a multiple of 4, got {d}")
@@ -81,26 +86,54 @@ def hf_config_kwargs() -> dict:
         raise ValueError(f"--num_layers must be >= 1, got {n}")
     types = ["full_attention" if (i + 1) % 4 == 0 or (n < 4 and i == n - 1)
              else "linear_attention" for i in range(n)]
+    common = dict(vocab_size=FLAGS.vocab_size, hidden_size=d, intermediate_size=2 * d,
+                  moe_intermediate_size=d // 2, num_hidden_layers=n, num_attention_heads=4,
+                  num_experts_per_tok=FLAGS.top_k, max_position_embeddings=max(FLAGS.seq_len, 64),
+                  tie_word_embeddings=False)
+    mla = dict(num_key_value_heads=4, kv_lora_rank=d // 4, q_lora_rank=None,
+               qk_nope_head_dim=d // 4, qk_rope_head_dim=d // 8, v_head_dim=d // 4,
+               routed_scaling_factor=2.5, n_group=1, topk_group=1)
+    if FLAGS.arch == "deepseek_v3":
+        return dict(common, **mla, n_routed_experts=FLAGS.num_experts, n_shared_experts=1,
+                    first_k_dense_replace=1)
+    if FLAGS.arch == "kimi_linear":  # no pad id: transformers would freeze that embedding row
+        return dict(common, **mla, num_experts=FLAGS.num_experts, num_shared_experts=1,
+                    pad_token_id=None, bos_token_id=1, eos_token_id=2, first_k_dense_replace=0,
+                    linear_attn_config={
+                        "head_dim": d // 4, "num_heads": 4, "short_conv_kernel_size": 4,
+                        "kda_layers": [i + 1 for i, t in enumerate(types)
+                                       if t == "linear_attention"],
+                        "full_attn_layers": [i + 1 for i, t in enumerate(types)
+                                             if t == "full_attention"]})
     return dict(
-        vocab_size=FLAGS.vocab_size, hidden_size=d, intermediate_size=2 * d,
-        moe_intermediate_size=d // 2, shared_expert_intermediate_size=d // 2,
-        num_hidden_layers=n, layer_types=types, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=d // 4, linear_num_key_heads=2, linear_num_value_heads=4,
-        linear_key_head_dim=d // 4, linear_value_head_dim=d // 4,
-        num_experts=FLAGS.num_experts, num_experts_per_tok=FLAGS.top_k,
-        router_aux_loss_coef=0.0, output_router_logits=False,
-        max_position_embeddings=max(FLAGS.seq_len, 64), tie_word_embeddings=False)
+        common, shared_expert_intermediate_size=d // 2, layer_types=types,
+        num_key_value_heads=2, head_dim=d // 4, linear_num_key_heads=2,
+        linear_num_value_heads=4, linear_key_head_dim=d // 4, linear_value_head_dim=d // 4,
+        num_experts=FLAGS.num_experts, router_aux_loss_coef=0.0, output_router_logits=False)
+
+
+def _config_class():
+    import transformers
+
+    if FLAGS.arch == "qwen3_5_moe_text":
+        from transformers.models.qwen3_5_moe.configuration_qwen3_5_moe import (
+            Qwen3_5MoeTextConfig,
+        )
+        return Qwen3_5MoeTextConfig
+    return {"qwen3_next": transformers.Qwen3NextConfig,
+            "deepseek_v3": transformers.DeepseekV3Config,
+            "kimi_linear": transformers.KimiLinearConfig}[FLAGS.arch]
 
 
 def build_hf_model(hf_dir: Path, torch_device: str):
-    """Seeded random Qwen3-Next, saved to `hf_dir` (float32), returned in train mode."""
+    """Seeded random --arch model, saved to `hf_dir` (float32), returned in train mode."""
     import torch
-    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(FLAGS.seed)
-    config = Qwen3NextConfig(**hf_config_kwargs())
+    config = _config_class()(**hf_config_kwargs())
     config._attn_implementation = FLAGS.attn_impl
-    model = Qwen3NextForCausalLM(config).float()
+    model = AutoModelForCausalLM.from_config(config).float()
     if hf_dir.exists():  # a previous run's model: replace it (the seed makes it the same)
         for f in hf_dir.iterdir():
             f.unlink()
@@ -215,7 +248,8 @@ def main(argv):
     cpu_ratio = sides["transformers"]["cpu_seconds"] / sides["moejax"]["cpu_seconds"]
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     report = {
-        "settings": {"batch_size": FLAGS.batch_size, "seq_len": FLAGS.seq_len,
+        "settings": {"arch": FLAGS.arch, "batch_size": FLAGS.batch_size,
+                     "seq_len": FLAGS.seq_len,
                      "reps": FLAGS.reps, "seed": FLAGS.seed, "device_flag": FLAGS.device},
         "hf_config": hf_config_kwargs(),
         "moejax_config": {"layer_mixers": list(cfg.mixers), "chunk_size": cfg.chunk_size,
@@ -239,7 +273,7 @@ def main(argv):
     with open(workdir / "bench_hf.json", "w") as f:
         json.dump(report, f, indent=2)
 
-    print(f"\nforward+backward, batch {FLAGS.batch_size} x {FLAGS.seq_len}, Qwen3-Next "
+    print(f"\nforward+backward, batch {FLAGS.batch_size} x {FLAGS.seq_len}, {FLAGS.arch} "
           f"d={FLAGS.d_model} L={FLAGS.num_layers} ({n_params / 1e6:.2f}M params), "
           f"median of {FLAGS.reps}:")
     m, t = sides["moejax"], sides["transformers"]
