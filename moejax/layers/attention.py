@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.norms import rms_norm, rms_norm_init
-from moejax.layers.segments import check_segment_ids
-from moejax.validation import check_array, check_bool, check_int, check_number, check_range
+from moejax.layers.segments import attention_mask, check_attention_input
+from moejax.validation import check_bool, check_int, check_number, check_range
 
 Array = jax.Array
 
@@ -149,13 +149,7 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
     """
-    check_array("x", x)
-    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-        raise ValueError(f"x must be [B, T, d_model] with d_model={cfg.d_model}, got {x.shape}")
-    if segment_ids is not None:
-        check_segment_ids(segment_ids, x.shape[:2])
-        if cache is not None:
-            raise ValueError("segment_ids is for packed training rows, not with a decode cache")
+    check_attention_input(x, cfg.d_model, segment_ids, cache)
     B, T, _ = x.shape
     H, Dh = cfg.num_heads, cfg.head_dim
     proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, -1, Dh)
@@ -169,9 +163,8 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     q = rotary(q, positions, cfg.rope_theta, cfg.rotary)
     k = rotary(k, positions, cfg.rope_theta, cfg.rotary)
     if cache is None:
-        mask = None if segment_ids is None else (
-            segment_ids[:, None, :, None] == segment_ids[:, None, None, :])  # [B, 1, T, T]
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)
+        o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids),
+                                         is_causal=True)
         new_cache = None
     else:
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 
 from moejax.layers.attention import rotary
 from moejax.layers.norms import rms_norm, rms_norm_init
-from moejax.layers.segments import check_segment_ids
-from moejax.validation import check_array, check_choice, check_int, check_range
+from moejax.layers.segments import attention_mask, check_attention_input
+from moejax.validation import check_choice, check_int, check_range
 
 Array = jax.Array
 
@@ -177,13 +177,7 @@ def apply(params: dict, x: Array, *, cfg: MLAConfig, cache: dict | None = None,
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
     """
-    check_array("x", x)
-    if x.ndim != 3 or x.shape[-1] != cfg.d_model:
-        raise ValueError(f"x must be [B, T, d_model] with d_model={cfg.d_model}, got {x.shape}")
-    if segment_ids is not None:
-        check_segment_ids(segment_ids, x.shape[:2])
-        if cache is not None:
-            raise ValueError("segment_ids is for packed training rows, not with a decode cache")
+    check_attention_input(x, cfg.d_model, segment_ids, cache)
     B, T, _ = x.shape
     H, Dn, Dv, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     start = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
@@ -196,10 +190,9 @@ def apply(params: dict, x: Array, *, cfg: MLAConfig, cache: dict | None = None,
         q = jnp.concatenate([q_nope, q_rope], -1)
         D = max(cfg.qk_head_dim, Dv)  # dot_product_attention wants one head dim: zero-pad
         pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, D - a.shape[-1])])
-        mask = None if segment_ids is None else (
-            segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         o = jax.nn.dot_product_attention(pad(q), pad(k), pad(kv[..., Dn:]), scale=cfg.scale,
-                                         mask=mask, is_causal=True)[..., :Dv]
+                                         mask=attention_mask(segment_ids),
+                                         is_causal=True)[..., :Dv]
         new_cache = None
     else:
         cc = jax.lax.dynamic_update_slice_in_dim(cache["c"], c.astype(cache["c"].dtype), start, 1)

@@ -327,20 +327,26 @@ DEEPSEEK_VARIANTS = [
 ]
 
 
-@pytest.mark.parametrize("over", DEEPSEEK_VARIANTS, ids=["fullq-half", "raw-noshared", "grp2"])
-def test_deepseek_v3_variants_match_transformers(over, tmp_path):
-    torch.manual_seed(11)
+def _check_variant(hf_config, model_type, seed, tmp_path):
+    """A randomised model of `hf_config`: prefill logits match transformers', and the export
+    reads back as the same config."""
+    torch.manual_seed(seed)
     model = _randomise(transformers.AutoModelForCausalLM.from_config(
-        _deepseek_config(**over), attn_implementation="eager").eval())
+        hf_config, attn_implementation="eager").eval())
     model.save_pretrained(tmp_path / "hf")
     cfg, params, state, _ = load_hf(tmp_path / "hf")
-    toks = _tokens(T=13, seed=5)
+    toks = _tokens(T=13, seed=seed)
     with torch.no_grad():
         ref = model(torch.tensor(toks)).logits.numpy()
     ours, _, _ = lm.apply(params, state, jnp.asarray(toks, jnp.int32), cfg=cfg)
     _assert_rel(ours, ref)
-    export_hf(params, cfg, tmp_path / "out", model_type="deepseek_v3", state=state)
+    export_hf(params, cfg, tmp_path / "out", model_type=model_type, state=state)
     assert load_hf(tmp_path / "out")[0] == cfg
+
+
+@pytest.mark.parametrize("over", DEEPSEEK_VARIANTS, ids=["fullq-half", "raw-noshared", "grp2"])
+def test_deepseek_v3_variants_match_transformers(over, tmp_path):
+    _check_variant(_deepseek_config(**over), "deepseek_v3", 11, tmp_path)
 
 
 def test_deepseek_v3_export_needs_the_router_state(hf_models, tmp_path):
@@ -360,18 +366,7 @@ KIMI_VARIANTS = [
 
 @pytest.mark.parametrize("over", KIMI_VARIANTS, ids=["lowrank-q-onegroup", "raw-2shared"])
 def test_kimi_linear_variants_match_transformers(over, tmp_path):
-    torch.manual_seed(13)
-    model = _randomise(transformers.AutoModelForCausalLM.from_config(
-        _kimi_config(**over), attn_implementation="eager").eval())
-    model.save_pretrained(tmp_path / "hf")
-    cfg, params, state, _ = load_hf(tmp_path / "hf")
-    toks = _tokens(T=13, seed=6)
-    with torch.no_grad():
-        ref = model(torch.tensor(toks)).logits.numpy()
-    ours, _, _ = lm.apply(params, state, jnp.asarray(toks, jnp.int32), cfg=cfg)
-    _assert_rel(ours, ref)
-    export_hf(params, cfg, tmp_path / "out", model_type="kimi_linear", state=state)
-    assert load_hf(tmp_path / "out")[0] == cfg
+    _check_variant(_kimi_config(**over), "kimi_linear", 13, tmp_path)
 
 
 def test_qwen3_5_moe_vision_language_checkpoint_loads_its_language_model(tmp_path):
