@@ -62,8 +62,8 @@ NEXT_LIKE = ("qwen3_next", "qwen3_5_moe_text")
 def text_config(hf: dict, *, source: str = "config.json") -> dict:
     """The language model's config of `hf`: Qwen3.5-MoE's `text_config` for the
     vision-language checkpoint, else `hf` itself."""
-    if hf.get("model_type") != "qwen3_5_moe":
-        return hf
+    if not isinstance(hf, dict) or hf.get("model_type") != "qwen3_5_moe":
+        return hf  # (lm_config_from_hf names a non-object)
     text = hf.get("text_config")
     if not isinstance(text, dict):
         raise ValueError(f"{source}: a qwen3_5_moe config needs its 'text_config' object")

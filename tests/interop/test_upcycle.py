@@ -69,7 +69,7 @@ def test_bad_overrides_are_named():
     with pytest.raises(ValueError, match=r"lam_init must be in \(0(\.0)?, 1(\.0)?\)"):
         upcycle.to_qdelta(params, CFG, lam_init=1.0)
     soft = lm.get_preset("tiny", mixer="softmax")
-    with pytest.raises(ValueError, match="no deltanet / gated_deltanet layer"):
+    with pytest.raises(ValueError, match="no deltanet / gated_deltanet / kda layer"):
         upcycle.to_qdelta(init_lm(jax.random.key(0), soft)[0], soft)
     with pytest.raises(ValueError, match=r"mix_init must be in \(0(\.0)?, 1(\.0)?\)"):
         upcycle.to_star(params, state, CFG, mix_init=1.0)

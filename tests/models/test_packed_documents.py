@@ -3,6 +3,8 @@ row exactly as if it were alone; the loss reads `batch["segment_ids"]`; bad ids 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +39,9 @@ def test_delta_mixer_documents_are_independent(mode):
                                        chunk_size=16, init_std=0.2)
     params = delta_mixer.init(jax.random.key(0), cfg)
     x = jax.random.normal(jax.random.key(1), (2, 40, 16))
-    y, _ = delta_mixer.apply(params, x, cfg=cfg, segment_ids=SEG)
-    _each_alone(lambda xs: delta_mixer.apply(params, xs, cfg=cfg)[0], x, y)
+    apply = jax.jit(functools.partial(delta_mixer.apply, cfg=cfg))
+    y, _ = apply(params, x, segment_ids=SEG)
+    _each_alone(lambda xs: apply(params, xs)[0], x, y)
 
 
 @pytest.mark.parametrize("gated", [False, True])
@@ -60,8 +63,9 @@ def hybrid():
 def test_lm_models_each_document_as_if_alone_and_the_loss_uses_them(hybrid):
     cfg, params, state = hybrid
     tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, cfg.vocab_size)
-    logits, _, _ = lm.apply(params, state, tokens, cfg=cfg, segment_ids=SEG)
-    _each_alone(lambda t: lm.apply(params, state, t, cfg=cfg)[0], tokens, logits)
+    apply = jax.jit(functools.partial(lm.apply, cfg=cfg))
+    logits, _, _ = apply(params, state, tokens, segment_ids=SEG)
+    _each_alone(lambda t: apply(params, state, t)[0], tokens, logits)
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=1)}
     _, (_, packed) = lm.loss_fn(params, state, {**batch, "segment_ids": SEG}, cfg=cfg,
                                 train=False)
