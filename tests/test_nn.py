@@ -220,3 +220,13 @@ def test_delta_mixer_grad_and_optimizer():
     _assert_trees_close("grads", grads_ref, nnx.to_pure_dict(grads)["params"])
     losses = [float(train_step(mixer, opt)[0]) for _ in range(4)]
     assert losses[-1] < float(loss0)
+
+
+def test_delta_mixer_wrapper_passes_segment_ids():
+    cfg, mixer = _mixer("kda")
+    x = _x((1, 12, 16))
+    seg = jnp.array([[0] * 5 + [1] * 7])
+    y, _ = mixer(x, segment_ids=seg)
+    y_ref, _ = dm.apply(mixer.as_pure(), x, cfg=cfg, segment_ids=seg)
+    assert_close("y", y_ref, y, ratio=RATIO_F32)
+    assert_close("doc 1 alone", mixer(x[:, 5:])[0], y[:, 5:], ratio=RATIO_F32)
