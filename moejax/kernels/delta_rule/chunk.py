@@ -174,6 +174,14 @@ def check_pairing(pairing, chunk_size) -> None:
             f"kernel's chunk length; its output depends on it), got {chunk_size!r}")
 
 
+def check_authors_options(pairing, lam, gk, cu_seqlens) -> None:
+    """`ValueError` for `pairing="authors"` (with a λ, where it differs from the recurrence)
+    together with gk or cu_seqlens, which the released kernel does not have."""
+    if pairing == "authors" and lam is not None and (gk is not None or cu_seqlens is not None):
+        raise ValueError("pairing='authors' (the released Q-Delta kernel) has no per-channel "
+                         "decay gk nor packed sequences cu_seqlens; use pairing='recurrence'")
+
+
 def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, gk=None,
                      cu_seqlens=None, *, scale, chunk_size, pairing="recurrence"):
     """Chunkwise delta rule; same contract as `reference.delta_rule_reference`.
@@ -207,10 +215,8 @@ def delta_rule_chunk(q, k, v, beta, g=None, lam=None, initial_state=None, gk=Non
         with gk or cu_seqlens.
     """
     check_pairing(pairing, chunk_size)
+    check_authors_options(pairing, lam, gk, cu_seqlens)
     authors = pairing == "authors" and lam is not None
-    if authors and (gk is not None or cu_seqlens is not None):
-        raise ValueError("pairing='authors' runs the released Q-Delta kernel, which has no "
-                         "per-channel decay (gk) nor packed sequences (cu_seqlens)")
     return contain(_delta_rule_chunk, q, k, v, beta, g, lam, initial_state, gk=gk,
                    cu_seqlens=cu_seqlens, scale=scale, chunk_size=chunk_size, authors=authors)
 

@@ -30,7 +30,12 @@ import numpy as np
 
 from moejax.kernels import dispatch
 from moejax.kernels.delta_rule import nonfinite, pallas_gpu, pallas_tpu
-from moejax.kernels.delta_rule.chunk import PAIRINGS, check_pairing, delta_rule_chunk
+from moejax.kernels.delta_rule.chunk import (
+    PAIRINGS,
+    check_authors_options,
+    check_pairing,
+    delta_rule_chunk,
+)
 from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.kernels.delta_rule.reference import (
     compute_dtype,
@@ -263,9 +268,7 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
     check_int("chunk_size", chunk_size, lo=1)
     check_choice("pairing", pairing, PAIRINGS)
     check_pairing(pairing, chunk_size)
-    if pairing == "authors" and lam is not None and (gk is not None or cu_seqlens is not None):
-        raise ValueError("pairing='authors' (the released Q-Delta kernel) has no per-channel "
-                         "decay gk nor packed sequences cu_seqlens; use pairing='recurrence'")
+    check_authors_options(pairing, lam, gk, cu_seqlens)
     _check_scale(scale)
     check_choice("impl", impl, IMPL_NAMES)
     check_bool("return_final_state", return_final_state)
