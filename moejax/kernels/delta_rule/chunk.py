@@ -80,8 +80,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from moejax.kernels.delta_rule import packing
 from moejax.kernels.delta_rule.nonfinite import contain
-from moejax.kernels.delta_rule.reference import compute_dtype, sequence_index
+from moejax.kernels.delta_rule.reference import compute_dtype
 
 Array = jax.Array
 
@@ -248,24 +249,13 @@ def _packed_chunk(steps, initial_state, cu_seqlens, *, scale, C):
     _, T, H, Dk = q.shape
     Dv = v.shape[-1]
     N = cu_seqlens.shape[0] - 1
-    NC = (T + N * (C - 1)) // C  # chunks enough for every sequence to start on a boundary
-    cu = cu_seqlens.astype(jnp.int32)
-    lengths = cu[1:] - cu[:-1]
-    nchunks = (lengths + C - 1) // C
-    first = jnp.cumsum(nchunks) - nchunks  # each sequence's first chunk
-    seq, _, _ = sequence_index(cu, T)
-    pos = first[seq] * C + jnp.arange(T, dtype=jnp.int32) - cu[seq]  # packed step -> padded
-    spread = lambda a: None if a is None else (
-        jnp.zeros((1, NC * C, *a.shape[2:]), a.dtype).at[:, pos].set(a))
-    steps = tuple(map(spread, steps))
-    chunk = jnp.arange(NC, dtype=jnp.int32)
-    chunk_seq = jnp.clip(jnp.searchsorted(first, chunk, side="right") - 1, 0, N - 1)
-    restart = chunk == first[chunk_seq]  # the chunk starts a sequence
+    lay = packing.layout(cu_seqlens, T, C)
+    steps = tuple(packing.spread(a, lay, C) for a in steps)
     h0 = (jnp.zeros((N, H, Dk, Dv), q.dtype) if initial_state is None else initial_state)
     S0 = jnp.zeros((1, H, Dk, Dv), q.dtype)
     O, _, ends = _chunk_scan(*steps, S0, scale=scale, C=C, authors=False,
-                             restart=(restart, h0[chunk_seq][:, None]))
-    return O[:, pos], ends[first + nchunks - 1, 0]
+                             restart=(lay.restart, h0[lay.chunk_seq][:, None]))
+    return O[:, lay.pos], ends[lay.last, 0]
 
 
 def _sub_chunk(C):

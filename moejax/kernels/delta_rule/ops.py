@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.kernels import dispatch
-from moejax.kernels.delta_rule import nonfinite, pallas_gpu, pallas_tpu
+from moejax.kernels.delta_rule import nonfinite, packing, pallas_gpu, pallas_tpu
 from moejax.kernels.delta_rule.chunk import (
     PAIRINGS,
     check_authors_options,
@@ -62,48 +62,77 @@ _BACKENDS = MappingProxyType({"gpu": pallas_gpu, "tpu": pallas_tpu})
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnames=("opts",))
-def _delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
-    return _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, lam, h0, opts)
+def _delta_rule_pallas(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOptions):
+    return _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts)
 
 
-def _delta_rule_fwd_rule(q, k, v, beta, g, lam, h0, opts):
+def _delta_rule_fwd_rule(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts):
     # Residuals are the inputs: the backward recomputes W, Ũ and the chunk states.
-    out = _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, lam, h0, opts)
-    return out, (q, k, v, beta, g, lam, h0)
+    out = _BACKENDS[opts.backend].delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts)
+    return out, (q, k, v, beta, g, gk, lam, h0, rs, h0s)
 
 
 def _delta_rule_bwd_rule(opts, residuals, cotangents):
-    do, dhT = cotangents
-    grads = _BACKENDS[opts.backend].delta_rule_bwd(*residuals, do, dhT, opts)
+    do, dhT, dpre = cotangents
+    grads = _BACKENDS[opts.backend].delta_rule_bwd(*residuals, do, dhT, dpre, opts)
+    dq, dk, dv, db, dg, dgk, dl, dh0, dh0s = grads
+    q, k, v, beta, g, gk, lam, h0, rs, h0s = residuals
     cast = lambda d, a: None if a is None else d.astype(a.dtype)
-    return tuple(cast(d, a) for d, a in zip(grads, residuals, strict=True))
+    return (cast(dq, q), cast(dk, k), cast(dv, v), cast(db, beta), cast(dg, g), cast(dgk, gk),
+            cast(dl, lam), cast(dh0, h0), None, cast(dh0s, h0s))
 
 
 _delta_rule_pallas.defvjp(_delta_rule_fwd_rule, _delta_rule_bwd_rule)
 
 
-def delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
+def _kernels(q, k, v, beta, g, lam, h0, *, opts, gk=None, cu_seqlens=None):
+    """The custom VJP on finite inputs: g folded into gk when both are given (the kernels take
+    one of them), packed sequences moved onto the kernels' chunk boundaries (`packing.py`)."""
+    if gk is not None and g is not None:
+        gk, g = gk + g[..., None], None
+    if cu_seqlens is None:
+        o, S, _ = _delta_rule_pallas(q, k, v, beta, g, gk, lam, h0, None, None, opts)
+        return o, S
+    C = _BACKENDS[opts.backend].kernel_chunk(opts, q.shape[1])
+    lay = packing.layout(cu_seqlens, q.shape[1], C)
+    q, k, v, beta, g, gk, lam = (packing.spread(a, lay, C) for a in (q, k, v, beta, g, gk, lam))
+    rs = lay.restart[None].astype(jnp.int32)  # [1, NC]
+    h0s = h0[lay.chunk_seq][None]  # [1, NC, H, Dk, Dv]
+    o, S, pre = _delta_rule_pallas(q, k, v, beta, g, gk, lam, h0[:1], rs, h0s, opts)
+    ends = jnp.concatenate([pre[0, 1:], S], axis=0)  # the state after each chunk
+    return o[:, lay.pos], ends[lay.last]
+
+
+def delta_rule_pallas(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions, *, gk=None,
+                      cu_seqlens=None):
     """One backend's Pallas kernels with the custom VJP, for fixed static options.
 
     What `impl="pallas"` runs (tests and benchmarks call it to pin `block_v`,
     `fp32_precision` or interpret mode). Runs the custom VJP under `nonfinite.contain`, so the
-    kernels (forward and backward) only see finite inputs (and g = −inf, a reset); float64
+    kernels (forward and backward) only see finite inputs (and g, gk = −inf, a reset); float64
     inputs are rounded to float32 first (the kernels compute in float32; Mosaic has no float64).
     Does not validate (see `delta_rule`) nor check coverage (`check_supported`).
 
     Args:
       q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or None;
-        h0: `[B, H, Dk, Dv]` initial state (zeros for none).
+        h0: `[B, H, Dk, Dv]` initial state (zeros for none; `[N, H, Dk, Dv]` with cu_seqlens).
       opts: `DeltaRuleOptions`; `backend` picks the kernels, an unset `fp32_precision` follows
         `jax_default_matmul_precision`.
+      gk: `[B, T, H, Dk]` per-channel log decays, or None.
+      cu_seqlens: `[N + 1]` packed-sequence boundaries (B = 1), or None.
 
     Returns:
-      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)`.
+      `(o [B, T, H, Dv] float32, S [B, H, Dk, Dv] float32)` (S `[N, H, Dk, Dv]` with
+      cu_seqlens).
     """
     narrow = lambda a: (a if a is None or jnp.dtype(a.dtype).itemsize <= 4
                         else a.astype(jnp.float32))
-    args = map(narrow, (q, k, v, beta, g, lam, h0))
-    return nonfinite.contain(_delta_rule_pallas, *args, opts.resolved())
+    q, k, v, beta, g, lam, h0, gk = map(narrow, (q, k, v, beta, g, lam, h0, gk))
+    extra = {} if gk is None else {"gk": gk}
+    if cu_seqlens is not None:
+        extra["cu_seqlens"] = cu_seqlens
+    return nonfinite.contain(_kernels, q, k, v, beta, g, lam, h0, opts=opts.resolved(),
+                             **extra)
 
 
 def _options(scale, chunk_size, pairing, backend, interpret) -> DeltaRuleOptions:
@@ -115,34 +144,33 @@ def _pallas_kernel(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=Non
                    chunk_size, pairing, backend, interpret):
     """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`.
 
-    The kernels take no gk or cu_seqlens yet: on the host `_check_pallas` refuses them first;
-    a branch traced only for `jax.export` to another platform (`dispatch`) runs the chunk path
-    for them, so that the host's own branch still lowers."""
-    if gk is not None or cu_seqlens is not None:
+    For a gk or cu_seqlens the backend does not take (`TAKES_GK`, `TAKES_RESTARTS`), on the
+    host `_check_pallas` refuses first; a branch traced only for `jax.export` to another
+    platform (`dispatch`) runs the chunk path, so that the host's own branch still lowers."""
+    mod = _BACKENDS[backend]
+    if gk is not None and not mod.TAKES_GK or cu_seqlens is not None and not mod.TAKES_RESTARTS:
         return delta_rule_chunk(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens,
                                 scale=scale, chunk_size=chunk_size, pairing=pairing)
     if initial_state is None:
-        B, _, H, Dk = q.shape
-        initial_state = jnp.zeros((B, H, Dk, v.shape[-1]), jnp.float32)
+        _, _, H, Dk = q.shape
+        rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
+        initial_state = jnp.zeros((rows, H, Dk, v.shape[-1]), jnp.float32)
     return delta_rule_pallas(q, k, v, beta, g, lam, initial_state,
-                             _options(scale, chunk_size, pairing, backend, interpret))
-
-
-def _check_pallas_options(gk, cu_seqlens) -> None:
-    """`NotImplementedError` for the options the Pallas kernels do not take yet."""
-    if gk is not None:
-        raise NotImplementedError("the Pallas delta-rule kernels take no per-channel decay gk "
-                                  "yet (impl='chunk' or 'reference' do)")
-    if cu_seqlens is not None:
-        raise NotImplementedError("the Pallas delta-rule kernels take no cu_seqlens yet "
-                                  "(impl='chunk' or 'reference' do)")
+                             _options(scale, chunk_size, pairing, backend, interpret), gk=gk,
+                             cu_seqlens=cu_seqlens)
 
 
 def _check_pallas(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
                   chunk_size, pairing, backend, interpret):
     """The backend's `check_supported`: `NotImplementedError` for inputs it does not cover."""
-    _check_pallas_options(gk, cu_seqlens)
-    _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, pairing, backend,
+    mod = _BACKENDS[backend]
+    if gk is not None and not mod.TAKES_GK:
+        raise NotImplementedError(f"the {backend.upper()} delta-rule kernels take no per-channel "
+                                  "decay gk (impl='chunk' or 'reference' do)")
+    if cu_seqlens is not None and not mod.TAKES_RESTARTS:
+        raise NotImplementedError(f"the {backend.upper()} delta-rule kernels take no cu_seqlens "
+                                  "(impl='chunk' or 'reference' do)")
+    mod.check_supported(q, v, _options(scale, chunk_size, pairing, backend,
                                                       interpret))
 
 

@@ -36,6 +36,30 @@ GPU_KERNEL_DTYPES = tuple(jnp.dtype(d) for d in gpu_compile.COVERED_DTYPES)
 GPU_KERNEL_MAX_DK, GPU_KERNEL_MAX_DV = gpu_compile.DELTA_RULE_MAX_HEAD_DIMS
 
 
+# What both backends' `delta_rule_fwd` / `delta_rule_bwd` take and return (`ops.py` holds the
+# one custom VJP around them and does the rest: folding g into gk, moving packed sequences onto
+# chunk boundaries, `nonfinite.contain`).
+KERNEL_CONTRACT = """
+delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts) -> (o, S_T, pre)
+delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre, opts)
+    -> (dq, dk, dv, dbeta, dg, dgk, dlam, dh0, dh0s)
+
+q, k [B, T, H, Dk]; v [B, T, H, Dv]; beta [B, T, H]; lam [B, T, H] or None; at most 32-bit,
+finite (g and gk may hold -inf: a reset of the state, of one key channel's row for gk).
+g [B, T, H] (one log decay per step) and gk [B, T, H, Dk] (one per key channel, Kimi Delta
+Attention: S' = diag(exp(gk_t)) S) are each None or given, never both (ops.py adds g to gk).
+h0 [B, H, Dk, Dv] float32, the initial state.
+rs None, or [B, N] int32 with N = ceil(T / C), C = kernel_chunk(opts, T): chunk n of row b
+    starts with state h0s[b, n] (1) or carries the state on (0); h0s [B, N, H, Dk, Dv] float32
+    (None with rs None). Chunk 0 restarts or starts from h0 as any other.
+o [B, T, H, Dv] float32; S_T [B, H, Dk, Dv] float32, the state after the last step;
+pre [B, N, H, Dk, Dv] float32, the state at the start of each chunk *before* its restart
+    (pre[:, 0] = h0; pre[:, n] the state after chunk n - 1), or None with rs None.
+The backward takes the cotangents do, dhT (and dpre, None with rs None) and returns float32
+gradients, None for each input that is None (dh0s None with rs None).
+"""
+
+
 def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 

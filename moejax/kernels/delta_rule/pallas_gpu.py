@@ -83,6 +83,11 @@ SQ = SQUEEZED
 __all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
 
+# What the launchers take of `pallas_common.KERNEL_CONTRACT` beyond the four modes: per-channel
+# decay `gk`, and chunk restarts `rs`/`h0s` (packed sequences). `ops.py` refuses what is False.
+TAKES_GK = False
+TAKES_RESTARTS = False
+
 def pad_dim(d: int) -> int:
     """Head dims are padded to powers of two ≥ 16 (Triton tensors, dots need ≥ 16)."""
     return max(MIN_BLOCK, next_pow2(d))
@@ -415,14 +420,17 @@ def _prepare(q, k, v, beta, g, lam, h0, C):
             vec(lam), pad_state(h0, Dkp, Dvp))
 
 
-def delta_rule_fwd(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
-    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32)`.
+def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOptions):
+    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32, pre)`
+    (`pallas_common.KERNEL_CONTRACT`).
 
     Args:
       q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or
         None; h0: `[B, H, Dk, Dv]` initial state. Finite (g may hold −inf), at most 32-bit.
       opts: `DeltaRuleOptions` with `fp32_precision` resolved (`opts.resolved()`).
     """
+    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
+        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     cfg = pk.Cfg.make(q.dtype, opts)
@@ -431,13 +439,16 @@ def delta_rule_fwd(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
     W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
     hs, vn, hT = _state_fwd(cfg, opts, kc, W, Ut, gv, h)
     O = _out_fwd(cfg, opts, qc, kc, vn, hs, gv)
-    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv)
+    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv), None
 
 
-def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
+def delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre,
+                   opts: DeltaRuleOptions):
     """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
     `dhT [B, H, Dk, Dv]`: `(dq, dk, dv, dβ, dg, dλ, dh0)` in float32 (dg/dλ None when g/λ
     are). W, Ũ, Ai and the chunk states are recomputed (forward passes 1 and 2)."""
+    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
+        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     cfg = pk.Cfg.make(q.dtype, opts)
@@ -458,6 +469,6 @@ def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
     dg = None if gv is None else _gate_grad(gv, jnp.sum(dG1, axis=2) + dG2)
     vec = lambda a: None if a is None else from_chunks(a, B, T, H)
     return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
-            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), vec(dl),
-            unpad_state(dh0, B, H, Dk, Dv))
+            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), None, vec(dl),
+            unpad_state(dh0, B, H, Dk, Dv), None)
 

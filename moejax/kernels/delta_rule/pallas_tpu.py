@@ -62,6 +62,11 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerPar
 __all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
 
+# What the launchers take of `pallas_common.KERNEL_CONTRACT` beyond the four modes: per-channel
+# decay `gk`, and chunk restarts `rs`/`h0s` (packed sequences). `ops.py` refuses what is False.
+TAKES_GK = False
+TAKES_RESTARTS = False
+
 def pad_dim(d: int) -> int:
     """Head dims are padded to multiples of 128, the lane width."""
     return -(-d // LANES) * LANES
@@ -252,26 +257,32 @@ def _state_bwd(p: _Prepared, W, dO, dhT, opts: DeltaRuleOptions):
 # Forward and backward launchers (the custom VJP in `ops.py` calls these two).
 
 
-def delta_rule_fwd(q, k, v, beta, g, lam, h0, opts: DeltaRuleOptions):
-    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32)`.
+def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOptions):
+    """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32, pre)`
+    (`pallas_common.KERNEL_CONTRACT`).
 
     Args:
       q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or
         None; h0: `[B, H, Dk, Dv]` initial state. Finite (g may hold −inf), at most 32-bit.
       opts: `DeltaRuleOptions` with `backend="tpu"`.
     """
+    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
+        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     p = _prepare(q, k, v, beta, g, lam, h0, kernel_chunk(opts, T))
     W, Ut = _intra_fwd(p, opts)
     O, hT, _ = _state_fwd(p, W, Ut, opts, store_states=False)
-    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv)
+    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv), None
 
 
-def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
+def delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre,
+                   opts: DeltaRuleOptions):
     """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
     `dhT [B, H, Dk, Dv]`: `(dq, dk, dv, dβ, dg, dλ, dh0)` in float32 (dg/dλ None when g/λ
     are). W, Ũ and the chunk states are recomputed (passes 1 and 2)."""
+    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
+        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = kernel_chunk(opts, T)
@@ -284,5 +295,5 @@ def delta_rule_bwd(q, k, v, beta, g, lam, h0, do, dhT, opts: DeltaRuleOptions):
     dq, dk, dv, db, dg, dl = _intra_bwd(p, states, dhs, dO, opts)
     vec = lambda a: None if a is None else from_chunks(a[..., 0], B, T, H)
     return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
-            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), vec(dl),
-            unpad_state(dh0, B, H, Dk, Dv))
+            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), None, vec(dl),
+            unpad_state(dh0, B, H, Dk, Dv), None)
