@@ -19,9 +19,27 @@ steps' g and a running count of resets zeroes (with `where`) every factor whose 
 one, so no `−inf − (−inf)` is formed. Masks are `where`s, never multiplications. The kernels
 assume otherwise finite inputs: `ops.py` runs them under `nonfinite.contain`.
 
-Kernel bodies: `intra_fwd_kernel` / `intra_bwd_kernel` (grid `(B·H, N)`, one chunk per
-program) and `state_fwd_kernel` / `state_bwd_kernel` (grid `(B·H, Dv tiles, N)`, the chunk
-axis sequential, the state in a VMEM scratch).
+Per-channel decay (`gk`, Kimi Delta Attention; `chunk.py`, "Per-channel decay"). With a log
+decay per key channel, γ, d and γ_C become `[C, Dk]` / `[Dk, 1]` factors and the pair matrices
+`M_tj = Σ_d x_td k_jd exp(G_td − G_jd)` (A = strict_tril(diag(β) M)) and
+`P_tj = Σ_d q_td k_jd exp(G_td − G_jd)` are no longer a product times a `[C, C]` mask. The
+launcher forms them exactly in log space (`chunk._channel_pairs`, secondary chunking) together
+with `Xγ = X ⊙ γ`, `Qγ = Q ⊙ γ`, `Kd = K ⊙ d` and γ_C, and the `*_gk` kernels take those
+factors as they are:
+
+    Tm = (I + strict_tril(diag(β) M))⁻¹,  W = Tm diag(β) Xγ,  Ũ = Tm diag(β) V,  U = Ũ − W S
+    O  = scale (Qγ S + P U),  S' = diag(γ_C) S + Kdᵀ U
+
+`chunk_bwd_gk` returns the gradients of those factors (and of v, β); the launcher takes them
+back to q, k, λ and gk through the log-space factors' VJP.
+
+Chunk restarts (packed sequences, `restarts=True`): before chunk n the state kernel sets the
+carried state to `h0s[n]` where `rs[n]`; the backward splits the carried gradient there
+(`state_bwd_kernel`).
+
+Kernel bodies: `intra_fwd_kernel` / `intra_bwd_kernel` and their `*_gk` variants (grid
+`(B·H, N)`, one chunk per program) and `state_fwd_kernel` / `state_bwd_kernel` (grid
+`(B·H, Dv tiles, N)`, the chunk axis sequential, the state in a VMEM scratch).
 """
 
 from __future__ import annotations
@@ -274,6 +292,74 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale,
     return dq, dk, db, dg, dlam
 
 
+# Per-channel decay (`gk`): the chunk math on the launcher's log-space factors (module
+# docstring). M and P arrive as formed; the masks are applied here again (`where`), so their
+# gradients vanish above the diagonal.
+
+
+def chunk_out_gk(m: Masks, P, Qg, Kd, gC, W, Ut, S, scale):
+    """One chunk of the state recurrence with per-channel decay: `(O [C, V], S' [Dk, V])`;
+    `gC` is γ_C as a column `[Dk, 1]`."""
+    P = jnp.where(m.incl, P, 0.0)
+    U = Ut - dot(W, S)
+    O = scale * (dot(Qg, S) + dot(P, U))
+    return O, gC * S + dot_tn(Kd, U)
+
+
+def chunk_state_bwd_gk(m: Masks, P, Qg, Kd, gC, W, dO, dS, scale):
+    """Back through `chunk_out_gk`: the gradient of the chunk's start state."""
+    P = jnp.where(m.incl, P, 0.0)
+    dU = scale * dot_tn(P, dO) + dot(Kd, dS)
+    return scale * dot_tn(Qg, dO) - dot_tn(W, dU) + gC * dS
+
+
+def chunk_bwd_gk(m: Masks, Xg, b, M, P, Kd, *, n_tiles, load_tile, store_dv, scale):
+    """Gradients of one chunk with per-channel decay w.r.t. its factors, given its start state
+    S, end-state grad dS and output grad dO (Dv tile by tile, as `chunk_bwd`).
+
+    Returns `(dXγ, dβ, dM, dP, dQγ, dKd, dγ_C)`, float32 (dM strictly lower, dP lower
+    triangular, dγ_C a column `[Dk, 1]`); dv goes through `store_dv`.
+    """
+    Tm = unit_lower_inverse(m, jnp.where(m.strict, b * M, 0.0))
+    bX = b * Xg
+    W = dot(Tm, bX)
+    P = jnp.where(m.incl, P, 0.0)
+    C, Dk = Xg.shape
+    dQg = jnp.zeros((C, Dk), jnp.float32)  # Σ_v dO Sᵀ
+    dOU = jnp.zeros((C, C), jnp.float32)  # Σ_v dO Uᵀ
+    dKd = jnp.zeros((C, Dk), jnp.float32)  # Σ_v U dSᵀ
+    dW = jnp.zeros((C, Dk), jnp.float32)  # −Σ_v dU Sᵀ
+    dTmV = jnp.zeros((C, C), jnp.float32)  # Σ_v dU (diag(β) V)ᵀ
+    dbV = jnp.zeros((C, 1), jnp.float32)
+    dgC = jnp.zeros((Dk, 1), jnp.float32)  # Σ_v S ⊙ dS
+    for j in range(n_tiles):
+        v, S, dS, dO = load_tile(j)
+        bv = b * v
+        U = dot(Tm, bv) - dot(W, S)  # U = Ũ − W S
+        dU = scale * dot_tn(P, dO) + dot(Kd, dS)
+        dQg = dQg + dot_nt(dO, S)
+        dOU = dOU + dot_nt(dO, U)
+        dKd = dKd + dot_nt(U, dS)
+        dW = dW - dot_nt(dU, S)
+        dTmV = dTmV + dot_nt(dU, bv)
+        TdU = dot_tn(Tm, dU)
+        store_dv(j, b * TdU)
+        dbV = dbV + jnp.sum(v * TdU, axis=1, keepdims=True)
+        dgC = dgC + jnp.sum(S * dS, axis=1, keepdims=True)
+    # O = scale (Qγ S + P U)
+    dQg = scale * dQg
+    dP = scale * jnp.where(m.incl, dOU, 0.0)
+    # W = Tm diag(β) Xγ, Ũ = Tm diag(β) V
+    dTm = dot_nt(dW, bX) + dTmV
+    TdW = dot_tn(Tm, dW)
+    dXg = b * TdW
+    db = jnp.sum(Xg * TdW, axis=1, keepdims=True) + dbV
+    # Tm = (I + A)⁻¹: dA = −Tmᵀ dTm Tmᵀ (strict lower part); A = diag(β) M
+    dA = jnp.where(m.strict, -dot_nt(dot_tn(Tm, dTm), Tm), 0.0)
+    db = db + jnp.sum(dA * M, axis=1, keepdims=True)
+    return dXg, db, b * dA, dP, dQg, dKd, dgC
+
+
 # Kernel bodies of the chunk-parallel passes (grid `(B·H, N)`, one chunk per program).
 # Refs: q, k, v, β, [g], [λ] (optional refs present only when used).
 
@@ -329,17 +415,64 @@ def intra_bwd_kernel(*refs, has_g, has_lam, scale, block_v, authors=False):
         dl_ref[...] = dl
 
 
+def intra_fwd_gk_kernel(xg_ref, v_ref, b_ref, m_ref, w_ref, u_ref):
+    """`W = Tm diag(β) Xγ`, `Ũ = Tm diag(β) V` from the launcher's factors (per-channel decay)."""
+    m = Masks.make(xg_ref.shape[0])
+    b = load_f32(b_ref)
+    Tm = unit_lower_inverse(m, jnp.where(m.strict, b * m_ref[...], 0.0))
+    w_ref[...] = dot(Tm, b * xg_ref[...])
+    u_ref[...] = dot(Tm, b * load_f32(v_ref))
+
+
+def intra_bwd_gk_kernel(xg_ref, v_ref, b_ref, m_ref, p_ref, kd_ref, h_ref, dh_ref, do_ref,
+                        dxg_ref, dv_ref, db_ref, dm_ref, dp_ref, dqg_ref, dkd_ref, dgc_ref, *,
+                        scale, block_v):
+    m = Masks.make(xg_ref.shape[0])
+    tile = lambda j: (slice(None), slice(j * block_v, (j + 1) * block_v))
+
+    def load_tile(j):
+        return tuple(load_f32(r, tile(j)) for r in (v_ref, h_ref, dh_ref, do_ref))
+
+    def store_dv(j, dv):
+        dv_ref[tile(j)] = dv
+
+    outs = chunk_bwd_gk(m, xg_ref[...], load_f32(b_ref), m_ref[...], p_ref[...], kd_ref[...],
+                        n_tiles=v_ref.shape[-1] // block_v, load_tile=load_tile,
+                        store_dv=store_dv, scale=scale)
+    for ref, val in zip((dxg_ref, db_ref, dm_ref, dp_ref, dqg_ref, dkd_ref, dgc_ref), outs,
+                        strict=True):
+        ref[...] = val
+
+
 # State kernels (grid `(B·H, Dv tiles, N)`, chunk axis innermost and sequential): the
 # `[Dk, block_v]` float32 state lives in the VMEM scratch `s_ref` across the chunk steps. Refs
-# arrive in the launchers' order; the g ref only when the mode uses it.
+# arrive in the launchers' order: the chunk's factors (`q, k, W, Ũ | dO, [g]`, or with `gk`
+# `Qγ, Kd, W, Ũ | dO, P, γ_C`), then with `restarts` the restart flag (a `(1, 1)` float32 block,
+# 1.0 or 0.0) and `h0s` (forward) or `dpre` (backward) of the chunk.
 
 
-def state_fwd_kernel(*refs, has_g, scale, store_states):
-    q_ref, k_ref, w_ref, u_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    h0_ref, o_ref, hT_ref, *rest = rest
-    st_ref = rest.pop(0) if store_states else None
-    (s_ref,) = rest
+def _take(refs, n):
+    return [refs.pop(0) for _ in range(n)]
+
+
+def _restart(rs_ref, shape):
+    """The chunk's restart flag as a bool array of `shape` (broadcast as float, then compared)."""
+    return jnp.broadcast_to(rs_ref[...], shape) != 0.0
+
+
+def state_fwd_kernel(*refs, has_g, scale, store_states, has_gk=False, restarts=False):
+    """`store_states`: None, "pre" (each chunk's start state before its restart, the
+    contract's `pre`) or "post" (the state the chunk runs from, for the backward)."""
+    refs = list(refs)
+    if has_gk:
+        qg_ref, kd_ref, w_ref, u_ref, p_ref, gc_ref = _take(refs, 6)
+    else:
+        q_ref, k_ref, w_ref, u_ref = _take(refs, 4)
+        g_ref = refs.pop(0) if has_g else None
+    rs_ref, h0s_ref = _take(refs, 2) if restarts else (None, None)
+    h0_ref, o_ref, hT_ref = _take(refs, 3)
+    st_ref = refs.pop(0) if store_states else None
+    (s_ref,) = refs
     n, N = pl.program_id(2), pl.num_programs(2)
 
     @pl.when(n == 0)
@@ -347,12 +480,20 @@ def state_fwd_kernel(*refs, has_g, scale, store_states):
         s_ref[...] = h0_ref[...]
 
     S = s_ref[...]
-    if st_ref is not None:
+    if store_states == "pre":
         st_ref[...] = S
-    m = Masks.make(q_ref.shape[0])
-    gt = gates(m, None if g_ref is None else load_f32(g_ref))
-    O, S = chunk_out(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...], u_ref[...],
-                        S, scale)
+    if restarts:
+        S = jnp.where(_restart(rs_ref, S.shape), h0s_ref[...], S)
+    if store_states and store_states != "pre":
+        st_ref[...] = S
+    m = Masks.make(w_ref.shape[0])
+    if has_gk:
+        O, S = chunk_out_gk(m, p_ref[...], qg_ref[...], kd_ref[...], gc_ref[...], w_ref[...],
+                            u_ref[...], S, scale)
+    else:
+        gt = gates(m, None if g_ref is None else load_f32(g_ref))
+        O, S = chunk_out(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...], u_ref[...],
+                         S, scale)
     o_ref[...] = O
     s_ref[...] = S
 
@@ -361,10 +502,20 @@ def state_fwd_kernel(*refs, has_g, scale, store_states):
         hT_ref[...] = S
 
 
-def state_bwd_kernel(*refs, has_g, scale):
-    q_ref, k_ref, w_ref, do_ref, *rest = refs
-    g_ref = rest.pop(0) if has_g else None
-    dhT_ref, dh0_ref, dhs_ref, s_ref = rest
+def state_bwd_kernel(*refs, has_g, scale, has_gk=False, restarts=False):
+    """Chunks in reverse. With `restarts`, the start-state gradient dS of a restarting chunk is
+    `dh0s` (and nothing flows on); the gradient carried into the previous chunk's end is
+    `(0 if rs else dS) + dpre`."""
+    refs = list(refs)
+    if has_gk:
+        qg_ref, kd_ref, w_ref, do_ref, p_ref, gc_ref = _take(refs, 6)
+    else:
+        q_ref, k_ref, w_ref, do_ref = _take(refs, 4)
+        g_ref = refs.pop(0) if has_g else None
+    rs_ref, dpre_ref = _take(refs, 2) if restarts else (None, None)
+    dhT_ref, dh0_ref, dhs_ref = _take(refs, 3)
+    dh0s_ref = refs.pop(0) if restarts else None
+    (s_ref,) = refs
     i, N = pl.program_id(2), pl.num_programs(2)
 
     @pl.when(i == 0)
@@ -373,10 +524,18 @@ def state_bwd_kernel(*refs, has_g, scale):
 
     dS = s_ref[...]
     dhs_ref[...] = dS
-    m = Masks.make(q_ref.shape[0])
-    gt = gates(m, None if g_ref is None else load_f32(g_ref))
-    dS = chunk_state_bwd(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...],
-                            load_f32(do_ref), dS, scale)
+    m = Masks.make(w_ref.shape[0])
+    if has_gk:
+        dS = chunk_state_bwd_gk(m, p_ref[...], qg_ref[...], kd_ref[...], gc_ref[...],
+                                w_ref[...], load_f32(do_ref), dS, scale)
+    else:
+        gt = gates(m, None if g_ref is None else load_f32(g_ref))
+        dS = chunk_state_bwd(m, gt, load_f32(q_ref), load_f32(k_ref), w_ref[...],
+                             load_f32(do_ref), dS, scale)
+    if restarts:
+        r = _restart(rs_ref, dS.shape)
+        dh0s_ref[...] = jnp.where(r, dS, 0.0)
+        dS = jnp.where(r, 0.0, dS) + dpre_ref[...]
     s_ref[...] = dS
 
     @pl.when(i == N - 1)
