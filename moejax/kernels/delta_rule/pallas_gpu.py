@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from moejax.kernels.delta_rule import chunk as chunk_path
 from moejax.kernels.delta_rule import pallas_gpu_kernel as pk
 from moejax.kernels.delta_rule.pallas_common import (
     F32,
@@ -85,8 +86,9 @@ __all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk"
 
 # What the launchers take of `pallas_common.KERNEL_CONTRACT` beyond the four modes: per-channel
 # decay `gk`, and chunk restarts `rs`/`h0s` (packed sequences). `ops.py` refuses what is False.
-TAKES_GK = False
-TAKES_RESTARTS = False
+TAKES_GK = True
+TAKES_RESTARTS = True
+
 
 def pad_dim(d: int) -> int:
     """Head dims are padded to powers of two ≥ 16 (Triton tensors, dots need ≥ 16)."""
@@ -215,6 +217,66 @@ def _gate_grad(gv: _GateVectors, dG):
     return jnp.where(gv.reset, 0.0, dg)
 
 
+def _channel_factors(q, k, lam, gk):
+    """Per-channel decay (gk): what the kernels take, from chunked float32 q, k, gk
+    `[B·H, N, C, Dkp]` and λ `[B·H, N, C]` or None, exactly in log space (`chunk.py`,
+    "Per-channel decay": resets counted per channel, every exp argument masked before the exp,
+    the pair factors by secondary chunking so that no factor exceeds 1 for gk ≤ 0).
+
+    Returns `(Q ⊙ γ, K ⊙ d, X ⊙ γ [B·H, N, C, Dkp], γ_C [B·H, N, Dkp], M, P [B·H, N, C, C])`
+    with `γ_t = exp(G_t)` (0 after a reset of the channel in [0, t]), `d_t = exp(G_C − G_t)`
+    (0 if one lies in (t, C−1]), `M_tj = Σ_d x_td k_jd exp(G_td − G_jd)` and
+    `P_tj = Σ_d q_td k_jd exp(G_td − G_jd)` for j ≤ t (0 above the diagonal and where a reset
+    of channel d lies in (j, t]). Plain jnp, differentiated by jax in the backward."""
+    x = k if lam is None else k + lam[..., None] * q
+    G, n = chunk_path._channel_gates(gk)
+    gamma = chunk_path._masked_exp(n == 0, G)
+    dec = chunk_path._masked_exp(n == n[..., -1:, :], G[..., -1:, :] - G)
+    M, P = chunk_path._channel_pairs((x, q), k, G, n)
+    return q * gamma, k * dec, x * gamma, gamma[..., -1, :], M, P
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChannelGates:
+    """The per-channel-decay operands of the kernels (`_channel_factors`); Qg, Kd, Xg in the
+    dot dtype (they are only dot operands but for Xg's term of dβ)."""
+
+    Qg: Array  # Q ⊙ γ
+    Kd: Array  # K ⊙ d
+    Xg: Array  # X ⊙ γ
+    gC: Array  # γ_C per key channel [B·H, N, Dkp]
+    M: Array  # A's pairs (before diag(β) and the strict mask) [B·H, N, C, C]
+    P: Array  # O's pairs [B·H, N, C, C]
+
+    @classmethod
+    def make(cls, cfg, factors):
+        Qg, Kd, Xg, gC, M, P = factors
+        return cls(Qg.astype(cfg.store), Kd.astype(cfg.store), Xg.astype(cfg.store), gC, M, P)
+
+
+def _restart_layout(rs, states, H, Dkp, Dvp, N):
+    """`(rs [B·H, N, 16] int32 (replicated: Triton loads it as a vector), states
+    [B·H, N, Dkp, Dvp] float32)` from `rs [B, N]` and `[B, N, H, Dk, Dv]` (h0s or dpre)."""
+    B = rs.shape[0]
+    if rs.shape[1] != N:
+        raise ValueError(f"rs must be [B, N] with N = {N} chunks, got {rs.shape}")
+    r = jnp.broadcast_to(rs.astype(jnp.int32)[:, None, :, None], (B, H, N, MIN_BLOCK))
+    return r.reshape(B * H, N, MIN_BLOCK), _states_in(states, Dkp, Dvp)
+
+
+def _states_in(states, Dkp, Dvp):
+    """`[B, N, H, Dk, Dv]` → `[B·H, N, Dkp, Dvp]` float32, zero-padded."""
+    B, N, H, Dk, Dv = states.shape
+    a = jnp.pad(states.astype(F32), ((0, 0),) * 3 + ((0, Dkp - Dk), (0, Dvp - Dv)))
+    return a.transpose(0, 2, 1, 3, 4).reshape(B * H, N, Dkp, Dvp)
+
+
+def _states_out(a, B, H, Dk, Dv):
+    """`[B·H, N, Dkp, Dvp]` → `[B, N, H, Dk, Dv]`."""
+    a = a.reshape(B, H, *a.shape[1:]).transpose(0, 2, 1, 3, 4)
+    return a[..., :Dk, :Dv]
+
+
 # ------------------------------------------------------------------------------------------
 # Launchers. Inputs in kernel layout: q, k `[B·H, N, C, Dkp]`, v `[B·H, N, C, Dvp]` (input
 # dtype), β, λ `[B·H, N, C]` float32, gates a `_GateVectors` or None.
@@ -264,25 +326,34 @@ def _wy_fwd(cfg, opts, q, k, v, b, gv, lam, Ai):
                  nbytes=nbytes(*ins) + BH * N * C * (Dkp * cfg.store.itemsize + 4 * Dvp))(*ins)
 
 
-def _state_fwd(cfg, opts, k, W, Ut, gv, h0):
-    """`(chunk start states [B·H, N, Dkp, Dvp], U [B·H, N, C, Dvp], S_T [B·H, Dkp, Dvp] f32)`."""
+def _state_fwd(cfg, opts, k, W, Ut, gv, h0, cg=None, rst=None):
+    """`(chunk start states [B·H, N, Dkp, Dvp], U [B·H, N, C, Dvp], S_T [B·H, Dkp, Dvp] f32,
+    pre [B·H, N, Dkp, Dvp] f32 | None)`. `cg`: a `_ChannelGates` (k is then `K ⊙ d`); `rst`:
+    `(rs [B·H, N, 16] int32, h0s [B·H, N, Dkp, Dvp] f32)` or None."""
     BH, N, C, Dkp = k.shape
     Dvp = Ut.shape[-1]
     warps, stages, bv = _launch("state_fwd", Dkp, Dvp, cfg, opts)
-    ins = [k, W, Ut, *_gate_ins(gv, "dec", "gC"), h0]
-    in_specs = [_seq(k), _seq(W), _seq(Ut, bv), *(_seq(a) for a in _gate_ins(gv, "dec", "gC")),
-                pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))]
+    state_spec = pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))
+    states_spec = pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j))
+    gins = _gate_ins(gv, "dec", "gC") + ([] if cg is None else [cg.gC])
+    ins = [k, W, Ut, *gins, h0] + ([] if rst is None else list(rst))
+    in_specs = [_seq(k), _seq(W), _seq(Ut, bv), *(_seq(a) for a in gins), state_spec]
+    if rst is not None:
+        in_specs += [_seq(rst[0]), states_spec]
     out_shape = [jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), cfg.store),
                  jax.ShapeDtypeStruct((BH, N, C, Dvp), cfg.store),
                  jax.ShapeDtypeStruct((BH, Dkp, Dvp), F32)]
-    out_specs = [pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j)),
-                 _seq(out_shape[1], bv), in_specs[-1]]
+    out_specs = [states_spec, _seq(out_shape[1], bv), state_spec]
+    if rst is not None:
+        out_shape.append(jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), F32))
+        out_specs.append(states_spec)
     kernel = functools.partial(pk.state_fwd_kernel, cfg=cfg, has_g=gv is not None,
-                               bk=min(BK, Dkp))
-    return _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
+                               bk=min(BK, Dkp), has_gk=cg is not None, restarts=rst is not None)
+    outs = _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
                  out_shape=out_shape, opts=opts, name="delta_rule_state_fwd", warps=warps,
                  stages=stages, flops=BH * N * 4 * C * Dkp * Dvp,
                  nbytes=nbytes(*ins) + BH * N * (Dkp + C) * Dvp * cfg.store.itemsize)(*ins)
+    return (*outs[:3], outs[3] if rst is not None else None)
 
 
 def _out_fwd(cfg, opts, q, k, vn, hs, gv):
@@ -321,27 +392,36 @@ def _dv_local(cfg, opts, q, k, dO, gv):
                  flops=BH * N * 2 * C * C * (Dkp + Dvp), nbytes=nbytes(*ins) + 4 * dO.size)(*ins)
 
 
-def _state_bwd(cfg, opts, q, k, W, dO, dvl, gv, dhT):
-    """`(end-state grads [B·H, N, Dkp, Dvp], dU [B·H, N, C, Dvp], d S_0 [B·H, Dkp, Dvp] f32)`."""
+def _state_bwd(cfg, opts, q, k, W, dO, dvl, gv, dhT, cg=None, rst=None):
+    """`(end-state grads [B·H, N, Dkp, Dvp], dU [B·H, N, C, Dvp], d S_0 [B·H, Dkp, Dvp] f32,
+    dh0s [B·H, N, Dkp, Dvp] f32 | None)`. `cg`: q, k are then `Q ⊙ γ`, `K ⊙ d`; `rst`:
+    `(rs [B·H, N, 16] int32, dpre [B·H, N, Dkp, Dvp] f32)` or None."""
     BH, N, C, Dkp = q.shape
     Dvp = dO.shape[-1]
     warps, stages, bv = _launch("state_bwd", Dkp, Dvp, cfg, opts)
-    gins = _gate_ins(gv, "gamma", "dec", "gC")
-    ins = [q, k, W, dO, dvl, *gins, dhT]
+    gins = _gate_ins(gv, "gamma", "dec", "gC") + ([] if cg is None else [cg.gC])
+    ins = [q, k, W, dO, dvl, *gins] + ([] if rst is None else list(rst)) + [dhT]
     state_spec = pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))
+    states_spec = pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j))
     in_specs = [_seq(q), _seq(k), _seq(W), _seq(dO, bv), _seq(dvl, bv),
-                *(_seq(a) for a in gins), state_spec]
+                *(_seq(a) for a in gins)]
+    if rst is not None:
+        in_specs += [_seq(rst[0]), states_spec]
+    in_specs.append(state_spec)
     out_shape = [jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), cfg.store),
                  jax.ShapeDtypeStruct((BH, N, C, Dvp), cfg.store),
                  jax.ShapeDtypeStruct((BH, Dkp, Dvp), F32)]
-    out_specs = [pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j)),
-                 _seq(out_shape[1], bv), state_spec]
+    out_specs = [states_spec, _seq(out_shape[1], bv), state_spec]
+    if rst is not None:
+        out_shape.append(jax.ShapeDtypeStruct((BH, N, Dkp, Dvp), F32))
+        out_specs.append(states_spec)
     kernel = functools.partial(pk.state_bwd_kernel, cfg=cfg, has_g=gv is not None,
-                               bk=min(BK, Dkp))
-    return _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
+                               bk=min(BK, Dkp), has_gk=cg is not None, restarts=rst is not None)
+    outs = _call(kernel, grid=(Dvp // bv, BH), in_specs=in_specs, out_specs=out_specs,
                  out_shape=out_shape, opts=opts, name="delta_rule_state_bwd", warps=warps,
                  stages=stages, flops=BH * N * 6 * C * Dkp * Dvp,
                  nbytes=nbytes(*ins) + BH * N * (Dkp + C) * Dvp * cfg.store.itemsize)(*ins)
+    return (*outs[:3], outs[3] if rst is not None else None)
 
 
 def _dqkwg(cfg, opts, q, k, vn, hs, dhs, dO, dvn, gv):
@@ -408,6 +488,107 @@ def _wy_bwd(cfg, opts, q, k, v, b, gv, lam, Ai, dW, dU):
 
 
 
+# Per-channel decay (gk) launchers: the pair matrices come from `_channel_factors`.
+
+
+def _solve_pair(cfg, opts, M, b):
+    """gk: `Ai = (I + strict(diag(β) M))⁻¹` `[B·H, N, C, C]`."""
+    BH, N, C, _ = M.shape
+    warps, stages, _ = _launch("solve", C, C, cfg, opts)
+    ins = [M, b]
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, C), cfg.store)
+    at = lambda n, i: (i, n, 0, 0)
+    kernel = functools.partial(pk.solve_pair_kernel, cfg=cfg)
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_chunk(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_solve", warps=warps, stages=stages,
+                 flops=BH * N * 4 * C * C * C,
+                 nbytes=nbytes(*ins) + BH * N * C * C * cfg.store.itemsize)(*ins)
+
+
+def _out_pair(cfg, opts, Qg, P, vn, hs):
+    """gk: `O = scale ((Q ⊙ γ) S + P U)` `[B·H, N, C, Dvp]` float32."""
+    BH, N, C, Dkp = Qg.shape
+    Dvp = vn.shape[-1]
+    warps, stages, bv = _launch("out", Dkp, Dvp, cfg, opts)
+    ins = [Qg, P, vn, hs]
+    at = lambda j, n, i: (i, n, 0, j)
+    full = lambda j, n, i: (i, n, 0, 0)
+    in_specs = [_chunk(Qg, at=full), _chunk(P, at=full), _chunk(vn, bv, at=at),
+                pl.BlockSpec((SQ, SQ, Dkp, bv), at)]
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, Dvp), F32)
+    kernel = functools.partial(pk.out_pair_kernel, cfg=cfg, bk=min(BK, Dkp))
+    return _call(kernel, grid=(Dvp // bv, N, BH), in_specs=in_specs,
+                 out_specs=_chunk(out_shape, bv, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_out", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * Dvp * (Dkp + C),
+                 nbytes=nbytes(*ins) + 4 * BH * N * C * Dvp)(*ins)
+
+
+def _dv_local_pair(cfg, opts, P, dO):
+    """gk: `scale Pᵀ dO` `[B·H, N, C, Dvp]` float32."""
+    BH, N, C, _ = P.shape
+    Dvp = dO.shape[-1]
+    warps, stages, bv = _launch("dv_local", C, Dvp, cfg, opts)
+    ins = [P, dO]
+    at = lambda n, i: (i, n, 0, 0)
+    out_shape = jax.ShapeDtypeStruct((BH, N, C, Dvp), F32)
+    kernel = functools.partial(pk.dv_local_pair_kernel, cfg=cfg, bv=bv)
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_chunk(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_dv_local", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * Dvp, nbytes=nbytes(*ins) + 4 * dO.size)(*ins)
+
+
+def _dqkwg_channel(cfg, opts, vn, hs, dhs, dO, dvn):
+    """gk: `(d(Q ⊙ γ), d(K ⊙ d) [B·H, N, C, Dkp] f32, dW [B·H, N, C, Dkp], dγ_C
+    [B·H, N, Dkp] f32, dP [B·H, N, C, C] f32)`."""
+    BH, N, Dkp, Dvp = hs.shape
+    C = dO.shape[2]
+    bk = min(BK // 2 if cfg.cd == "float32" and cfg.fp == "tf32x3" else BK, Dkp)
+    warps, stages, bv = _launch("dqkwg", Dkp, Dvp, cfg, opts)
+    ins = [vn, hs, dhs, dO, dvn]
+    kt = lambda kb, n, i: (i, n, 0, kb)
+    full = lambda kb, n, i: (i, n, 0, 0)
+    st = lambda kb, n, i: (i, n, kb, 0)
+    in_specs = [_chunk(vn, at=full), pl.BlockSpec((SQ, SQ, bk, Dvp), st),
+                pl.BlockSpec((SQ, SQ, bk, Dvp), st), _chunk(dO, at=full), _chunk(dvn, at=full)]
+    nkb = Dkp // bk
+    out_shape = [jax.ShapeDtypeStruct((BH, N, C, Dkp), F32),
+                 jax.ShapeDtypeStruct((BH, N, C, Dkp), F32),
+                 jax.ShapeDtypeStruct((BH, N, C, Dkp), cfg.store),
+                 jax.ShapeDtypeStruct((BH, N, Dkp), F32),
+                 jax.ShapeDtypeStruct((BH, N, nkb, C, C), F32)]
+    out_specs = [_chunk(a, bk, at=kt) for a in out_shape[:3]]
+    out_specs += [pl.BlockSpec((SQ, SQ, bk), lambda kb, n, i: (i, n, kb)),
+                  pl.BlockSpec((SQ, SQ, SQ, C, C), lambda kb, n, i: (i, n, kb, 0, 0))]
+    kernel = functools.partial(pk.dqkwg_channel_kernel, cfg=cfg, bv=bv)
+    dQg, dKd, dW, dgC, dP = _call(
+        kernel, grid=(nkb, N, BH), in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+        opts=opts, name="delta_rule_dqkwg", warps=warps, stages=stages,
+        flops=BH * N * 2 * C * (3 * Dkp * Dvp + C * Dvp * nkb),
+        nbytes=nbytes(*ins) + 12 * BH * N * C * Dkp)(*ins)
+    return dQg, dKd, dW, dgC, dP[:, :, 0]
+
+
+def _wy_bwd_channel(cfg, opts, Xg, v, b, M, Ai, dW, dU):
+    """gk: `(d(X ⊙ γ) [B·H, N, C, Dkp], dv, dβ, dM [B·H, N, C, C])` of the WY step, float32."""
+    BH, N, C, Dkp = Xg.shape
+    Dvp = v.shape[-1]
+    warps, stages, bv = _launch("wy_bwd", Dkp, Dvp, cfg, opts)
+    ins = [Xg, v, b, M, Ai, dW, dU]
+    f32 = lambda a: jax.ShapeDtypeStruct(a.shape, F32)
+    out_shape = [f32(Xg), f32(v), f32(b), f32(M)]
+    at = lambda n, i: (i, n, 0, 0)
+    bk = min(BK // 2 if cfg.cd == "float32" else BK, Dkp)
+    kernel = functools.partial(pk.wy_bwd_channel_kernel, cfg=cfg, bk=bk, bv=bv)
+    return _call(kernel, grid=(N, BH), in_specs=_specs(ins, at=at),
+                 out_specs=_specs(out_shape, at=at), out_shape=out_shape, opts=opts,
+                 name="delta_rule_intra_bwd", warps=warps, stages=stages,
+                 flops=BH * N * 2 * C * C * (2 * Dkp + 3 * Dvp + 2 * C),
+                 nbytes=nbytes(*ins) + 4 * BH * N * C * (Dkp + Dvp + C))(*ins)
+
+
 # ------------------------------------------------------------------------------------------
 # Forward and backward launchers (the custom VJP in `ops.py` calls these two).
 
@@ -426,49 +607,97 @@ def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOption
 
     Args:
       q, k: `[B, T, H, Dk]`; v: `[B, T, H, Dv]`; beta: `[B, T, H]`; g, lam: `[B, T, H]` or
-        None; h0: `[B, H, Dk, Dv]` initial state. Finite (g may hold −inf), at most 32-bit.
+        None; gk: `[B, T, H, Dk]` or None (not with g); h0: `[B, H, Dk, Dv]` initial state;
+        rs `[B, N]` int32 and h0s `[B, N, H, Dk, Dv]`: chunk restarts, or None. Finite (g, gk
+        may hold −inf), at most 32-bit.
       opts: `DeltaRuleOptions` with `fp32_precision` resolved (`opts.resolved()`).
     """
-    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
-        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
-    B, T, H, Dk = q.shape
-    Dv = v.shape[-1]
-    cfg = pk.Cfg.make(q.dtype, opts)
-    qc, kc, vc, b, gv, lc, h = _prepare(q, k, v, beta, g, lam, h0, kernel_chunk(opts, T))
-    Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
-    W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
-    hs, vn, hT = _state_fwd(cfg, opts, kc, W, Ut, gv, h)
-    O = _out_fwd(cfg, opts, qc, kc, vn, hs, gv)
-    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv), None
-
-
-def delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre,
-                   opts: DeltaRuleOptions):
-    """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
-    `dhT [B, H, Dk, Dv]`: `(dq, dk, dv, dβ, dg, dλ, dh0)` in float32 (dg/dλ None when g/λ
-    are). W, Ũ, Ai and the chunk states are recomputed (forward passes 1 and 2)."""
-    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
-        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
+    _check_gates(g, gk, rs, h0s)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     cfg = pk.Cfg.make(q.dtype, opts)
     C = kernel_chunk(opts, T)
     qc, kc, vc, b, gv, lc, h = _prepare(q, k, v, beta, g, lam, h0, C)
     Dkp, Dvp = h.shape[1:]
-    Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
-    W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
-    hs, vn, _ = _state_fwd(cfg, opts, kc, W, Ut, gv, h)
-    dO = to_chunks(do.astype(F32), C, Dvp, dtype=cfg.store)
-    dvl = _dv_local(cfg, opts, qc, kc, dO, gv)
-    dhs, dU, dh0 = _state_bwd(cfg, opts, qc, kc, W, dO, dvl, gv, pad_state(dhT, Dkp, Dvp))
-    dq, dk, dW, dG1 = _dqkwg(cfg, opts, qc, kc, vn, hs, dhs, dO, dU, gv)
-    dk2, dv, db, dq2, dl, dG2 = _wy_bwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai, dW, dU)
-    dk = dk + dk2
-    if dq2 is not None:
-        dq = dq + dq2
-    dg = None if gv is None else _gate_grad(gv, jnp.sum(dG1, axis=2) + dG2)
-    vec = lambda a: None if a is None else from_chunks(a, B, T, H)
-    return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
-            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), None, vec(dl),
-            unpad_state(dh0, B, H, Dk, Dv), None)
+    rst = None if rs is None else _restart_layout(rs, h0s, H, Dkp, Dvp, qc.shape[1])
+    if gk is None:
+        Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
+        W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
+        hs, vn, hT, pre = _state_fwd(cfg, opts, kc, W, Ut, gv, h, rst=rst)
+        O = _out_fwd(cfg, opts, qc, kc, vn, hs, gv)
+    else:
+        cg = _ChannelGates.make(cfg, _channel_factors(
+            qc.astype(F32), kc.astype(F32), lc, to_chunks(gk.astype(F32), C, Dkp)))
+        Ai = _solve_pair(cfg, opts, cg.M, b)
+        W, Ut = _wy_fwd(cfg, opts, cg.Xg, cg.Xg, vc, b, None, None, Ai)
+        hs, vn, hT, pre = _state_fwd(cfg, opts, cg.Kd, W, Ut, None, h, cg, rst)
+        O = _out_pair(cfg, opts, cg.Qg, cg.P, vn, hs)
+    pre = None if pre is None else _states_out(pre, B, H, Dk, Dv)
+    return from_chunks(O, B, T, H, Dv), unpad_state(hT, B, H, Dk, Dv), pre
 
+
+def _check_gates(g, gk, rs, h0s):
+    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
+        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
+    if g is not None and gk is not None:
+        raise ValueError("g and gk are never both given (ops.py folds g into gk)")
+    if (rs is None) != (h0s is None):
+        raise ValueError("rs and h0s are given together or not at all")
+
+
+def delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre,
+                   opts: DeltaRuleOptions):
+    """The backward pass from the inputs and the cotangents `do [B, T, H, Dv]`,
+    `dhT [B, H, Dk, Dv]` and `dpre [B, N, H, Dk, Dv]` (with rs): `(dq, dk, dv, dβ, dg, dgk, dλ,
+    dh0, dh0s)` in float32 (None for each input that is None). W, Ũ, Ai and the chunk states
+    are recomputed (forward passes 1 and 2); with gk, the gradients w.r.t. the factors of
+    `_channel_factors` go back through its jnp (`jax.vjp`)."""
+    _check_gates(g, gk, rs, h0s)
+    B, T, H, Dk = q.shape
+    Dv = v.shape[-1]
+    cfg = pk.Cfg.make(q.dtype, opts)
+    C = kernel_chunk(opts, T)
+    qc, kc, vc, b, gv, lc, h = _prepare(q, k, v, beta, g, lam, h0, C)
+    Dkp, Dvp = h.shape[1:]
+    N = qc.shape[1]
+    rst = rst_b = None
+    if rs is not None:
+        rst = _restart_layout(rs, h0s, H, Dkp, Dvp, N)
+        dpre = jnp.zeros(h0s.shape, F32) if dpre is None else dpre
+        rst_b = (rst[0], _states_in(dpre, Dkp, Dvp))
+    dO = to_chunks(do.astype(F32), C, Dvp, dtype=cfg.store)
+    dhT = pad_state(dhT, Dkp, Dvp)
+    vec = lambda a: None if a is None else from_chunks(a, B, T, H)
+    if gk is None:
+        Ai = _solve(cfg, opts, qc, kc, b, gv, lc)
+        W, Ut = _wy_fwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai)
+        hs, vn, _, _ = _state_fwd(cfg, opts, kc, W, Ut, gv, h, rst=rst)
+        dvl = _dv_local(cfg, opts, qc, kc, dO, gv)
+        dhs, dU, dh0, dh0s = _state_bwd(cfg, opts, qc, kc, W, dO, dvl, gv, dhT, rst=rst_b)
+        dq, dk, dW, dG1 = _dqkwg(cfg, opts, qc, kc, vn, hs, dhs, dO, dU, gv)
+        dk2, dv, db, dq2, dl, dG2 = _wy_bwd(cfg, opts, qc, kc, vc, b, gv, lc, Ai, dW, dU)
+        dk = dk + dk2
+        if dq2 is not None:
+            dq = dq + dq2
+        dg = None if gv is None else _gate_grad(gv, jnp.sum(dG1, axis=2) + dG2)
+        dgk = None
+    else:
+        factors, back = jax.vjp(_channel_factors, qc.astype(F32), kc.astype(F32), lc,
+                                to_chunks(gk.astype(F32), C, Dkp))
+        cg = _ChannelGates.make(cfg, factors)
+        Ai = _solve_pair(cfg, opts, cg.M, b)
+        W, Ut = _wy_fwd(cfg, opts, cg.Xg, cg.Xg, vc, b, None, None, Ai)
+        hs, vn, _, _ = _state_fwd(cfg, opts, cg.Kd, W, Ut, None, h, cg, rst)
+        dvl = _dv_local_pair(cfg, opts, cg.P, dO)
+        dhs, dU, dh0, dh0s = _state_bwd(cfg, opts, cg.Qg, cg.Kd, W, dO, dvl, None, dhT, cg,
+                                        rst_b)
+        dQg, dKd, dW, dgC, dP = _dqkwg_channel(cfg, opts, vn, hs, dhs, dO, dU)
+        dXg, dv, db, dM = _wy_bwd_channel(cfg, opts, cg.Xg, vc, b, cg.M, Ai, dW, dU)
+        dq, dk, dl, dgk = back((dQg, dKd, dXg, dgC, dM, dP))
+        dl = None if lam is None else dl
+        dg = None
+        dgk = from_chunks(dgk, B, T, H, Dk)
+    return (from_chunks(dq, B, T, H, Dk), from_chunks(dk, B, T, H, Dk),
+            from_chunks(dv, B, T, H, Dv), vec(db), vec(dg), dgk, vec(dl),
+            unpad_state(dh0, B, H, Dk, Dv),
+            None if dh0s is None else _states_out(dh0s, B, H, Dk, Dv))

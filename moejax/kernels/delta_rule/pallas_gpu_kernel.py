@@ -210,15 +210,28 @@ def wy_fwd_kernel(*refs, cfg, has_g, has_lam, bk, bv):
     loop(v_ref.shape[1] // bv, u_tile, 0)
 
 
-def state_fwd_kernel(*refs, cfg, has_g, bk):
+def state_fwd_kernel(*refs, cfg, has_g, bk, has_gk=False, restarts=False):
+    """The sequential pass: per chunk n, `pre[n]` = the carried state, the state becomes
+    `h0s[n]` where `rs[n]` (`restarts`), that start state is stored, `U = Ũ − W S` and
+    `S' = γ_C S + (diag(d) K)ᵀ U`. `has_gk` (per-channel decay): k arrives as `K ⊙ d` and γ_C
+    as one factor per key channel, `S' = diag(γ_C) S + (K ⊙ d)ᵀ U`."""
     it = iter(refs)
     k_ref, w_ref, u_ref = next(it), next(it), next(it)
     dec_ref, gc_ref = (next(it), next(it)) if has_g else (None, None)
-    h0_ref, hs_ref, vn_ref, hT_ref = (next(it) for _ in range(4))
+    gck_ref = next(it) if has_gk else None
+    h0_ref = next(it)
+    rs_ref, h0s_ref = (next(it), next(it)) if restarts else (None, None)
+    hs_ref, vn_ref, hT_ref = (next(it) for _ in range(3))
+    pre_ref = next(it) if restarts else None
     N, _, Dkp = k_ref.shape
     nk = Dkp // bk
 
     def body(n, hk):
+        if restarts:
+            for i in range(nk):
+                pre_ref[n, tile(i, bk), :] = hk[i]
+            start = jnp.max(rs_ref[n]) > 0
+            hk = [jnp.where(start, h0s_ref[n, tile(i, bk), :], hk[i]) for i in range(nk)]
         for i in range(nk):
             hs_ref[n, tile(i, bk), :] = hk[i].astype(hs_ref.dtype)
         vn = u_ref[n]
@@ -229,6 +242,8 @@ def state_fwd_kernel(*refs, cfg, has_g, bk):
             vn = dec_ref[n][:, None] * vn
             gc = jnp.max(gc_ref[n])
             hk = [gc * h for h in hk]
+        if has_gk:
+            hk = [gck_ref[n, tile(i, bk)][:, None] * hk[i] for i in range(nk)]
         return [hk[i] + mm(cfg, k_ref[n, :, tile(i, bk)], vn, ta=True) for i in range(nk)]
 
     hk = [h0_ref[tile(i, bk), :] for i in range(nk)]
@@ -273,11 +288,20 @@ def dv_local_kernel(*refs, cfg, has_g, bk, bv):
         dv_ref[:, tile(vb, bv)] = cfg.scale * mm(cfg, P, do_ref[:, tile(vb, bv)], ta=True)
 
 
-def state_bwd_kernel(*refs, cfg, has_g, bk):
+def state_bwd_kernel(*refs, cfg, has_g, bk, has_gk=False, restarts=False):
+    """The sequential pass in reverse: per chunk n, `dS` (w.r.t. its end state) is stored,
+    `dU = dU_local + diag(d) K dS` and the start-state gradient
+    `dS_0 = γ_C dS + scale (diag(γ) Q)ᵀ dO − Wᵀ dU`. With `restarts`, `dh0s[n] = dS_0` where
+    `rs[n]` (else 0) and the gradient carried to chunk n − 1's end is
+    `(0 if rs[n] else dS_0) + dpre[n]`. `has_gk`: q arrives as `Q ⊙ γ`, k as `K ⊙ d`, γ_C per key
+    channel."""
     it = iter(refs)
     q_ref, k_ref, w_ref, do_ref, dvl_ref = (next(it) for _ in range(5))
     gam_ref, dec_ref, gc_ref = (next(it) for _ in range(3)) if has_g else (None,) * 3
+    gck_ref = next(it) if has_gk else None
+    rs_ref, dpre_ref = (next(it), next(it)) if restarts else (None, None)
     dhT_ref, dhs_ref, dvn_ref, dh0_ref = (next(it) for _ in range(4))
+    dh0s_ref = next(it) if restarts else None
     N, _, Dkp = k_ref.shape
     nk = Dkp // bk
 
@@ -295,8 +319,16 @@ def state_bwd_kernel(*refs, cfg, has_g, bk):
             do = gam_ref[n][:, None] * do
             gc = jnp.max(gc_ref[n])
             dh = [gc * d for d in dh]
-        return [dh[i] + cfg.scale * mm(cfg, q_ref[n, :, tile(i, bk)], do, ta=True)
-                - mm(cfg, w_ref[n, :, tile(i, bk)], dv, ta=True) for i in range(nk)]
+        if has_gk:
+            dh = [gck_ref[n, tile(i, bk)][:, None] * dh[i] for i in range(nk)]
+        dh = [dh[i] + cfg.scale * mm(cfg, q_ref[n, :, tile(i, bk)], do, ta=True)
+              - mm(cfg, w_ref[n, :, tile(i, bk)], dv, ta=True) for i in range(nk)]
+        if restarts:
+            start = jnp.max(rs_ref[n]) > 0
+            for i in range(nk):
+                dh0s_ref[n, tile(i, bk), :] = jnp.where(start, dh[i], 0.0)
+            dh = [jnp.where(start, 0.0, dh[i]) + dpre_ref[n, tile(i, bk), :] for i in range(nk)]
+        return dh
 
     dh = [dhT_ref[tile(i, bk), :] for i in range(nk)]
     dh = jax.lax.fori_loop(jnp.int32(0), jnp.int32(N), body, dh)
@@ -429,3 +461,119 @@ def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv, authors=False):
         dl_ref[...] = dl
     if has_g:
         dG_ref[...] = dG
+
+
+# ------------------------------------------------------------------------------------------
+# Per-channel decay (gk, KDA). The launcher (`pallas_gpu._channel_gates`) forms, exactly in log
+# space, the decayed operands `Q ⊙ γ`, `K ⊙ d`, `X ⊙ γ` `[C, Dk]`, the per-channel `γ_C` `[Dk]`
+# and the pair matrices `M_tj = Σ_d x_td k_jd exp(G_td − G_jd)`, `P_tj = Σ_d q_td k_jd
+# exp(G_td − G_jd)` (j ≤ t) `[C, C]`; these bodies do the rest (the solve, W / Ũ, the state
+# passes, O and every gradient that touches the state or V). Then
+#
+#     A = strict(diag(β) M),  Ai = (I + A)⁻¹,  W = Ai diag(β)(X ⊙ γ),  Ũ = Ai diag(β) V
+#     U = Ũ − W S,  O = scale ((Q ⊙ γ) S + P U),  S' = diag(γ_C) S + (K ⊙ d)ᵀ U
+#
+# W, Ũ and S' are the scalar-gate kernels' with those operands (`wy_fwd_kernel` with X ⊙ γ for x
+# and no g; `state_*_kernel(has_gk=True)`). The gradients w.r.t. the operands the launcher formed
+# (`d(Q ⊙ γ)`, `d(K ⊙ d)`, `d(X ⊙ γ)`, `dγ_C`, `dM`, `dP`) go back through its jnp (autodiff of
+# the masked log-space factors).
+
+
+def solve_pair_kernel(m_ref, b_ref, ai_ref, *, cfg):
+    """gk: `Ai = (I + A)⁻¹` with `A = strict(diag(β) M)`, M from the launcher."""
+    C = m_ref.shape[0]
+    r, c = iotas(C)
+    A = jnp.where(r > c, b_ref[...][:, None] * m_ref[...], 0.0)
+    ai_ref[...] = solve_unit_lower(cfg, A, r, c).astype(ai_ref.dtype)
+
+
+def out_pair_kernel(qg_ref, p_ref, vn_ref, h_ref, o_ref, *, cfg, bk):
+    """gk: `O = scale ((Q ⊙ γ) S + P U)`."""
+    C, Dkp = qg_ref.shape
+    r, c = iotas(C)
+    QS = jnp.zeros(o_ref.shape, F32)
+    for kb in range(Dkp // bk):
+        QS = QS + mm(cfg, qg_ref[:, tile(kb, bk)], h_ref[tile(kb, bk), :])
+    P = jnp.where(r >= c, p_ref[...], 0.0)
+    o_ref[...] = cfg.scale * (QS + mm(cfg, P, vn_ref[...]))
+
+
+def dv_local_pair_kernel(p_ref, do_ref, dv_ref, *, cfg, bv):
+    """gk: `dU_local = scale Pᵀ dO`."""
+    C = p_ref.shape[0]
+    r, c = iotas(C)
+    P = jnp.where(r >= c, p_ref[...], 0.0)
+    for vb in range(do_ref.shape[1] // bv):
+        dv_ref[:, tile(vb, bv)] = cfg.scale * mm(cfg, P, do_ref[:, tile(vb, bv)], ta=True)
+
+
+def dqkwg_channel_kernel(vn_ref, h_ref, dh_ref, do_ref, dvn_ref, dqg_ref, dkd_ref, dw_ref,
+                         dgc_ref, dp_ref, *, cfg, bv):
+    """gk, one Dk tile of a chunk: from `O = scale ((Q ⊙ γ) S + P U)` and
+    `S' = diag(γ_C) S + (K ⊙ d)ᵀ U` with end-state gradient dS' and the full dU:
+    `d(Q ⊙ γ) = scale dO Sᵀ`, `d(K ⊙ d) = U dS'ᵀ`, `dW = −dU Sᵀ`, `dγ_C = Σ_v S ⊙ dS'` and
+    `dP = scale tril(dO Uᵀ)` (the same in every Dk tile)."""
+    C, Dvp = do_ref.shape
+    bk = h_ref.shape[0]
+    r, c = iotas(C)
+
+    def acc(vb, carry):  # a fori_loop over Dv tiles: one tile's operands live at a time
+        dOS, UdS, dUS, dOU, SdS = carry
+        h = h_ref[:, tile(vb, bv)]
+        dh = dh_ref[:, tile(vb, bv)]
+        do = do_ref[:, tile(vb, bv)]
+        vn = vn_ref[:, tile(vb, bv)]
+        dOS = dOS + mm(cfg, do, h, tb=True)  # Σ_v dO Sᵀ
+        dOU = dOU + mm(cfg, do, vn, tb=True)  # Σ_v dO Uᵀ
+        UdS = UdS + mm(cfg, vn, dh, tb=True)  # Σ_v U dSᵀ
+        dUS = dUS + mm(cfg, dvn_ref[:, tile(vb, bv)], h, tb=True)  # Σ_v dU Sᵀ
+        SdS = SdS + jnp.sum(h.astype(F32) * dh.astype(F32), axis=1)
+        return dOS, UdS, dUS, dOU, SdS
+
+    z = jnp.zeros((C, bk), F32)
+    dOS, UdS, dUS, dOU, SdS = loop(Dvp // bv, acc, (z, z, z, jnp.zeros((C, C), F32),
+                                                    jnp.zeros((bk,), F32)))
+    dw_ref[...] = (-dUS).astype(dw_ref.dtype)
+    dqg_ref[...] = cfg.scale * dOS
+    dkd_ref[...] = UdS
+    dgc_ref[...] = SdS
+    dp_ref[...] = jnp.where(r >= c, cfg.scale * dOU, 0.0)
+
+
+def wy_bwd_channel_kernel(xg_ref, v_ref, b_ref, m_ref, ai_ref, dw_ref, du_ref, dxg_ref, dv_ref,
+                          db_ref, dm_ref, *, cfg, bk, bv):
+    """gk: back through `W = Ai diag(β)(X ⊙ γ)`, `Ũ = Ai diag(β) V`, `Ai = (I + A)⁻¹` and
+    `A = strict(diag(β) M)`: `d(X ⊙ γ) = diag(β) Aiᵀ dW`, `dv = diag(β) Aiᵀ dŨ`,
+    `dβ = Σ (X ⊙ γ) ⊙ Aiᵀ dW + Σ V ⊙ Aiᵀ dŨ + Σ_j dA ⊙ M`, `dM = diag(β) dA` with
+    `dA = strict(−Aiᵀ dAi Aiᵀ)` and `dAi = dW (β (X ⊙ γ))ᵀ + dŨ (βV)ᵀ`."""
+    C, Dkp = xg_ref.shape
+    r, c = iotas(C)
+    b = b_ref[...]
+    Ai = ai_ref[...]
+
+    def pass1_k(kb, dAi):
+        xg = xg_ref[:, tile(kb, bk)].astype(F32)
+        return dAi + mm(cfg, dw_ref[:, tile(kb, bk)], b[:, None] * xg, tb=True)
+
+    def pass1_v(vb, carry):
+        dAi, db = carry
+        v = v_ref[:, tile(vb, bv)].astype(F32)
+        du = du_ref[:, tile(vb, bv)]
+        t = mm(cfg, Ai, du, ta=True)  # Aiᵀ dŨ
+        dv_ref[:, tile(vb, bv)] = b[:, None] * t
+        return dAi + mm(cfg, du, b[:, None] * v, tb=True), db + jnp.sum(v * t, axis=1)
+
+    dAi = loop(Dkp // bk, pass1_k, jnp.zeros((C, C), F32))
+    dAi, db = loop(v_ref.shape[1] // bv, pass1_v, (dAi, jnp.zeros((C,), F32)))
+    dA = -mm(cfg, mm(cfg, Ai, dAi, ta=True, f32=True), Ai, tb=True, f32=True)
+    D = jnp.where(r > c, dA, 0.0)
+    dm_ref[...] = b[:, None] * D
+    db = db + jnp.sum(D * m_ref[...], axis=1)
+
+    def pass2(kb, db):
+        xg = xg_ref[:, tile(kb, bk)].astype(F32)
+        t = mm(cfg, Ai, dw_ref[:, tile(kb, bk)], ta=True)  # Aiᵀ dW
+        dxg_ref[:, tile(kb, bk)] = b[:, None] * t
+        return db + jnp.sum(xg * t, axis=1)
+
+    db_ref[...] = loop(Dkp // bk, pass2, db)
