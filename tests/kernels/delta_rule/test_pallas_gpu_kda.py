@@ -155,3 +155,16 @@ def test_gk_mild_decay_long_chunks():
     """Slow decays (many channels near 0): cross-block factors over a whole chunk of 64."""
     a = make_gk_inputs("kda_gated_qdelta", B=1, T=80, H=2, Dk=16, Dv=8, seed=8, scale=0.05)
     _compare(a, 64)
+
+
+def test_public_op_takes_gk_and_cu_seqlens():
+    """`delta_rule(impl="pallas")` (the GPU kernels in interpret mode on CPU) now runs gk and
+    cu_seqlens itself instead of refusing them."""
+    a = _packed_inputs("kda_gated_qdelta", 13, gk=True)
+    run = lambda impl: delta_rule(a["q"], a["k"], a["v"], a["beta"], g=a["g"], lam=a["lam"],
+                                  gk=a["gk"], initial_state=a["initial_state"],
+                                  cu_seqlens=jnp.asarray(CU), impl=impl, chunk_size=16)
+    o, S = run("pallas")
+    o_ref, S_ref = run("reference")
+    assert_close("o", o_ref, o, ratio=RATIO_F32)
+    assert_close("S", S_ref, S, ratio=RATIO_F32)
