@@ -25,7 +25,10 @@ chunking, masked before every exp, so nothing overflows and −inf channel reset
 passes them into `intra_fwd_gk_kernel` / `intra_bwd_gk_kernel` and the state kernels; all
 Dk × Dv state work stays in the kernels. The backward takes the factors' gradients (pass 4)
 back to q, k, λ and gk through the VJP of `_channel_factors` (within each chunk, per channel:
-dgk the reverse cumsum of the gradient of the cumulative log decay, 0 at a reset).
+dgk the reverse cumsum of the gradient of the cumulative log decay, 0 at a reset). The
+factors cost HBM traffic the scalar-decay modes do not have: M and P `[C, C]` per chunk, Xγ,
+Qγ, Kd `[C, Dk]`, and the secondary chunking's element-wise block of `c` (≤ √C) times the
+size of k inside the jnp (and kept by its VJP in the backward).
 
 Chunk restarts `rs`/`h0s` (`TAKES_RESTARTS`; packed sequences, `ops.py` / `packing.py`): only
 the state kernels change. The forward records each chunk's carried state (`pre`), then starts
@@ -35,11 +38,11 @@ previous chunk.
 
 Head dims are zero-padded to multiples of 128 (the lane width), T to N·C (β = 0, g = 0 on the
 padding, which is exact). Every block's last two dims are `(C, D)`, `(C, 1)` or
-`(Dk, block_v)`: multiples of (8, 128) or full, as Mosaic requires. The backward keeps only the
-inputs as residuals and re-runs (1) and (2) for W and the chunk states (as
-flash-linear-attention does), then runs (3) and (4). `ops.py` wraps `delta_rule_fwd` /
-`delta_rule_bwd` in the custom VJP and runs it under `nonfinite.contain`; g = −inf (a full
-reset) is exact.
+`(Dk, block_v)` (with gk also `(C, C)` and `(Dk, 1)`; restart flags `(1, 1)`): multiples of
+(8, 128) or full, as Mosaic requires. The backward keeps only the inputs as residuals and
+re-runs (1) and (2) for W and the chunk states (as flash-linear-attention does), then runs (3)
+and (4). `ops.py` wraps `delta_rule_fwd` / `delta_rule_bwd` in the custom VJP and runs it
+under `nonfinite.contain`; g = −inf (a full reset) is exact.
 
 Axis letters: B batch, T time, H heads, Dk/Dv head dims, N chunks, C chunk length.
 """

@@ -157,3 +157,27 @@ def test_gk_packed_matches_reference():
     """gk with cu_seqlens (g and λ too): restarts and per-channel decay together."""
     a, do, dS = _packed_inputs("kda_gated_qdelta", 31, gk=True)
     _check(a, do, dS, 16, packed=True)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["gk", "gk_packed"])
+def test_gk_and_restarts_lower_for_tpu(packed):
+    """`impl="pallas"` exported for TPU runs the Mosaic lowering of the gk and restart kernels
+    (forward and gradient); `tests/tpu_compile` compiles them to the end where libtpu is."""
+    sd = jax.ShapeDtypeStruct
+    T, H, Dk, Dv = 50, 2, 20, 36
+    vec = sd((1, T, H), jnp.bfloat16)
+    args = (sd((1, T, H, Dk), jnp.bfloat16), sd((1, T, H, Dk), jnp.bfloat16),
+            sd((1, T, H, Dv), jnp.bfloat16), vec, vec, sd((1, T, H, Dk), jnp.float32))
+    cu = sd((4,), jnp.int32) if packed else None
+
+    def loss(q, k, v, beta, lam, gk, cu):
+        o, S = delta_rule(q, k, v, beta, lam=lam, gk=gk, cu_seqlens=cu, impl="pallas",
+                          chunk_size=16)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(S)
+
+    grad = jax.grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+    text = jax.export.export(jax.jit(grad), platforms=["tpu"])(*args, cu).mlir_module()
+    assert "tpu_custom_call" in text
+    for name in ("delta_rule_intra_fwd_gk", "delta_rule_state_fwd", "delta_rule_state_bwd",
+                 "delta_rule_intra_bwd_gk"):
+        assert name in text
