@@ -25,6 +25,18 @@ The authors' LM recipe is `lm_recipe(...)`: top-1, Switch loss 1e-2, no z-loss, 
 η = 5e-5 most entries then never change) and two GHA steps per micro-batch (`gha_steps=2`, the
 activation recomputation of `--recompute-modules moe` runs the step again).
 
+DeepSeek-V3-style scoring and selection, for routers upcycled from `aux_free` (DeepSeek-V3,
+Kimi Linear; `moejax.interop.upcycle.to_star`), are options whose defaults are the behaviour
+above: `score_fn="sigmoid"` scores each expert `s = σ(logits)` instead of `softmax(logits)`
+(probs `s / Σ s`); `selection_bias` keeps a bias `b` (`[E]`, the checkpoint's
+`e_score_correction_bias`) in router state that is added to the scores for selection only, the
+weights being the unbiased scores (with `bias_update_rate` γ > 0, `b` follows the aux-free
+update `b += γ sign(mean_load − load)` after each training forward); `n_group` / `topk_group`
+limit selection to the `topk_group` best of `n_group` expert groups (a group scored by the sum
+of its two largest biased scores); `routed_scaling_factor` multiplies the weights (after
+`renormalize`, aux-free's `norm_topk_prob`). With these set as the aux-free router's, the learned
+gate carrying its `W_g` and σ(a) → 1, STAR routes exactly as that router does.
+
 Test-time updates (`test_time_update`) follow the paper's text; the released code updates only
 in training. With `axis_name` set, the means over N are global (`psum` over that axis), so every
 data-parallel replica holds the same `V` (the authors' buffer is not synced across ranks). Tokens
@@ -48,13 +60,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from moejax.routers import base, common, losses
+from moejax.routers import aux_free, base, common, losses
 from moejax.validation import check_axis_name, check_bool, check_choice, check_int, check_range
 
 Array = jax.Array
 _HI = jax.lax.Precision.HIGHEST
 V_INITS = ("normal", "orthonormal")
 V_DTYPES = ("float32", "bfloat16")
+SCORE_FNS = ("softmax", "sigmoid")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,7 +95,17 @@ class Config(base.RouterConfig):
       load_balance_weight: α of the Switch loss on the mixed logits' probabilities (≥ 0; 0, the
         default, disables it; the authors' LM pre-training uses top-1 with 1e-2).
       axis_name: mapped axis (pmap / shard_map / vmap), or tuple of axes, over which the means
-        over N are global.
+        over N (and, with `bias_update_rate`, the loads) are global.
+      score_fn: `"softmax"` (the authors': scores `softmax(logits)`, which are also the probs) or
+        `"sigmoid"` (DeepSeek-V3's affinities `s = σ(logits)`; probs `s / Σ s`).
+      selection_bias: keep a bias `b: [E]` in router state (`state["bias"]`, zeros at init; no
+        gradient) added to the scores for selection only (aux-free's `e_score_correction_bias`).
+      bias_update_rate: γ ≥ 0 of the aux-free bias update after each training forward (0, the
+        default, keeps `b` fixed; > 0 needs `selection_bias`).
+      n_group: expert groups for group-limited selection (≥ 1; 1, the default, is plain top-k);
+        must divide `num_experts` into groups of ≥ 2.
+      topk_group: groups a token may select from (1..n_group; None: all `n_group`).
+      routed_scaling_factor: > 0, multiplies the weights after `renormalize` (1, the default).
     """
 
     eta: float = 2e-5
@@ -96,6 +119,12 @@ class Config(base.RouterConfig):
     renormalize: bool = False
     load_balance_weight: float = 0.0
     axis_name: str | tuple[str, ...] | None = None
+    score_fn: str = "softmax"
+    selection_bias: bool = False
+    bias_update_rate: float = 0.0
+    n_group: int = 1
+    topk_group: int | None = None
+    routed_scaling_factor: float = 1.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -110,6 +139,26 @@ class Config(base.RouterConfig):
         check_range("load_balance_weight", self.load_balance_weight, 0.0, float("inf"),
                     lo_open=False, hi_open=True)
         check_axis_name("axis_name", self.axis_name)
+        check_choice("score_fn", self.score_fn, SCORE_FNS)
+        check_bool("selection_bias", self.selection_bias)
+        check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
+                    lo_open=False, hi_open=True)
+        if self.bias_update_rate > 0 and not self.selection_bias:
+            raise ValueError(f"bias_update_rate={self.bias_update_rate} updates the selection "
+                             "bias: set selection_bias=True")
+        check_int("n_group", self.n_group, lo=1)
+        E = self.num_experts
+        if E % self.n_group or (self.n_group > 1 and E // self.n_group < 2):
+            raise ValueError(f"n_group={self.n_group} must divide num_experts={E} into groups of "
+                             f">= 2 experts (a group scores its two best)")
+        if self.topk_group is None:
+            object.__setattr__(self, "topk_group", self.n_group)
+        check_int("topk_group", self.topk_group, lo=1, hi=self.n_group)
+        if self.top_k > self.topk_group * (E // self.n_group):
+            raise ValueError(f"top_k={self.top_k} exceeds the topk_group={self.topk_group} "
+                             f"eligible groups of {E // self.n_group} experts")
+        check_range("routed_scaling_factor", self.routed_scaling_factor, 0.0, float("inf"),
+                    hi_open=True)
 
 
 def lm_recipe(d_model: int, num_experts: int, *, quirks: bool = False, **overrides) -> Config:
@@ -135,7 +184,8 @@ def _storage(cfg: Config):
 
 
 def init(key: Array, cfg: Config) -> tuple[dict, dict]:
-    """Returns params `{"w_g": [E, d], "r" | "p": [E, E], "a": [E]}` and state `{"v": [E, d]}`.
+    """Returns params `{"w_g": [E, d], "r" | "p": [E, E], "a": [E]}` and state `{"v": [E, d]}`
+    (with `selection_bias` also `"bias": <float32>[E]` zeros).
 
     `W_g ~ N(0, gate_init_std²)` (or `d**-0.5` std); `V` per `cfg.v_init`, stored as
     `cfg.v_dtype` (bf16: the normalised rows rounded); a free `R` starts random orthogonal, `P`
@@ -157,7 +207,10 @@ def init(key: Array, cfg: Config) -> tuple[dict, dict]:
         params["p"] = jnp.zeros((E, E), jnp.float32)
     else:
         params["r"] = jax.nn.initializers.orthogonal()(k_r, (E, E), jnp.float32)
-    return params, {"v": v.astype(_storage(cfg))}
+    state = {"v": v.astype(_storage(cfg))}
+    if cfg.selection_bias:
+        state["bias"] = jnp.zeros((E,), jnp.float32)
+    return params, state
 
 
 def rotation(params: dict, cfg: Config) -> Array:
@@ -199,11 +252,13 @@ def gha_step(v: Array, x: Array, *, eta: float, axis_name: str | tuple[str, ...]
 
 def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
           rng: Array | None = None) -> tuple[base.RouterOutput, dict]:
-    """GHA-updates `V` (train, or eval with `test_time_update`), then routes `x: [N, d]` top-k.
+    """GHA-updates `V` (train, or eval with `test_time_update`), then routes `x: [N, d]` top-k
+    (of the scores plus the selection bias, within the eligible groups, if set).
 
     Args:
       params: `{"w_g": [E, d], "r" or "p": [E, E], "a": [E]}`.
-      state: `{"v": [E, d]}` (may also hold `"active": <bool>[E]`).
+      state: `{"v": [E, d]}` (with `selection_bias` also `"bias": [E]`; may also hold
+        `"active": <bool>[E]`).
       x: `[N, d]` tokens, any float dtype (routing runs in float32); rows with NaN/Inf are
         routed nowhere and left out of every loss, metric and statistic.
       cfg: `Config`.
@@ -211,8 +266,10 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
       rng: unused.
 
     Returns:
-      `(RouterOutput, new_state)` (`new_state["v"]` keeps `cfg.v_dtype`); metrics `mix_mean`
-      (mean σ(a)), `v_update_norm` (‖V_new − V‖_F), `switch_loss`.
+      `(RouterOutput, new_state)` (`new_state["v"]` keeps `cfg.v_dtype`; with
+      `bias_update_rate` > 0 and `train`, `new_state["bias"]` is the updated bias, from this
+      forward's selection); metrics `mix_mean` (mean σ(a)), `v_update_norm` (‖V_new − V‖_F),
+      `switch_loss`, and with `selection_bias` `bias_abs_max` (max |b| used here).
     """
     del rng
     base.check_input(x, cfg)
@@ -231,16 +288,42 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     else:
         logits = mix * common.gate_logits(params, x) + (1.0 - mix) * sub
     logits = common.mask_inactive(logits, state)
-    probs = jax.nn.softmax(logits, axis=-1)
-    mask = common.topk_mask(probs, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
-    weights = common.masked_weights(probs, mask, renormalize=cfg.renormalize)
+    if cfg.score_fn == "sigmoid":
+        scores = jax.nn.sigmoid(logits)  # σ(−inf) = 0 on inactive slots
+        probs = scores / jnp.maximum(jnp.sum(scores, axis=-1, keepdims=True), 1e-30)
+    else:
+        scores = probs = jax.nn.softmax(logits, axis=-1)
+    bias = None
+    if cfg.selection_bias:
+        if "bias" not in state:
+            raise ValueError("star.route with selection_bias=True needs state['bias'] of shape "
+                             "[num_experts]; use init()")
+        bias = jax.lax.stop_gradient(state["bias"].astype(jnp.float32))
+    if bias is None and cfg.topk_group == cfg.n_group:
+        mask = common.topk_mask(scores, cfg.top_k) & jnp.isfinite(logits) & valid[:, None]
+    else:  # aux-free's selection: biased scores, eligible groups only
+        choice = scores if bias is None else scores + bias
+        choice = jnp.where(jnp.isfinite(logits) & valid[:, None], choice, -jnp.inf)
+        if cfg.topk_group < cfg.n_group:
+            choice = jnp.where(aux_free._eligible_groups(choice, cfg), choice, -jnp.inf)
+        mask = common.topk_mask(choice, cfg.top_k) & jnp.isfinite(choice)
+    weights = common.masked_weights(scores, mask, renormalize=cfg.renormalize)
+    if cfg.routed_scaling_factor != 1.0:
+        weights = cfg.routed_scaling_factor * weights
     switch = losses.switch_load_balance_loss(probs, mask, weight=cfg.load_balance_weight,
                                              valid=valid)
     metrics = {"switch_loss": switch, "mix_mean": jnp.mean(mix),
                "v_update_norm": jnp.linalg.norm(v.astype(jnp.float32)
                                                 - v_old.astype(jnp.float32))}
+    new_state = {**state, "v": v}
+    if bias is not None:
+        metrics["bias_abs_max"] = jnp.max(jnp.abs(bias))
+        if train and cfg.bias_update_rate > 0:
+            active = state.get("active", jnp.ones((cfg.num_experts,), jnp.bool_))
+            new_state["bias"] = aux_free.update_bias(bias, mask, active, cfg.bias_update_rate,
+                                                     cfg.axis_name)
     return base.RouterOutput(weights=weights, mask=mask, probs=probs, aux_loss=switch,
-                             metrics=metrics), {**state, "v": v}
+                             metrics=metrics), new_state
 
 
 def max_assignments(cfg: Config) -> int:

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from moejax.routers import star
+from moejax.routers import aux_free, star
 from tests.routers import helpers_p as H
 
 CFG = star.Config(d_model=H.D, num_experts=H.E, top_k=2, orthogonal_r=True)
@@ -220,8 +220,119 @@ def test_global_means_over_axis_name():
     np.testing.assert_allclose(out_ax.weights.reshape(-1, H.E), out.weights, atol=1e-6)
 
 
+# ------------------------------------------- DeepSeek-V3 / aux-free options (upcycled routers)
+
+
+def _aux_pair(n_group, topk_group, norm, factor, E=16, d=12, k=3):
+    aux = aux_free.Config(d_model=d, num_experts=E, top_k=k, n_group=n_group,
+                          topk_group=topk_group, norm_topk_prob=norm,
+                          routed_scaling_factor=factor, bias_update_rate=1e-2)
+    cfg = star.Config(d_model=d, num_experts=E, top_k=k, n_group=n_group, topk_group=topk_group,
+                      renormalize=norm, routed_scaling_factor=factor, score_fn="sigmoid",
+                      selection_bias=True, bias_update_rate=1e-2)
+    return aux, cfg
+
+
+@pytest.mark.parametrize("n_group,topk_group,norm,factor", [
+    (1, 1, True, 1.0), (4, 2, True, 2.5), (4, 1, False, 1.0), (8, 3, False, 0.7)])
+def test_aux_free_options_route_as_aux_free_at_full_mix(n_group, topk_group, norm, factor):
+    """With aux-free's options, its W_g and σ(a) = 1 (in float32), STAR's selection, weights,
+    probs and bias update are aux-free's, bit for bit (aux-free itself equals transformers'
+    DeepseekV3TopkRouter: test_aux_free); at σ(a) = 0.5 the subspace term changes them."""
+    aux, cfg = _aux_pair(n_group, topk_group, norm, factor)
+    E, d = cfg.num_experts, cfg.d_model
+    ks = jax.random.split(jax.random.key(n_group), 4)
+    w = jax.random.normal(ks[0], (E, d))
+    bias = 0.3 * jax.random.normal(ks[1], (E,))
+    x = jax.random.normal(ks[2], (64, d)).at[5].set(jnp.nan)  # a bad token: routed nowhere
+    active = jnp.ones((E,), bool).at[3].set(False)
+    params, state = star.init(ks[3], cfg)
+    np.testing.assert_array_equal(state["bias"], np.zeros(E))
+    full = {**params, "w_g": w, "a": jnp.full((E,), 30.0)}  # σ(30) = 1 in float32
+    assert float(jax.nn.sigmoid(full["a"][0])) == 1.0
+    for extra in ({}, {"active": active}):
+        ref, ref_state = aux_free.route({"w_g": w}, {"bias": bias, **extra}, x, cfg=aux,
+                                        train=True)
+        out, new_state = star.route(full, {**state, "bias": bias, **extra}, x, cfg=cfg,
+                                    train=True)
+        for name in ("mask", "weights", "probs"):
+            np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
+        np.testing.assert_array_equal(new_state["bias"], ref_state["bias"])
+        assert not np.array_equal(new_state["bias"], bias)  # the update is on
+        np.testing.assert_array_equal(out.metrics["bias_abs_max"], ref.metrics["bias_abs_max"])
+        assert not np.asarray(out.mask)[5].any()
+    half, _ = star.route({**params, "w_g": w}, {**state, "bias": bias}, x, cfg=cfg, train=False)
+    assert np.abs(np.asarray(half.weights) - np.asarray(ref.weights)).max() > 1e-3
+
+
+@pytest.mark.parametrize("score_fn", star.SCORE_FNS)
+def test_selection_bias_steers_selection_not_weights(score_fn):
+    cfg = star.Config(d_model=H.D, num_experts=H.E, top_k=2, score_fn=score_fn,
+                      selection_bias=True, routed_scaling_factor=2.0)
+    params, state = H.setup(star, cfg, 0)
+    x = H.make_x(3)
+    plain, _ = star.route(params, state, x, cfg=cfg, train=True)  # bias 0, rate 0
+    boosted, new_state = star.route(params, {**state, "bias": jnp.zeros(H.E).at[4].set(10.0)}, x,
+                                    cfg=cfg, train=True)
+    np.testing.assert_array_equal(new_state["bias"][4], 10.0)  # bias_update_rate 0: fixed
+    assert np.asarray(boosted.mask)[:, 4].all()  # selected by every token ...
+    # ... with its unbiased score as weight (× the scaling factor): the probs for softmax,
+    # σ(logits) for sigmoid (whose probs are those normalised).
+    if score_fn == "softmax":
+        scores = np.asarray(plain.probs)
+    else:
+        scores = np.asarray(jax.nn.sigmoid(_mixed_logits(params, new_state, x, cfg)))
+        np.testing.assert_allclose(plain.probs, scores / scores.sum(-1, keepdims=True),
+                                   rtol=1e-5)
+    np.testing.assert_allclose(boosted.weights, 2.0 * np.where(boosted.mask, scores, 0.0),
+                               rtol=1e-5)
+
+
+def _mixed_logits(params, state, x, cfg):
+    z = star.rotation(params, cfg) @ state["v"]
+    mix = jax.nn.sigmoid(params["a"])
+    return mix * (x @ params["w_g"].T) + (1 - mix) * (x @ z.T)
+
+
+def test_general_selection_path_agrees_with_the_default_one():
+    # A zero selection bias takes the biased / grouped selection code; it selects and weighs as
+    # the default (plain top-k) code does, softmax and sigmoid alike.
+    for score_fn in star.SCORE_FNS:
+        cfg = star.Config(d_model=H.D, num_experts=H.E, top_k=2, score_fn=score_fn,
+                          renormalize=True)
+        biased = dataclasses.replace(cfg, selection_bias=True)
+        params, state = H.setup(star, cfg, 1, active=np.array([1, 1, 0, 1, 1, 1], bool))
+        x = H.make_x(4).at[2].set(jnp.inf)
+        a, _ = star.route(params, state, x, cfg=cfg, train=False)
+        b, _ = star.route(params, {**state, "bias": jnp.zeros(H.E)}, x, cfg=biased, train=False)
+        np.testing.assert_array_equal(a.mask, b.mask)
+        np.testing.assert_array_equal(a.weights, b.weights)
+
+
+def test_aux_free_options_gradients_and_state():
+    _, cfg = _aux_pair(4, 2, True, 2.5, E=8, d=H.D, k=2)
+    params, state = H.setup(star, cfg, 0)
+    assert set(state) == {"v", "bias"} and state["bias"].dtype == np.float32
+    state = {**state, "bias": 0.1 * jax.random.normal(jax.random.key(1), (8,))}
+    g, g_state = H.grads(star, cfg, params, state, H.make_x(6), train=True, wrt="both")
+    np.testing.assert_array_equal(g_state["bias"], 0.0)  # selection only: no gradient
+    np.testing.assert_array_equal(g_state["v"], 0.0)
+    assert all(H.nonzero(g[name]) for name in ("w_g", "r", "a"))
+    _, kept = star.route(params, state, H.make_x(6), cfg=cfg, train=False)  # eval: no update
+    np.testing.assert_array_equal(kept["bias"], state["bias"])
+    with pytest.raises(ValueError, match=r"selection_bias=True needs state\['bias'\]"):
+        star.route(params, {"v": state["v"]}, H.make_x(6), cfg=cfg, train=False)
+
+
 @pytest.mark.parametrize("kwargs, field", [
     ({"eta": -1e-3}, "eta"), ({"eta": float("nan")}, "eta"), ({"orthogonal_r": 1}, "orthogonal_r"),
+    ({"score_fn": "tanh"}, "score_fn"), ({"selection_bias": 1}, "selection_bias"),
+    ({"bias_update_rate": -1.0}, "bias_update_rate"),
+    ({"bias_update_rate": 1e-3}, "set selection_bias=True"), ({"n_group": 0}, "n_group"),
+    ({"n_group": 4}, "n_group=4 must divide"), ({"n_group": 6}, "groups of >= 2"),
+    ({"n_group": 3, "topk_group": 4}, "topk_group"),
+    ({"n_group": 3, "topk_group": 1, "top_k": 3}, "top_k=3 exceeds"),
+    ({"routed_scaling_factor": 0.0}, "routed_scaling_factor"),
     ({"gate_init_std": 0.0}, "gate_init_std"), ({"v_init": "qr"}, "v_init"),
     ({"v_dtype": "float16"}, "v_dtype"), ({"gha_steps": 0}, "gha_steps"),
     ({"test_time_update": None}, "test_time_update"), ({"axis_name": 3}, "axis_name"),
