@@ -125,8 +125,9 @@ def test_packed_each_sequence_alone():
 # ------------------------------------------------------------------------------------------
 # Per-channel decay.
 
-# (mode, chunk size, T): T not a multiple of C, two chunk sizes, with and without λ and g.
-GK_CASES = [("kda", 16, 40), ("kda_gated_qdelta", 32, 71)]
+# (mode, chunk size, T): T not a multiple of C, two chunk sizes (sub-chunks of 4 and 8), with
+# and without λ and g.
+GK_CASES = [("kda", 16, 40), ("kda_gated_qdelta", 64, 71)]
 
 
 @pytest.mark.parametrize("mode,chunk_size,T", GK_CASES)
