@@ -22,7 +22,14 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers.norms import rms_norm, rms_norm_init
-from moejax.layers.segments import attention_mask, check_attention_input
+from moejax.layers.segments import (
+    attention_mask,
+    check_attention_input,
+    fresh_or_nan,
+    key_mask,
+    pack,
+    scatter_rows,
+)
 from moejax.validation import check_bool, check_int, check_number, check_range
 
 Array = jax.Array
@@ -114,10 +121,12 @@ def init(key: Array, cfg: AttentionConfig) -> dict:
 
 
 def init_cache(cfg: AttentionConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Empty KV cache with room for `max_len` positions; `pos` is the next position to write."""
+    """Empty KV cache with room for `max_len` positions; `pos` is the next position to write,
+    `start` `[B]` each row's first valid position (not 0 after a packed prefill,
+    `segments.Packed`)."""
     shape = (batch, max_len, cfg.kv_heads, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype),
-            "pos": jnp.zeros((), jnp.int32)}
+            "pos": jnp.zeros((), jnp.int32), "start": jnp.zeros((batch,), jnp.int32)}
 
 
 def rotary(x: Array, positions: Array, theta: float, rotary_dim: int | None = None) -> Array:
@@ -139,29 +148,28 @@ def rotary(x: Array, positions: Array, theta: float, rotary_dim: int | None = No
 
 
 def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = None,
-          segment_ids: Array | None = None) -> tuple[Array, dict | None]:
+          segment_ids: Array | None = None, cu_seqlens: Array | None = None
+          ) -> tuple[Array, dict | None]:
     """Causal attention over `x` `[B, T, d]`; with `cache`, appends to it and attends to it.
 
     `segment_ids` (`[B, T]` int document ids of packed rows, no cache): a query attends only
     to keys of its own document. Positions keep counting across documents; rotary scores
     depend only on the distance, so each document gets what it gets alone.
 
+    `cu_seqlens` (`[N + 1]`, B = 1): N prompts packed in one row, each attending to itself;
+    with `cache` (fresh, N rows) each prompt fills its own row, right-aligned
+    (`segments.Packed`), so decoding continues all N at one position.
+
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
     """
-    check_attention_input(x, cfg.d_model, segment_ids, cache)
-    B, T, _ = x.shape
-    H, Dh = cfg.num_heads, cfg.head_dim
-    proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, -1, Dh)
-    q, k, v = proj("w_q"), proj("w_k"), proj("w_v")
-    if cfg.qk_norm:
-        norm = lambda name, a: rms_norm(params[name], a, eps=cfg.norm_eps,
-                                        zero_centered=cfg.zero_centered_norm)
-        q, k = norm("q_norm", q), norm("k_norm", k)
+    check_attention_input(x, cfg.d_model, segment_ids, cache, cu_seqlens)
+    if cu_seqlens is not None:
+        return _apply_packed(params, x, cfg, cache, cu_seqlens)
+    T = x.shape[1]
     start = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
     positions = start + jnp.arange(T)
-    q = rotary(q, positions, cfg.rope_theta, cfg.rotary)
-    k = rotary(k, positions, cfg.rope_theta, cfg.rotary)
+    q, k, v = _qkv(params, x, cfg, positions)
     if cache is None:
         o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(segment_ids),
                                          is_causal=True)
@@ -169,11 +177,48 @@ def apply(params: dict, x: Array, *, cfg: AttentionConfig, cache: dict | None = 
     else:
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), start, 1)
         cv = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), start, 1)
-        S = ck.shape[1]
-        mask = jnp.arange(S)[None, :] <= positions[:, None]  # [T, S]: causal over the cache
-        o = jax.nn.dot_product_attention(q, ck.astype(x.dtype), cv.astype(x.dtype),
-                                         mask=mask[None, None])
-        new_cache = {"k": ck, "v": cv, "pos": start + T}
+        mask = key_mask(cache["start"], positions, ck.shape[1])
+        o = jax.nn.dot_product_attention(q, ck.astype(x.dtype), cv.astype(x.dtype), mask=mask)
+        new_cache = {**cache, "k": ck, "v": cv, "pos": start + T}
+    return _out(params, x, o, cfg), new_cache
+
+
+def _qkv(params, x, cfg: AttentionConfig, positions):
+    """Rotated (and q/k-normed) `q [B, T, H, Dh]`, `k, v [B, T, Hkv, Dh]` at `positions`."""
+    B, T, _ = x.shape
+    proj = lambda name: (x @ params[name].astype(x.dtype)).reshape(B, T, -1, cfg.head_dim)
+    q, k, v = proj("w_q"), proj("w_k"), proj("w_v")
+    if cfg.qk_norm:
+        norm = lambda name, a: rms_norm(params[name], a, eps=cfg.norm_eps,
+                                        zero_centered=cfg.zero_centered_norm)
+        q, k = norm("q_norm", q), norm("k_norm", k)
+    return (rotary(q, positions, cfg.rope_theta, cfg.rotary),
+            rotary(k, positions, cfg.rope_theta, cfg.rotary), v)
+
+
+def _out(params, x, o, cfg: AttentionConfig):
+    """The (gated) out-projection of `o` `[B, T, H, Dh]`."""
+    B, T, _ = x.shape
     if cfg.gated:
-        o = o * jax.nn.sigmoid(proj("w_gate"))
-    return o.reshape(B, T, H * Dh) @ params["w_out"].astype(x.dtype), new_cache
+        gate = (x @ params["w_gate"].astype(x.dtype)).reshape(o.shape)
+        o = o * jax.nn.sigmoid(gate)
+    return o.reshape(B, T, -1) @ params["w_out"].astype(x.dtype)
+
+
+def _apply_packed(params, x, cfg: AttentionConfig, cache, cu_seqlens):
+    """`apply` for prompts packed by `cu_seqlens`: each attends to itself; with a (fresh) cache
+    of N rows, prompt n's keys land right-aligned in row n (`segments.Packed`)."""
+    T = x.shape[1]
+    packed = pack(cu_seqlens, T)
+    positions = jnp.arange(T) if cache is None else packed.slot
+    q, k, v = _qkv(params, x, cfg, positions)
+    o = jax.nn.dot_product_attention(q, k, v, mask=attention_mask(packed.segment_ids),
+                                     is_causal=True)
+    y = _out(params, x, o, cfg)
+    if cache is None:
+        return y, None
+    N, S = cache["k"].shape[:2]
+    new_cache = {"k": scatter_rows(N, S, k, packed, cache["k"].dtype),
+                 "v": scatter_rows(N, S, v, packed, cache["v"].dtype),
+                 "pos": packed.P, "start": packed.start}
+    return fresh_or_nan(y, cache, packed, S), new_cache

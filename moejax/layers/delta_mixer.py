@@ -51,8 +51,13 @@ import jax.numpy as jnp
 from moejax.kernels.delta_rule import delta_rule, delta_rule_step
 from moejax.kernels.delta_rule.ops import IMPL_NAMES, PAIRINGS  # noqa: F401 (PAIRINGS re-exported)
 from moejax.layers.norms import GATE_ACTIVATIONS, gated_rms_norm, l2_normalize, rms_norm_init
-from moejax.layers.segments import check_segment_ids, document_starts
-from moejax.layers.short_conv import short_conv, short_conv_cache, short_conv_init
+from moejax.layers.segments import check_cu_seqlens, check_segment_ids, document_starts
+from moejax.layers.short_conv import (
+    short_conv,
+    short_conv_cache,
+    short_conv_init,
+    short_conv_packed,
+)
 from moejax.validation import (
     check_array,
     check_bool,
@@ -318,15 +323,21 @@ def init_cache(cfg: DeltaMixerConfig, batch: int, dtype=jnp.float32) -> dict:
     }
 
 
-def _features(params, x, cache, cfg, segment_ids=None):
+def _features(params, x, cache, cfg, segment_ids=None, cu_seqlens=None):
     """Projections, convs and gates for `x` `[B, T, d]`; returns (feats dict, new conv caches).
     With `segment_ids` the convs restart at each document and the decay is −inf at its first
-    step (`document_starts`), so the delta-rule state restarts from zero there."""
+    step (`document_starts`), so the delta-rule state restarts from zero there. With
+    `cu_seqlens` (packed sequences, B = 1) each sequence's convs continue its own cache row."""
     B, T, _ = x.shape
     H, Dk, Dv = cfg.num_heads, cfg.head_dim, cfg.value_dim
     mm = lambda w: x @ w.astype(x.dtype)
     cache = cache or {}
-    conv = lambda name, w: short_conv(params[name], mm(params[w]), cache.get(name), segment_ids)
+    if cu_seqlens is None:
+        conv = lambda name, w: short_conv(params[name], mm(params[w]), cache.get(name),
+                                          segment_ids)
+    else:
+        conv = lambda name, w: short_conv_packed(params[name], mm(params[w]), cu_seqlens,
+                                                 cache.get(name))
     q, cq = conv("conv_q", "w_q")
     k, ck = conv("conv_k", "w_k")
     v, cv = conv("conv_v", "w_v")
@@ -381,7 +392,8 @@ def _check_x(x, cfg, *, ndim):
 
 
 def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None = None,
-          segment_ids: Array | None = None) -> tuple[Array, dict]:
+          segment_ids: Array | None = None, cu_seqlens: Array | None = None
+          ) -> tuple[Array, dict]:
     """Mixes a sequence; with `cache`, continues the sequence the cache came from.
 
     Args:
@@ -392,6 +404,10 @@ def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None =
       segment_ids: `[B, T]` int document ids of packed rows, or None: each document (a run of
         equal ids) is mixed as if alone — short convs and the delta-rule state restart at its
         first step (a reset, `g` or `gk` = −inf there, so every impl takes it).
+      cu_seqlens: `[N + 1]` int boundaries of N sequences packed in one row (B = 1), or None:
+        sequence n continues row n of `cache` (N rows; None: fresh), as if alone, and the new
+        cache has N rows (`delta_rule(cu_seqlens=)`); e.g. a batch of prompts of different
+        lengths prefilled without padding. Not with `segment_ids`.
 
     Returns:
       `(y [B, T, d] in x's dtype, new_cache)`.
@@ -399,10 +415,15 @@ def apply(params: dict, x: Array, *, cfg: DeltaMixerConfig, cache: dict | None =
     _check_x(x, cfg, ndim=3)
     if segment_ids is not None:
         check_segment_ids(segment_ids, x.shape[:2])
-    f, conv = _features(params, x, cache, cfg, segment_ids)
+    if cu_seqlens is not None:
+        n = check_cu_seqlens(cu_seqlens, x.shape, segment_ids)
+        if cache is not None and cache["state"].shape[0] != n:
+            raise ValueError(f"the cache for {n} packed sequences (cu_seqlens) must have {n} "
+                             f"rows, got {cache['state'].shape[0]}")
+    f, conv = _features(params, x, cache, cfg, segment_ids, cu_seqlens)
     o, S = delta_rule(
         f["q"], f["k"], f["v"], f["beta"], g=f["g"], lam=f["lam"], gk=f["gk"],
-        initial_state=None if cache is None else cache["state"],
+        initial_state=None if cache is None else cache["state"], cu_seqlens=cu_seqlens,
         chunk_size=cfg.chunk_size, impl=cfg.impl, pairing=cfg.pairing,
     )
     return _output(params, x, o, cfg), {**conv, "state": S}

@@ -28,7 +28,14 @@ import jax.numpy as jnp
 
 from moejax.layers.attention import rotary
 from moejax.layers.norms import rms_norm, rms_norm_init
-from moejax.layers.segments import attention_mask, check_attention_input
+from moejax.layers.segments import (
+    attention_mask,
+    check_attention_input,
+    fresh_or_nan,
+    key_mask,
+    pack,
+    scatter_rows,
+)
 from moejax.validation import check_choice, check_int, check_range
 
 Array = jax.Array
@@ -131,10 +138,12 @@ def init(key: Array, cfg: MLAConfig) -> dict:
 
 
 def init_cache(cfg: MLAConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """Empty latent cache with room for `max_len` positions; `pos` is the next to write."""
+    """Empty latent cache with room for `max_len` positions; `pos` is the next to write,
+    `start` `[B]` each row's first valid position (not 0 after a packed prefill,
+    `segments.Packed`)."""
     return {"c": jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
             "k_rope": jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype),
-            "pos": jnp.zeros((), jnp.int32)}
+            "pos": jnp.zeros((), jnp.int32), "start": jnp.zeros((batch,), jnp.int32)}
 
 
 def _rope(x: Array, positions: Array, cfg: MLAConfig) -> Array:
@@ -148,9 +157,9 @@ def _rope(x: Array, positions: Array, cfg: MLAConfig) -> Array:
     return rotary(x, positions, cfg.rope_theta)
 
 
-def _project(params: dict, x: Array, cfg: MLAConfig, start: Array):
+def _project(params: dict, x: Array, cfg: MLAConfig, positions: Array):
     """Queries `(q_nope [B, T, H, Dn], q_rope [B, T, H, Dr])`, the normed latent
-    `c [B, T, r]` and the rotated rope key `kr [B, T, Dr]`."""
+    `c [B, T, r]` and the rope key `kr [B, T, Dr]`, rotated at `positions` `[T]`."""
     B, T, _ = x.shape
     mm = lambda a, name: a @ params[name].astype(a.dtype)
     if cfg.q_lora_rank is None:
@@ -159,7 +168,6 @@ def _project(params: dict, x: Array, cfg: MLAConfig, start: Array):
         q = mm(rms_norm(params["q_a_norm"], mm(x, "w_q_a"), eps=cfg.norm_eps), "w_q_b")
     q = q.reshape(B, T, cfg.num_heads, cfg.qk_head_dim)
     Dn = cfg.qk_nope_head_dim
-    positions = start + jnp.arange(T)
     q_nope, q_rope = q[..., :Dn], _rope(q[..., Dn:], positions, cfg)
     kv = mm(x, "w_kv_a")
     c = rms_norm(params["kv_a_norm"], kv[..., :cfg.kv_lora_rank], eps=cfg.norm_eps)
@@ -168,45 +176,59 @@ def _project(params: dict, x: Array, cfg: MLAConfig, start: Array):
 
 
 def apply(params: dict, x: Array, *, cfg: MLAConfig, cache: dict | None = None,
-          segment_ids: Array | None = None) -> tuple[Array, dict | None]:
+          segment_ids: Array | None = None, cu_seqlens: Array | None = None
+          ) -> tuple[Array, dict | None]:
     """Causal MLA over `x` `[B, T, d]`; with `cache`, appends the latents and attends to them.
 
     `segment_ids` (`[B, T]` int document ids of packed rows, no cache): a query attends only to
-    its own document.
+    its own document. `cu_seqlens` (`[N + 1]`, B = 1): N prompts packed in one row, each
+    attending to itself; with `cache` (fresh, N rows) each prompt's latents fill its own row,
+    right-aligned (`segments.Packed`), so decoding continues all N at one position.
 
     Returns:
       `(y [B, T, d], new_cache)` (`new_cache` is None when `cache` is None).
     """
-    check_attention_input(x, cfg.d_model, segment_ids, cache)
+    check_attention_input(x, cfg.d_model, segment_ids, cache, cu_seqlens, cache_key="c")
     B, T, _ = x.shape
     H, Dn, Dv, r = cfg.num_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    start = jnp.zeros((), jnp.int32) if cache is None else cache["pos"]
-    q_nope, q_rope, c, kr = _project(params, x, cfg, start)
     w_kv_b = params["w_kv_b"].astype(x.dtype).reshape(r, H, Dn + Dv)
-    if cache is None:
+    packed = None if cu_seqlens is None else pack(cu_seqlens, T)
+    if cache is None or packed is not None:
+        positions = jnp.arange(T) if cache is None else packed.slot
+        q_nope, q_rope, c, kr = _project(params, x, cfg, positions)
         kv = jnp.einsum("btr,rhe->bthe", c, w_kv_b)
         k = jnp.concatenate([kv[..., :Dn], jnp.broadcast_to(kr[:, :, None], (B, T, H,
                                                                              kr.shape[-1]))], -1)
         q = jnp.concatenate([q_nope, q_rope], -1)
         D = max(cfg.qk_head_dim, Dv)  # dot_product_attention wants one head dim: zero-pad
         pad = lambda a: jnp.pad(a, [(0, 0)] * 3 + [(0, D - a.shape[-1])])
+        docs = segment_ids if packed is None else packed.segment_ids
         o = jax.nn.dot_product_attention(pad(q), pad(k), pad(kv[..., Dn:]), scale=cfg.scale,
-                                         mask=attention_mask(segment_ids),
-                                         is_causal=True)[..., :Dv]
+                                         mask=attention_mask(docs), is_causal=True)[..., :Dv]
         new_cache = None
+        if cache is not None:  # packed prompts into a fresh cache
+            N, S = cache["c"].shape[:2]
+            new_cache = {"c": scatter_rows(N, S, c, packed, cache["c"].dtype),
+                         "k_rope": scatter_rows(N, S, kr, packed, cache["k_rope"].dtype),
+                         "pos": packed.P, "start": packed.start}
+            o = fresh_or_nan(o, cache, packed, S)
     else:
+        start = cache["pos"]
+        q_nope, q_rope, c, kr = _project(params, x, cfg, start + jnp.arange(T))
         cc = jax.lax.dynamic_update_slice_in_dim(cache["c"], c.astype(cache["c"].dtype), start, 1)
         ck = jax.lax.dynamic_update_slice_in_dim(cache["k_rope"],
                                                  kr.astype(cache["k_rope"].dtype), start, 1)
         o = _absorbed_attention(q_nope, q_rope, cc.astype(x.dtype), ck.astype(x.dtype),
-                                w_kv_b, start, cfg)
-        new_cache = {"c": cc, "k_rope": ck, "pos": start + T}
+                                w_kv_b, start, cache["start"], cfg)
+        new_cache = {**cache, "c": cc, "k_rope": ck, "pos": start + T}
     return o.reshape(B, T, H * Dv) @ params["w_out"].astype(x.dtype), new_cache
 
 
-def _absorbed_attention(q_nope, q_rope, c, kr, w_kv_b, start, cfg: MLAConfig) -> Array:
+def _absorbed_attention(q_nope, q_rope, c, kr, w_kv_b, start, row_start, cfg: MLAConfig
+                        ) -> Array:
     """Attention of queries at `start + [0, T)` over the cached latents `c` `[B, S, r]` and rope
-    keys `kr` `[B, S, Dr]` (causal), with `W_kvb` absorbed: nothing `[B, S, H, ·]` is formed."""
+    keys `kr` `[B, S, Dr]` (causal, row b from `row_start[b]` on), with `W_kvb` absorbed:
+    nothing `[B, S, H, ·]` is formed."""
     Dn = cfg.qk_nope_head_dim
     w_uk, w_uv = w_kv_b[..., :Dn], w_kv_b[..., Dn:]  # [r, H, Dn], [r, H, Dv]
     q_lat = jnp.einsum("bthn,rhn->bthr", q_nope, w_uk)
@@ -214,7 +236,7 @@ def _absorbed_attention(q_nope, q_rope, c, kr, w_kv_b, start, cfg: MLAConfig) ->
     scores = (jnp.einsum("bthr,bsr->bhts", f32(q_lat), f32(c))
               + jnp.einsum("bthp,bsp->bhts", f32(q_rope), f32(kr))) * cfg.scale
     T, S = q_nope.shape[1], c.shape[1]
-    causal = jnp.arange(S)[None, :] <= (start + jnp.arange(T))[:, None]  # [T, S]
-    p = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    mask = key_mask(row_start, start + jnp.arange(T), S)  # [B, 1, T, S]
+    p = jax.nn.softmax(jnp.where(mask, scores, -jnp.inf), axis=-1)
     o_lat = jnp.einsum("bhts,bsr->bthr", p, f32(c))
     return jnp.einsum("bthr,rhv->bthv", o_lat, f32(w_uv)).astype(q_nope.dtype)

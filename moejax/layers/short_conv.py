@@ -67,3 +67,47 @@ def short_conv(params: dict, x: Array, cache: Array | None = None,
                 for i, tap in enumerate(taps)]
     y = sum(w[i].astype(jnp.float32) * tap for i, tap in enumerate(taps))
     return y.astype(x.dtype), xp[:, T:]
+
+
+def short_conv_packed(params: dict, x: Array, cu_seqlens: Array, cache: Array | None = None
+                      ) -> tuple[Array, Array]:
+    """`short_conv` of N sequences packed in one row, each continuing its own cache row.
+
+    Args:
+      params: `{"w": [K, D]}`.
+      x: `[1, T, D]`, sequence n at steps `[cu[n], cu[n+1])`.
+      cu_seqlens: `[N + 1]` int boundaries (`0 = cu[0] < … < cu[N] = T`).
+      cache: `[N, K−1, D]` each sequence's previous inputs, or None for zeros.
+
+    Returns:
+      `(y [1, T, D], new_cache [N, K−1, D])`: each sequence's outputs and last K−1 inputs, as
+      `short_conv` gives them for that sequence alone.
+    """
+    w = params["w"]
+    K = w.shape[0]
+    _, T, D = x.shape
+    N = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.astype(jnp.int32)
+    if cache is None:
+        cache = jnp.zeros((N, K - 1, D), x.dtype)
+    hist = cache.astype(x.dtype)
+
+    def read(n, rel):
+        """Input `rel` steps into sequence n (negative: from its cache row)."""
+        from_x = rel >= 0
+        xi = jnp.clip(cu[n] + rel, 0, T - 1)
+        ci = jnp.clip(K - 1 + rel, 0, K - 2) if K > 1 else jnp.zeros_like(rel)
+        got_x = x[0, xi]
+        got_c = hist[n, ci] if K > 1 else jnp.zeros_like(got_x)
+        return jnp.where(from_x[..., None], got_x, got_c)
+
+    t = jnp.arange(T, dtype=jnp.int32)
+    seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
+    off = t - cu[seq]
+    y = sum(w[i].astype(jnp.float32) * read(seq, off + i - (K - 1)).astype(jnp.float32)
+            for i in range(K))
+    lengths = cu[1:] - cu[:-1]
+    n = jnp.arange(N, dtype=jnp.int32)[:, None]
+    rel = lengths[:, None] - (K - 1) + jnp.arange(K - 1, dtype=jnp.int32)[None, :]
+    new_cache = read(jnp.broadcast_to(n, rel.shape), rel)  # [N, K-1, D]
+    return y.astype(x.dtype)[None], new_cache

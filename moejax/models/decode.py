@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax.layers import attention, delta_mixer, mla
+from moejax.layers.segments import check_cu_seqlens
 from moejax.models import lm
 from moejax.validation import check_array, check_int, check_number, check_range
 
@@ -68,24 +69,38 @@ def _check_cache(cache: Any, cfg: LMConfig, source: str) -> None:
                          f"{source}), got {type(cache).__name__}")
 
 
-def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMConfig
-            ) -> tuple[Array, list]:
+def prefill(params: dict, state: dict, tokens: Array, cache: list, *, cfg: LMConfig,
+            cu_seqlens: Array | None = None) -> tuple[Array, list]:
     """Feeds `tokens` `[B, T]` through the model on top of `cache`.
 
+    With `cu_seqlens` (`[N + 1]` int, `0 = cu[0] < … < cu[N] = T`): `tokens` `[1, T]` holds N
+    prompts back to back, prefilled without padding into a fresh `cache` of N rows
+    (`init_cache(cfg, N, max_len)`); each prompt is modelled as if alone (attention inside
+    the prompt, delta-rule states and short convs per prompt), and `decode_step` then continues
+    the N rows as a batch. Attention and MLA caches hold each prompt right-aligned
+    (`moejax.layers.segments.Packed`).
+
     Returns:
-      `(logits of the last position [B, V], new_cache)`.
+      `(logits of the last position [B, V], new_cache)`; with `cu_seqlens`, of each prompt's
+      last token `[N, V]`.
 
     Raises:
       ValueError / ArgumentTypeError: as `lm.apply` for `tokens` (ids checked outside `jit`
-        only).
+        only); for `cu_seqlens`, B != 1, a cache of the wrong number of rows, a used cache,
+        or a prompt longer than the cache (values checked outside `jit`; under `jit` the
+        logits are NaN for a used or short attention cache instead).
     """
     lm.check_tokens(tokens, cfg)
     if tokens.shape[1] == 0:
         raise ValueError("tokens must hold at least one position, got shape "
                          f"{tokens.shape}")
     _check_cache(cache, cfg, "init_cache")
-    h, _, _, cache = lm.forward(params, state, tokens, cfg, train=False, rng=None, caches=cache)
-    return lm.logits_from_hidden(params, h[:, -1], cfg), cache
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, tokens.shape)
+    h, _, _, cache = lm.forward(params, state, tokens, cfg, train=False, rng=None, caches=cache,
+                                cu_seqlens=cu_seqlens)
+    last = h[:, -1] if cu_seqlens is None else h[0, cu_seqlens[1:] - 1]
+    return lm.logits_from_hidden(params, last, cfg), cache
 
 
 def decode_step(params: dict, state: dict, token: Array, cache: list, *, cfg: LMConfig

@@ -674,11 +674,13 @@ def norm(params: dict, h: Array, cfg: LMConfig) -> Array:
 
 
 def mixer_apply(block_params: dict, h: Array, cfg: LMConfig, layer: int, cache=None,
-                segment_ids: Array | None = None):
+                segment_ids: Array | None = None, cu_seqlens: Array | None = None):
     """Layer `layer`'s token mixer on normed inputs `h` `[B, T, d]` → `(y, new_cache)`;
-    `segment_ids` `[B, T]`: packed documents, each mixed as if alone."""
+    `segment_ids` `[B, T]`: packed documents, each mixed as if alone; `cu_seqlens` `[N + 1]`:
+    packed prompts (B = 1) into caches of N rows (`moejax.models.decode.prefill`)."""
+    extra = {} if cu_seqlens is None else {"cu_seqlens": cu_seqlens}
     return cfg.mixer_module(layer).apply(block_params, h, cfg=cfg.mixer_config(layer),
-                                         cache=cache, segment_ids=segment_ids)
+                                         cache=cache, segment_ids=segment_ids, **extra)
 
 
 def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, layer: int, *,
@@ -695,15 +697,16 @@ def ffn_apply(block_params: dict, moe_state: dict, h: Array, cfg: LMConfig, laye
 
 def forward(params: dict, state: dict, tokens: Array, cfg: LMConfig, *, train: bool,
             rng: Array | None, caches: list | None = None,
-            segment_ids: Array | None = None):
+            segment_ids: Array | None = None, cu_seqlens: Array | None = None):
     """Runs the blocks (no input checks); returns `(final normed hidden [B, T, d], new_state,
     aux, new caches)`. `caches`: per-layer mixer caches (`moejax.models.decode.init_cache`) to
-    run on top of, or None. `segment_ids`: packed documents (`apply`)."""
+    run on top of, or None. `segment_ids`: packed documents (`apply`); `cu_seqlens`: packed
+    prompts (`moejax.models.decode.prefill`)."""
     h = embed(params, tokens, cfg)
     new_blocks, new_caches, auxes = [], [], []
     for i, block in enumerate(params["blocks"]):
         y, cache = mixer_apply(block["mixer"], norm(block["norm1"], h, cfg), cfg, i,
-                               None if caches is None else caches[i], segment_ids)
+                               None if caches is None else caches[i], segment_ids, cu_seqlens)
         h = h + y
         if cfg.ffns[i] == "none":
             new_blocks.append(state["blocks"][i])
