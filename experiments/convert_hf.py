@@ -1,4 +1,5 @@
-r"""Convert Hugging Face checkpoints (Mixtral, Qwen3-MoE, Qwen3-Next) to moejax and back.
+r"""Convert Hugging Face checkpoints (Mixtral, Qwen3-MoE, Qwen3-Next, Qwen3.5-MoE, DeepSeek-V3,
+Kimi Linear) to moejax and back.
 
 HF → moejax (writes a model directory that `train_lm --init_from=` fine-tunes):
 
@@ -8,10 +9,13 @@ HF → moejax (writes a model directory that `train_lm --init_from=` fine-tunes)
   --mixer_override=gated_qdelta   Gated DeltaNet layers become gated Q-Delta with λ ≡ --lam_init
                                   (W_λ = 0), so the model starts where GDN was; `qdelta` does the
                                   same for DeltaNet layers, `kda_qdelta` for Kimi Linear's KDA.
-  --router_override=star          top-k routers become STAR with σ(a) = --star_mix_init, R = I,
-                                  and V from a GHA warm-up over --gha_batches batches of text
-                                  (tokenised by the checkpoint's tokenizer when transformers can
-                                  load one, else byte ids).
+  --router_override=star          top-k routers, and the aux-free routers of DeepSeek-V3 / Kimi
+                                  Linear (sigmoid scores, e_score_correction_bias, expert groups,
+                                  scaling kept as STAR options), become STAR with
+                                  σ(a) = --star_mix_init, R = I (--star_r_init=zero: R = 0 and
+                                  W_g / σ(a), an exact start), and V from a GHA warm-up over
+                                  --gha_batches batches of text (tokenised by the checkpoint's
+                                  tokenizer when transformers can load one, else byte ids).
 
 The logit difference of each override against the plain conversion is printed and stored in the
 model directory's `model_config.json` ("info"). Everything is checked before anything is
@@ -56,8 +60,12 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_seq_len", None, "Longest sequence (default: the config's).")
     flags.DEFINE_enum("mixer_override", "", MIXER_OVERRIDES, "Upcycle delta layers to Q-Delta.")
     flags.DEFINE_float("lam_init", 1e-4, "Q-Delta's initial λ on every token.")
-    flags.DEFINE_enum("router_override", "", ROUTER_OVERRIDES, "Upcycle top-k routers to STAR.")
+    flags.DEFINE_enum("router_override", "", ROUTER_OVERRIDES,
+                      "Upcycle top-k / aux-free routers to STAR.")
     flags.DEFINE_float("star_mix_init", 0.999, "STAR's initial σ(a) (weight of the old gate).")
+    flags.DEFINE_enum("star_r_init", "identity", list(upcycle.R_INITS),
+                      "STAR's initial R: identity, or zero (with W_g / σ(a): the logits start "
+                      "as the original's up to float rounding).")
     flags.DEFINE_float("star_eta", 2e-5, "STAR's GHA step size for training.")
     flags.DEFINE_integer("gha_batches", 16, "Batches of the GHA warm-up pass.")
     flags.DEFINE_float("gha_eta", 1e-2, "GHA step size of the warm-up pass.")
@@ -118,17 +126,21 @@ def convert() -> dict:
     if FLAGS.router_override:
         before = (params, state, cfg)
         cfg, params, state = upcycle.to_star(params, state, cfg, mix_init=FLAGS.star_mix_init,
-                                             eta=FLAGS.star_eta, key=jax.random.key(FLAGS.seed))
+                                             eta=FLAGS.star_eta, key=jax.random.key(FLAGS.seed),
+                                             r_init=FLAGS.star_r_init)
         batches, source = text_batches(FLAGS.hf_dir, cfg, num=FLAGS.gha_batches,
                                        batch_size=FLAGS.batch_size,
                                        seq_len=min(FLAGS.seq_len, cfg.max_seq_len),
                                        seed=FLAGS.seed)
         state = upcycle.gha_warmup(params, state, cfg, batches, eta=FLAGS.gha_eta)
         diff = upcycle.logit_difference(*before, params, state, cfg, check)
-        info["overrides"]["router"] = {"to": "star", "mix_init": FLAGS.star_mix_init,
+        info["overrides"]["router"] = {"to": "star", "from": before[2].moe.router,
+                                       "mix_init": FLAGS.star_mix_init,
+                                       "r_init": FLAGS.star_r_init,
                                        "gha_batches": FLAGS.gha_batches, "gha_eta": FLAGS.gha_eta,
                                        "gha_data": source, "logit_difference": diff}
-        print(f"router → star (σ(a) = {FLAGS.star_mix_init:g}, GHA warm-up on {source}): "
+        print(f"router {before[2].moe.router} → star (σ(a) = {FLAGS.star_mix_init:g}, "
+              f"R init {FLAGS.star_r_init}, GHA warm-up on {source}): "
               f"logit difference {diff}")
     checkpoint.save_model(FLAGS.workdir, cfg, params, state, info=info)
     print(f"Wrote {Path(FLAGS.workdir) / checkpoint.MODEL_CONFIG}; fine-tune with\n"
