@@ -469,6 +469,12 @@ def _module_with_entry(dump: str, name: str) -> str:
 # ------------------------------------------------------------------------------ the cases
 
 DELTA_RULE_MODES = ("deltanet", "gated_deltanet", "qdelta", "gated_qdelta")
+# Per-channel decay (gk, Kimi Delta Attention; with λ, the fullest: g is folded into gk, so a
+# gated KDA mode runs the same kernels) and packed sequences (the chunk-restart kernels), at the
+# largest head dims only.
+GK_MODES = ("kda_qdelta",)
+PACKED_MODES = ("gated_qdelta:packed", "kda_qdelta:packed")
+PACKED_SEQUENCES = 3
 # (Dk, Dv) of the presets that target a GPU: 64/128 (small, demo), 128/256 (340m), 256/512.
 DELTA_RULE_HEAD_DIMS = ((64, 128), (128, 256), (256, 512))
 # What the matrix covers, so what the ops' impl="auto" may send to a GPU kernel.
@@ -483,7 +489,9 @@ class Case:
     """One function to compile: a Pallas op, forward or gradient, at one shape and dtype."""
 
     # "delta_rule[<mode>]", "delta_rule[<mode>:authors]" (the released Q-Delta kernel's
-    # pairing, `delta_rule(pairing="authors")`) or "gmm[up]" / "gmm[down]"
+    # pairing, `delta_rule(pairing="authors")`), "delta_rule[<mode>:packed]" (packed sequences,
+    # `cu_seqlens`: the chunk-restart kernels; B = 1) or "gmm[up]" / "gmm[down]". A mode
+    # starting "kda" passes a per-channel decay gk (`GK_MODES`).
     op: str
     grad: bool
     dtype: str  # "bfloat16" or "float32"
@@ -545,17 +553,23 @@ class Case:
         if self.op.startswith("delta_rule"):
             from moejax.kernels.delta_rule import delta_rule
 
-            mode, _, pairing = self.op[self.op.index("[") + 1:-1].partition(":")
+            mode, _, variant = self.op[self.op.index("[") + 1:-1].partition(":")
+            pairing = "authors" if variant == "authors" else "recurrence"
             B, T, H, K, V, C = self.dims
             args = [S((B, T, H, K), dt), S((B, T, H, K), dt), S((B, T, H, V), dt),
                     S((B, T, H), dt)]
             names = (["g"] if "gated" in mode else []) + (["lam"] if "qdelta" in mode else [])
             args += [S((B, T, H), jnp.float32 if n == "g" else dt) for n in names]
+            if mode.startswith("kda"):
+                names.append("gk")
+                args.append(S((B, T, H, K), jnp.float32))
+            if variant == "packed":  # PACKED_SEQUENCES sequences of uneven lengths, traced
+                names.append("cu_seqlens")
+                args.append(S((PACKED_SEQUENCES + 1,), jnp.int32))
 
             def fn(*a):
                 return delta_rule(*a[:4], **dict(zip(names, a[4:], strict=True)),
-                                  impl="pallas", chunk_size=C,
-                                  pairing=pairing or "recurrence")[0]
+                                  impl="pallas", chunk_size=C, pairing=pairing)[0]
 
             n_diff = 3
         else:
@@ -567,20 +581,26 @@ class Case:
             n_diff = 2
         if self.grad:
             fwd = fn
-            fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(),
-                          argnums=tuple(range(n_diff)))
+            # q, k, v (and gk: its gradient runs the per-channel factors' VJP)
+            argnums = tuple(range(n_diff)) + ((4 + names.index("gk"),)
+                                              if self.op.startswith("delta_rule")
+                                              and "gk" in names else ())
+            fn = jax.grad(lambda *a: fwd(*a).astype(jnp.float32).sum(), argnums=argnums)
         return fn, args
 
 
 def cases(*, full: bool) -> list[Case]:
     """The compile matrix. `full=False`: forward kernels at one shape (the CI subset: the
-    plainest and the fullest delta-rule mode, gmm up-projection), bf16. `full=True`: every
-    mode × head dims × forward/gradient in bf16, fp32 (TF32 dots) and fp32 at 3×TF32 (gated
-    Q-Delta also with `pairing="authors"`), gmm at `GMM_SHAPES` (up and down projections) in
-    bf16 and fp32."""
+    plainest and the fullest delta-rule mode, per-channel decay with packed sequences, gmm
+    up-projection), bf16. `full=True`: every mode × head dims × forward/gradient in bf16, fp32
+    (TF32 dots) and fp32 at 3×TF32 (gated Q-Delta also with `pairing="authors"`; per-channel
+    decay `GK_MODES` and packed sequences `PACKED_MODES` at the largest head dims), gmm at
+    `GMM_SHAPES` (up and down projections) in bf16 and fp32."""
     if not full:
         return [Case("delta_rule[deltanet]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
                 Case("delta_rule[gated_qdelta]", False, "bfloat16", (2, 256, 4, 64, 128, 64)),
+                Case("delta_rule[kda_qdelta:packed]", False, "bfloat16",
+                     (1, 512, 4, 64, 128, 64)),
                 Case("gmm[up]", False, "bfloat16", (4096, 2048, 1408, 8))]
     out = []
     for dtype, fp32 in (("bfloat16", "tf32"), ("float32", "tf32"), ("float32", "tf32x3")):
@@ -589,6 +609,11 @@ def cases(*, full: bool) -> list[Case]:
                 for dk, dv in DELTA_RULE_HEAD_DIMS:
                     out.append(Case(f"delta_rule[{mode}]", grad, dtype, (2, 256, 4, dk, dv, 64),
                                     fp32))
+            dk, dv = DELTA_RULE_MAX_HEAD_DIMS
+            for mode in GK_MODES:
+                out.append(Case(f"delta_rule[{mode}]", grad, dtype, (2, 256, 4, dk, dv, 64), fp32))
+            for mode in PACKED_MODES:
+                out.append(Case(f"delta_rule[{mode}]", grad, dtype, (1, 512, 4, dk, dv, 64), fp32))
             if fp32 == "tf32x3":  # gmm has no 3×TF32 mode: "highest" means FMA dots there.
                 continue
             for e, d, f in GMM_SHAPES:

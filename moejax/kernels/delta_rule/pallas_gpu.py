@@ -124,8 +124,10 @@ def check_supported(q, v, opts: DeltaRuleOptions) -> None:
 # Launch table: (num_warps, num_stages, bv) per kernel, padded head dims and dot dtype.
 
 
-def _launch(name: str, Dkp: int, Dvp: int, cfg: pk.Cfg, opts: DeltaRuleOptions):
-    """Triton launch options and Dv tile of one kernel (chosen for zero spills on sm_90a)."""
+def _launch(name: str, Dkp: int, Dvp: int, cfg: pk.Cfg, opts: DeltaRuleOptions, *,
+            restarts: bool = False):
+    """Triton launch options and Dv tile of one kernel (chosen for zero spills on sm_90a).
+    `restarts`: the state kernels' restart variant (it holds the restart states' tiles too)."""
     wide = cfg.cd == "float32"
     x3 = wide and cfg.fp == "tf32x3"  # 3 dots per dot (hi/lo operand splits in registers)
     warps, stages, bv = 4, 2, 64
@@ -148,6 +150,8 @@ def _launch(name: str, Dkp: int, Dvp: int, cfg: pk.Cfg, opts: DeltaRuleOptions):
             bv = 16 if x3 else 32
     elif name in ("solve", "wy_fwd"):
         warps = 4 if cfg.fp == "tf32x3" else 8
+    if restarts and not wide and Dkp > 128:  # bf16/f16, four Dk tiles: halve the state tiles
+        bv = min(bv, 16)
     if opts.block_v is not None:
         bv = opts.block_v
     return warps, stages, min(bv, Dvp)
@@ -332,7 +336,7 @@ def _state_fwd(cfg, opts, k, W, Ut, gv, h0, cg=None, rst=None):
     `(rs [B·H, N, 16] int32, h0s [B·H, N, Dkp, Dvp] f32)` or None."""
     BH, N, C, Dkp = k.shape
     Dvp = Ut.shape[-1]
-    warps, stages, bv = _launch("state_fwd", Dkp, Dvp, cfg, opts)
+    warps, stages, bv = _launch("state_fwd", Dkp, Dvp, cfg, opts, restarts=rst is not None)
     state_spec = pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))
     states_spec = pl.BlockSpec((SQ, N, Dkp, bv), lambda j, i: (i, 0, 0, j))
     gins = _gate_ins(gv, "dec", "gC") + ([] if cg is None else [cg.gC])
@@ -398,7 +402,7 @@ def _state_bwd(cfg, opts, q, k, W, dO, dvl, gv, dhT, cg=None, rst=None):
     `(rs [B·H, N, 16] int32, dpre [B·H, N, Dkp, Dvp] f32)` or None."""
     BH, N, C, Dkp = q.shape
     Dvp = dO.shape[-1]
-    warps, stages, bv = _launch("state_bwd", Dkp, Dvp, cfg, opts)
+    warps, stages, bv = _launch("state_bwd", Dkp, Dvp, cfg, opts, restarts=rst is not None)
     gins = _gate_ins(gv, "gamma", "dec", "gC") + ([] if cg is None else [cg.gC])
     ins = [q, k, W, dO, dvl, *gins] + ([] if rst is None else list(rst)) + [dhT]
     state_spec = pl.BlockSpec((SQ, Dkp, bv), lambda j, i: (i, 0, j))
