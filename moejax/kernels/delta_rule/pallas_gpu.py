@@ -31,6 +31,23 @@ Backward (`delta_rule_bwd`; W/Ũ/Ai and the states are recomputed by 1 and 2):
    dk, dv, dβ, dλ and the gate terms of W and A (fla: prepare_wy_repr_bwd).
 The gate gradient is finished in jnp: a reverse cumsum within each chunk, 0 at resets.
 
+Chunk restarts (`rs`/`h0s`, packed sequences; `pallas_common.KERNEL_CONTRACT`): only the two
+sequential kernels change. `state_fwd` records `pre[n]`, the carried state, then starts chunk n
+from `h0s[n]` where `rs[n]`; `state_bwd` splits the start-state gradient of a restarting chunk
+off into `dh0s[n]` and carries `(0 if rs[n] else dS_0) + dpre[n]` to chunk n − 1. The gate
+gradients need nothing new (they read the stored start states and end-state gradients).
+
+Per-channel decay (`gk [B, T, H, Dk]`, Kimi Delta Attention; never with g, `ops.py` folds g into
+it). The launcher forms, in plain jnp and exactly in log space (`_channel_factors`: resets
+counted per channel, every exp argument masked before the exp, the `[C, C]` pair matrices
+`M_tj = Σ_d x_td k_jd exp(G_td − G_jd)` and `P_tj = Σ_d q_td k_jd exp(G_td − G_jd)` by the
+chunk path's secondary chunking, so no factor exceeds 1 for gk ≤ 0), the decayed operands
+`Q ⊙ γ`, `K ⊙ d`, `X ⊙ γ`, the per-channel `γ_C`, and M, P. The kernels do all the rest:
+`solve_pair_kernel` (A = strict(diag(β) M)), `wy_fwd_kernel` on `X ⊙ γ`, the state kernels with
+`diag(γ_C)` (`has_gk`), `out_pair_kernel`, and in the backward `dv_local_pair_kernel`,
+`dqkwg_channel_kernel`, `wy_bwd_channel_kernel`, which return the gradients w.r.t. those
+operands; `jax.vjp` of `_channel_factors` takes them to dq, dk, dλ and dgk.
+
 All masks are `where`s (a masked entry is 0 whatever the product held) and decays are formed
 in log space with the argument masked before the exp, so g = −inf (a full reset) is exact.
 `ops.py` wraps the two launchers in the custom VJP and runs it under `nonfinite.contain`, so the

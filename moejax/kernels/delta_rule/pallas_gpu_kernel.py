@@ -464,7 +464,7 @@ def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv, authors=False):
 
 
 # ------------------------------------------------------------------------------------------
-# Per-channel decay (gk, KDA). The launcher (`pallas_gpu._channel_gates`) forms, exactly in log
+# Per-channel decay (gk, KDA). The launcher (`pallas_gpu._channel_factors`) forms, exactly in log
 # space, the decayed operands `Q ⊙ γ`, `K ⊙ d`, `X ⊙ γ` `[C, Dk]`, the per-channel `γ_C` `[Dk]`
 # and the pair matrices `M_tj = Σ_d x_td k_jd exp(G_td − G_jd)`, `P_tj = Σ_d q_td k_jd
 # exp(G_td − G_jd)` (j ≤ t) `[C, C]`; these bodies do the rest (the solve, W / Ũ, the state
