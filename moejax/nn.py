@@ -162,19 +162,22 @@ class DeltaMixer(nnx.Module):
         return delta_mixer.init_cache(self.cfg, batch, dtype)
 
     def __call__(self, x: Array, cache: dict | None = None,
-                 segment_ids: Array | None = None) -> tuple[Array, dict]:
+                 segment_ids: Array | None = None, cu_seqlens: Array | None = None
+                 ) -> tuple[Array, dict]:
         """Mixes a sequence; with `cache`, continues the sequence the cache came from.
 
         Args:
           x: `[B, T, d]`.
           cache: from `init_cache`, a previous call or `step`; None starts a fresh sequence.
           segment_ids: `[B, T]` int document ids of packed rows (`delta_mixer.apply`), or None.
+          cu_seqlens: `[N + 1]` boundaries of sequences packed in one row, each continuing
+            its own row of an N-row cache (`delta_mixer.apply`), or None.
 
         Returns:
           `(y [B, T, d] in x's dtype, new_cache)`.
         """
         return delta_mixer.apply(self.as_pure(), x, cfg=self.cfg, cache=cache,
-                                 segment_ids=segment_ids)
+                                 segment_ids=segment_ids, cu_seqlens=cu_seqlens)
 
     def step(self, x_t: Array, cache: dict) -> tuple[Array, dict]:
         """Decodes one token with `delta_rule_step`.

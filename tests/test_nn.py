@@ -230,3 +230,11 @@ def test_delta_mixer_wrapper_passes_segment_ids():
     y_ref, _ = dm.apply(mixer.as_pure(), x, cfg=cfg, segment_ids=seg)
     assert_close("y", y_ref, y, ratio=RATIO_F32)
     assert_close("doc 1 alone", mixer(x[:, 5:])[0], y[:, 5:], ratio=RATIO_F32)
+
+
+def test_delta_mixer_wrapper_passes_cu_seqlens():
+    cfg, mixer = _mixer("kda")
+    x = _x((1, 12, 16))
+    y, cache = mixer(x, cache=mixer.init_cache(2), cu_seqlens=jnp.array([0, 5, 12]))
+    assert cache["state"].shape[0] == 2
+    assert_close("seq 1 alone", mixer(x[:, 5:])[0], y[:, 5:], ratio=RATIO_F32)
