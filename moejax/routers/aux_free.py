@@ -117,7 +117,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     s = jax.nn.sigmoid(logits)  # sigmoid(-inf) = 0 on inactive slots
     choice = jnp.where(valid, s + bias, -jnp.inf)
     if cfg.topk_group < cfg.n_group:
-        choice = jnp.where(_eligible_groups(choice, cfg), choice, -jnp.inf)
+        choice = jnp.where(eligible_groups(choice, cfg), choice, -jnp.inf)
     mask = common.topk_mask(choice, cfg.top_k) & jnp.isfinite(choice)
     weights = common.masked_weights(s, mask, renormalize=cfg.norm_topk_prob)
     if cfg.routed_scaling_factor != 1.0:
@@ -134,7 +134,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
     return out, new_state
 
 
-def _eligible_groups(choice: Array, cfg: Config) -> Array:
+def eligible_groups(choice: Array, cfg: Config) -> Array:
     """`<bool>[N, E]`: the experts of each token's `topk_group` best groups, a group scored by
     the sum of its two largest selection scores (DeepSeek-V3)."""
     N, E = choice.shape

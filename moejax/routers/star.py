@@ -305,7 +305,7 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
         choice = scores if bias is None else scores + bias
         choice = jnp.where(jnp.isfinite(logits) & valid[:, None], choice, -jnp.inf)
         if cfg.topk_group < cfg.n_group:
-            choice = jnp.where(aux_free._eligible_groups(choice, cfg), choice, -jnp.inf)
+            choice = jnp.where(aux_free.eligible_groups(choice, cfg), choice, -jnp.inf)
         mask = common.topk_mask(choice, cfg.top_k) & jnp.isfinite(choice)
     weights = common.masked_weights(scores, mask, renormalize=cfg.renormalize)
     if cfg.routed_scaling_factor != 1.0:
