@@ -277,11 +277,93 @@ def _masked_exp(valid, diff):
     return jnp.where(valid, jnp.exp(jnp.where(valid, diff, 0.0)), 0.0)
 
 
+def _pair_levels(G, n, lead):
+    """The levels of the binary split of a chunk (C a power of two): for half-lengths h = 1, 2,
+    .., C/2, the blocks of 2h steps split at r, the last step of their first half; yields
+    `(h, nb, row [.., nb, h, D], col [.., nb, h, D])` with `row = exp(G_t − G_r)` for the second
+    half's steps t and `col = exp(G_r − G_j)` for the first half's steps j, 0 where a reset lies
+    in between. Both are ≤ 1 for gk ≤ 0."""
+    C, D = G.shape[-2:]
+    h = 1
+    while h < C:
+        nb = C // (2 * h)
+        Gh, nh = G.reshape(*lead, nb, 2, h, D), n.reshape(*lead, nb, 2, h, D)
+        Gr, nr = Gh[..., 0, h - 1:h, :], nh[..., 0, h - 1:h, :]
+        row = _masked_exp(nh[..., 1, :, :] == nr, Gh[..., 1, :, :] - Gr)
+        col = _masked_exp(nh[..., 0, :, :] == nr, Gr - Gh[..., 0, :, :])
+        yield h, nb, row, col
+        h *= 2
+
+
+def _split_halves(R, K, row, col, lead, nb, h):
+    """The level's factors: `(R_t ⊙ row_t` for the second halves `[.., nb, h, r, D]`, `K_j ⊙ col_j`
+    for the first halves `[.., nb, h, D])`."""
+    r, D = R.shape[-2:]
+    Rr = R.reshape(*lead, nb, 2, h, r, D)[..., 1, :, :, :] * row[..., :, None, :]
+    Kl = K.reshape(*lead, nb, 2, h, D)[..., 0, :, :] * col
+    return Rr, Kl
+
+
+def _pairs_tree_impl(R, K, G, n):
+    C, r, D = R.shape[-3:]
+    lead = R.shape[:-3]
+    # Blocks [.., nb, 2h, r, 2h], built from the diagonal up.
+    M = _mm("...rd,...d->...r", R, K)[..., :, None, :, None]
+    for h, nb, row, col in _pair_levels(G, n, lead):
+        Rr, Kl = _split_halves(R, K, row, col, lead, nb, h)
+        off = _mm("...ird,...jd->...irj", Rr, Kl)  # second half's rows × first half's columns
+        Mb = M.reshape(*lead, nb, 2, h, r, h)
+        top = jnp.concatenate([Mb[..., 0, :, :, :], jnp.zeros_like(off)], -1)
+        bot = jnp.concatenate([off, Mb[..., 1, :, :, :]], -1)
+        M = jnp.concatenate([top, bot], -3)
+    return M.reshape(*lead, C, r, C)
+
+
+@jax.custom_vjp
+def _pairs_tree(R, K, G, n):
+    """`M [.., C, r, C]`, `M_tir = Σ_d R_tid K_jd exp(G_td − G_jd)` for j ≤ t (0 above the
+    diagonal and across resets), C a power of two; R `[.., C, r, D]` (r row arrays)."""
+    return _pairs_tree_impl(R, K, G, n)
+
+
+def _pairs_tree_fwd(R, K, G, n):
+    return _pairs_tree_impl(R, K, G, n), (R, K, G, n)
+
+
+def _pairs_tree_bwd(res, dM):
+    """Written out: per level `dRr = dOff Kl`, `dKl = dOffᵀ Rr` (scaled by the level's factors)
+    and, as `∂M_tj/∂G_sd = R_td K_jd e_tjd (δ_ts − δ_js)`, `dG = Σ_r R ⊙ dR − K ⊙ dK`."""
+    R, K, G, n = res
+    C, r, D = R.shape[-3:]
+    lead = R.shape[:-3]
+    cur = dM.reshape(*lead, 1, C, r, C)
+    dR = dK = 0.0
+    for h, nb, row, col in reversed(list(_pair_levels(G, n, lead))):
+        d_off = cur[..., :, h:, :, :h]  # [.., nb, h, r, h]
+        cur = jnp.stack([cur[..., :, :h, :, :h], cur[..., :, h:, :, h:]], axis=-4)
+        cur = cur.reshape(*lead, 2 * nb, h, r, h)
+        Rr, Kl = _split_halves(R, K, row, col, lead, nb, h)
+        dRr = _mm("...irj,...jd->...ird", d_off, Kl) * row[..., :, None, :]
+        dKl = _mm("...irj,...ird->...jd", d_off, Rr) * col
+        zR, zK = jnp.zeros_like(dRr), jnp.zeros_like(dKl)
+        dR = dR + jnp.stack([zR, dRr], axis=-4).reshape(*lead, C, r, D)
+        dK = dK + jnp.stack([dKl, zK], axis=-3).reshape(*lead, C, D)
+    d_diag = cur.reshape(*lead, C, r)
+    dR = dR + d_diag[..., None] * K[..., None, :]
+    # Sums over the r row arrays written out (XLA:CPU reduces a short middle axis slowly).
+    dK = dK + sum(d_diag[..., i, None] * R[..., i, :] for i in range(r))
+    dG = sum(R[..., i, :] * dR[..., i, :] for i in range(r)) - K * dK
+    return dR, dK, dG, None
+
+
+_pairs_tree.defvjp(_pairs_tree_fwd, _pairs_tree_bwd)
+
+
 def _channel_pairs(rows, K, G, n):
     """`M_tj = Σ_d R_td K_jd exp(G_td − G_jd)` for j ≤ t, 0 above the diagonal and wherever a
-    reset lies in (j, t], for each `R` of `rows` — by secondary chunking (module docstring).
-    The decay factors are formed once for all of `rows` (A's X and P's Q share them; A's strict
-    mask is applied by the caller).
+    reset lies in (j, t], for each `R` of `rows` — exactly in log space by a binary split of the
+    chunk (module docstring). The factors are formed once for all of `rows` (A's X and P's Q
+    share them; A's strict mask is applied by the caller). The VJP is written out.
 
     Args:
       rows: `[..., C, Dk]` row vectors (a tuple); K: `[..., C, Dk]` column vectors; G, n:
@@ -290,36 +372,16 @@ def _channel_pairs(rows, K, G, n):
     Returns:
       a tuple of `[..., C, C]`, one per row array.
     """
-    C, D = K.shape[-2:]
-    c = _sub_chunk(C)
-    ns = C // c
-    blocks = lambda a: a.reshape(*a.shape[:-2], ns, c, D)
-    Kb, Gb, nb = blocks(K), blocks(G), blocks(n)  # [..., ns, c, D]
-    # Pairs inside a sub-chunk: element by element.
-    idx = jnp.arange(c)
-    tri = idx[:, None] >= idx[None, :]
-    keep = tri[:, :, None] & (nb[..., :, None, :] == nb[..., None, :, :])  # [..., ns, c, c, D]
-    E = _masked_exp(keep, Gb[..., :, None, :] - Gb[..., None, :, :])
-    # Pairs across sub-chunks: split at r_b, the last step before sub-chunk b.
-    r = jnp.maximum(jnp.arange(ns) * c - 1, 0)
-    Gr, nr = G[..., r, :], n[..., r, :]  # [..., ns, D]
-    has_r = (jnp.arange(ns) > 0)[:, None, None]
-    row = _masked_exp(has_r & (nb == nr[..., None, :]), Gb - Gr[..., None, :])  # [..., ns, c, D]
-    earlier = jnp.arange(C)[None, :] < (jnp.arange(ns) * c)[:, None]  # [ns, C]: j before b
-    col = _masked_exp(earlier[..., None] & (n[..., None, :, :] == nr[..., :, None, :]),
-                      Gr[..., :, None, :] - G[..., None, :, :])  # [..., ns, C, D]
-    Kc = K[..., None, :, :] * col
-    same = jnp.arange(ns)[:, None] == jnp.arange(ns)[None, :]  # [ns (row b), ns (col block)]
-
-    def pairs(R):
-        Rb = blocks(R)
-        diag = jnp.einsum("...btd,...bjd,...btjd->...btj", Rb, Kb, E, precision=_HIGHEST)
-        off = _mm("...btd,...bjd->...btj", Rb * row, Kc)  # [..., ns, c, C]
-        off = off.reshape(*off.shape[:-1], ns, c)
-        M = jnp.where(same[:, None, :, None], diag[..., :, :, None, :], off)
-        return M.reshape(*M.shape[:-4], C, C)
-
-    return tuple(pairs(R) for R in rows)
+    C = K.shape[-2]
+    R = jnp.stack(rows, axis=-2)  # [..., C, r, Dk]
+    P2 = 1 << (C - 1).bit_length()
+    if P2 != C:  # pad to a power of two: zero rows and columns, no decay, no reset
+        pad = lambda a, axis, mode: jnp.pad(
+            a, [(0, P2 - C) if i == a.ndim + axis else (0, 0) for i in range(a.ndim)], mode=mode)
+        R, K = pad(R, -3, "constant"), pad(K, -2, "constant")
+        G, n = pad(G, -2, "edge"), pad(n, -2, "edge")
+    M = _pairs_tree(R, K, G, n)[..., :C, :, :C]
+    return tuple(M[..., :, i, :] for i in range(len(rows)))
 
 
 def _chunk_scan(q, k, v, beta, g, lam, gk, S0, *, scale, C, authors, restart=None):
