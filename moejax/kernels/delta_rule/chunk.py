@@ -267,9 +267,14 @@ def _channel_gates(gk):
     """Per-channel log decays of every chunk, resets taken out: `(G [..., C, Dk]` the cumsum of
     the finite steps, `n [..., C, Dk]` the count of resets in [0, t]); `exp(G_t − G_j)` is the
     decay over (j, t] where `n_t == n_j`, else 0."""
+    C = gk.shape[-2]
     reset = jnp.exp(gk) == 0
-    G = jnp.cumsum(jnp.where(reset, 0.0, gk), axis=-2)
-    n = jnp.cumsum(reset, axis=-2, dtype=jnp.int32)
+    # Sums over time as batched products with a lower-triangular ones matrix: XLA:CPU runs a
+    # cumsum along the second-to-last axis transposed and repeats that transpose in every
+    # consumer (and a product with an unbatched matrix transposes its result).
+    tril = jnp.broadcast_to(jnp.tril(jnp.ones((C, C), gk.dtype)), gk.shape[:-2] + (C, C))
+    G = _mm("...ts,...sd->...td", tril, jnp.where(reset, 0.0, gk))
+    n = _mm("...ts,...sd->...td", tril, reset.astype(gk.dtype)).astype(jnp.int32)  # exact counts
     return G, n
 
 
@@ -295,65 +300,70 @@ def _pair_levels(G, n, lead):
         h *= 2
 
 
-def _split_halves(R, K, row, col, lead, nb, h):
-    """The level's factors: `(R_t ⊙ row_t` for the second halves `[.., nb, h, r, D]`, `K_j ⊙ col_j`
-    for the first halves `[.., nb, h, D])`."""
-    r, D = R.shape[-2:]
-    Rr = R.reshape(*lead, nb, 2, h, r, D)[..., 1, :, :, :] * row[..., :, None, :]
-    Kl = K.reshape(*lead, nb, 2, h, D)[..., 0, :, :] * col
-    return Rr, Kl
+def _first_halves(a, lead, nb, h, half):
+    return a.reshape(*lead, nb, 2, h, a.shape[-1])[..., half, :, :]
 
 
-def _pairs_tree_impl(R, K, G, n):
-    C, r, D = R.shape[-3:]
-    lead = R.shape[:-3]
-    # Blocks [.., nb, 2h, r, 2h], built from the diagonal up.
-    M = _mm("...rd,...d->...r", R, K)[..., :, None, :, None]
+def _pairs_tree_impl(Rs, K, G, n):
+    """The pairs and, per level, `(row, col, Kl, (Rr for each R))` (kept for the VJP)."""
+    C = K.shape[-2]
+    lead = K.shape[:-2]
+    # Blocks [.., nb, 2h, 2h] per row array, built from the diagonal up.
+    Ms = [_mm("...d,...d->...", R, K)[..., :, None, None] for R in Rs]
+    levels = []
     for h, nb, row, col in _pair_levels(G, n, lead):
-        Rr, Kl = _split_halves(R, K, row, col, lead, nb, h)
-        off = _mm("...ird,...jd->...irj", Rr, Kl)  # second half's rows × first half's columns
-        Mb = M.reshape(*lead, nb, 2, h, r, h)
-        top = jnp.concatenate([Mb[..., 0, :, :, :], jnp.zeros_like(off)], -1)
-        bot = jnp.concatenate([off, Mb[..., 1, :, :, :]], -1)
-        M = jnp.concatenate([top, bot], -3)
-    return M.reshape(*lead, C, r, C)
+        Kl = _first_halves(K, lead, nb, h, 0) * col
+        Rrs = tuple(_first_halves(R, lead, nb, h, 1) * row for R in Rs)
+        levels.append((row, col, Kl, Rrs))
+        new = []
+        for Rr, M in zip(Rrs, Ms):
+            off = _mm("...id,...jd->...ij", Rr, Kl)
+            Mb = M.reshape(*lead, nb, 2, h, h)
+            top = jnp.concatenate([Mb[..., 0, :, :], jnp.zeros_like(off)], -1)
+            bot = jnp.concatenate([off, Mb[..., 1, :, :]], -1)
+            new.append(jnp.concatenate([top, bot], -2))
+        Ms = new
+    return tuple(M.reshape(*lead, C, C) for M in Ms), levels
 
 
 @jax.custom_vjp
-def _pairs_tree(R, K, G, n):
-    """`M [.., C, r, C]`, `M_tir = Σ_d R_tid K_jd exp(G_td − G_jd)` for j ≤ t (0 above the
-    diagonal and across resets), C a power of two; R `[.., C, r, D]` (r row arrays)."""
-    return _pairs_tree_impl(R, K, G, n)
+def _pairs_tree(Rs, K, G, n):
+    """`M_tj = Σ_d R_td K_jd exp(G_td − G_jd)` for j ≤ t (0 above the diagonal and across
+    resets) for each R of the tuple Rs, C a power of two."""
+    return _pairs_tree_impl(Rs, K, G, n)[0]
 
 
-def _pairs_tree_fwd(R, K, G, n):
-    return _pairs_tree_impl(R, K, G, n), (R, K, G, n)
+def _pairs_tree_fwd(Rs, K, G, n):
+    Ms, levels = _pairs_tree_impl(Rs, K, G, n)
+    return Ms, (Rs, K, levels)
 
 
-def _pairs_tree_bwd(res, dM):
-    """Written out: per level `dRr = dOff Kl`, `dKl = dOffᵀ Rr` (scaled by the level's factors)
-    and, as `∂M_tj/∂G_sd = R_td K_jd e_tjd (δ_ts − δ_js)`, `dG = Σ_r R ⊙ dR − K ⊙ dK`."""
-    R, K, G, n = res
-    C, r, D = R.shape[-3:]
-    lead = R.shape[:-3]
-    cur = dM.reshape(*lead, 1, C, r, C)
-    dR = dK = 0.0
-    for h, nb, row, col in reversed(list(_pair_levels(G, n, lead))):
-        d_off = cur[..., :, h:, :, :h]  # [.., nb, h, r, h]
-        cur = jnp.stack([cur[..., :, :h, :, :h], cur[..., :, h:, :, h:]], axis=-4)
-        cur = cur.reshape(*lead, 2 * nb, h, r, h)
-        Rr, Kl = _split_halves(R, K, row, col, lead, nb, h)
-        dRr = _mm("...irj,...jd->...ird", d_off, Kl) * row[..., :, None, :]
-        dKl = _mm("...irj,...ird->...jd", d_off, Rr) * col
-        zR, zK = jnp.zeros_like(dRr), jnp.zeros_like(dKl)
-        dR = dR + jnp.stack([zR, dRr], axis=-4).reshape(*lead, C, r, D)
-        dK = dK + jnp.stack([dKl, zK], axis=-3).reshape(*lead, C, D)
-    d_diag = cur.reshape(*lead, C, r)
-    dR = dR + d_diag[..., None] * K[..., None, :]
-    # Sums over the r row arrays written out (XLA:CPU reduces a short middle axis slowly).
-    dK = dK + sum(d_diag[..., i, None] * R[..., i, :] for i in range(r))
-    dG = sum(R[..., i, :] * dR[..., i, :] for i in range(r)) - K * dK
-    return dR, dK, dG, None
+def _pairs_tree_bwd(res, dMs):
+    """Written out: per level `dR_t += row_t ⊙ (dOff Kl)_t`, `dK_j += col_j ⊙ (dOffᵀ Rr)_j` and,
+    as `∂M_tj/∂G_sd = R_td K_jd e_tjd (δ_ts − δ_js)`, `dG = Σ_R R ⊙ dR − K ⊙ dK`."""
+    Rs, K, levels = res
+    C, D = K.shape[-2:]
+    lead = K.shape[:-2]
+    curs = [dM.reshape(*lead, 1, C, C) for dM in dMs]
+    dRs = [0.0] * len(Rs)
+    dK = 0.0
+    for row, col, Kl, Rrs in reversed(levels):
+        nb, h = row.shape[-3:-1]
+        dKl = 0.0
+        for i, (Rr, cur) in enumerate(zip(Rrs, curs)):
+            d_off = cur[..., :, h:, :h]  # [.., nb, h, h]
+            curs[i] = jnp.stack([cur[..., :, :h, :h], cur[..., :, h:, h:]], axis=-3).reshape(
+                *lead, 2 * nb, h, h)
+            dRr = _mm("...ij,...jd->...id", d_off, Kl) * row
+            dKl = dKl + _mm("...ij,...id->...jd", d_off, Rr)
+            dRs[i] = dRs[i] + jnp.stack([jnp.zeros_like(dRr), dRr], axis=-3).reshape(*lead, C, D)
+        dKl = dKl * col
+        dK = dK + jnp.stack([dKl, jnp.zeros_like(dKl)], axis=-3).reshape(*lead, C, D)
+    diags = [cur.reshape(*lead, C, 1) for cur in curs]
+    dRs = [dR + d * K for dR, d in zip(dRs, diags)]
+    dK = dK + sum(d * R for d, R in zip(diags, Rs))
+    dG = sum(R * dR for R, dR in zip(Rs, dRs)) - K * dK
+    return tuple(dRs), dK, dG, None
 
 
 _pairs_tree.defvjp(_pairs_tree_fwd, _pairs_tree_bwd)
@@ -373,15 +383,13 @@ def _channel_pairs(rows, K, G, n):
       a tuple of `[..., C, C]`, one per row array.
     """
     C = K.shape[-2]
-    R = jnp.stack(rows, axis=-2)  # [..., C, r, Dk]
     P2 = 1 << (C - 1).bit_length()
     if P2 != C:  # pad to a power of two: zero rows and columns, no decay, no reset
-        pad = lambda a, axis, mode: jnp.pad(
-            a, [(0, P2 - C) if i == a.ndim + axis else (0, 0) for i in range(a.ndim)], mode=mode)
-        R, K = pad(R, -3, "constant"), pad(K, -2, "constant")
-        G, n = pad(G, -2, "edge"), pad(n, -2, "edge")
-    M = _pairs_tree(R, K, G, n)[..., :C, :, :C]
-    return tuple(M[..., :, i, :] for i in range(len(rows)))
+        pad = lambda a, mode: jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, P2 - C), (0, 0)],
+                                      mode=mode)
+        rows, K = tuple(pad(R, "constant") for R in rows), pad(K, "constant")
+        G, n = pad(G, "edge"), pad(n, "edge")
+    return tuple(M[..., :C, :C] for M in _pairs_tree(tuple(rows), K, G, n))
 
 
 def _chunk_scan(q, k, v, beta, g, lam, gk, S0, *, scale, C, authors, restart=None):
