@@ -11,7 +11,9 @@ GPU host), the TPU kernels on tpu, and the chunk path elsewhere.
 
 Both Pallas backends supply only `delta_rule_fwd` / `delta_rule_bwd` launchers; the one custom
 VJP (`_delta_rule_pallas`, static options `pallas_common.DeltaRuleOptions` passed by name) lives
-here; `delta_rule_pallas` runs it under `nonfinite.contain`.
+here (their contract: `pallas_common.KERNEL_CONTRACT`); `delta_rule_pallas` runs it under
+`nonfinite.contain`, after folding a scalar g into gk when both are given and moving packed
+sequences (`cu_seqlens`) onto the kernels' chunk boundaries as chunk restarts (`packing.py`).
 
 `pairing="authors"` (DESIGN §3, "Authors' kernel, as a compatibility option"; `chunk.py`, "The
 authors' pairing") reaches every impl: "chunk" and both Pallas backends build A as the released
@@ -142,15 +144,7 @@ def _options(scale, chunk_size, pairing, backend, interpret) -> DeltaRuleOptions
 
 def _pallas_kernel(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
                    chunk_size, pairing, backend, interpret):
-    """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`.
-
-    For a gk or cu_seqlens the backend does not take (`TAKES_GK`, `TAKES_RESTARTS`), on the
-    host `_check_pallas` refuses first; a branch traced only for `jax.export` to another
-    platform (`dispatch`) runs the chunk path, so that the host's own branch still lowers."""
-    mod = _BACKENDS[backend]
-    if gk is not None and not mod.TAKES_GK or cu_seqlens is not None and not mod.TAKES_RESTARTS:
-        return delta_rule_chunk(q, k, v, beta, g, lam, initial_state, gk, cu_seqlens,
-                                scale=scale, chunk_size=chunk_size, pairing=pairing)
+    """`delta_rule_pallas` with the options of `impl="pallas"`: `(o float32, S float32)`."""
     if initial_state is None:
         _, _, H, Dk = q.shape
         rows = q.shape[0] if cu_seqlens is None else cu_seqlens.shape[0] - 1
@@ -163,14 +157,7 @@ def _pallas_kernel(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=Non
 def _check_pallas(q, k, v, beta, g, lam, initial_state, gk=None, cu_seqlens=None, *, scale,
                   chunk_size, pairing, backend, interpret):
     """The backend's `check_supported`: `NotImplementedError` for inputs it does not cover."""
-    mod = _BACKENDS[backend]
-    if gk is not None and not mod.TAKES_GK:
-        raise NotImplementedError(f"the {backend.upper()} delta-rule kernels take no per-channel "
-                                  "decay gk (impl='chunk' or 'reference' do)")
-    if cu_seqlens is not None and not mod.TAKES_RESTARTS:
-        raise NotImplementedError(f"the {backend.upper()} delta-rule kernels take no cu_seqlens "
-                                  "(impl='chunk' or 'reference' do)")
-    mod.check_supported(q, v, _options(scale, chunk_size, pairing, backend,
+    _BACKENDS[backend].check_supported(q, v, _options(scale, chunk_size, pairing, backend,
                                                       interpret))
 
 
@@ -384,15 +371,16 @@ def delta_rule(
         gradients included. Without lam (x = k) both pairings are the same computation and
         give identical results. Not with gk or cu_seqlens.
       gk: per-key-channel log decays `[B, T, H, Dk]` (≤ 0 for a decay; −inf resets that row
-        of the state), or None. "reference" and "chunk" take it (the chunk path exactly in log
-        space, `chunk.py`, "Per-channel decay"); the Pallas kernels do not yet, so "pallas"
-        raises `KernelUnavailableError` and "auto" takes the chunk path.
+        of the state), or None. Every impl takes it, exactly in log space: the chunk path by
+        secondary chunking (`chunk.py`, "Per-channel decay"); the Pallas kernels with the
+        chunk's decay factors and pair matrices formed in jnp beside them (`pallas_gpu.py`,
+        `pallas_tpu.py`) and g, if also given, folded into gk.
       cu_seqlens: `[N + 1]` int boundaries of N sequences packed into one row (B = 1;
         `0 = cu[0] < cu[1] < … < cu[N] = T`, checked when not traced), or None. The state
         restarts at each sequence's start from row n of `initial_state` (then `[N, H, Dk, Dv]`;
         zeros when None) and S is each sequence's final state `[N, H, Dk, Dv]`: every sequence
-        gets what it gets alone. "reference" and "chunk" take it, not yet the Pallas kernels
-        (as for gk).
+        gets what it gets alone. Every impl takes it; "chunk" and "pallas" move each sequence
+        onto a chunk boundary and restart the state there (`packing.py`).
 
     Returns:
       `(o, S)`: `o` `[B, T, H, Dv]` in q's dtype; `S` `[B, H, Dk, Dv]` float32 or None.

@@ -101,12 +101,6 @@ SQ = SQUEEZED
 __all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
 
-# What the launchers take of `pallas_common.KERNEL_CONTRACT` beyond the four modes: per-channel
-# decay `gk`, and chunk restarts `rs`/`h0s` (packed sequences). `ops.py` refuses what is False.
-TAKES_GK = True
-TAKES_RESTARTS = True
-
-
 def pad_dim(d: int) -> int:
     """Head dims are padded to powers of two ≥ 16 (Triton tensors, dots need ≥ 16)."""
     return max(MIN_BLOCK, next_pow2(d))
@@ -658,8 +652,6 @@ def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOption
 
 
 def _check_gates(g, gk, rs, h0s):
-    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
-        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
     if g is not None and gk is not None:
         raise ValueError("g and gk are never both given (ops.py folds g into gk)")
     if (rs is None) != (h0s is None):

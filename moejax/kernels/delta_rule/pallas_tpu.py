@@ -18,7 +18,7 @@ math in `pallas_tpu_kernel.py`):
 `pairing="authors"` (A pairs the row's k with the column's x, as the released Q-Delta kernel
 does) changes only passes 1 and 4 (A and its gradient); its chunk length is 64.
 
-Per-channel decay `gk` (`TAKES_GK`; Kimi Delta Attention, `chunk.py` "Per-channel decay"):
+Per-channel decay `gk` (Kimi Delta Attention, `chunk.py` "Per-channel decay"):
 the launcher forms each chunk's decay factors in plain jnp, exactly in log space
 (`_channel_factors`: γ, d, γ_C per channel and the pair matrices M, P by `chunk.py`'s secondary
 chunking, masked before every exp, so nothing overflows and −inf channel resets are exact), and
@@ -30,7 +30,7 @@ factors cost HBM traffic the scalar-decay modes do not have: M and P `[C, C]` pe
 Qγ, Kd `[C, Dk]`, and the secondary chunking's element-wise block of `c` (≤ √C) times the
 size of k inside the jnp (and kept by its VJP in the backward).
 
-Chunk restarts `rs`/`h0s` (`TAKES_RESTARTS`; packed sequences, `ops.py` / `packing.py`): only
+Chunk restarts `rs`/`h0s` (packed sequences, `ops.py` / `packing.py`): only
 the state kernels change. The forward records each chunk's carried state (`pre`), then starts
 the chunk from `h0s[n]` where `rs[n]`; the backward gives `dh0s[n]` = the chunk's start-state
 gradient where `rs[n]` (0 elsewhere) and carries `(0 if rs[n] else dS) + dpre[n]` into the
@@ -81,11 +81,6 @@ _CompilerParams = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerPar
 
 __all__ = ["check_supported", "delta_rule_bwd", "delta_rule_fwd", "kernel_chunk", "pad_dim"]
 
-
-# What the launchers take of `pallas_common.KERNEL_CONTRACT` beyond the four modes: per-channel
-# decay `gk`, and chunk restarts `rs`/`h0s` (packed sequences). `ops.py` refuses what is False.
-TAKES_GK = True
-TAKES_RESTARTS = True
 
 def pad_dim(d: int) -> int:
     """Head dims are padded to multiples of 128, the lane width."""
@@ -412,11 +407,6 @@ def _state_bwd(p: _Prepared, W, dO, dhT, opts: DeltaRuleOptions, *, fac=None, re
 # Forward and backward launchers (the custom VJP in `ops.py` calls these two).
 
 
-def _check_takes(gk, rs):
-    if gk is not None and not TAKES_GK or rs is not None and not TAKES_RESTARTS:
-        raise NotImplementedError("these kernels take no gk / restarts (TAKES_GK, TAKES_RESTARTS)")
-
-
 def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOptions):
     """The forward pass: `(o [B, T, H, Dv] float32, S_T [B, H, Dk, Dv] float32, pre)`
     (`pallas_common.KERNEL_CONTRACT`).
@@ -428,7 +418,6 @@ def delta_rule_fwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, opts: DeltaRuleOption
       rs, h0s: chunk restarts `[B, N]` int32 and their states `[B, N, H, Dk, Dv]`, or None.
       opts: `DeltaRuleOptions` with `backend="tpu"`.
     """
-    _check_takes(gk, rs)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = kernel_chunk(opts, T)
@@ -449,7 +438,6 @@ def delta_rule_bwd(q, k, v, beta, g, gk, lam, h0, rs, h0s, do, dhT, dpre,
     `dhT [B, H, Dk, Dv]` (and `dpre [B, N, H, Dk, Dv]` with restarts):
     `(dq, dk, dv, dβ, dg, dgk, dλ, dh0, dh0s)` in float32 (None for inputs that are None).
     W, Ũ and the chunk states are recomputed (passes 1 and 2)."""
-    _check_takes(gk, rs)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = kernel_chunk(opts, T)

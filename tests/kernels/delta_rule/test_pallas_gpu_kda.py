@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.kernels.delta_rule import pallas_gpu
 from moejax.kernels.delta_rule.ops import delta_rule, delta_rule_pallas
 from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.testing import RATIO_BF16_GRAD, RATIO_BF16_OUT, RATIO_F32, assert_close
@@ -79,9 +78,6 @@ def _compare(a, C, *, cu=None, dtype=jnp.float32, names=NAMES, finite_gk=None):
             ref, got = jnp.where(finite_gk, ref, 0.0), jnp.where(finite_gk, got, 0.0)
         assert_close(f"d{name}", ref, got, ratio=r_grad)
 
-
-def test_flags():
-    assert pallas_gpu.TAKES_GK and pallas_gpu.TAKES_RESTARTS
 
 
 # ------------------------------------------------------------------------------ restarts

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moejax.kernels.delta_rule import pallas_tpu
 from moejax.kernels.delta_rule.ops import delta_rule, delta_rule_pallas
 from moejax.kernels.delta_rule.pallas_common import DeltaRuleOptions
 from moejax.testing import RATIO_BF16_GRAD, RATIO_BF16_OUT, RATIO_F32, assert_close
@@ -91,9 +90,6 @@ def _packed_inputs(mode, seed, *, gk):
     dS = jax.random.normal(ks[1], (len(CU) - 1, 2, 8, 6))
     return a, do, dS
 
-
-def test_flags():
-    assert pallas_tpu.TAKES_RESTARTS and pallas_tpu.TAKES_GK
 
 
 # ------------------------------------------------------------------------------------------
