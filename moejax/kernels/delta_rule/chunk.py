@@ -25,14 +25,17 @@ Per-channel decay (`gk`, KDA). With `gk_t ∈ R^{Dk}` the decay scales row d of 
 `exp(gk_td)` (the scalar g, if also given, is added to every channel). `γ`, `exp(G_C − G_t)`
 become per-channel vectors, and the pair factors per-channel: `A_tj = β_t Σ_d x_td k_jd
 exp(G_td − G_jd)` and `P_tj = Σ_d q_td k_jd exp(G_td − G_jd)`, no longer a matrix product times
-a `[C, C]` mask. They are formed exactly in log space by secondary chunking (as
-flash-linear-attention's KDA kernels): the chunk is cut into sub-chunks of c steps (the largest
-divisor of C that is ≤ √C). A pair in one sub-chunk takes `exp(G_td − G_jd)` element by element
-(`[C/c, c, c, Dk]`); a pair across sub-chunks is split at r, the last step before the row's
-sub-chunk: `exp(G_t − G_r) · exp(G_r − G_j)`, a row factor times a column factor, so it is one
-matrix product per row sub-chunk. With gk ≤ 0 every factor is ≤ 1: nothing overflows, and a
-factor underflows only where the product does. Resets (`gk_td = −inf`) are counted per channel
-as above. Results do not depend on C.
+a `[C, C]` mask. They are formed exactly in log space by a binary split of the chunk (C padded
+to a power of two with zero rows and columns): a block of 2h steps is split at r, the last step
+of its first half, and every pair of a second-half row t and a first-half column j is
+`exp(G_t − G_r) · exp(G_r − G_j)`, a row factor times a column factor, so the block's pairs are
+one matrix product `[h, Dk] × [Dk, h]`; the halves are split in turn, down to h = 1, and the
+diagonal is `Σ_d q_td k_td` (or x). Each level costs `[C/2, Dk]` factors and one batched
+product; A and P share the column factors. With gk ≤ 0 every factor is ≤ 1: nothing overflows,
+and a factor underflows only where the product does. Resets (`gk_td = −inf`) are counted per
+channel as above. The VJP is written out: per level `dR = row ⊙ (dM Kl)`, `dK = col ⊙ (dMᵀ Rr)`,
+and, as `∂M_tj/∂G_sd = R_td k_jd e_tjd (δ_ts − δ_js)`, `dG = Σ_R R ⊙ dR − k ⊙ dK` (no
+derivative of an exp is formed). Results do not depend on C.
 
 Packed sequences (`cu_seqlens`, B = 1). Each sequence is moved to start on a chunk boundary
 (a static bound of `(T + N(C − 1)) / C` chunks holds them all; the gaps are padding with β = 0,
@@ -259,7 +262,8 @@ def _packed_chunk(steps, initial_state, cu_seqlens, *, scale, C):
 
 
 def _sub_chunk(C):
-    """The secondary chunk length for per-channel decays: the largest divisor of C ≤ √C."""
+    """The largest divisor of C ≤ √C (the secondary chunk length the earlier per-channel pairs
+    used; `_channel_pairs` now splits the chunk in halves and does not call it)."""
     return max(c for c in range(1, math.isqrt(C) + 1) if C % c == 0)
 
 
