@@ -7,8 +7,12 @@ STAMP := $(VENV)/.installed
 GPU_VENV := .venv-gpu-compile
 GPU_PY := $(GPU_VENV)/bin/python
 GPU_STAMP := $(GPU_VENV)/.installed
+# The deviceless TPU compile check: jax with the libtpu its release pins.
+TPU_VENV := .venv-tpu-compile
+TPU_PY := $(TPU_VENV)/bin/python
+TPU_STAMP := $(TPU_VENV)/.installed
 
-.PHONY: demo test test-slow gpu-compile lint bench clean
+.PHONY: demo test test-slow gpu-compile tpu-compile lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +26,12 @@ $(GPU_STAMP): pyproject.toml
 	$(GPU_PY) -m pip install --quiet --upgrade pip
 	$(GPU_PY) -m pip install --quiet -e '.[gpu-compile]'
 	touch $(GPU_STAMP)
+
+$(TPU_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_PY) -m pip install --quiet --upgrade pip
+	$(TPU_PY) -m pip install --quiet -e '.[tpu-compile]'
+	touch $(TPU_STAMP)
 
 # The main job: the `demo` LM (Q-Delta mixer + STAR-routed MoE) on the stdlib corpus, ~5 min
 # on a 2-core CPU. Rerunning resumes from runs/demo (and stops at once if it already finished).
@@ -41,6 +51,12 @@ test: $(STAMP) $(GPU_STAMP)
 gpu-compile: $(GPU_STAMP)
 	MOEJAX_GPU_COMPILE_FULL=1 $(GPU_PY) -m pytest -q -p no:xdist -m gpu_compile tests/gpu_compile
 
+# The Pallas TPU delta-rule kernels (every mode, gk, packed sequences; forward and gradient)
+# compiled by libtpu for compile-only v5e and v6e chips, scoped VMEM checked (about 20 min on 2
+# cores; MOEJAX_TPU_COMPILE_FULL=1 for fp32, the largest head dims and all five generations).
+tpu-compile: $(TPU_STAMP)
+	JAX_PLATFORMS=cpu $(TPU_PY) -m pytest -q -p no:xdist -m tpu_compile tests/tpu_compile
+
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m slow
 
@@ -52,4 +68,4 @@ bench: $(STAMP)
 	$(PY) -m experiments.bench_moe --workdir=runs/bench
 
 clean:
-	rm -rf $(VENV) $(GPU_VENV) runs
+	rm -rf $(VENV) $(GPU_VENV) $(TPU_VENV) runs
