@@ -78,8 +78,6 @@ Axis letters: B batch, T time, H heads, Dk/Dv head dims, N number of chunks, C c
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 
@@ -261,12 +259,6 @@ def _packed_chunk(steps, initial_state, cu_seqlens, *, scale, C):
     return O[:, lay.pos], ends[lay.last, 0]
 
 
-def _sub_chunk(C):
-    """The largest divisor of C ≤ √C (the secondary chunk length the earlier per-channel pairs
-    used; `_channel_pairs` now splits the chunk in halves and does not call it)."""
-    return max(c for c in range(1, math.isqrt(C) + 1) if C % c == 0)
-
-
 def _channel_gates(gk):
     """Per-channel log decays of every chunk, resets taken out: `(G [..., C, Dk]` the cumsum of
     the finite steps, `n [..., C, Dk]` the count of resets in [0, t]); `exp(G_t − G_j)` is the
@@ -320,7 +312,7 @@ def _pairs_tree_impl(Rs, K, G, n):
         Rrs = tuple(_first_halves(R, lead, nb, h, 1) * row for R in Rs)
         levels.append((row, col, Kl, Rrs))
         new = []
-        for Rr, M in zip(Rrs, Ms):
+        for Rr, M in zip(Rrs, Ms, strict=True):
             off = _mm("...id,...jd->...ij", Rr, Kl)
             Mb = M.reshape(*lead, nb, 2, h, h)
             top = jnp.concatenate([Mb[..., 0, :, :], jnp.zeros_like(off)], -1)
@@ -354,7 +346,7 @@ def _pairs_tree_bwd(res, dMs):
     for row, col, Kl, Rrs in reversed(levels):
         nb, h = row.shape[-3:-1]
         dKl = 0.0
-        for i, (Rr, cur) in enumerate(zip(Rrs, curs)):
+        for i, (Rr, cur) in enumerate(zip(Rrs, curs, strict=True)):
             d_off = cur[..., :, h:, :h]  # [.., nb, h, h]
             curs[i] = jnp.stack([cur[..., :, :h, :h], cur[..., :, h:, h:]], axis=-3).reshape(
                 *lead, 2 * nb, h, h)
@@ -364,9 +356,9 @@ def _pairs_tree_bwd(res, dMs):
         dKl = dKl * col
         dK = dK + jnp.stack([dKl, jnp.zeros_like(dKl)], axis=-3).reshape(*lead, C, D)
     diags = [cur.reshape(*lead, C, 1) for cur in curs]
-    dRs = [dR + d * K for dR, d in zip(dRs, diags)]
-    dK = dK + sum(d * R for d, R in zip(diags, Rs))
-    dG = sum(R * dR for R, dR in zip(Rs, dRs)) - K * dK
+    dRs = [dR + d * K for dR, d in zip(dRs, diags, strict=True)]
+    dK = dK + sum(d * R for d, R in zip(diags, Rs, strict=True))
+    dG = sum(R * dR for R, dR in zip(Rs, dRs, strict=True)) - K * dK
     return tuple(dRs), dK, dG, None
 
 

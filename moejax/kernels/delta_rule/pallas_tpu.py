@@ -27,8 +27,8 @@ Dk × Dv state work stays in the kernels. The backward takes the factors' gradie
 back to q, k, λ and gk through the VJP of `_channel_factors` (within each chunk, per channel:
 dgk the reverse cumsum of the gradient of the cumulative log decay, 0 at a reset). The
 factors cost HBM traffic the scalar-decay modes do not have: M and P `[C, C]` per chunk, Xγ,
-Qγ, Kd `[C, Dk]`, and the secondary chunking's element-wise block of `c` (≤ √C) times the
-size of k inside the jnp (and kept by its VJP in the backward).
+Qγ, Kd `[C, Dk]`, and the binary split's per-level row and column factors (log2 C tensors the
+size of k) inside the jnp, kept by its VJP for the backward.
 
 Chunk restarts `rs`/`h0s` (packed sequences, `ops.py` / `packing.py`): only
 the state kernels change. The forward records each chunk's carried state (`pre`), then starts
