@@ -134,8 +134,9 @@ def packing_benchmark(mixers, seq_len, num_docs, d_model, reps):
 
 def _cache_bytes(init_cache, cfg, *args):
     shapes = jax.eval_shape(lambda: init_cache(cfg, 1, 1024, jnp.bfloat16, *args))
+    # The per-position arrays only: [B, max_len, ...] (not `pos`, nor the per-row `start`).
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize
-               for a in jax.tree.leaves(shapes) if a.ndim) / 1024
+               for a in jax.tree.leaves(shapes) if a.ndim >= 2) / 1024
 
 
 def cache_benchmark():
