@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moejax.kernels.delta_rule import packing
 from moejax.validation import check_array
 
 Array = jax.Array
@@ -110,26 +111,14 @@ def pack(cu_seqlens: Array, T: int) -> Packed:
 
 
 def check_cu_seqlens(cu_seqlens, x_shape, segment_ids=None) -> int:
-    """`cu_seqlens` `[N + 1]` ints for a row `x` of shape `[1, T, ...]`: when concrete, 0 first,
-    strictly increasing, T last; not together with `segment_ids`. Returns N."""
+    """`cu_seqlens` `[N + 1]` ints for a row `x` of shape `[1, T, ...]` (`packing.check_cu_seqlens`:
+    0 first, strictly increasing, T last, checked when concrete); not together with
+    `segment_ids`. Returns N."""
     check_array("cu_seqlens", cu_seqlens)
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be [N + 1] (1-D, N >= 1 sequences), got shape "
-                         f"{tuple(cu_seqlens.shape)}")
-    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-        raise ValueError(f"cu_seqlens must be an integer array, got dtype {cu_seqlens.dtype}")
-    B, T = x_shape[:2]
-    if B != 1:
-        raise ValueError(f"cu_seqlens packs sequences into one row: x must have B = 1, got B={B}")
     if segment_ids is not None:
         raise ValueError("give segment_ids (packed training rows) or cu_seqlens (packed "
                          "prompts), not both")
-    if not isinstance(cu_seqlens, jax.core.Tracer):
-        cu = np.asarray(cu_seqlens)
-        if cu[0] != 0 or cu[-1] != T or not np.all(np.diff(cu) > 0):
-            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={T}, "
-                             f"got {cu.tolist()}")
-    return cu_seqlens.shape[0] - 1
+    return packing.check_cu_seqlens(cu_seqlens, x_shape[0], x_shape[1], name="x")
 
 
 def check_packed_cache(cache: dict, n: int, name: str, cu_seqlens) -> None:

@@ -55,17 +55,7 @@ class Config(base.RouterConfig):
         check_range("bias_update_rate", self.bias_update_rate, 0.0, float("inf"),
                     lo_open=False, hi_open=True)
         check_axis_name("axis_name", self.axis_name)
-        check_int("n_group", self.n_group, lo=1)
-        E = self.num_experts
-        if E % self.n_group or (self.n_group > 1 and E // self.n_group < 2):
-            raise ValueError(f"n_group={self.n_group} must divide num_experts={E} into groups of "
-                             f">= 2 experts (a group scores its two best)")
-        if self.topk_group is None:
-            object.__setattr__(self, "topk_group", self.n_group)
-        check_int("topk_group", self.topk_group, lo=1, hi=self.n_group)
-        if self.top_k > self.topk_group * (E // self.n_group):
-            raise ValueError(f"top_k={self.top_k} exceeds the topk_group={self.topk_group} "
-                             f"eligible groups of {E // self.n_group} experts")
+        check_groups(self)
         check_bool("norm_topk_prob", self.norm_topk_prob)
         check_range("routed_scaling_factor", self.routed_scaling_factor, 0.0, float("inf"),
                     hi_open=True)
@@ -132,6 +122,23 @@ def route(params: dict, state: dict, x: Array, *, cfg: Config, train: bool,
                             aux_loss=jnp.zeros((), jnp.float32),
                             metrics={"bias_abs_max": jnp.max(jnp.abs(bias))})
     return out, new_state
+
+
+def check_groups(cfg) -> None:
+    """Validates a config's `n_group` / `topk_group` (DeepSeek-V3's group-limited top-k) against
+    its `num_experts` and `top_k`, naming the field; an unset `topk_group` becomes `n_group`
+    (every group eligible). Shared with STAR's aux-free options."""
+    check_int("n_group", cfg.n_group, lo=1)
+    E = cfg.num_experts
+    if E % cfg.n_group or (cfg.n_group > 1 and E // cfg.n_group < 2):
+        raise ValueError(f"n_group={cfg.n_group} must divide num_experts={E} into groups of "
+                         f">= 2 experts (a group scores its two best)")
+    if cfg.topk_group is None:
+        object.__setattr__(cfg, "topk_group", cfg.n_group)
+    check_int("topk_group", cfg.topk_group, lo=1, hi=cfg.n_group)
+    if cfg.top_k > cfg.topk_group * (E // cfg.n_group):
+        raise ValueError(f"top_k={cfg.top_k} exceeds the topk_group={cfg.topk_group} "
+                         f"eligible groups of {E // cfg.n_group} experts")
 
 
 def eligible_groups(choice: Array, cfg: Config) -> Array:

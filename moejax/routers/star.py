@@ -146,17 +146,7 @@ class Config(base.RouterConfig):
         if self.bias_update_rate > 0 and not self.selection_bias:
             raise ValueError(f"bias_update_rate={self.bias_update_rate} updates the selection "
                              "bias: set selection_bias=True")
-        check_int("n_group", self.n_group, lo=1)
-        E = self.num_experts
-        if E % self.n_group or (self.n_group > 1 and E // self.n_group < 2):
-            raise ValueError(f"n_group={self.n_group} must divide num_experts={E} into groups of "
-                             f">= 2 experts (a group scores its two best)")
-        if self.topk_group is None:
-            object.__setattr__(self, "topk_group", self.n_group)
-        check_int("topk_group", self.topk_group, lo=1, hi=self.n_group)
-        if self.top_k > self.topk_group * (E // self.n_group):
-            raise ValueError(f"top_k={self.top_k} exceeds the topk_group={self.topk_group} "
-                             f"eligible groups of {E // self.n_group} experts")
+        aux_free.check_groups(self)
         check_range("routed_scaling_factor", self.routed_scaling_factor, 0.0, float("inf"),
                     hi_open=True)
 

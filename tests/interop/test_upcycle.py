@@ -191,7 +191,8 @@ def _toks(seed, B=2, T=24):
     return jax.random.randint(jax.random.key(seed), (B, T), 0, 256, dtype=jnp.int32)
 
 
-@pytest.mark.parametrize("arch", ["deepseek_v3", "kimi_linear"])
+@pytest.mark.parametrize("arch", ["deepseek_v3",
+                                  pytest.param("kimi_linear", marks=pytest.mark.slow)])
 def test_hf_aux_free_upcycles_to_star_where_it_was(hf_aux_models, arch):
     """DeepSeek-V3 / Kimi Linear checkpoints: STAR keeps the checkpoint's router (measured
     max_rel on 4×32 tokens: 0 at σ(a) = 1 in float32; ≈ 5e-5 at mix_init 0.9999 with R = I;
@@ -219,7 +220,8 @@ def test_hf_aux_free_upcycles_to_star_where_it_was(hf_aux_models, arch):
     assert diff(upcycle.to_star(params, state, cfg, mix_init=0.5))["max_rel"] > 1e-2
 
 
-@pytest.mark.parametrize("arch,r_init", [("deepseek_v3", "identity"), ("kimi_linear", "zero")])
+@pytest.mark.parametrize("arch,r_init", [
+    pytest.param("deepseek_v3", "identity", marks=pytest.mark.slow), ("kimi_linear", "zero")])
 def test_hf_aux_free_star_warms_up_and_trains(hf_aux_models, arch, r_init):
     """The GHA warm-up moves only V (the checkpoint's bias stays); then a few SGD steps on the
     LM loss: finite gradients reaching the new router parts (R, a), the loss going down, and the

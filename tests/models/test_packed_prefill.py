@@ -98,7 +98,8 @@ def test_delta_mixer_packed_continues_used_states():
         assert_close(f"state {n}", ca["state"], new["state"][n:n + 1], ratio=RATIO_F32)
 
 
-@pytest.mark.parametrize("layers", [("kda", "mla"), ("gated_qdelta", "gated_softmax")])
+@pytest.mark.parametrize("layers", [
+    ("kda", "mla"), pytest.param(("gated_qdelta", "gated_softmax"), marks=pytest.mark.slow)])
 def test_lm_prefill_packed_prompts_then_decode_as_a_batch(layers):
     cfg = lm.get_preset("tiny", layer_mixers=layers, num_layers=2, mla_q_lora_rank=8,
                         mla_kv_lora_rank=16)

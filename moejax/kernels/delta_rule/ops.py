@@ -28,7 +28,6 @@ from types import MappingProxyType
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moejax.kernels import dispatch
 from moejax.kernels.delta_rule import nonfinite, packing, pallas_gpu, pallas_tpu
@@ -223,24 +222,6 @@ def _check_scale(scale) -> None:
         check_number("scale", scale)
 
 
-def _check_cu_seqlens(cu_seqlens, B, T) -> int:
-    """`cu_seqlens` is `[N + 1]` integers with B = 1; its values (when concrete, not traced)
-    start at 0, increase strictly and end at T. Returns N."""
-    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
-        raise ValueError(f"cu_seqlens must be [N + 1] (1-D, N >= 1 sequences), got shape "
-                         f"{_shape(cu_seqlens)}")
-    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
-        raise ValueError(f"cu_seqlens must be an integer array, got dtype {cu_seqlens.dtype}")
-    if B != 1:
-        raise ValueError(f"cu_seqlens packs sequences into one row: q must have B = 1, got B={B}")
-    if not isinstance(cu_seqlens, jax.core.Tracer):
-        cu = np.asarray(cu_seqlens)
-        if cu[0] != 0 or cu[-1] != T or not np.all(np.diff(cu) > 0):
-            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={T}, "
-                             f"got {cu.tolist()}")
-    return cu_seqlens.shape[0] - 1
-
-
 def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, impl,
                    return_final_state, pairing="recurrence", gk=None, cu_seqlens=None) -> None:
     """Checks kinds, ranks, shapes, dtypes and static options; raises `ValueError` (or its
@@ -270,7 +251,7 @@ def _validate_args(*, q, k, v, beta, g, lam, initial_state, scale, chunk_size, i
                          f"channel), got shape {_shape(gk)}")
     rows, rows_name = B, "B"
     if cu_seqlens is not None:
-        rows, rows_name = _check_cu_seqlens(cu_seqlens, B, T), "N"
+        rows, rows_name = packing.check_cu_seqlens(cu_seqlens, B, T), "N"
     if initial_state is not None and _shape(initial_state) != (rows, H, Dk, Dv):
         raise ValueError(
             f"initial_state must be [{rows_name}, H, Dk, Dv] = [{rows}, {H}, {Dk}, {Dv}], "

@@ -18,10 +18,34 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moejax.kernels.delta_rule.reference import sequence_index
 
 Array = jax.Array
+
+
+def check_cu_seqlens(cu_seqlens, B: int, T: int, *, name: str = "q") -> int:
+    """`cu_seqlens` is `[N + 1]` integers for a row (`name` has B = 1) of T steps; its values
+    (when concrete, not traced) start at 0, increase strictly and end at T. Returns N.
+
+    Raises:
+      ValueError naming `cu_seqlens` (or `name`, for B != 1) and what was expected.
+    """
+    if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+        raise ValueError(f"cu_seqlens must be [N + 1] (1-D, N >= 1 sequences), got shape "
+                         f"{tuple(cu_seqlens.shape)}")
+    if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
+        raise ValueError(f"cu_seqlens must be an integer array, got dtype {cu_seqlens.dtype}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens packs sequences into one row: {name} must have B = 1, "
+                         f"got B={B}")
+    if not isinstance(cu_seqlens, jax.core.Tracer):
+        cu = np.asarray(cu_seqlens)
+        if cu[0] != 0 or cu[-1] != T or not np.all(np.diff(cu) > 0):
+            raise ValueError(f"cu_seqlens must start at 0, increase strictly and end at T={T}, "
+                             f"got {cu.tolist()}")
+    return cu_seqlens.shape[0] - 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -201,7 +201,7 @@ def _pairs_direct(R, K, G, n):
     return jnp.einsum("...td,...jd,...tjd->...tj", R, K, e)
 
 
-@pytest.mark.parametrize("C", [1, 2, 7, 8, 12, 16])
+@pytest.mark.parametrize("C", [1, 2, pytest.param(7, marks=pytest.mark.slow), 8, 12, 16])
 def test_channel_pairs_and_its_vjp(C):
     """`chunk._channel_pairs` (binary split, written-out VJP) equals the element-by-element
     pairs, and its gradients are checked numerically in float64, with resets and steps of e^-40."""

@@ -91,14 +91,16 @@ def _packed_inputs(mode, seed, *, gk, Dk=8, Dv=6, cu=CU):
     return a
 
 
-@pytest.mark.parametrize("mode,C", [("kda_gated_qdelta", 16), ("kda_qdelta", 64),
-                                    ("kda_gated", 32)])
+@pytest.mark.parametrize("mode,C", [("kda_gated_qdelta", 16),
+                                    pytest.param("kda_qdelta", 64, marks=pytest.mark.slow),
+                                    pytest.param("kda_gated", 32, marks=pytest.mark.slow)])
 def test_packed_matches_reference(mode, C):
     """Scalar-gate modes (no gk): packed sequences equal each alone (the packed reference),
     values and gradients of every input, the per-sequence initial states included."""
     _compare(_packed_inputs(mode, seed_of(f"packed-{mode}"), gk=False), C, cu=CU)
 
 
+@pytest.mark.slow  # test_packed.py runs impl="pallas" packed == alone by default
 def test_packed_equals_each_sequence_alone():
     a = _packed_inputs("kda_gated_qdelta", 11, gk=False)
     opts = DeltaRuleOptions(scale=8**-0.5, chunk_size=16, interpret=True)
@@ -119,8 +121,10 @@ def test_packed_with_gk_matches_reference():
 # ------------------------------------------------------------------------------ gk
 
 
-@pytest.mark.parametrize("mode,C,T", [("kda", 16, 37), ("kda_qdelta", 64, 70),
-                                      ("kda_gated_qdelta", 32, 50), ("kda_gated", 16, 1)])
+@pytest.mark.parametrize("mode,C,T", [
+    pytest.param("kda", 16, 37, marks=pytest.mark.slow), ("kda_qdelta", 64, 70),
+    pytest.param("kda_gated_qdelta", 32, 50, marks=pytest.mark.slow),
+    pytest.param("kda_gated", 16, 1, marks=pytest.mark.slow)])
 def test_gk_matches_reference_fp32(mode, C, T):
     a = make_gk_inputs(mode, B=2, T=T, H=2, Dk=12, Dv=10, seed=seed_of(f"kda-{mode}-{T}"))
     _compare(a, C)
@@ -137,7 +141,7 @@ def test_gk_matches_reference_bf16():
     _compare(a, 16, dtype=jnp.bfloat16, names=("q", "k", "v", "gk", "initial_state"))
 
 
-@pytest.mark.parametrize("C", [16, 64])
+@pytest.mark.parametrize("C", [16, pytest.param(64, marks=pytest.mark.slow)])
 def test_gk_strong_decay_and_channel_resets_are_exact(C):
     """Decays of e^-40 per step and −inf in single channels and whole rows: nothing overflows,
     values and gradients stay the recurrence's (every pair factor ≤ 1, masked before the exp)."""
@@ -147,6 +151,7 @@ def test_gk_strong_decay_and_channel_resets_are_exact(C):
     _compare({**a, "gk": gk}, C, finite_gk=jnp.isfinite(gk))
 
 
+@pytest.mark.slow
 def test_gk_mild_decay_long_chunks():
     """Slow decays (many channels near 0): cross-block factors over a whole chunk of 64."""
     a = make_gk_inputs("kda_gated_qdelta", B=1, T=80, H=2, Dk=16, Dv=8, seed=8, scale=0.05)

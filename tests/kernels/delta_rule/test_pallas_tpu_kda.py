@@ -96,13 +96,14 @@ def _packed_inputs(mode, seed, *, gk):
 # Chunk restarts (packed sequences).
 
 
-@pytest.mark.parametrize("mode", ["kda_gated_qdelta", "kda"])
+@pytest.mark.parametrize("mode", [pytest.param("kda_gated_qdelta", marks=pytest.mark.slow), "kda"])
 def test_packed_matches_reference(mode):
     """Restarts without gk: gated Q-Delta (scalar g and λ), and plain DeltaNet."""
     a, do, dS = _packed_inputs(mode, seed_of(f"tpu-packed-{mode}"), gk=False)
     _check(a, do, dS, 16, packed=True)
 
 
+@pytest.mark.slow
 def test_packed_each_sequence_alone():
     """Outputs and final states of the packed call equal each sequence run by itself."""
     a, _, _ = _packed_inputs("kda_gated", 21, gk=False)
@@ -123,7 +124,7 @@ def test_packed_each_sequence_alone():
 
 # (mode, chunk size, T): T not a multiple of C, two chunk sizes (sub-chunks of 4 and 8), with
 # and without λ and g.
-GK_CASES = [("kda", 16, 40), ("kda_gated_qdelta", 64, 71)]
+GK_CASES = [pytest.param("kda", 16, 40, marks=pytest.mark.slow), ("kda_gated_qdelta", 64, 71)]
 
 
 @pytest.mark.parametrize("mode,chunk_size,T", GK_CASES)
