@@ -36,14 +36,16 @@ def _module_cases():
     d = 16
     delta = lambda mode: delta_mixer.DeltaMixerConfig(d_model=d, num_heads=2, head_dim=4,
                                                       mode=mode, chunk_size=4, init_std=0.2)
-    cases = [pytest.param(delta_mixer, delta(m), id=m)
+    slow = lambda name: () if name in ("kda", "interleave") else pytest.mark.slow
+    cases = [pytest.param(delta_mixer, delta(m), id=m, marks=slow(m))
              for m in ("deltanet", "gated_qdelta", "kda")]
     cases += [pytest.param(attention, attention.AttentionConfig(
         d_model=d, num_heads=4, head_dim=8, num_kv_heads=2, gated=True, qk_norm=True,
         rotary_dim=4, init_std=0.2), id="gated_softmax-gqa-partial-rotary")]
     cases += [pytest.param(mla, mla.MLAConfig(
         d_model=d, num_heads=2, q_lora_rank=8, kv_lora_rank=8, qk_nope_head_dim=4,
-        qk_rope_head_dim=4, v_head_dim=4, rope=rope, init_std=0.2), id=f"mla-{rope}")
+        qk_rope_head_dim=4, v_head_dim=4, rope=rope, init_std=0.2), id=f"mla-{rope}",
+        marks=slow(rope))
         for rope in ("interleave", "none")]
     return cases
 

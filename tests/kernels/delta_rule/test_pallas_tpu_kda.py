@@ -145,6 +145,7 @@ def test_gk_strong_decay_and_channel_resets_are_exact():
     _check(a, do, dS, 16, finite_gk_only=True)
 
 
+@pytest.mark.slow  # test_pallas_gpu_kda.py checks bf16 by default
 def test_gk_bf16():
     a = make_gk_inputs("kda_qdelta", B=1, T=40, H=2, Dk=12, Dv=10, seed=3, dtype=jnp.bfloat16)
     do, dS = cotangents(1, 40, 2, 12, 10, 3)
