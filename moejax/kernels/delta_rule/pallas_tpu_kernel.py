@@ -205,6 +205,41 @@ def chunk_state_bwd(m: Masks, gt: Gates, q, k, W, dO, dS, scale):
     return dS_prev + (dS if gt.gC is None else gt.gC * dS)
 
 
+def _dv_tile_sums(Tm, W, P, Kd, b, *, n_tiles, load_tile, store_dv, scale, decay):
+    """The Dv-tile loop of the chunk backwards (`chunk_bwd`, `chunk_bwd_gk`): with
+    `U = Tm diag(β) V − W S`, `dU = scale Pᵀ dO + Kd dS`, writes `dv = diag(β) Tmᵀ dU` tile by
+    tile (`store_dv`) and returns the Dv sums `(Σ dO Sᵀ, Σ dO Uᵀ, Σ U dSᵀ, −Σ dU Sᵀ,
+    Σ dU (diag(β) V)ᵀ, Σ_v V ⊙ Tmᵀ dU, Σ S ⊙ dS)`; the last is summed over everything `[1, 1]`
+    for `decay="scalar"`, per key row `[Dk, 1]` for "channel", None for None."""
+    C, Dk = W.shape
+    dOS = jnp.zeros((C, Dk), jnp.float32)  # Σ_v dO Sᵀ
+    dOU = jnp.zeros((C, C), jnp.float32)  # Σ_v dO Uᵀ
+    dKd = jnp.zeros((C, Dk), jnp.float32)  # Σ_v U dSᵀ
+    dW = jnp.zeros((C, Dk), jnp.float32)  # −Σ_v dU Sᵀ
+    dTmV = jnp.zeros((C, C), jnp.float32)  # Σ_v dU (diag(β) V)ᵀ
+    dbV = jnp.zeros((C, 1), jnp.float32)
+    SdS = {None: None, "scalar": jnp.zeros((1, 1), jnp.float32),
+           "channel": jnp.zeros((Dk, 1), jnp.float32)}[decay]  # Σ_v S ⊙ dS
+    for j in range(n_tiles):
+        v, S, dS, dO = load_tile(j)
+        bv = b * v
+        U = dot(Tm, bv) - dot(W, S)  # U = Ũ − W S
+        dU = scale * dot_tn(P, dO) + dot(Kd, dS)
+        dOS = dOS + dot_nt(dO, S)
+        dOU = dOU + dot_nt(dO, U)
+        dKd = dKd + dot_nt(U, dS)
+        dW = dW - dot_nt(dU, S)
+        dTmV = dTmV + dot_nt(dU, bv)
+        TdU = dot_tn(Tm, dU)
+        store_dv(j, b * TdU)
+        dbV = dbV + jnp.sum(v * TdU, axis=1, keepdims=True)
+        if decay == "scalar":
+            SdS = SdS + _sum_all(S * dS)
+        elif decay == "channel":
+            SdS = SdS + jnp.sum(S * dS, axis=1, keepdims=True)
+    return dOS, dOU, dKd, dW, dTmV, dbV, SdS
+
+
 def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale,
               authors=False):
     """Gradients of one chunk given its start state S, end-state grad dS and output grad dO.
@@ -219,29 +254,10 @@ def chunk_bwd(m: Masks, q, k, b, g, lam, *, n_tiles, load_tile, store_dv, scale,
     QK = dot_nt(q, k)
     P = jnp.where(m.incl, QK * gt.Gam, 0.0)
     Kd = k if gt.dec is None else gt.dec * k
-    C, Dk = q.shape
-    dOS = jnp.zeros((C, Dk), jnp.float32)  # Σ_v dO Sᵀ
-    dOU = jnp.zeros((C, C), jnp.float32)  # Σ_v dO Uᵀ
-    dKd = jnp.zeros((C, Dk), jnp.float32)  # Σ_v U dSᵀ
-    dW = jnp.zeros((C, Dk), jnp.float32)  # −Σ_v dU Sᵀ
-    dTmV = jnp.zeros((C, C), jnp.float32)  # Σ_v dU (diag(β) V)ᵀ
-    dbV = jnp.zeros((C, 1), jnp.float32)
-    SdS = jnp.zeros((1, 1), jnp.float32)
-    for j in range(n_tiles):
-        v, S, dS, dO = load_tile(j)
-        bv = b * v
-        U = dot(Tm, bv) - dot(W, S)  # U = Ũ − W S
-        dU = scale * dot_tn(P, dO) + dot(Kd, dS)
-        dOS = dOS + dot_nt(dO, S)
-        dOU = dOU + dot_nt(dO, U)
-        dKd = dKd + dot_nt(U, dS)
-        dW = dW - dot_nt(dU, S)
-        dTmV = dTmV + dot_nt(dU, bv)
-        TdU = dot_tn(Tm, dU)
-        store_dv(j, b * TdU)
-        dbV = dbV + jnp.sum(v * TdU, axis=1, keepdims=True)
-        if g is not None:
-            SdS = SdS + _sum_all(S * dS)
+    C = q.shape[0]
+    dOS, dOU, dKd, dW, dTmV, dbV, SdS = _dv_tile_sums(
+        Tm, W, P, Kd, b, n_tiles=n_tiles, load_tile=load_tile, store_dv=store_dv, scale=scale,
+        decay=None if g is None else "scalar")
 
     # O = scale (diag(γ) Q S + P U)
     dq = scale * (dOS if gt.gamma is None else gt.gamma * dOS)
@@ -324,28 +340,9 @@ def chunk_bwd_gk(m: Masks, Xg, b, M, P, Kd, *, n_tiles, load_tile, store_dv, sca
     bX = b * Xg
     W = dot(Tm, bX)
     P = jnp.where(m.incl, P, 0.0)
-    C, Dk = Xg.shape
-    dQg = jnp.zeros((C, Dk), jnp.float32)  # Σ_v dO Sᵀ
-    dOU = jnp.zeros((C, C), jnp.float32)  # Σ_v dO Uᵀ
-    dKd = jnp.zeros((C, Dk), jnp.float32)  # Σ_v U dSᵀ
-    dW = jnp.zeros((C, Dk), jnp.float32)  # −Σ_v dU Sᵀ
-    dTmV = jnp.zeros((C, C), jnp.float32)  # Σ_v dU (diag(β) V)ᵀ
-    dbV = jnp.zeros((C, 1), jnp.float32)
-    dgC = jnp.zeros((Dk, 1), jnp.float32)  # Σ_v S ⊙ dS
-    for j in range(n_tiles):
-        v, S, dS, dO = load_tile(j)
-        bv = b * v
-        U = dot(Tm, bv) - dot(W, S)  # U = Ũ − W S
-        dU = scale * dot_tn(P, dO) + dot(Kd, dS)
-        dQg = dQg + dot_nt(dO, S)
-        dOU = dOU + dot_nt(dO, U)
-        dKd = dKd + dot_nt(U, dS)
-        dW = dW - dot_nt(dU, S)
-        dTmV = dTmV + dot_nt(dU, bv)
-        TdU = dot_tn(Tm, dU)
-        store_dv(j, b * TdU)
-        dbV = dbV + jnp.sum(v * TdU, axis=1, keepdims=True)
-        dgC = dgC + jnp.sum(S * dS, axis=1, keepdims=True)
+    dQg, dOU, dKd, dW, dTmV, dbV, dgC = _dv_tile_sums(
+        Tm, W, P, Kd, b, n_tiles=n_tiles, load_tile=load_tile, store_dv=store_dv, scale=scale,
+        decay="channel")
     # O = scale (Qγ S + P U)
     dQg = scale * dQg
     dP = scale * jnp.where(m.incl, dOU, 0.0)
