@@ -385,6 +385,20 @@ def dqkwg_kernel(*refs, cfg, has_g, bv):
                        + jnp.where(last, dGC, 0.0))
 
 
+def _dv_pass(cfg: Cfg, Ai, b, v_ref, du_ref, dv_ref, bv):
+    """The Dv-tile body of pass 1 of the WY backwards (`wy_bwd_kernel`, `wy_bwd_channel_kernel`):
+    writes `dv = diag(β) Aiᵀ dŨ` tile by tile and accumulates `dAi += dŨ (βV)ᵀ` and the V part
+    of dβ, `Σ_v V ⊙ Aiᵀ dŨ`."""
+    def pass1_v(vb, carry):
+        dAi, db = carry
+        v = v_ref[:, tile(vb, bv)].astype(F32)
+        du = du_ref[:, tile(vb, bv)]
+        t = mm(cfg, Ai, du, ta=True)  # Aiᵀ dŨ
+        dv_ref[:, tile(vb, bv)] = b[:, None] * t
+        return dAi + mm(cfg, du, b[:, None] * v, tb=True), db + jnp.sum(v * t, axis=1)
+    return pass1_v
+
+
 def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv, authors=False):
     it = iter(refs)
     q_ref, k_ref, v_ref, b_ref = (next(it) for _ in range(4))
@@ -407,14 +421,7 @@ def wy_bwd_kernel(*refs, cfg, has_g, has_lam, bk, bv, authors=False):
         _, _, x = _x_tile(q_ref, k_ref, lam, kb, bk)
         return dAi + mm(cfg, dw_ref[:, tile(kb, bk)], bw[:, None] * x, tb=True)
 
-    def pass1_v(vb, carry):
-        dAi, db = carry
-        v = v_ref[:, tile(vb, bv)].astype(F32)
-        du = du_ref[:, tile(vb, bv)]
-        t = mm(cfg, Ai, du, ta=True)  # Aiᵀ dŨ
-        dv_ref[:, tile(vb, bv)] = b[:, None] * t
-        return dAi + mm(cfg, du, b[:, None] * v, tb=True), db + jnp.sum(v * t, axis=1)
-
+    pass1_v = _dv_pass(cfg, Ai, b, v_ref, du_ref, dv_ref, bv)
     dAi = loop(Dkp // bk, pass1_k, jnp.zeros((C, C), F32))
     dAi, db = loop(v_ref.shape[1] // bv, pass1_v, (dAi, jnp.zeros((C,), F32)))
     # Ai = (I + A)⁻¹: dA = −Aiᵀ dAi Aiᵀ (strict lower part); A = diag(β)(M ⊙ Γ) with
@@ -555,14 +562,7 @@ def wy_bwd_channel_kernel(xg_ref, v_ref, b_ref, m_ref, ai_ref, dw_ref, du_ref, d
         xg = xg_ref[:, tile(kb, bk)].astype(F32)
         return dAi + mm(cfg, dw_ref[:, tile(kb, bk)], b[:, None] * xg, tb=True)
 
-    def pass1_v(vb, carry):
-        dAi, db = carry
-        v = v_ref[:, tile(vb, bv)].astype(F32)
-        du = du_ref[:, tile(vb, bv)]
-        t = mm(cfg, Ai, du, ta=True)  # Aiᵀ dŨ
-        dv_ref[:, tile(vb, bv)] = b[:, None] * t
-        return dAi + mm(cfg, du, b[:, None] * v, tb=True), db + jnp.sum(v * t, axis=1)
-
+    pass1_v = _dv_pass(cfg, Ai, b, v_ref, du_ref, dv_ref, bv)
     dAi = loop(Dkp // bk, pass1_k, jnp.zeros((C, C), F32))
     dAi, db = loop(v_ref.shape[1] // bv, pass1_v, (dAi, jnp.zeros((C,), F32)))
     dA = -mm(cfg, mm(cfg, Ai, dAi, ta=True, f32=True), Ai, tb=True, f32=True)
