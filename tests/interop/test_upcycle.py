@@ -162,15 +162,11 @@ def _hf_tiny(arch):
             eos_token_id=2, linear_attn_config={"head_dim": 8, "num_heads": 2,
                                                 "short_conv_kernel_size": 3,
                                                 "kda_layers": [1, 2, 4], "full_attn_layers": [3]})
+    from tests.interop.test_hf import _randomise  # imports torch: only past the skips above
+
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
-    return model
+    return _randomise(transformers.AutoModelForCausalLM.from_config(
+        hf_cfg, attn_implementation="eager"))
 
 
 @pytest.fixture(scope="module")
