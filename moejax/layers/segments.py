@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from moejax.kernels.delta_rule import packing
+from moejax.kernels.delta_rule.reference import sequence_index
 from moejax.validation import check_array
 
 Array = jax.Array
@@ -102,10 +103,9 @@ class Packed(NamedTuple):
 def pack(cu_seqlens: Array, T: int) -> Packed:
     """The `Packed` layout of a row of T steps (`cu_seqlens` checked by `check_cu_seqlens`)."""
     cu = cu_seqlens.astype(jnp.int32)
-    t = jnp.arange(T, dtype=jnp.int32)
-    seq = jnp.searchsorted(cu[1:], t, side="right").astype(jnp.int32)
+    seq, _, _ = sequence_index(cu, T)
     lengths = cu[1:] - cu[:-1]
-    offset = t - cu[seq]
+    offset = jnp.arange(T, dtype=jnp.int32) - cu[seq]
     P = jnp.max(lengths)
     return Packed(cu, seq, offset, lengths, P - lengths[seq] + offset, P)
 
